@@ -1,0 +1,10 @@
+//! A channel as one device sees it: members, keys per epoch, the welcome handed
+//! to new members, and the keyring that seals, opens and rekeys.
+
+pub mod keyring;
+pub mod member;
+pub mod welcome;
+
+pub use keyring::{Keyring, KeyringError, Opened, RekeyOutcome};
+pub use member::{MAX_NAME_LEN, Member, NameError, validate_name};
+pub use welcome::Welcome;

@@ -1,0 +1,26 @@
+//! Cryptography, all pure: no sockets, no clocks, randomness injected.
+//!
+//! - [`cpace`]: CPace-ristretto255-SHA512 per draft-irtf-cfrg-cpace-21.
+//! - [`kdf`]: every HKDF and associated-data label.
+//! - [`aead`]: XChaCha20-Poly1305 sealed boxes with random nonces.
+//! - [`envelope`]: channel envelopes (header, padding, per-sender keys).
+//! - [`replay`]: per-sender replay windows and gap detection.
+//! - [`pairwise`]: device static keys and pairwise keys.
+//! - [`rekey`]: handing the next epoch's key to the remaining members.
+//! - [`secret`]: the secret-bytes type all keys are built on.
+
+pub mod aead;
+pub mod cpace;
+pub mod envelope;
+pub mod kdf;
+pub mod pairwise;
+pub mod rekey;
+pub mod replay;
+pub mod secret;
+
+/// The OS CSPRNG (getrandom) as an infallible [`rand::CryptoRng`]: every key,
+/// code secret, nonce and id outside tests comes from here. If the OS cannot
+/// supply randomness this panics — there is no safe way to go on without it.
+pub fn os_rng() -> rand::rand_core::UnwrapErr<rand::rngs::SysRng> {
+    rand::rand_core::UnwrapErr(rand::rngs::SysRng)
+}

@@ -1,0 +1,27 @@
+//! khub: an end-to-end encrypted blind sync relay, the client SDK that devices
+//! embed, and the `khub` command-line program.
+//!
+//! The relay routes and stores only opaque envelopes; every key lives on the
+//! devices. This crate is layered so that dependencies point one way:
+//!
+//! | module | job | I/O |
+//! |---|---|---|
+//! | [`crypto`] | CPace, KDF labels, AEAD, envelopes, replay windows, pairwise keys, rekeys, secret types | none |
+//! | [`pairing`] | pairing codes and the pairing state machines | none |
+//! | [`channel`] | one device's view of its channel: members, keys per epoch, welcome | none |
+//! | [`ids`] | public channel and device ids | none |
+//! | [`vectors`] | the published test vectors, generated from fixed randomness | none |
+//!
+//! SECURITY.md states the threat model and the full construction.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod channel;
+mod codec;
+pub mod crypto;
+pub mod ids;
+pub mod pairing;
+pub mod vectors;
+
+pub use codec::DecodeError;
