@@ -1,11 +1,32 @@
 //! A device's view of its channel: keys per epoch, members per epoch, its own
 //! sequence counter and a replay window per sender. Pure state: the SDK persists
 //! it and feeds it envelopes and rekeys; nothing here does I/O.
+//!
+//! ## Concurrent rekeys
+//!
+//! Two members may remove devices at the same moment, each proposing a key for
+//! the same next epoch. Every member that receives more than one proposal for an
+//! epoch uses the **combination** of all of them:
+//!
+//! ```text
+//! members = intersection of the proposals' member lists
+//! key     = HKDF-SHA256(salt = channel id,
+//!                       IKM  = key_1 || key_2 || ... (proposals sorted by precedence),
+//!                       info = "khub/v1/rekey/combine" || epoch u32 BE)
+//! ```
+//!
+//! where precedence is (author id, SHA-256 of the proposal). The result does not
+//! depend on arrival order, and removals are sticky: a device removed by any
+//! proposal lacks that proposal's key and so cannot compute the combination —
+//! not even by answering its own removal with a proposal that keeps itself.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
 
+use zeroize::Zeroizing;
+
 use crate::crypto::envelope::{self, ChannelKey, EnvelopeHeader, OpenError, SealError};
+use crate::crypto::kdf::{LABEL_REKEY_COMBINE, hkdf_sha256};
 use crate::crypto::pairwise::DeviceSecret;
 use crate::crypto::rekey::{MAX_MEMBERS, Rekey, RekeyError};
 use crate::crypto::replay::{Admission, Refusal, ReplayWindow};
@@ -16,17 +37,21 @@ use super::welcome::Welcome;
 
 /// The key and members of one epoch.
 struct EpochState {
+    /// The key this device seals with, and the first tried when opening.
     key: ChannelKey,
+    /// Keys this epoch had before a concurrent proposal changed it: envelopes a
+    /// member sealed before it saw every proposal still open.
+    earlier_keys: Vec<ChannelKey>,
     members: BTreeMap<DeviceId, Member>,
-    /// The rekey that started this epoch, for resolving concurrent rekeys.
-    /// `None` for an epoch created or welcomed into locally.
-    origin: Option<Origin>,
+    /// The rekey proposals that started this epoch, sorted by precedence. Empty
+    /// for an epoch created or welcomed into locally.
+    proposals: Vec<Proposal>,
 }
 
-/// Who started an epoch and what their proposal removed.
-struct Origin {
+/// One member's proposal for an epoch's key.
+struct Proposal {
     precedence: (DeviceId, [u8; 32]),
-    removed: Vec<DeviceId>,
+    key: ChannelKey,
 }
 
 /// An envelope that opened: its routing fields, plaintext and what its sequence
@@ -50,48 +75,16 @@ pub enum RekeyOutcome {
         /// The new epoch.
         epoch: Epoch,
     },
-    /// A competing rekey of the current epoch took precedence over the one this
-    /// device had adopted; the current key changed.
-    Replaced {
+    /// A concurrent proposal for the current epoch arrived: the key is now the
+    /// combination of all proposals, and the members their intersection.
+    Combined {
         /// The epoch whose key changed.
         epoch: Epoch,
-        /// Author of the proposal that lost.
-        loser: DeviceId,
-        /// Devices the losing proposal removed that the winner kept: the loser
-        /// should remove them again with a rekey of the next epoch.
-        still_to_remove: Vec<DeviceId>,
+        /// How many proposals the key now combines.
+        proposals: usize,
     },
-    /// This rekey lost to the one already adopted for its epoch. Nothing changed.
-    Superseded {
-        /// The contested epoch.
-        epoch: Epoch,
-        /// Author of this (losing) proposal.
-        loser: DeviceId,
-        /// As in [`RekeyOutcome::Replaced`].
-        still_to_remove: Vec<DeviceId>,
-    },
-    /// The same rekey was applied before. Nothing changed.
+    /// This rekey was applied before. Nothing changed.
     Duplicate,
-}
-
-impl RekeyOutcome {
-    /// If this device authored the losing proposal, the devices it must remove
-    /// again (with [`Keyring::rekey_removing`]) for its removal to take effect.
-    pub fn retry_removal_for(&self, me: &DeviceId) -> Option<&[DeviceId]> {
-        match self {
-            Self::Replaced {
-                loser,
-                still_to_remove,
-                ..
-            }
-            | Self::Superseded {
-                loser,
-                still_to_remove,
-                ..
-            } if loser == me && !still_to_remove.is_empty() => Some(still_to_remove),
-            _ => None,
-        }
-    }
 }
 
 /// Why a rekey was not applied.
@@ -160,8 +153,9 @@ impl Keyring {
         let id = me.id;
         let state = EpochState {
             key: ChannelKey::generate(rng),
+            earlier_keys: Vec::new(),
             members: BTreeMap::from([(id, me)]),
-            origin: None,
+            proposals: Vec::new(),
         };
         Self {
             channel,
@@ -182,8 +176,9 @@ impl Keyring {
         }
         let state = EpochState {
             key: welcome.key,
+            earlier_keys: Vec::new(),
             members,
-            origin: None,
+            proposals: Vec::new(),
         };
         Some(Self {
             channel: welcome.channel,
@@ -358,18 +353,12 @@ impl Keyring {
             .epoch()
             .checked_add(1)
             .ok_or(KeyringError::EpochsExhausted)?;
-        let current = self.current();
-        let members: BTreeMap<DeviceId, Member> = current
+        let members: BTreeMap<DeviceId, Member> = self
+            .current()
             .members
             .iter()
             .filter(|(id, _)| !removed.contains(id))
             .map(|(id, m)| (*id, m.clone()))
-            .collect();
-        let removed: Vec<DeviceId> = current
-            .members
-            .keys()
-            .filter(|id| !members.contains_key(id))
-            .copied()
             .collect();
         let key = ChannelKey::generate(rng);
         let publics: Vec<_> = members.values().map(|m| (m.id, m.public_key)).collect();
@@ -382,31 +371,33 @@ impl Keyring {
             &key,
             rng,
         )?;
-        let origin = Origin {
+        let proposal = Proposal {
             precedence: rekey.precedence(),
-            removed,
+            key: key.duplicate(),
         };
         self.epochs.insert(
             epoch,
             EpochState {
                 key,
+                earlier_keys: Vec::new(),
                 members,
-                origin: Some(origin),
+                proposals: vec![proposal],
             },
         );
         Ok(rekey)
     }
 
-    /// Applies a rekey received from another member. A rekey of the next epoch is
-    /// adopted; a competing rekey of the current epoch replaces the adopted one
-    /// only if it takes precedence, so every member ends on the same key.
+    /// Applies a rekey received from another member: adopts the next epoch, or
+    /// combines a concurrent proposal for the current one (see the module docs).
+    /// A rekey that removes this device is refused with [`RekeyError::Removed`]
+    /// and changes nothing.
     pub fn apply_rekey(&mut self, rekey: &Rekey) -> Result<RekeyOutcome, KeyringError> {
         if rekey.channel != self.channel {
             return Err(KeyringError::WrongChannel);
         }
         let current = self.epoch();
-        let contested = rekey.epoch == current && self.current().origin.is_some();
-        if !contested && rekey.epoch != current.wrapping_add(1) {
+        let concurrent = rekey.epoch == current && !self.current().proposals.is_empty();
+        if !concurrent && Some(rekey.epoch) != current.checked_add(1) {
             return Err(if rekey.epoch > current {
                 KeyringError::EpochGap {
                     current,
@@ -419,14 +410,24 @@ impl Keyring {
                 }
             });
         }
-        let base_epoch = rekey
+        let precedence = rekey.precedence();
+        if concurrent
+            && self
+                .current()
+                .proposals
+                .iter()
+                .any(|p| p.precedence == precedence)
+        {
+            return Ok(RekeyOutcome::Duplicate);
+        }
+        let base = rekey
             .epoch
             .checked_sub(1)
-            .ok_or(KeyringError::Stale { current, got: 0 })?;
-        let base = self.epochs.get(&base_epoch).ok_or(KeyringError::Stale {
-            current,
-            got: rekey.epoch,
-        })?;
+            .and_then(|e| self.epochs.get(&e))
+            .ok_or(KeyringError::Stale {
+                current,
+                got: rekey.epoch,
+            })?;
         let sender = base
             .members
             .get(&rekey.from)
@@ -438,67 +439,56 @@ impl Keyring {
         {
             return Err(KeyringError::AddsMember(*added));
         }
-        let precedence = rekey.precedence();
-        let removed: Vec<DeviceId> = base
-            .members
-            .keys()
-            .filter(|id| !rekey.members.contains(id))
-            .copied()
-            .collect();
-
-        if contested {
-            let adopted = self
-                .current()
-                .origin
-                .as_ref()
-                .expect("contested implies an origin");
-            if adopted.precedence == precedence {
-                return Ok(RekeyOutcome::Duplicate);
-            }
-            if adopted.precedence < precedence {
-                let still_to_remove = still_present(&removed, &self.current().members);
-                return Ok(RekeyOutcome::Superseded {
-                    epoch: rekey.epoch,
-                    loser: rekey.from,
-                    still_to_remove,
-                });
-            }
-        }
-
         let key = rekey.open(&self.me, &self.secret, &sender.public_key)?;
-        let members: BTreeMap<DeviceId, Member> = base
-            .members
-            .iter()
-            .filter(|(id, _)| rekey.members.contains(id))
-            .map(|(id, m)| (*id, m.clone()))
-            .collect();
-        let previous = self.epochs.insert(
-            rekey.epoch,
-            EpochState {
-                key,
-                members,
-                origin: Some(Origin {
-                    precedence,
-                    removed,
-                }),
-            },
-        );
-        Ok(match previous.and_then(|p| p.origin) {
-            Some(lost) => RekeyOutcome::Replaced {
-                epoch: rekey.epoch,
-                loser: lost.precedence.0,
-                still_to_remove: still_present(&lost.removed, &self.current().members),
-            },
-            None => RekeyOutcome::Adopted { epoch: rekey.epoch },
+        let proposal = Proposal { precedence, key };
+        if !concurrent {
+            let members = base
+                .members
+                .iter()
+                .filter(|(id, _)| rekey.members.contains(id))
+                .map(|(id, m)| (*id, m.clone()))
+                .collect();
+            self.epochs.insert(
+                rekey.epoch,
+                EpochState {
+                    key: proposal.key.duplicate(),
+                    earlier_keys: Vec::new(),
+                    members,
+                    proposals: vec![proposal],
+                },
+            );
+            return Ok(RekeyOutcome::Adopted { epoch: rekey.epoch });
+        }
+        let channel = self.channel;
+        let state = self
+            .epochs
+            .get_mut(&rekey.epoch)
+            .expect("concurrent implies the epoch exists");
+        state.proposals.push(proposal);
+        state.proposals.sort_by_key(|p| p.precedence);
+        let combined = combine(&channel, rekey.epoch, &state.proposals);
+        state
+            .earlier_keys
+            .push(std::mem::replace(&mut state.key, combined));
+        state.members.retain(|id, _| rekey.members.contains(id));
+        Ok(RekeyOutcome::Combined {
+            epoch: rekey.epoch,
+            proposals: state.proposals.len(),
         })
     }
 }
 
-/// The devices in `removed` that are still members.
-fn still_present(removed: &[DeviceId], members: &BTreeMap<DeviceId, Member>) -> Vec<DeviceId> {
-    removed
-        .iter()
-        .filter(|id| members.contains_key(id))
-        .copied()
-        .collect()
+/// The key of an epoch with several proposals (sorted by precedence).
+fn combine(channel: &ChannelId, epoch: Epoch, proposals: &[Proposal]) -> ChannelKey {
+    let ikm = Zeroizing::new(
+        proposals
+            .iter()
+            .flat_map(|p| *p.key.expose())
+            .collect::<Vec<u8>>(),
+    );
+    ChannelKey::from_bytes(hkdf_sha256(
+        channel.as_bytes(),
+        &ikm,
+        &[LABEL_REKEY_COMBINE, &epoch.to_be_bytes()],
+    ))
 }

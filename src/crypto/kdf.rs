@@ -24,6 +24,8 @@ pub const LABEL_PAIR_SAS: &[u8] = b"khub/v1/pair/sas";
 pub const LABEL_SENDER_KEY: &[u8] = b"khub/v1/envelope/sender-key";
 /// Pairwise key between two devices: `info = label || low id || high id || low pk || high pk`.
 pub const LABEL_PAIRWISE: &[u8] = b"khub/v1/pairwise";
+/// Combines concurrent rekey proposals: `info = label || epoch (u32 BE)`.
+pub const LABEL_REKEY_COMBINE: &[u8] = b"khub/v1/rekey/combine";
 /// Associated-data prefix of each sealed entry of a rekey message (not a KDF label).
 pub const LABEL_REKEY: &[u8] = b"khub/v1/rekey";
 /// Associated data of the joiner's sealed device info (not a KDF label).

@@ -14,10 +14,8 @@
 //! Each entry's associated data is `LABEL_REKEY || head || recipient id`, so an
 //! entry cannot be moved to another message, member list or recipient.
 //!
-//! Two members may rekey the same epoch at once. Every member then keeps the
-//! proposal that sorts first by (`from` device id, SHA-256 of the whole message):
-//! a total order every member computes alike, whatever order the messages arrive
-//! in. See [`Rekey::precedence`].
+//! Two members may rekey the same epoch at once; the keyring then combines the
+//! proposals (see [`crate::channel::keyring`]), ordered by [`Rekey::precedence`].
 
 use sha2::{Digest, Sha256};
 
@@ -75,8 +73,8 @@ pub enum RekeyError {
 }
 
 impl Rekey {
-    /// Draws nothing itself: seals `key` (drawn by the caller) for each member in
-    /// `members` (id and public key; must include `from`).
+    /// Seals `key` (drawn by the caller) for each member in `members` (id and
+    /// public key; must include `from`), with a fresh nonce from `rng` per entry.
     pub fn seal<R: rand::CryptoRng + ?Sized>(
         channel: ChannelId,
         epoch: Epoch,
@@ -138,7 +136,7 @@ impl Rekey {
         ChannelKey::from_slice(&key).ok_or(RekeyError::Unauthentic)
     }
 
-    /// The tie-break between concurrent rekeys of one epoch: smaller wins.
+    /// Orders concurrent proposals for one epoch: (author id, SHA-256 of the message).
     pub fn precedence(&self) -> (DeviceId, [u8; 32]) {
         (self.from, Sha256::digest(self.encode()).into())
     }

@@ -101,6 +101,9 @@ macro_rules! secret_type {
             }
         }
 
+        // The only field is a `SecretBytes`, which wipes itself on drop.
+        impl zeroize::ZeroizeOnDrop for $name {}
+
         impl subtle::ConstantTimeEq for $name {
             fn ct_eq(&self, other: &Self) -> subtle::Choice {
                 self.0.ct_eq(&other.0)

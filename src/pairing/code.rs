@@ -21,6 +21,9 @@ const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 pub const SECRET_SYMBOLS: usize = 8;
 /// Bits of entropy in a code secret.
 pub const SECRET_BITS: u32 = 5 * SECRET_SYMBOLS as u32;
+// DESIGN.md invariant 2: the secret part carries at least 40 bits.
+const _: () = assert!(SECRET_BITS >= 40);
+
 /// Largest nameplate; the relay allocates the smallest free one.
 pub const MAX_NAMEPLATE: u32 = 999_999;
 
