@@ -10,6 +10,8 @@
 //! | [`pairing`] | pairing codes and the pairing state machines | none |
 //! | [`channel`] | one device's view of its channel: members, keys per epoch, welcome | none |
 //! | [`ids`] | public channel and device ids | none |
+//! | [`protocol`] | the relay's wire protocol: frames, HTTP bodies, error and close codes | none |
+//! | [`relay`] | the relay server: routes, sessions, store, pairing mailbox, limits, metrics | network, disk |
 //! | [`vectors`] | the published test vectors, generated from fixed randomness | none |
 //!
 //! SECURITY.md states the threat model and the full construction.
@@ -22,6 +24,8 @@ mod codec;
 pub mod crypto;
 pub mod ids;
 pub mod pairing;
+pub mod protocol;
+pub mod relay;
 pub mod vectors;
 
 pub use codec::DecodeError;

@@ -8,6 +8,7 @@
 //! - [`pairwise`]: device static keys and pairwise keys.
 //! - [`rekey`]: handing the next epoch's key to the remaining members.
 //! - [`secret`]: the secret-bytes type all keys are built on.
+//! - [`token`]: relay access tokens and the hashes the relay stores.
 
 pub mod aead;
 pub mod cpace;
@@ -17,6 +18,7 @@ pub mod pairwise;
 pub mod rekey;
 pub mod replay;
 pub mod secret;
+pub mod token;
 
 /// The OS CSPRNG (getrandom) as an infallible [`rand::CryptoRng`]: every key,
 /// code secret, nonce and id outside tests comes from here. If the OS cannot

@@ -125,3 +125,5 @@ pub fn channel_of(devices: &[&Device]) -> Vec<Keyring> {
     all.extend(joined);
     all
 }
+
+pub mod net;

@@ -1,0 +1,178 @@
+//! Error codes and WebSocket close codes: stable names a client can match on.
+
+use serde::{Deserialize, Serialize};
+
+/// Every error the relay reports, in WebSocket `error` frames and HTTP bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Not valid JSON, or a required field is missing or mistyped.
+    Malformed,
+    /// A frame `type` the relay does not know.
+    UnknownType,
+    /// A protocol version the relay does not speak.
+    UnsupportedVersion,
+    /// A frame, body or envelope over its size limit.
+    TooLarge,
+    /// A binary field that is not unpadded base64url, or has the wrong length.
+    InvalidBase64,
+    /// Unknown channel or device, or a wrong token.
+    Unauthorized,
+    /// The operator secret is required and was missing or wrong.
+    Forbidden,
+    /// An envelope whose header names another sender than the session's device.
+    ForbiddenSender,
+    /// An envelope whose header names another channel than the session's.
+    WrongChannel,
+    /// Not an envelope: bad version, length or sequence number.
+    InvalidEnvelope,
+    /// The (sender, sender_seq) was already stored with different bytes.
+    Conflict,
+    /// The channel's byte quota is used up.
+    OverQuota,
+    /// Too many requests from this address; retry later.
+    RateLimited,
+    /// The channel already has the maximum number of devices.
+    ChannelFull,
+    /// A channel or device with that id already exists.
+    Exists,
+    /// No such channel, device or pairing slot.
+    NotFound,
+    /// The pairing slot was already claimed by another device.
+    AlreadyClaimed,
+    /// The pairing slot ended (completed, aborted or expired).
+    Gone,
+    /// No free pairing nameplate; retry later.
+    Unavailable,
+    /// The request does not make sense (for example, removing an unknown device).
+    BadRequest,
+    /// A failure inside the relay.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status for this error.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Malformed
+            | Self::UnknownType
+            | Self::UnsupportedVersion
+            | Self::InvalidBase64
+            | Self::InvalidEnvelope
+            | Self::BadRequest
+            | Self::WrongChannel => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden | Self::ForbiddenSender => 403,
+            Self::NotFound => 404,
+            Self::Conflict | Self::Exists | Self::AlreadyClaimed | Self::ChannelFull => 409,
+            Self::Gone => 410,
+            Self::TooLarge => 413,
+            Self::OverQuota => 507,
+            Self::RateLimited => 429,
+            Self::Unavailable => 503,
+            Self::Internal => 500,
+        }
+    }
+
+    /// Whether this error ends a WebSocket session, and with which close code.
+    pub fn close_code(self) -> Option<CloseCode> {
+        match self {
+            Self::Malformed
+            | Self::UnknownType
+            | Self::UnsupportedVersion
+            | Self::InvalidBase64 => Some(CloseCode::Protocol),
+            Self::Unauthorized => Some(CloseCode::Unauthorized),
+            Self::TooLarge => Some(CloseCode::TooLarge),
+            Self::Internal => Some(CloseCode::Internal),
+            _ => None,
+        }
+    }
+
+    /// The snake_case name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownType => "unknown_type",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TooLarge => "too_large",
+            Self::InvalidBase64 => "invalid_base64",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::ForbiddenSender => "forbidden_sender",
+            Self::WrongChannel => "wrong_channel",
+            Self::InvalidEnvelope => "invalid_envelope",
+            Self::Conflict => "conflict",
+            Self::OverQuota => "over_quota",
+            Self::RateLimited => "rate_limited",
+            Self::ChannelFull => "channel_full",
+            Self::Exists => "exists",
+            Self::NotFound => "not_found",
+            Self::AlreadyClaimed => "already_claimed",
+            Self::Gone => "gone",
+            Self::Unavailable => "unavailable",
+            Self::BadRequest => "bad_request",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// WebSocket close codes the relay sends (see the module docs of [`crate::protocol`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseCode {
+    /// 1000: normal closure.
+    Normal,
+    /// 1001: the relay is shutting down.
+    GoingAway,
+    /// 1009: a frame exceeded the limit.
+    TooLarge,
+    /// 1011: relay failure.
+    Internal,
+    /// 4001: authentication failed.
+    Unauthorized,
+    /// 4002: protocol violation.
+    Protocol,
+    /// 4003: the device was removed from its channel.
+    Revoked,
+    /// 4004: idle timeout.
+    Idle,
+    /// 4008: the device did not read its deliveries in time.
+    Slow,
+    /// 4029: too many connections from this address.
+    TooMany,
+}
+
+impl CloseCode {
+    /// The numeric code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::GoingAway => 1001,
+            Self::TooLarge => 1009,
+            Self::Internal => 1011,
+            Self::Unauthorized => 4001,
+            Self::Protocol => 4002,
+            Self::Revoked => 4003,
+            Self::Idle => 4004,
+            Self::Slow => 4008,
+            Self::TooMany => 4029,
+        }
+    }
+
+    /// The short reason sent with the close frame.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::GoingAway => "relay shutting down",
+            Self::TooLarge => "frame too large",
+            Self::Internal => "internal error",
+            Self::Unauthorized => "unauthorized",
+            Self::Protocol => "protocol error",
+            Self::Revoked => "device removed from channel",
+            Self::Idle => "idle timeout",
+            Self::Slow => "reader too slow",
+            Self::TooMany => "too many connections",
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! WebSocket frames: what a device sends ([`ClientFrame`]) and what the relay
+//! sends ([`ServerFrame`]), as JSON text.
+
+use serde::{Deserialize, Serialize};
+
+use super::b64;
+use super::errors::ErrorCode;
+use crate::crypto::token::AccessToken;
+use crate::ids::{ChannelId, DeviceId};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A frame from a device.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Authenticate and resume; must be the first frame.
+    Hello {
+        /// Protocol version; must be [`PROTOCOL_VERSION`].
+        v: u32,
+        /// The device's channel.
+        channel: ChannelId,
+        /// The device.
+        device: DeviceId,
+        /// The device's relay access token.
+        token: AccessToken,
+        /// The last relay sequence number the device has (0: none).
+        cursor: u64,
+    },
+    /// Store and fan out an envelope the device sealed.
+    Publish {
+        /// The sealed envelope.
+        #[serde(with = "b64::bytes")]
+        envelope: Vec<u8>,
+    },
+}
+
+/// A frame from the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Hello accepted; deliveries follow.
+    Ready {
+        /// Protocol version.
+        v: u32,
+        /// The channel's newest sequence number.
+        head: u64,
+    },
+    /// An envelope, in channel order.
+    Deliver {
+        /// Its relay sequence number in the channel.
+        seq: u64,
+        /// The envelope.
+        #[serde(with = "b64::bytes")]
+        envelope: Vec<u8>,
+    },
+    /// A publish is durably stored.
+    Ack {
+        /// The envelope's sender sequence number (from its header).
+        sender_seq: u64,
+        /// Its relay sequence number.
+        seq: u64,
+        /// It had been stored before (a retried publish).
+        duplicate: bool,
+    },
+    /// A request was refused.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+        /// Whether the session ends (a close frame follows).
+        fatal: bool,
+    },
+}
+
+impl ServerFrame {
+    /// The JSON text of the frame.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialise")
+    }
+
+    /// An error frame for `code`; fatal if the code ends sessions.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+            fatal: code.close_code().is_some(),
+        }
+    }
+}
+
+/// A frame that could not be decoded, with the error code to report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FrameError {
+    /// Classification for the client.
+    pub code: ErrorCode,
+    /// Human-readable detail (never echoes frame contents).
+    pub message: String,
+}
+
+impl FrameError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl ClientFrame {
+    /// Decodes a text frame of at most `max_len` bytes, classifying failures.
+    pub fn decode(text: &str, max_len: usize) -> Result<Self, FrameError> {
+        if text.len() > max_len {
+            return Err(FrameError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {} bytes exceeds the {max_len}-byte limit",
+                    text.len()
+                ),
+            ));
+        }
+        serde_json::from_str(text).map_err(|e| classify(text, &e))
+    }
+
+    /// The JSON text of the frame.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("client frames always serialise")
+    }
+}
+
+/// Works out why a frame failed to decode. Runs only on the error path.
+fn classify(text: &str, error: &serde_json::Error) -> FrameError {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+        return FrameError::new(ErrorCode::Malformed, "the frame is not valid JSON");
+    };
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+        return FrameError::new(
+            ErrorCode::Malformed,
+            "the frame has no string \"type\" field",
+        );
+    };
+    if !matches!(kind, "hello" | "publish") {
+        return FrameError::new(
+            ErrorCode::UnknownType,
+            "unknown frame type (expected hello or publish)",
+        );
+    }
+    if kind == "hello"
+        && let Some(v) = value.get("v").and_then(|v| v.as_u64())
+        && v != u64::from(PROTOCOL_VERSION)
+    {
+        return FrameError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {v} is not supported; this relay speaks version {PROTOCOL_VERSION}"
+            ),
+        );
+    }
+    let detail = error.to_string();
+    if detail.contains("base64") || detail.contains("expected 32 bytes") || detail.contains("id ") {
+        return FrameError::new(
+            ErrorCode::InvalidBase64,
+            format!("a binary field is invalid in {kind}"),
+        );
+    }
+    // serde's messages can quote the offending value (which may be a token put
+    // in the wrong field): keep only "missing field `x`" / "unknown field `x`".
+    let field = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| {
+            let rest = detail.strip_prefix(prefix)?;
+            Some(format!("{prefix}{}`", rest.split('`').next().unwrap_or("")))
+        });
+    let detail = field.unwrap_or_else(|| "a field has the wrong type or value".to_owned());
+    FrameError::new(
+        ErrorCode::Malformed,
+        format!("invalid {kind} frame: {detail}"),
+    )
+}

@@ -1,0 +1,106 @@
+//! The relay's wire protocol, version 1: every frame, field, error code and close
+//! code. Pure types and encode/decode; no I/O.
+//!
+//! All binary values (ids, tokens, envelopes, pairing messages) are unpadded
+//! base64url strings. Ids are 16 bytes, tokens and token hashes 32 bytes.
+//!
+//! # Credentials
+//!
+//! A device authenticates with its channel id, device id and 32-byte relay access
+//! token. The relay stores only SHA-256 of the token and compares in constant
+//! time. Over HTTP the three travel in one header:
+//!
+//! ```text
+//! Authorization: Bearer <channel>.<device>.<token>
+//! ```
+//!
+//! Over the WebSocket they travel in the first frame (never in the URL, which
+//! proxies log).
+//!
+//! # WebSocket session: `GET /ws`
+//!
+//! Text frames, one JSON object each, with a `type` field. The first frame must
+//! be `hello`, within the handshake timeout:
+//!
+//! ```json
+//! {"type":"hello","v":1,"channel":"AAECAwQFBgcICQoLDA0ODw","device":"EBESExQVFhcYGRobHB0eHw",
+//!  "token":"ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8","cursor":0}
+//! ```
+//!
+//! `cursor` is the last relay sequence number the device has (0 for none). The
+//! relay answers `{"type":"ready","v":1,"head":17}` (`head`: the channel's newest
+//! sequence number) and then delivers every envelope after the cursor, in order,
+//! followed by new ones as they are stored:
+//!
+//! ```json
+//! {"type":"deliver","seq":18,"envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA..."}
+//! ```
+//!
+//! The device publishes envelopes it sealed itself (the envelope header's
+//! channel and sender must be the session's):
+//!
+//! ```json
+//! {"type":"publish","envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA..."}
+//! ```
+//!
+//! and gets, only after the envelope is durably stored,
+//! `{"type":"ack","sender_seq":5,"seq":19,"duplicate":false}`. A publish of a
+//! (sender, sender_seq) already stored with the same bytes is acked again with the
+//! original `seq` and `"duplicate":true`; with different bytes it is refused with
+//! `conflict`. The device also receives its own envelopes as `deliver` frames.
+//!
+//! Errors: `{"type":"error","code":"over_quota","message":"…","fatal":false}`. A
+//! non-fatal error refuses one request and the session goes on; a fatal one is
+//! followed by a close frame with one of the codes below.
+//!
+//! # Close codes
+//!
+//! | code | name | meaning | client should |
+//! |---|---|---|---|
+//! | 1000 | normal | the client closed | — |
+//! | 1001 | going away | the relay is shutting down | reconnect with backoff |
+//! | 1009 | too large | a frame exceeded the frame limit | fix the client |
+//! | 1011 | internal | relay failure | reconnect with backoff |
+//! | 4001 | unauthorized | unknown channel or device, or wrong token | stop; re-pair |
+//! | 4002 | protocol | malformed frame, unknown type, wrong version, no hello | fix the client |
+//! | 4003 | revoked | this device was removed from the channel | stop; the device is out |
+//! | 4004 | idle | no frame or pong within the idle timeout | reconnect |
+//! | 4008 | slow | the device did not read its deliveries in time | reconnect; it resumes from its cursor |
+//! | 4029 | too many | too many connections from this address | wait, then reconnect |
+//!
+//! # Error codes
+//!
+//! See [`ErrorCode`]: each has a stable snake_case name, an HTTP status, and
+//! whether it ends a WebSocket session.
+//!
+//! # HTTP routes
+//!
+//! Bodies are JSON. Errors are `{"error":{"code":"…","message":"…"}}` with the
+//! status of the code.
+//!
+//! | route | auth | body → answer |
+//! |---|---|---|
+//! | `POST /channels` | operator secret in `X-Khub-Operator` if the relay has one | [`CreateChannel`] → 201 [`ChannelCreated`] |
+//! | `GET /channels/{channel}/devices` | device | → [`DeviceList`] |
+//! | `POST /channels/{channel}/devices` | device | [`AdmitDevice`] → 201 [`DeviceList`] |
+//! | `DELETE /channels/{channel}/devices/{device}` | device | → [`DeviceList`]; the removed device's token is revoked and its sessions closed with 4003 |
+//! | `POST /sync` | device | [`SyncRequest`] → [`SyncResponse`] |
+//! | `POST /pair` | device (the inviter) | [`OpenSlot`] → 201 [`SlotOpened`] |
+//! | `POST /pair/{nameplate}/claim` | none (rate-limited per address) | → [`SlotClaimed`] |
+//! | `POST /pair/{nameplate}/messages` | inviter's device credentials, or the joiner's `X-Khub-Claim` token | [`PairMessage`] → 202 |
+//! | `GET /pair/{nameplate}/messages?after=N` | as above | waits up to 25 s → [`PairMessages`] |
+//! | `DELETE /pair/{nameplate}` | as above | ends the slot → 204 |
+//! | `GET /healthz` | none | → `{"status":"ok"}` |
+//! | `GET /metrics` | none | Prometheus text format |
+//!
+//! The pairing mailbox carries the opaque pairing messages of
+//! [`crate::pairing::message`]; the relay reads nothing in them.
+
+pub mod b64;
+pub mod errors;
+pub mod frames;
+pub mod http;
+
+pub use errors::{CloseCode, ErrorCode};
+pub use frames::{ClientFrame, FrameError, PROTOCOL_VERSION, ServerFrame};
+pub use http::*;

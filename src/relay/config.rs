@@ -1,0 +1,86 @@
+//! Relay configuration: plain structs with documented defaults. The binary maps
+//! flags and `KHUB_*` variables onto these; tests build them directly.
+
+use std::time::Duration;
+
+use crate::crypto::envelope::MAX_ENVELOPE_LEN;
+use crate::crypto::secret::SecretBytes;
+
+/// Every limit the relay enforces. Each breach gets a documented error or close
+/// code and increments `khub_limit_breaches_total{limit="…"}`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket frame or HTTP body (`too_large`, close 1009).
+    pub max_frame_bytes: usize,
+    /// Largest envelope (`too_large`).
+    pub max_envelope_bytes: usize,
+    /// Open connections per client address (close 4029 / HTTP 429).
+    pub max_connections_per_ip: usize,
+    /// Pairing claims per client address per minute (`rate_limited`).
+    pub claims_per_minute: u32,
+    /// Channels created per client address per hour (`rate_limited`).
+    pub channels_per_hour: u32,
+    /// Active devices per channel (`channel_full`).
+    pub max_devices_per_channel: usize,
+    /// Close a session that sends nothing, not even a pong, for this long (4004).
+    pub idle_timeout: Duration,
+    /// How often the relay pings an idle session.
+    pub ping_interval: Duration,
+    /// Time allowed for the `hello` frame (close 4002).
+    pub hello_timeout: Duration,
+    /// A delivery the device does not read within this is a slow reader (4008).
+    pub slow_reader_timeout: Duration,
+    /// Lifetime of a pairing slot.
+    pub pairing_ttl: Duration,
+    /// Open pairing slots across the relay (`unavailable`).
+    pub max_pairing_slots: usize,
+    /// Bytes of envelopes stored per channel (`over_quota`).
+    pub channel_quota_bytes: u64,
+    /// Envelopes older than this are deleted.
+    pub retention: Duration,
+    /// Most envelopes returned by one `/sync` or delivered per batch.
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // An envelope as base64url plus the JSON around it.
+            max_frame_bytes: MAX_ENVELOPE_LEN.div_ceil(3) * 4 + 4096,
+            max_envelope_bytes: MAX_ENVELOPE_LEN,
+            max_connections_per_ip: 64,
+            claims_per_minute: 10,
+            channels_per_hour: 30,
+            max_devices_per_channel: 32,
+            idle_timeout: Duration::from_secs(75),
+            ping_interval: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+            slow_reader_timeout: Duration::from_secs(30),
+            pairing_ttl: Duration::from_secs(300),
+            max_pairing_slots: 10_000,
+            channel_quota_bytes: 256 * 1024 * 1024,
+            retention: Duration::from_secs(90 * 24 * 3600),
+            max_batch: 1000,
+        }
+    }
+}
+
+/// The relay's configuration besides its listener and store.
+#[derive(Debug, Default)]
+pub struct RelayConfig {
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// Browser origins allowed to open `/ws` (exact `scheme://host[:port]`).
+    /// Requests without an `Origin` header (native clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// If set, `POST /channels` needs this secret in `X-Khub-Operator`.
+    pub operator_secret: Option<SecretBytes<32>>,
+}
+
+impl RelayConfig {
+    /// Hashes an operator secret of any length into the form the relay keeps.
+    pub fn operator_secret_from(text: &str) -> SecretBytes<32> {
+        use sha2::{Digest, Sha256};
+        SecretBytes::new(Sha256::digest(text.as_bytes()).into())
+    }
+}

@@ -1,0 +1,356 @@
+//! What sessions share: the store, the cross-session wake-up, a cache of recent
+//! envelopes per channel, and the publish path.
+//!
+//! Delivery never pushes into per-session queues. A session keeps its own cursor
+//! and pulls what follows it — from the cache while it is current, from the store
+//! when it lags — and waits on the [`Notifier`] when caught up. A slow or stalled
+//! reader therefore costs nothing but its own cursor: nothing is dropped, and no
+//! other session waits for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::metrics::Metrics;
+use super::store::{Append, Store, StoreError};
+use crate::crypto::envelope::EnvelopeHeader;
+use crate::ids::{ChannelId, DeviceId};
+use crate::protocol::{ErrorCode, ServerFrame};
+
+/// Recent envelopes kept in memory per channel.
+pub const CACHE_ENTRIES: usize = 256;
+/// Bytes of pre-encoded frames the cache may hold across all channels.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Recent envelopes per channel, bounded in entries and total bytes.
+#[derive(Default)]
+struct Cache {
+    channels: HashMap<ChannelId, VecDeque<Ready>>,
+    bytes: usize,
+}
+
+/// What a channel's watchers are told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelSignal {
+    /// The newest stored sequence number.
+    pub head: u64,
+    /// Bumped whenever a device of the channel is revoked.
+    pub revocations: u64,
+}
+
+/// Cross-session wake-up. The local implementation uses Tokio watch channels; a
+/// multi-node relay implements it over its shared bus.
+pub trait Notifier: Send + Sync + 'static {
+    /// A new envelope is stored in `channel` up to `head`.
+    fn stored(&self, channel: ChannelId, head: u64);
+    /// A device of `channel` was revoked: its sessions must re-check.
+    fn revoked(&self, channel: ChannelId);
+    /// Watches `channel`.
+    fn subscribe(&self, channel: ChannelId) -> watch::Receiver<ChannelSignal>;
+}
+
+/// In-process [`Notifier`].
+#[derive(Default)]
+pub struct LocalNotifier {
+    channels: Mutex<HashMap<ChannelId, watch::Sender<ChannelSignal>>>,
+}
+
+impl LocalNotifier {
+    fn update(&self, channel: ChannelId, change: impl FnOnce(&mut ChannelSignal) -> bool) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = channels.get(&channel) {
+            sender.send_if_modified(change);
+            if sender.receiver_count() == 0 {
+                channels.remove(&channel);
+            }
+        }
+    }
+}
+
+impl Notifier for LocalNotifier {
+    fn stored(&self, channel: ChannelId, head: u64) {
+        self.update(channel, |signal| {
+            let newer = head > signal.head;
+            signal.head = signal.head.max(head);
+            newer
+        });
+    }
+
+    fn revoked(&self, channel: ChannelId) {
+        self.update(channel, |signal| {
+            signal.revocations += 1;
+            true
+        });
+    }
+
+    fn subscribe(&self, channel: ChannelId) -> watch::Receiver<ChannelSignal> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels
+            .entry(channel)
+            .or_insert_with(|| watch::channel(ChannelSignal::default()).0)
+            .subscribe()
+    }
+}
+
+/// An envelope ready to deliver: its number, bytes and pre-encoded frame, shared
+/// by every session that delivers it.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// Relay sequence number.
+    pub seq: u64,
+    /// Envelope length, for metrics.
+    pub len: usize,
+    /// The `deliver` frame's JSON text (cheap to clone: reference-counted).
+    pub frame: Utf8Bytes,
+}
+
+impl Ready {
+    fn new(seq: u64, envelope: &[u8]) -> Self {
+        let frame = ServerFrame::Deliver {
+            seq,
+            envelope: envelope.to_vec(),
+        }
+        .to_text();
+        Self {
+            seq,
+            len: envelope.len(),
+            frame: frame.into(),
+        }
+    }
+}
+
+/// A stored publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Relay sequence number.
+    pub seq: u64,
+    /// The envelope's sender sequence number.
+    pub sender_seq: u64,
+    /// Stored before (a retry).
+    pub duplicate: bool,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PublishError {
+    /// The error code to report.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+impl PublishError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps a store failure onto the protocol's error codes.
+pub fn store_error(e: StoreError) -> (ErrorCode, String) {
+    let code = match e {
+        StoreError::Exists => ErrorCode::Exists,
+        StoreError::NotFound => ErrorCode::NotFound,
+        StoreError::ChannelFull(_) => ErrorCode::ChannelFull,
+        StoreError::OverQuota { .. } => ErrorCode::OverQuota,
+        StoreError::Conflict { .. } => ErrorCode::Conflict,
+        StoreError::Backend(_) => ErrorCode::Internal,
+    };
+    let message = match e {
+        // Backend details (paths, SQL) stay in the relay's log.
+        StoreError::Backend(detail) => {
+            tracing::error!(%detail, "store failure");
+            "the relay could not store or read data; retry later".to_owned()
+        }
+        other => other.to_string(),
+    };
+    (code, message)
+}
+
+/// State shared by every session and route.
+pub struct Hub {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Cross-session wake-up.
+    pub notifier: Arc<dyn Notifier>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    cache: Mutex<Cache>,
+    max_envelope_bytes: usize,
+    quota: u64,
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Hub {
+    /// A hub over `store` and `notifier`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        notifier: Arc<dyn Notifier>,
+        metrics: Arc<Metrics>,
+        max_envelope_bytes: usize,
+        quota: u64,
+    ) -> Self {
+        Self {
+            store,
+            notifier,
+            metrics,
+            cache: Mutex::new(Cache::default()),
+            max_envelope_bytes,
+            quota,
+        }
+    }
+
+    /// Validates and durably stores an envelope from `sender` in `channel`, then
+    /// wakes the channel's sessions. Returns once the envelope is committed.
+    pub async fn publish(
+        &self,
+        channel: ChannelId,
+        sender: DeviceId,
+        envelope: Bytes,
+    ) -> Result<Published, PublishError> {
+        if envelope.len() > self.max_envelope_bytes {
+            self.metrics.breach("envelope_size");
+            return Err(PublishError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "envelope of {} bytes exceeds the {}-byte limit",
+                    envelope.len(),
+                    self.max_envelope_bytes
+                ),
+            ));
+        }
+        let header = EnvelopeHeader::decode(&envelope).map_err(|e| {
+            PublishError::new(
+                ErrorCode::InvalidEnvelope,
+                format!("not a valid envelope: {e}"),
+            )
+        })?;
+        if header.channel != channel {
+            return Err(PublishError::new(
+                ErrorCode::WrongChannel,
+                "the envelope belongs to another channel",
+            ));
+        }
+        if header.sender != sender {
+            return Err(PublishError::new(
+                ErrorCode::ForbiddenSender,
+                "a device can only publish envelopes it sent itself",
+            ));
+        }
+        let len = envelope.len();
+        let started = std::time::Instant::now();
+        let appended = self
+            .store
+            .append(Append {
+                channel,
+                sender,
+                sender_seq: header.seq,
+                envelope: envelope.clone(),
+                now: unix_now(),
+                quota: self.quota,
+            })
+            .await
+            .map_err(|e| {
+                if matches!(e, StoreError::OverQuota { .. }) {
+                    self.metrics.breach("channel_quota");
+                }
+                let (code, message) = store_error(e);
+                PublishError::new(code, message)
+            })?;
+        self.metrics.observe_commit(started.elapsed());
+        if !appended.duplicate {
+            Metrics::inc(&self.metrics.envelopes_in);
+            self.metrics
+                .bytes_in
+                .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+            self.remember(channel, Ready::new(appended.seq, &envelope));
+            self.notifier.stored(channel, appended.seq);
+        }
+        Ok(Published {
+            seq: appended.seq,
+            sender_seq: header.seq,
+            duplicate: appended.duplicate,
+        })
+    }
+
+    /// Adds a just-stored envelope to the channel's cache, in sequence order.
+    /// Past the byte budget, other channels' caches go first: they fall back to
+    /// the store, which is always correct, only slower.
+    fn remember(&self, channel: ChannelId, ready: Ready) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let size = ready.frame.len();
+        if size > CACHE_BYTES / 64 {
+            return;
+        }
+        if cache.bytes + size > CACHE_BYTES {
+            cache.channels.retain(|c, _| *c == channel);
+            cache.bytes = cache
+                .channels
+                .values()
+                .flatten()
+                .map(|r| r.frame.len())
+                .sum();
+        }
+        let Cache { channels, bytes } = &mut *cache;
+        let entries = channels.entry(channel).or_default();
+        let at = entries.partition_point(|e| e.seq < ready.seq);
+        if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
+            return;
+        }
+        entries.insert(at, ready);
+        *bytes += size;
+        while entries.len() > CACHE_ENTRIES || (*bytes > CACHE_BYTES && !entries.is_empty()) {
+            if let Some(old) = entries.pop_front() {
+                *bytes -= old.frame.len();
+            }
+        }
+    }
+
+    /// Up to `limit` envelopes after `cursor`, in order: from the cache if it
+    /// holds the next one, otherwise from the store.
+    pub async fn fetch(
+        &self,
+        channel: ChannelId,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<Ready>, StoreError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entries) = cache.channels.get(&channel) {
+                let start = entries.partition_point(|e| e.seq <= cursor);
+                if entries.get(start).is_some_and(|e| e.seq == cursor + 1) {
+                    let mut expected = cursor + 1;
+                    let run: Vec<Ready> = entries
+                        .range(start..)
+                        .take(limit)
+                        .take_while(|e| {
+                            let contiguous = e.seq == expected;
+                            expected += 1;
+                            contiguous
+                        })
+                        .cloned()
+                        .collect();
+                    return Ok(run);
+                }
+            }
+        }
+        let stored = self.store.read(channel, cursor, limit).await?;
+        Ok(stored
+            .iter()
+            .map(|s| Ready::new(s.seq, &s.envelope))
+            .collect())
+    }
+}

@@ -1,0 +1,114 @@
+//! The relay: routes and stores opaque envelopes between the devices of each
+//! channel, and carries pairing messages between an inviter and a joiner. It
+//! never sees plaintext, channel keys, code secrets or device names.
+//!
+//! - [`config`]: limits and settings with their defaults.
+//! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, memory).
+//! - [`hub`]: publish path, recent-envelope cache, cross-session wake-up ([`hub::Notifier`]).
+//! - [`session`]: one device's WebSocket session.
+//! - [`pairing`]: pairing slots and their mailbox.
+//! - [`routes`]: the HTTP routes, as warp filters.
+//! - [`server`]: the accept loop (TCP_NODELAY, per-address limits, WebSocket
+//!   upgrades with small buffers, graceful shutdown).
+//! - [`limits`], [`metrics`]: per-address limits; Prometheus metrics.
+//!
+//! The wire protocol is documented in [`crate::protocol`].
+
+pub mod config;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod pairing;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::config::RelayConfig;
+use self::hub::{Hub, LocalNotifier, Notifier, store_error};
+use self::limits::{ConnectionLimiter, RateLimiter};
+use self::metrics::Metrics;
+use self::pairing::Slots;
+use self::store::Store;
+use crate::protocol::{Credentials, ErrorCode};
+
+/// Everything a running relay shares across connections.
+pub struct Relay {
+    /// Store, notifier, cache, metrics.
+    pub hub: Hub,
+    /// Settings and limits.
+    pub config: RelayConfig,
+    /// Open pairing slots.
+    pub slots: Slots,
+    /// Open connections per address.
+    pub connections: Arc<ConnectionLimiter>,
+    /// Pairing claims per address.
+    pub claims: RateLimiter,
+    /// Channel creations per address.
+    pub creations: RateLimiter,
+}
+
+impl Relay {
+    /// A relay over `store`, with in-process wake-ups.
+    pub fn new(store: Arc<dyn Store>, config: RelayConfig) -> Arc<Self> {
+        Self::with_notifier(store, Arc::new(LocalNotifier::default()), config)
+    }
+
+    /// A relay over `store` and `notifier` (a multi-node relay passes a shared one).
+    pub fn with_notifier(
+        store: Arc<dyn Store>,
+        notifier: Arc<dyn Notifier>,
+        config: RelayConfig,
+    ) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let limits = &config.limits;
+        Arc::new(Self {
+            hub: Hub::new(
+                store,
+                notifier,
+                Arc::clone(&metrics),
+                limits.max_envelope_bytes,
+                limits.channel_quota_bytes,
+            ),
+            slots: Slots::new(
+                limits.pairing_ttl,
+                limits.max_pairing_slots,
+                Arc::clone(&metrics),
+            ),
+            connections: ConnectionLimiter::new(limits.max_connections_per_ip),
+            claims: RateLimiter::new(limits.claims_per_minute, Duration::from_secs(60)),
+            creations: RateLimiter::new(limits.channels_per_hour, Duration::from_secs(3600)),
+            config,
+        })
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.hub.metrics
+    }
+
+    /// Checks device credentials against the store: known device, not revoked,
+    /// token hash equal in constant time.
+    pub async fn authenticate(&self, credentials: &Credentials) -> Result<(), (ErrorCode, String)> {
+        let record = self
+            .hub
+            .store
+            .device(credentials.channel, credentials.device)
+            .await
+            .map_err(store_error)?;
+        match record {
+            Some(r) if !r.revoked && r.token_hash.verify(&credentials.token) => Ok(()),
+            _ => {
+                Metrics::inc(&self.metrics().auth_failures);
+                tracing::warn!(channel = %credentials.channel, device = %credentials.device, "request refused: unknown device, revoked, or wrong token");
+                Err((
+                    ErrorCode::Unauthorized,
+                    "unknown channel or device, revoked device, or wrong token".into(),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Pairing slots: the mailbox through which the two sides' pairing messages pass.
+//!
+//! The inviter opens a slot and gets the smallest free **nameplate**; the joiner
+//! claims it (once — a second claimant is refused) and gets the session id and a
+//! claim token for the rest of the exchange. Each side posts messages for the
+//! other and long-polls for the other's. The relay reads only the first byte of
+//! each message (its public type) to tell a completed pairing from a failed one
+//! in its metrics.
+//!
+//! A slot dies when either side ends it, when a side sends an Abort, or when its
+//! TTL passes. Its nameplate then rests for one TTL before reuse, so a late claim
+//! with an old code gets "this pairing has ended" instead of reaching, and
+//! burning, somebody else's new pairing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::metrics::Metrics;
+use crate::crypto::token::{AccessToken, TokenHash};
+use crate::ids::{ChannelId, DeviceId};
+use crate::pairing::code::MAX_NAMEPLATE;
+use crate::pairing::message::MAX_MESSAGE_LEN;
+use crate::protocol::ErrorCode;
+
+/// Type byte of a pairing Finish (the inviter's last message).
+const TYPE_FINISH: u8 = 0x03;
+/// Type byte of a pairing Abort.
+const TYPE_ABORT: u8 = 0x04;
+
+/// Which side of a pairing a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The member showing the code.
+    Inviter,
+    /// The device the code is typed into.
+    Joiner,
+}
+
+/// A refused slot operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotError {
+    /// Error code for the client.
+    pub code: ErrorCode,
+    /// What the person should do.
+    pub message: &'static str,
+}
+
+const NOT_FOUND: SlotError = SlotError {
+    code: ErrorCode::NotFound,
+    message: "no pairing is waiting under this number: check the code, or make a new one",
+};
+const GONE: SlotError = SlotError {
+    code: ErrorCode::Gone,
+    message: "this pairing has ended: make a new code",
+};
+
+struct Slot {
+    channel: ChannelId,
+    inviter: DeviceId,
+    sid: [u8; 16],
+    claim: Option<TokenHash>,
+    to_joiner: Vec<Vec<u8>>,
+    to_inviter: Vec<Vec<u8>>,
+    /// Set when a side ended the slot; the other may still drain its messages.
+    ended_by: Option<Side>,
+    finished: bool,
+    aborted: bool,
+    expires: Instant,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: BTreeMap<u32, Slot>,
+    /// Nameplates of dead slots, resting until the instant given.
+    resting: BTreeMap<u32, Instant>,
+}
+
+/// Every open pairing slot of the relay.
+pub struct Slots {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    max: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// What a joiner receives when it claims a slot.
+pub struct Claimed {
+    /// The pairing session id.
+    pub sid: [u8; 16],
+    /// The joiner's claim token.
+    pub claim: AccessToken,
+    /// Time left.
+    pub expires_in: Duration,
+}
+
+/// Messages for one side, from index `after` on.
+pub struct Received {
+    /// The messages.
+    pub messages: Vec<Vec<u8>>,
+    /// Index to ask from next.
+    pub next: usize,
+    /// The other side ended the slot.
+    pub closed: bool,
+}
+
+impl Slots {
+    /// Slots living `ttl`, at most `max` at once.
+    pub fn new(ttl: Duration, max: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            ttl,
+            max,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.sweep(&mut inner);
+        inner
+    }
+
+    /// Removes expired slots (counted as failed pairings) and rested nameplates.
+    fn sweep(&self, inner: &mut Inner) {
+        let now = Instant::now();
+        let expired: Vec<u32> = inner
+            .slots
+            .iter()
+            .filter(|(_, s)| s.expires <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        for nameplate in expired {
+            self.bury(inner, nameplate, now);
+        }
+        inner.resting.retain(|_, until| *until > now);
+    }
+
+    /// Removes a slot, records its outcome and rests its nameplate.
+    fn bury(&self, inner: &mut Inner, nameplate: u32, now: Instant) {
+        if let Some(slot) = inner.slots.remove(&nameplate) {
+            if slot.finished && !slot.aborted {
+                Metrics::inc(&self.metrics.pairings_succeeded);
+            } else {
+                Metrics::inc(&self.metrics.pairings_failed);
+            }
+            slot.wake.notify_waiters();
+            inner.resting.insert(nameplate, now + self.ttl);
+        }
+    }
+
+    /// Sweeps now; the relay calls this periodically so metrics stay current.
+    pub fn tick(&self) {
+        drop(self.lock());
+    }
+
+    /// Opens a slot for `inviter` of `channel`; returns its nameplate.
+    pub fn open(
+        &self,
+        channel: ChannelId,
+        inviter: DeviceId,
+        sid: [u8; 16],
+        start: Vec<u8>,
+    ) -> Result<u32, SlotError> {
+        check_message(&start)?;
+        let mut inner = self.lock();
+        if inner.slots.len() >= self.max {
+            return Err(SlotError {
+                code: ErrorCode::Unavailable,
+                message: "the relay has too many pairings in progress: try again in a minute",
+            });
+        }
+        let nameplate = (1..=MAX_NAMEPLATE)
+            .find(|n| !inner.slots.contains_key(n) && !inner.resting.contains_key(n))
+            .ok_or(SlotError {
+                code: ErrorCode::Unavailable,
+                message: "no free pairing number: try again in a minute",
+            })?;
+        inner.slots.insert(
+            nameplate,
+            Slot {
+                channel,
+                inviter,
+                sid,
+                claim: None,
+                to_joiner: vec![start],
+                to_inviter: Vec::new(),
+                ended_by: None,
+                finished: false,
+                aborted: false,
+                expires: Instant::now() + self.ttl,
+                wake: Arc::new(Notify::new()),
+            },
+        );
+        Metrics::inc(&self.metrics.pairings_started);
+        Ok(nameplate)
+    }
+
+    /// Claims a slot for the joiner. Only the first claim succeeds.
+    pub fn claim<R: rand::CryptoRng + ?Sized>(
+        &self,
+        nameplate: u32,
+        rng: &mut R,
+    ) -> Result<Claimed, SlotError> {
+        let mut inner = self.lock();
+        let resting = inner.resting.contains_key(&nameplate);
+        let Some(slot) = inner.slots.get_mut(&nameplate) else {
+            return Err(if resting { GONE } else { NOT_FOUND });
+        };
+        if slot.ended_by.is_some() {
+            return Err(GONE);
+        }
+        if slot.claim.is_some() {
+            return Err(SlotError {
+                code: ErrorCode::AlreadyClaimed,
+                message: "another device already entered this code: make a new code",
+            });
+        }
+        let claim = AccessToken::generate(rng);
+        slot.claim = Some(claim.hash());
+        Ok(Claimed {
+            sid: slot.sid,
+            claim,
+            expires_in: slot.expires.saturating_duration_since(Instant::now()),
+        })
+    }
+
+    /// Which side `auth` speaks for, if any: the inviter by device, the joiner by claim token.
+    pub fn side(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, SlotError> {
+        let inner = self.lock();
+        let slot = inner.slots.get(&nameplate).ok_or(GONE)?;
+        let unauthorized = SlotError {
+            code: ErrorCode::Unauthorized,
+            message: "these credentials do not belong to this pairing",
+        };
+        match auth {
+            SlotAuth::Device { channel, device }
+                if *channel == slot.channel && *device == slot.inviter =>
+            {
+                Ok(Side::Inviter)
+            }
+            SlotAuth::Claim(token) if slot.claim.is_some_and(|h| h.verify(token)) => {
+                Ok(Side::Joiner)
+            }
+            _ => Err(unauthorized),
+        }
+    }
+
+    /// Posts a message from `side` for the other side.
+    pub fn send(&self, nameplate: u32, side: Side, message: Vec<u8>) -> Result<(), SlotError> {
+        check_message(&message)?;
+        let mut inner = self.lock();
+        let slot = inner.slots.get_mut(&nameplate).ok_or(GONE)?;
+        if slot.ended_by.is_some() {
+            return Err(GONE);
+        }
+        match message.first() {
+            Some(&TYPE_FINISH) if side == Side::Inviter => slot.finished = true,
+            Some(&TYPE_ABORT) => slot.aborted = true,
+            _ => {}
+        }
+        match side {
+            Side::Inviter => slot.to_joiner.push(message),
+            Side::Joiner => slot.to_inviter.push(message),
+        }
+        slot.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Messages for `side` from index `after`, waiting up to `wait` for one.
+    pub async fn receive(
+        &self,
+        nameplate: u32,
+        side: Side,
+        after: usize,
+        wait: Duration,
+    ) -> Result<Received, SlotError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let wake = Arc::clone(&self.lock().slots.get(&nameplate).ok_or(GONE)?.wake);
+            // Register before checking, so a message posted in between still wakes us.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(received) = self.try_receive(nameplate, side, after)? {
+                return Ok(received);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Received {
+                    messages: Vec::new(),
+                    next: after,
+                    closed: false,
+                });
+            }
+        }
+    }
+
+    fn try_receive(
+        &self,
+        nameplate: u32,
+        side: Side,
+        after: usize,
+    ) -> Result<Option<Received>, SlotError> {
+        let mut inner = self.lock();
+        let slot = inner.slots.get(&nameplate).ok_or(GONE)?;
+        let queue = match side {
+            Side::Inviter => &slot.to_inviter,
+            Side::Joiner => &slot.to_joiner,
+        };
+        let closed = slot.ended_by.is_some_and(|s| s != side);
+        if queue.len() <= after && !closed {
+            return Ok(None);
+        }
+        let received = Received {
+            messages: queue.get(after..).map(<[_]>::to_vec).unwrap_or_default(),
+            next: queue.len(),
+            closed,
+        };
+        if closed {
+            // The other side ended it and this one has now read everything.
+            self.bury(&mut inner, nameplate, Instant::now());
+        }
+        Ok(Some(received))
+    }
+
+    /// Ends the slot from `side`. The other side can still read what is queued
+    /// for it, then sees `closed`.
+    pub fn end(&self, nameplate: u32, side: Side) -> Result<(), SlotError> {
+        let mut inner = self.lock();
+        let slot = inner.slots.get_mut(&nameplate).ok_or(GONE)?;
+        match slot.ended_by {
+            Some(first) if first != side => self.bury(&mut inner, nameplate, Instant::now()),
+            _ => {
+                slot.ended_by = Some(side);
+                slot.wake.notify_waiters();
+                // Nobody else can still be waiting for an unclaimed slot.
+                if slot.claim.is_none() {
+                    self.bury(&mut inner, nameplate, Instant::now());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Open slots (for tests and metrics).
+    pub fn open_count(&self) -> usize {
+        self.lock().slots.len()
+    }
+}
+
+/// How a mailbox request authenticated.
+pub enum SlotAuth {
+    /// Device credentials (already verified against the store).
+    Device {
+        /// Its channel.
+        channel: ChannelId,
+        /// The device.
+        device: DeviceId,
+    },
+    /// The joiner's claim token.
+    Claim(AccessToken),
+}
+
+fn check_message(message: &[u8]) -> Result<(), SlotError> {
+    if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
+        return Err(SlotError {
+            code: ErrorCode::TooLarge,
+            message: "a pairing message must be between 1 byte and 32 KiB",
+        });
+    }
+    Ok(())
+}

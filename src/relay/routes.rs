@@ -1,0 +1,765 @@
+//! The relay's HTTP routes as warp filters. Each handler parses, checks
+//! credentials, calls the hub, store or slots, and answers JSON; errors use the
+//! protocol's codes (see [`crate::protocol`]).
+
+// Helpers return the finished error `Response` as their `Err`, so handlers can
+// `?`-style early-return it; it is built once per failed request, so its size
+// does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use warp::Filter;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::{Reply, Response};
+
+use super::Relay;
+use super::hub::store_error;
+use super::limits::ConnectionGuard;
+use super::pairing::{SlotAuth, SlotError};
+use super::session;
+use super::store::StoreError;
+use crate::crypto::token::AccessToken;
+use crate::protocol::{
+    AdmitDevice, B64, CLAIM_HEADER, ChannelCreated, CreateChannel, Credentials, Delivered,
+    DeviceList, ErrorBody, ErrorCode, ErrorResponse, OPERATOR_HEADER, OpenSlot, PairMessage,
+    PairMessages, SlotClaimed, SlotOpened, SyncAck, SyncRequest, SyncResponse,
+};
+
+/// Longest a pairing long-poll waits.
+pub const MAX_POLL: Duration = Duration::from_secs(25);
+/// Largest pairing mailbox request body.
+const MAX_PAIR_BODY: u64 = 64 * 1024;
+/// Largest body of the small JSON requests.
+const MAX_SMALL_BODY: u64 = 4 * 1024;
+
+/// Per-connection facts the accept loop puts in each request's extensions.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The connection's slot under the per-address limit; kept alive by the
+    /// WebSocket session after an upgrade.
+    pub guard: Arc<ConnectionGuard>,
+    /// The connection's upgrade handle, taken by the `/ws` route.
+    pub upgrade: Arc<Mutex<Option<OnUpgrade>>>,
+    /// Relay shutdown, for sessions.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A JSON error response.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    let body = ErrorResponse {
+        error: ErrorBody {
+            code,
+            message: message.into(),
+        },
+    };
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        // serde can quote values; say only where the problem is.
+        let what = if e.is_syntax() || e.is_eof() {
+            "the body is not valid JSON"
+        } else {
+            "a field is missing or invalid"
+        };
+        error(ErrorCode::Malformed, what)
+    })
+}
+
+fn store_failure(e: StoreError) -> Response {
+    let (code, message) = store_error(e);
+    error(code, message)
+}
+
+fn slot_failure(e: SlotError) -> Response {
+    error(e.code, e.message)
+}
+
+/// Resolves to the credentials in `Authorization`, checked against the store.
+async fn authenticate(relay: &Relay, header: Option<String>) -> Result<Credentials, Response> {
+    let header = header.ok_or_else(|| {
+        error(
+            ErrorCode::Unauthorized,
+            "missing Authorization: Bearer <channel>.<device>.<token>",
+        )
+    })?;
+    let credentials = Credentials::from_header(&header).map_err(|code| {
+        crate::relay::metrics::Metrics::inc(&relay.metrics().auth_failures);
+        error(
+            code,
+            "malformed credentials: expected Bearer <channel>.<device>.<token>",
+        )
+    })?;
+    relay
+        .authenticate(&credentials)
+        .await
+        .map_err(|(code, message)| error(code, message))?;
+    Ok(credentials)
+}
+
+fn with_relay(
+    relay: Arc<Relay>,
+) -> impl Filter<Extract = (Arc<Relay>,), Error = Infallible> + Clone {
+    warp::any().map(move || Arc::clone(&relay))
+}
+
+fn body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::body::content_length_limit(limit).and(warp::body::bytes())
+}
+
+fn auth_header() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::optional::<String>("authorization")
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
+/// All routes, with errors mapped to JSON.
+pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let conn = warp::ext::get::<ConnInfo>();
+    let sync_limit = (relay.config.limits.max_frame_bytes as u64).saturating_mul(16);
+
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .and(with_relay(Arc::clone(&relay)))
+        .then(healthz);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_relay(Arc::clone(&relay)))
+        .map(|relay: Arc<Relay>| {
+            warp::reply::with_header(
+                relay.metrics().render(),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        });
+    let ws = warp::path!("ws")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(conn)
+        .and(with_relay(Arc::clone(&relay)))
+        .map(upgrade);
+    let create = warp::path!("channels")
+        .and(warp::post())
+        .and(warp::header::optional::<String>(OPERATOR_HEADER))
+        .and(conn)
+        .and(body(MAX_SMALL_BODY))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(create_channel);
+    let list = warp::path!("channels" / String / "devices")
+        .and(warp::get())
+        .and(auth_header())
+        .and(with_relay(Arc::clone(&relay)))
+        .then(list_devices);
+    let admit = warp::path!("channels" / String / "devices")
+        .and(warp::post())
+        .and(auth_header())
+        .and(body(MAX_SMALL_BODY))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(admit_device);
+    let remove = warp::path!("channels" / String / "devices" / String)
+        .and(warp::delete())
+        .and(auth_header())
+        .and(with_relay(Arc::clone(&relay)))
+        .then(remove_device);
+    let sync = warp::path!("sync")
+        .and(warp::post())
+        .and(auth_header())
+        .and(body(sync_limit))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(sync);
+    let open = warp::path!("pair")
+        .and(warp::post())
+        .and(auth_header())
+        .and(body(MAX_PAIR_BODY))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(open_slot);
+    let claim = warp::path!("pair" / u32 / "claim")
+        .and(warp::post())
+        .and(conn)
+        .and(with_relay(Arc::clone(&relay)))
+        .then(claim_slot);
+    let post = warp::path!("pair" / u32 / "messages")
+        .and(warp::post())
+        .and(auth_header())
+        .and(warp::header::optional::<String>(CLAIM_HEADER))
+        .and(body(MAX_PAIR_BODY))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(post_message);
+    let poll = warp::path!("pair" / u32 / "messages")
+        .and(warp::get())
+        .and(auth_header())
+        .and(warp::header::optional::<String>(CLAIM_HEADER))
+        .and(warp::query::<PollQuery>())
+        .and(with_relay(Arc::clone(&relay)))
+        .then(poll_messages);
+    let end = warp::path!("pair" / u32)
+        .and(warp::delete())
+        .and(auth_header())
+        .and(warp::header::optional::<String>(CLAIM_HEADER))
+        .and(with_relay(Arc::clone(&relay)))
+        .then(end_slot);
+
+    health
+        .or(metrics)
+        .unify()
+        .or(ws)
+        .unify()
+        .or(create)
+        .unify()
+        .or(list)
+        .unify()
+        .or(admit)
+        .unify()
+        .or(remove)
+        .unify()
+        .or(sync)
+        .unify()
+        .or(open)
+        .unify()
+        .or(claim)
+        .unify()
+        .or(post)
+        .unify()
+        .or(poll)
+        .unify()
+        .or(end)
+        .unify()
+        .recover(move |rejection| recover(Arc::clone(&relay), rejection))
+        .unify()
+}
+
+async fn recover(relay: Arc<Relay>, rejection: warp::Rejection) -> Result<Response, Infallible> {
+    Ok(if rejection.is_not_found() {
+        error(ErrorCode::NotFound, "no such route")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        relay.metrics().breach("frame_size");
+        error(
+            ErrorCode::TooLarge,
+            "the request body exceeds the relay's limit",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error(ErrorCode::NotFound, "no such route for this method")
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        error(ErrorCode::Malformed, "invalid query string")
+    } else {
+        error(ErrorCode::Malformed, "the request is malformed")
+    })
+}
+
+async fn healthz(relay: Arc<Relay>) -> Response {
+    match relay.hub.store.health().await {
+        Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        Err(_) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "store unavailable"}),
+        ),
+    }
+}
+
+/// The WebSocket configuration: a 4 KiB read buffer instead of tungstenite's
+/// 128 KiB, so an idle session costs a few KiB, and frames bounded by the limit.
+pub fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame_bytes.saturating_mul(2))
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes))
+}
+
+fn upgrade(headers: HeaderMap, conn: ConnInfo, relay: Arc<Relay>) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    if let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok())
+        && !relay
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+    {
+        return error(
+            ErrorCode::Forbidden,
+            "this browser origin is not allowed to connect",
+        );
+    }
+    let is_upgrade = header("connection")
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && header("upgrade").eq_ignore_ascii_case("websocket")
+        && header("sec-websocket-version") == "13";
+    let key = header("sec-websocket-key");
+    if !is_upgrade || key.is_empty() {
+        return error(
+            ErrorCode::BadRequest,
+            "expected a WebSocket upgrade (version 13)",
+        );
+    }
+    let Some(on_upgrade) = conn
+        .upgrade
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return error(ErrorCode::BadRequest, "this connection cannot be upgraded");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let max_frame = relay.config.limits.max_frame_bytes;
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            Role::Server,
+            Some(ws_config(max_frame)),
+        )
+        .await;
+        session::run(
+            ws,
+            Arc::clone(&relay),
+            conn.peer.ip(),
+            conn.shutdown.clone(),
+        )
+        .await;
+        drop(conn);
+    });
+    let mut response = warp::reply().into_response();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(
+        "connection",
+        warp::http::HeaderValue::from_static("upgrade"),
+    );
+    h.insert("upgrade", warp::http::HeaderValue::from_static("websocket"));
+    if let Ok(value) = warp::http::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", value);
+    }
+    response
+}
+
+async fn create_channel(
+    operator: Option<String>,
+    conn: ConnInfo,
+    body: Bytes,
+    relay: Arc<Relay>,
+) -> Response {
+    if let Some(secret) = &relay.config.operator_secret {
+        let given =
+            super::config::RelayConfig::operator_secret_from(operator.as_deref().unwrap_or(""));
+        if !bool::from(given.expose().ct_eq(secret.expose())) {
+            return error(
+                ErrorCode::Forbidden,
+                "creating channels on this relay needs the operator secret (X-Khub-Operator)",
+            );
+        }
+    }
+    if !relay.creations.allow(conn.peer.ip()) {
+        relay.metrics().breach("channels_per_ip");
+        return error(
+            ErrorCode::RateLimited,
+            "too many channels created from this address; try again later",
+        );
+    }
+    let request: CreateChannel = match parse(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let now = super::hub::unix_now();
+    match relay
+        .hub
+        .store
+        .create_channel(request.channel, request.device, request.token_hash, now)
+        .await
+    {
+        Ok(()) => {
+            crate::relay::metrics::Metrics::inc(&relay.metrics().channels_created);
+            tracing::info!(channel = %request.channel, device = %request.device, "channel created");
+            json(
+                StatusCode::CREATED,
+                &ChannelCreated {
+                    channel: request.channel,
+                },
+            )
+        }
+        Err(e) => store_failure(e),
+    }
+}
+
+/// Authenticates and checks that the credentials belong to the channel in the path.
+async fn member_of(
+    relay: &Relay,
+    channel: &str,
+    header: Option<String>,
+) -> Result<Credentials, Response> {
+    let credentials = authenticate(relay, header).await?;
+    if channel != credentials.channel.to_string() {
+        return Err(error(
+            ErrorCode::Unauthorized,
+            "these credentials belong to another channel",
+        ));
+    }
+    Ok(credentials)
+}
+
+async fn active_devices(relay: &Relay, credentials: &Credentials) -> Result<DeviceList, Response> {
+    let devices = relay
+        .hub
+        .store
+        .devices(credentials.channel)
+        .await
+        .map_err(store_failure)?;
+    Ok(DeviceList {
+        devices: devices
+            .into_iter()
+            .filter(|d| !d.revoked)
+            .map(|d| d.device)
+            .collect(),
+    })
+}
+
+async fn list_devices(channel: String, auth: Option<String>, relay: Arc<Relay>) -> Response {
+    let credentials = match member_of(&relay, &channel, auth).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    match active_devices(&relay, &credentials).await {
+        Ok(list) => json(StatusCode::OK, &list),
+        Err(response) => response,
+    }
+}
+
+async fn admit_device(
+    channel: String,
+    auth: Option<String>,
+    body: Bytes,
+    relay: Arc<Relay>,
+) -> Response {
+    let credentials = match member_of(&relay, &channel, auth).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    let request: AdmitDevice = match parse(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let max = relay.config.limits.max_devices_per_channel;
+    let now = super::hub::unix_now();
+    if let Err(e) = relay
+        .hub
+        .store
+        .admit(
+            credentials.channel,
+            request.device,
+            request.token_hash,
+            max,
+            now,
+        )
+        .await
+    {
+        if matches!(e, StoreError::ChannelFull(_)) {
+            relay.metrics().breach("devices_per_channel");
+        }
+        return store_failure(e);
+    }
+    tracing::info!(channel = %credentials.channel, by = %credentials.device, device = %request.device, "device admitted");
+    match active_devices(&relay, &credentials).await {
+        Ok(list) => json(StatusCode::CREATED, &list),
+        Err(response) => response,
+    }
+}
+
+async fn remove_device(
+    channel: String,
+    device: String,
+    auth: Option<String>,
+    relay: Arc<Relay>,
+) -> Response {
+    let credentials = match member_of(&relay, &channel, auth).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    let Ok(device) = device.parse() else {
+        return error(
+            ErrorCode::InvalidBase64,
+            "the device id in the path is not a valid id",
+        );
+    };
+    if let Err(e) = relay.hub.store.revoke(credentials.channel, device).await {
+        return store_failure(e);
+    }
+    relay.hub.notifier.revoked(credentials.channel);
+    tracing::info!(channel = %credentials.channel, by = %credentials.device, %device, "device removed");
+    match active_devices(&relay, &credentials).await {
+        Ok(list) => json(StatusCode::OK, &list),
+        Err(response) => response,
+    }
+}
+
+async fn sync(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Response {
+    let credentials = match authenticate(&relay, auth).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    let request: SyncRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let mut acks = Vec::with_capacity(request.publish.len());
+    for B64(envelope) in request.publish {
+        let ack = match relay
+            .hub
+            .publish(
+                credentials.channel,
+                credentials.device,
+                Bytes::from(envelope),
+            )
+            .await
+        {
+            Ok(p) => SyncAck {
+                seq: Some(p.seq),
+                duplicate: p.duplicate,
+                error: None,
+            },
+            Err(e) => SyncAck {
+                seq: None,
+                duplicate: false,
+                error: Some(ErrorBody {
+                    code: e.code,
+                    message: e.message,
+                }),
+            },
+        };
+        acks.push(ack);
+    }
+    let limit = request
+        .limit
+        .map_or(usize::MAX, |l| l as usize)
+        .min(relay.config.limits.max_batch);
+    let stored = match relay
+        .hub
+        .store
+        .read(credentials.channel, request.cursor, limit)
+        .await
+    {
+        Ok(stored) => stored,
+        Err(e) => return store_failure(e),
+    };
+    let head = match relay.hub.store.head(credentials.channel).await {
+        Ok(head) => head,
+        Err(e) => return store_failure(e),
+    };
+    let more = stored.last().is_some_and(|last| last.seq < head);
+    let envelopes: Vec<Delivered> = stored
+        .into_iter()
+        .map(|s| Delivered {
+            seq: s.seq,
+            envelope: s.envelope.to_vec(),
+        })
+        .collect();
+    relay
+        .metrics()
+        .envelopes_out
+        .fetch_add(envelopes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    json(
+        StatusCode::OK,
+        &SyncResponse {
+            acks,
+            envelopes,
+            head,
+            more,
+        },
+    )
+}
+
+async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Response {
+    let credentials = match authenticate(&relay, auth).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    let request: OpenSlot = match parse(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match relay.slots.open(
+        credentials.channel,
+        credentials.device,
+        request.sid,
+        request.message.0,
+    ) {
+        Ok(nameplate) => {
+            tracing::info!(channel = %credentials.channel, device = %credentials.device, nameplate, "pairing opened");
+            let expires_in = relay.config.limits.pairing_ttl.as_secs();
+            json(
+                StatusCode::CREATED,
+                &SlotOpened {
+                    nameplate,
+                    expires_in,
+                },
+            )
+        }
+        Err(e) => slot_failure(e),
+    }
+}
+
+async fn claim_slot(nameplate: u32, conn: ConnInfo, relay: Arc<Relay>) -> Response {
+    if !relay.claims.allow(conn.peer.ip()) {
+        relay.metrics().breach("claims_per_ip");
+        return error(
+            ErrorCode::RateLimited,
+            "too many pairing attempts from this address; wait a minute",
+        );
+    }
+    match relay.slots.claim(nameplate, &mut crate::crypto::os_rng()) {
+        Ok(claimed) => json(
+            StatusCode::OK,
+            &SlotClaimed {
+                sid: claimed.sid,
+                claim: claimed.claim,
+                expires_in: claimed.expires_in.as_secs(),
+            },
+        ),
+        Err(e) => {
+            tracing::info!(nameplate, code = e.code.as_str(), "pairing claim refused");
+            slot_failure(e)
+        }
+    }
+}
+
+/// Who is speaking in a mailbox request: the inviter (device credentials) or the
+/// joiner (claim token).
+async fn slot_auth(
+    relay: &Relay,
+    auth: Option<String>,
+    claim: Option<String>,
+) -> Result<SlotAuth, Response> {
+    if let Some(claim) = claim {
+        let bytes = crate::protocol::b64::decode(claim.trim())
+            .map_err(|_| error(ErrorCode::Unauthorized, "malformed claim token"))?;
+        let token = AccessToken::from_slice(&bytes)
+            .ok_or_else(|| error(ErrorCode::Unauthorized, "malformed claim token"))?;
+        return Ok(SlotAuth::Claim(token));
+    }
+    let credentials = authenticate(relay, auth).await?;
+    Ok(SlotAuth::Device {
+        channel: credentials.channel,
+        device: credentials.device,
+    })
+}
+
+async fn post_message(
+    nameplate: u32,
+    auth: Option<String>,
+    claim: Option<String>,
+    body: Bytes,
+    relay: Arc<Relay>,
+) -> Response {
+    let who = match slot_auth(&relay, auth, claim).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    let request: PairMessage = match parse(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let result = relay
+        .slots
+        .side(nameplate, &who)
+        .and_then(|side| relay.slots.send(nameplate, side, request.message.0));
+    match result {
+        Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response(),
+        Err(e) => slot_failure(e),
+    }
+}
+
+/// Query of `GET /pair/{nameplate}/messages`.
+#[derive(Debug, serde::Deserialize)]
+pub struct PollQuery {
+    /// First message index wanted.
+    #[serde(default)]
+    pub after: usize,
+    /// Seconds to wait for a message (at most 25).
+    #[serde(default)]
+    pub wait: Option<u64>,
+}
+
+async fn poll_messages(
+    nameplate: u32,
+    auth: Option<String>,
+    claim: Option<String>,
+    query: PollQuery,
+    relay: Arc<Relay>,
+) -> Response {
+    let who = match slot_auth(&relay, auth, claim).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    let side = match relay.slots.side(nameplate, &who) {
+        Ok(side) => side,
+        Err(e) => return slot_failure(e),
+    };
+    let wait = query
+        .wait
+        .map_or(MAX_POLL, Duration::from_secs)
+        .min(MAX_POLL);
+    match relay
+        .slots
+        .receive(nameplate, side, query.after, wait)
+        .await
+    {
+        Ok(received) => json(
+            StatusCode::OK,
+            &PairMessages {
+                messages: received.messages.into_iter().map(B64).collect(),
+                next: received.next,
+                closed: received.closed,
+            },
+        ),
+        Err(e) => slot_failure(e),
+    }
+}
+
+async fn end_slot(
+    nameplate: u32,
+    auth: Option<String>,
+    claim: Option<String>,
+    relay: Arc<Relay>,
+) -> Response {
+    let who = match slot_auth(&relay, auth, claim).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    match relay
+        .slots
+        .side(nameplate, &who)
+        .and_then(|side| relay.slots.end(nameplate, side))
+    {
+        Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
+        Err(e) => slot_failure(e),
+    }
+}

@@ -1,0 +1,160 @@
+//! The accept loop: warp's filters served on our own listener, so that every
+//! accepted socket gets TCP_NODELAY (warp 0.4 sets none, and small frames then
+//! wait ~40 ms for delayed ACKs), counts against its address's connection
+//! limit, and can be upgraded to a WebSocket with small buffers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use super::Relay;
+use super::metrics::Metrics;
+use super::routes::{ConnInfo, error, routes};
+use crate::protocol::ErrorCode;
+
+/// How long shutdown waits for sessions and requests to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Serves `relay` on `listener` until `shutdown` resolves, then stops accepting,
+/// closes sessions with 1001, lets in-flight requests and commits finish, and
+/// returns.
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let (stop, stopped) = watch::channel(false);
+    let filter = routes(Arc::clone(&relay));
+    let background = tokio::spawn(housekeeping(Arc::clone(&relay), stopped.clone()));
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "relay listening");
+    }
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = relay.connections.try_acquire(peer.ip()).map(Arc::new);
+        if guard.is_none() {
+            relay.metrics().breach("connections_per_ip");
+        }
+        let relay = Arc::clone(&relay);
+        let filter = filter.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            Metrics::inc(&relay.metrics().connections);
+            let for_requests = stopped.clone();
+            let service = service_fn(move |req| {
+                handle(
+                    req,
+                    peer,
+                    guard.clone(),
+                    for_requests.clone(),
+                    filter.clone(),
+                )
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopped.changed() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            Metrics::dec(&relay.metrics().connections);
+        });
+    }
+    drop(listener);
+    info!("shutting down: no new connections; closing sessions");
+    let _ = stop.send(true);
+    // HTTP connections finish their request in flight; sessions (on their own
+    // tasks after the upgrade) close with 1001. Wait for both, within the grace.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let busy = |m: &Metrics| {
+        m.sessions.load(std::sync::atomic::Ordering::Relaxed)
+            + m.connections.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    while busy(relay.metrics()) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    background.abort();
+    info!("relay stopped");
+}
+
+/// One HTTP request: refused if its connection is over the per-address limit,
+/// otherwise handed to warp with the connection's facts in its extensions.
+async fn handle<F>(
+    mut req: hyper::Request<Incoming>,
+    peer: SocketAddr,
+    guard: Option<Arc<super::limits::ConnectionGuard>>,
+    shutdown: watch::Receiver<bool>,
+    filter: F,
+) -> Result<warp::reply::Response, std::convert::Infallible>
+where
+    F: warp::Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let Some(guard) = guard else {
+        return Ok(error(
+            ErrorCode::RateLimited,
+            "too many connections from this address",
+        ));
+    };
+    let upgrade = if req.uri().path() == "/ws" {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
+    req.extensions_mut().insert(ConnInfo {
+        peer,
+        guard,
+        upgrade: Arc::new(Mutex::new(upgrade)),
+        shutdown,
+    });
+    let service = TowerToHyperService::new(warp::service(filter));
+    hyper::service::Service::call(&service, req).await
+}
+
+/// Retention and pairing-slot expiry, until shutdown.
+async fn housekeeping(relay: Arc<Relay>, mut stopped: watch::Receiver<bool>) {
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = prune.tick() => {
+                let before = super::hub::unix_now().saturating_sub(relay.config.limits.retention.as_secs());
+                match relay.hub.store.prune(before).await {
+                    Ok(0) => {}
+                    Ok(removed) => info!(removed, "retention: deleted expired envelopes"),
+                    Err(e) => tracing::error!(error = %e, "retention failed"),
+                }
+            }
+            _ = sweep.tick() => relay.slots.tick(),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! One device's WebSocket session: hello, then publishes in and deliveries out
+//! until the device leaves, idles out, lags too far, is revoked, or the relay
+//! shuts down.
+//!
+//! The session owns its cursor. Whenever the channel's head is past it, the
+//! session fetches the next batch (cache or store) and writes it; when caught up
+//! it waits on the channel's signal. A device that stops reading makes only its
+//! own writes wait; after [`Limits::slow_reader_timeout`] it is closed with 4008
+//! and resumes later from its cursor, losing nothing.
+//!
+//! [`Limits::slow_reader_timeout`]: super::config::Limits::slow_reader_timeout
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, info, warn};
+
+use super::Relay;
+use super::hub::{Ready, store_error};
+use super::metrics::Metrics;
+use crate::ids::{ChannelId, DeviceId};
+use crate::protocol::{
+    ClientFrame, CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, ServerFrame,
+};
+
+/// Envelopes written per batch before looking at incoming frames again.
+const DELIVERY_BATCH: usize = 64;
+
+/// Why a session ended; decides the close frame.
+enum End {
+    /// The peer closed or vanished: nothing more to send.
+    Gone,
+    /// Close with this code (after an optional error frame).
+    Close(CloseCode, Option<ServerFrame>),
+}
+
+impl From<FrameError> for End {
+    fn from(e: FrameError) -> Self {
+        let close = e.code.close_code().unwrap_or(CloseCode::Protocol);
+        End::Close(close, Some(ServerFrame::error(e.code, e.message)))
+    }
+}
+
+fn fatal(code: ErrorCode, message: impl Into<String>) -> End {
+    End::Close(
+        code.close_code().unwrap_or(CloseCode::Protocol),
+        Some(ServerFrame::Error {
+            code,
+            message: message.into(),
+            fatal: true,
+        }),
+    )
+}
+
+fn text(frame: &ServerFrame) -> Message {
+    Message::Text(frame.to_text().into())
+}
+
+/// Counts the session while it lives.
+struct Counted(Arc<Metrics>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        Metrics::dec(&self.0.sessions);
+    }
+}
+
+/// Runs a session on an upgraded connection until it ends.
+pub async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    relay: Arc<Relay>,
+    peer: IpAddr,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let end = match hello(&mut ws, &relay).await {
+        Ok((channel, device, cursor)) => {
+            Metrics::inc(&relay.hub.metrics.sessions);
+            let _counted = Counted(Arc::clone(&relay.hub.metrics));
+            let span = tracing::info_span!("session", %channel, %device);
+            let _entered = span.enter();
+            info!(%peer, cursor, "session opened");
+            drop(_entered);
+            let end = serve(&mut ws, &relay, channel, device, cursor, shutdown).await;
+            info!(parent: &span, "session closed");
+            end
+        }
+        Err(end) => end,
+    };
+    if let End::Close(code, frame) = end {
+        let close = async {
+            if let Some(frame) = frame {
+                ws.send(text(&frame)).await?;
+            }
+            ws.close(Some(CloseFrame {
+                code: WsCloseCode::from(code.code()),
+                reason: code.reason().into(),
+            }))
+            .await?;
+            // Keep the socket open until the peer answers the close (its
+            // pending pongs would otherwise hit a reset and lose the close frame).
+            while let Some(Ok(_)) = ws.next().await {}
+            Ok::<(), WsError>(())
+        };
+        // A peer that does not read must not hold the task: give the close a moment.
+        let _ = timeout(std::time::Duration::from_secs(2), close).await;
+    }
+}
+
+/// Waits for and checks the `hello` frame. Returns the session's identity and cursor.
+async fn hello<S>(
+    ws: &mut WebSocketStream<S>,
+    relay: &Relay,
+) -> Result<(ChannelId, DeviceId, u64), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &relay.config.limits;
+    let first = match timeout(limits.hello_timeout, ws.next()).await {
+        Err(_) => {
+            return Err(fatal(
+                ErrorCode::Malformed,
+                "expected a hello frame first, within the handshake timeout",
+            ));
+        }
+        Ok(None) => return Err(End::Gone),
+        Ok(Some(Err(e))) => return Err(read_error(e, relay)),
+        Ok(Some(Ok(message))) => message,
+    };
+    let Message::Text(body) = first else {
+        return Err(fatal(
+            ErrorCode::Malformed,
+            "frames are JSON text; the first must be hello",
+        ));
+    };
+    let (v, channel, device, token, cursor) =
+        match ClientFrame::decode(&body, limits.max_frame_bytes)? {
+            ClientFrame::Hello {
+                v,
+                channel,
+                device,
+                token,
+                cursor,
+            } => (v, channel, device, token, cursor),
+            ClientFrame::Publish { .. } => {
+                return Err(fatal(ErrorCode::Malformed, "the first frame must be hello"));
+            }
+        };
+    if v != PROTOCOL_VERSION {
+        return Err(fatal(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {v} is not supported; this relay speaks version {PROTOCOL_VERSION}"
+            ),
+        ));
+    }
+    let record = relay.hub.store.device(channel, device).await.map_err(|e| {
+        let (code, message) = store_error(e);
+        fatal(code, message)
+    })?;
+    match record {
+        Some(r) if r.token_hash.verify(&token) && !r.revoked => Ok((channel, device, cursor)),
+        Some(r) if r.token_hash.verify(&token) => Err(End::Close(
+            CloseCode::Revoked,
+            Some(ServerFrame::error(
+                ErrorCode::Unauthorized,
+                "this device was removed from the channel",
+            )),
+        )),
+        _ => {
+            Metrics::inc(&relay.hub.metrics.auth_failures);
+            warn!(%channel, %device, "session refused: unknown device or wrong token");
+            Err(fatal(
+                ErrorCode::Unauthorized,
+                "unknown channel or device, or wrong token",
+            ))
+        }
+    }
+}
+
+fn read_error(e: WsError, relay: &Relay) -> End {
+    match e {
+        WsError::Capacity(_) => {
+            relay.hub.metrics.breach("frame_size");
+            fatal(
+                ErrorCode::TooLarge,
+                "a frame exceeded the relay's frame size limit",
+            )
+        }
+        WsError::Protocol(_) | WsError::Utf8(_) => {
+            fatal(ErrorCode::Malformed, "WebSocket protocol violation")
+        }
+        _ => End::Gone,
+    }
+}
+
+/// The authenticated part of the session.
+async fn serve<S>(
+    ws: &mut WebSocketStream<S>,
+    relay: &Relay,
+    channel: ChannelId,
+    device: DeviceId,
+    mut cursor: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &relay.config.limits;
+    let hub = &relay.hub;
+    let mut signals = hub.notifier.subscribe(channel);
+    let mut seen = *signals.borrow_and_update();
+    let head = match hub.store.head(channel).await {
+        Ok(head) => head,
+        Err(e) => {
+            let (code, message) = store_error(e);
+            return fatal(code, message);
+        }
+    };
+    let mut known_head = head.max(seen.head);
+    if ws
+        .send(text(&ServerFrame::Ready {
+            v: PROTOCOL_VERSION,
+            head,
+        }))
+        .await
+        .is_err()
+    {
+        return End::Gone;
+    }
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.reset();
+    let mut last_heard = Instant::now();
+
+    loop {
+        let behind = known_head > cursor;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return End::Close(CloseCode::GoingAway, None),
+            changed = signals.changed() => {
+                if changed.is_err() {
+                    return End::Close(CloseCode::GoingAway, None);
+                }
+                let signal = *signals.borrow_and_update();
+                known_head = known_head.max(signal.head);
+                if signal.revocations != seen.revocations {
+                    match hub.store.device(channel, device).await {
+                        Ok(Some(record)) if !record.revoked => {}
+                        _ => return End::Close(
+                            CloseCode::Revoked,
+                            Some(ServerFrame::error(ErrorCode::Unauthorized, "this device was removed from the channel")),
+                        ),
+                    }
+                }
+                seen = signal;
+            }
+            incoming = ws.next() => {
+                last_heard = Instant::now();
+                let message = match incoming {
+                    None => return End::Gone,
+                    Some(Err(e)) => return read_error(e, relay),
+                    Some(Ok(message)) => message,
+                };
+                match message {
+                    Message::Text(body) => {
+                        let envelope = match ClientFrame::decode(&body, limits.max_frame_bytes) {
+                            Ok(ClientFrame::Publish { envelope }) => envelope,
+                            Ok(ClientFrame::Hello { .. }) => return fatal(ErrorCode::Malformed, "hello may only be sent once"),
+                            Err(e) if e.code == ErrorCode::TooLarge => {
+                                hub.metrics.breach("frame_size");
+                                return e.into();
+                            }
+                            Err(e) => return e.into(),
+                        };
+                        let reply = match hub.publish(channel, device, Bytes::from(envelope)).await {
+                            Ok(published) => {
+                                known_head = known_head.max(published.seq);
+                                ServerFrame::Ack {
+                                    sender_seq: published.sender_seq,
+                                    seq: published.seq,
+                                    duplicate: published.duplicate,
+                                }
+                            }
+                            Err(e) => {
+                                debug!(code = e.code.as_str(), "publish refused");
+                                ServerFrame::Error { code: e.code, message: e.message, fatal: false }
+                            }
+                        };
+                        if ws.send(text(&reply)).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    Message::Binary(_) => return fatal(ErrorCode::Malformed, "frames are JSON text, not binary"),
+                    Message::Ping(payload) => {
+                        if ws.send(Message::Pong(payload)).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    Message::Pong(_) | Message::Frame(_) => {}
+                    Message::Close(_) => return End::Gone,
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > limits.idle_timeout {
+                    hub.metrics.breach("idle_timeout");
+                    return End::Close(CloseCode::Idle, None);
+                }
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return End::Gone;
+                }
+            }
+            batch = hub.fetch(channel, cursor, DELIVERY_BATCH), if behind => {
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        let (code, message) = store_error(e);
+                        return fatal(code, message);
+                    }
+                };
+                if batch.is_empty() {
+                    // The head moved past what is stored (pruned, or a cursor from the
+                    // future): deliver from the next stored envelope on.
+                    cursor = known_head;
+                    continue;
+                }
+                match timeout(limits.slow_reader_timeout, deliver(ws, &batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Gone,
+                    Err(_) => {
+                        hub.metrics.breach("slow_reader");
+                        warn!(%channel, %device, cursor, "closing a session that does not read its deliveries");
+                        return End::Close(CloseCode::Slow, None);
+                    }
+                }
+                let delivered: usize = batch.iter().map(|r| r.len).sum();
+                hub.metrics.envelopes_out.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                hub.metrics.bytes_out.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+                cursor = batch.last().map_or(cursor, |r| r.seq);
+            }
+        }
+    }
+}
+
+/// Writes a batch of deliveries and flushes once.
+async fn deliver<S>(ws: &mut WebSocketStream<S>, batch: &[Ready]) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for ready in batch {
+        ws.feed(Message::Text(ready.frame.clone())).await?;
+    }
+    ws.flush().await
+}

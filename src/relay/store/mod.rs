@@ -1,0 +1,166 @@
+//! Durable state of the relay behind one trait: channels, their devices (token
+//! hashes only), and the envelope log of each channel.
+//!
+//! Implementations: [`sqlite::SqliteStore`] (the embedded default: WAL, group
+//! commit) and [`memory::MemoryStore`] (ephemeral, for tests and `--memory`). A
+//! multi-node relay adds another implementation (Redis) without touching the
+//! sessions, which only see this trait.
+//!
+//! Contract, for every implementation:
+//! - `append` returns only after the envelope is durable (for the store's notion
+//!   of durable), so the relay acks only what survives a restart;
+//! - each channel's sequence numbers start at 1 and increase by one per stored
+//!   envelope, and never go back (even after pruning);
+//! - (channel, sender, sender_seq) is unique: appending it again with the same
+//!   bytes returns the original sequence number with `duplicate: true`, with
+//!   other bytes [`StoreError::Conflict`].
+
+pub mod memory;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::crypto::token::TokenHash;
+use crate::ids::{ChannelId, DeviceId};
+
+/// A boxed future, so that [`Store`] can be used as `dyn Store`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A device as the relay knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// The device.
+    pub device: DeviceId,
+    /// SHA-256 of its access token.
+    pub token_hash: TokenHash,
+    /// Removed from the channel: its token no longer authenticates.
+    pub revoked: bool,
+}
+
+/// An envelope to store.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// Its channel.
+    pub channel: ChannelId,
+    /// The sending device (already checked against the session).
+    pub sender: DeviceId,
+    /// The sender's sequence number (from the envelope header).
+    pub sender_seq: u64,
+    /// The envelope bytes.
+    pub envelope: Bytes,
+    /// Unix time in seconds, for retention.
+    pub now: u64,
+    /// The channel's byte quota.
+    pub quota: u64,
+}
+
+/// Where an appended envelope landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Its sequence number in the channel.
+    pub seq: u64,
+    /// It was already stored (a retried publish).
+    pub duplicate: bool,
+}
+
+/// A stored envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// Its sequence number in the channel.
+    pub seq: u64,
+    /// The envelope bytes.
+    pub envelope: Bytes,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The channel or device already exists.
+    #[error("already exists")]
+    Exists,
+    /// No such channel or device.
+    #[error("not found")]
+    NotFound,
+    /// The channel has the maximum number of devices.
+    #[error("the channel has the maximum of {0} devices")]
+    ChannelFull(usize),
+    /// Storing the envelope would exceed the channel's quota.
+    #[error("the channel stores {used} bytes; this envelope would exceed its quota of {quota}")]
+    OverQuota {
+        /// Bytes stored now.
+        used: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// (sender, sender_seq) is stored with different bytes.
+    #[error(
+        "sequence number {sender_seq} of this sender is already stored with different contents"
+    )]
+    Conflict {
+        /// The conflicting sender sequence number.
+        sender_seq: u64,
+    },
+    /// The backend failed (disk, database); the operation did not happen.
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// The relay's durable state. See the module docs for the contract.
+pub trait Store: Send + Sync + 'static {
+    /// Creates `channel` with `device` as its first member.
+    fn create_channel(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// One device of a channel, revoked or not; `None` if unknown.
+    fn device(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<Option<DeviceRecord>, StoreError>>;
+
+    /// All devices of a channel in the order they joined; [`StoreError::NotFound`] if no such channel.
+    fn devices(&self, channel: ChannelId) -> BoxFuture<'_, Result<Vec<DeviceRecord>, StoreError>>;
+
+    /// Adds a device, unless the channel already has `max_devices` active ones.
+    fn admit(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        max_devices: usize,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Revokes a device's token for good.
+    fn revoke(&self, channel: ChannelId, device: DeviceId)
+    -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Stores an envelope durably (see the contract in the module docs).
+    fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, StoreError>>;
+
+    /// Up to `limit` envelopes with sequence numbers above `after`, in order.
+    fn read(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>>;
+
+    /// The channel's newest sequence number (0 if none yet).
+    fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Deletes envelopes stored before `before` (Unix seconds); returns how many.
+    fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Checks that the backend answers.
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -1,0 +1,440 @@
+//! The embedded default [`Store`]: one SQLite file in WAL mode.
+//!
+//! All writes go through one writer thread that **group-commits**: it takes
+//! every write waiting in its queue (up to [`MAX_BATCH`]), applies each inside
+//! its own savepoint (so one failing write does not undo the others), commits
+//! once with `synchronous = FULL`, and only then answers each caller. The relay
+//! acks a publish after that answer, so an acked envelope survives a crash or a
+//! power cut, and a burst of publishes costs one fsync rather than one each.
+//! Reads use a second connection on Tokio's blocking pool; WAL lets them run
+//! beside the writer.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Append, Appended, BoxFuture, DeviceRecord, Store, StoreError, StoredEnvelope};
+use crate::crypto::token::TokenHash;
+use crate::ids::{ChannelId, DeviceId};
+
+/// Most writes committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS channels (
+    id      BLOB PRIMARY KEY,
+    head    INTEGER NOT NULL,   -- newest sequence number; never decreases
+    bytes   INTEGER NOT NULL,   -- bytes of envelopes currently stored (quota)
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    channel    BLOB NOT NULL,
+    device     BLOB NOT NULL,
+    token_hash BLOB NOT NULL,   -- SHA-256 of the access token; never the token
+    revoked    INTEGER NOT NULL DEFAULT 0,
+    joined     INTEGER NOT NULL,
+    UNIQUE (channel, device)
+);
+CREATE TABLE IF NOT EXISTS envelopes (
+    channel    BLOB NOT NULL,
+    seq        INTEGER NOT NULL,
+    sender     BLOB NOT NULL,
+    sender_seq INTEGER NOT NULL,
+    body       BLOB NOT NULL,   -- the sealed envelope, opaque to the relay
+    stored     INTEGER NOT NULL,
+    PRIMARY KEY (channel, seq),
+    UNIQUE (channel, sender, sender_seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS envelopes_stored ON envelopes (stored);
+";
+
+/// Runs inside the writer's transaction (or is told there is none, `None`);
+/// returns what to tell the caller once the commit outcome is known, and whether
+/// the write itself succeeded.
+type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> (Reply, bool) + Send>;
+/// Told the commit outcome; answers the caller.
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// SQLite-backed store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    writer: Mutex<mpsc::Sender<WriteJob>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let writer_conn = open(path)?;
+        writer_conn.execute_batch(SCHEMA).map_err(backend)?;
+        let reader = open(path)?;
+        let (tx, rx) = mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("khub-sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(backend)?;
+        Ok(Self {
+            writer: Mutex::new(tx),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => op(conn),
+                None => Err(StoreError::Backend("could not begin a transaction".into())),
+            };
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let _ = tx.send(commit.map_err(StoreError::Backend).and(result));
+            });
+            (reply, ok)
+        });
+        let sent = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .is_ok();
+        Box::pin(async move {
+            if !sent {
+                return Err(StoreError::Backend("the SQLite writer has stopped".into()));
+            }
+            rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Backend("the SQLite writer has stopped".into()))
+            })
+        })
+    }
+
+    fn read_with<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let reader = Arc::clone(&self.reader);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                op(&reader.lock().unwrap_or_else(|e| e.into_inner()))
+            })
+            .await
+            .map_err(backend)?
+        })
+    }
+}
+
+/// Group commit: block for one write, take whatever else is queued, apply each
+/// in a savepoint, commit once, then answer everyone.
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string());
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            if began.is_err() {
+                let (reply, _) = job(None);
+                replies.push(reply);
+                continue;
+            }
+            let _ = conn.execute_batch("SAVEPOINT op");
+            let (reply, ok) = job(Some(&conn));
+            if !ok {
+                let _ = conn.execute_batch("ROLLBACK TO op");
+            }
+            let _ = conn.execute_batch("RELEASE op");
+            replies.push(reply);
+        }
+        let outcome = began.and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
+        if outcome.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(outcome.clone());
+        }
+    }
+}
+
+fn record(device: Vec<u8>, token_hash: Vec<u8>, revoked: bool) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        device: DeviceId::from_slice(&device).ok_or_else(|| backend("corrupt device id"))?,
+        token_hash: TokenHash(
+            token_hash
+                .try_into()
+                .map_err(|_| backend("corrupt token hash"))?,
+        ),
+        revoked,
+    })
+}
+
+impl Store for SqliteStore {
+    fn create_channel(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.write(move |conn| {
+            let inserted = conn
+                .execute(
+                    "INSERT OR IGNORE INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, ?2)",
+                    params![channel.as_bytes(), now as i64],
+                )
+                .map_err(backend)?;
+            if inserted == 0 {
+                return Err(StoreError::Exists);
+            }
+            conn.execute(
+                "INSERT INTO devices (channel, device, token_hash, joined) VALUES (?1, ?2, ?3, ?4)",
+                params![channel.as_bytes(), device.as_bytes(), token_hash.0, now as i64],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn device(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<Option<DeviceRecord>, StoreError>> {
+        self.read_with(move |conn| {
+            let row = conn
+                .prepare_cached("SELECT device, token_hash, revoked FROM devices WHERE channel = ?1 AND device = ?2")
+                .map_err(backend)?
+                .query_row(params![channel.as_bytes(), device.as_bytes()], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, bool>(2)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            row.map(|(d, h, revoked)| record(d, h, revoked)).transpose()
+        })
+    }
+
+    fn devices(&self, channel: ChannelId) -> BoxFuture<'_, Result<Vec<DeviceRecord>, StoreError>> {
+        self.read_with(move |conn| {
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM channels WHERE id = ?1")
+                .map_err(backend)?
+                .exists(params![channel.as_bytes()])
+                .map_err(backend)?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            let mut stmt = conn
+                .prepare_cached("SELECT device, token_hash, revoked FROM devices WHERE channel = ?1 ORDER BY rowid")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![channel.as_bytes()], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, bool>(2)?))
+                })
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (d, h, revoked) = row.map_err(backend)?;
+                record(d, h, revoked)
+            })
+            .collect()
+        })
+    }
+
+    fn admit(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        max_devices: usize,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.write(move |conn| {
+            let active: Option<i64> = conn
+                .query_row(
+                    "SELECT (SELECT COUNT(*) FROM devices WHERE channel = ?1 AND revoked = 0)
+                     FROM channels WHERE id = ?1",
+                    params![channel.as_bytes()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            let active = active.ok_or(StoreError::NotFound)?;
+            let known = conn
+                .prepare_cached("SELECT 1 FROM devices WHERE channel = ?1 AND device = ?2")
+                .map_err(backend)?
+                .exists(params![channel.as_bytes(), device.as_bytes()])
+                .map_err(backend)?;
+            if known {
+                return Err(StoreError::Exists);
+            }
+            if active as usize >= max_devices {
+                return Err(StoreError::ChannelFull(max_devices));
+            }
+            conn.execute(
+                "INSERT INTO devices (channel, device, token_hash, joined) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    channel.as_bytes(),
+                    device.as_bytes(),
+                    token_hash.0,
+                    now as i64
+                ],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn revoke(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.write(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE devices SET revoked = 1 WHERE channel = ?1 AND device = ?2",
+                    params![channel.as_bytes(), device.as_bytes()],
+                )
+                .map_err(backend)?;
+            if changed == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        self.write(move |conn| {
+            let existing = conn
+                .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
+                .map_err(backend)?
+                .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            if let Some((seq, body)) = existing {
+                return if body == a.envelope.as_ref() {
+                    Ok(Appended { seq: seq as u64, duplicate: true })
+                } else {
+                    Err(StoreError::Conflict { sender_seq: a.sender_seq })
+                };
+            }
+            let (head, used): (i64, i64) = conn
+                .prepare_cached("SELECT head, bytes FROM channels WHERE id = ?1")
+                .map_err(backend)?
+                .query_row(params![a.channel.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(backend)?
+                .ok_or(StoreError::NotFound)?;
+            let size = a.envelope.len() as i64;
+            if (used + size) as u64 > a.quota {
+                return Err(StoreError::OverQuota { used: used as u64, quota: a.quota });
+            }
+            let seq = head + 1;
+            conn.prepare_cached("UPDATE channels SET head = ?2, bytes = bytes + ?3 WHERE id = ?1")
+                .map_err(backend)?
+                .execute(params![a.channel.as_bytes(), seq, size])
+                .map_err(backend)?;
+            conn.prepare_cached(
+                "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(backend)?
+            .execute(params![
+                a.channel.as_bytes(),
+                seq,
+                a.sender.as_bytes(),
+                a.sender_seq as i64,
+                a.envelope.as_ref(),
+                a.now as i64
+            ])
+            .map_err(backend)?;
+            Ok(Appended { seq: seq as u64, duplicate: false })
+        })
+    }
+
+    fn read(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
+        self.read_with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![channel.as_bytes(), after.min(i64::MAX as u64) as i64, limit as i64], |r| {
+                    Ok(StoredEnvelope {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        envelope: Bytes::from(r.get::<_, Vec<u8>>(1)?),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+    }
+
+    fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.read_with(move |conn| {
+            conn.prepare_cached("SELECT head FROM channels WHERE id = ?1")
+                .map_err(backend)?
+                .query_row(params![channel.as_bytes()], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(backend)?
+                .map(|h| h as u64)
+                .ok_or(StoreError::NotFound)
+        })
+    }
+
+    fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE channels SET bytes = bytes - (
+                     SELECT COALESCE(SUM(length(body)), 0) FROM envelopes
+                     WHERE envelopes.channel = channels.id AND stored < ?1)",
+                params![before as i64],
+            )
+            .map_err(backend)?;
+            let removed = conn
+                .execute(
+                    "DELETE FROM envelopes WHERE stored < ?1",
+                    params![before as i64],
+                )
+                .map_err(backend)?;
+            Ok(removed as u64)
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.read_with(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+    }
+}

@@ -1,0 +1,646 @@
+//! The relay over real sockets: each route's happy path, every class of bad
+//! input, durability across a restart, slow readers, revocation and limits.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::net::*;
+use common::{Device, channel_of};
+use khub::channel::Keyring;
+use khub::crypto::os_rng;
+use khub::ids::ChannelId;
+use khub::protocol::{ErrorCode, ServerFrame};
+use khub::relay::config::{Limits, RelayConfig};
+use khub::relay::store::sqlite::SqliteStore;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Two paired devices' keyrings and their relay identities, channel created
+/// and second device admitted.
+async fn two_devices(addr: std::net::SocketAddr) -> (Keyring, Member, Keyring, Member) {
+    let (a, b) = (Device::new("laptop"), Device::new("phone"));
+    let mut rings = channel_of(&[&a, &b]).into_iter();
+    let (ra, rb) = (rings.next().unwrap(), rings.next().unwrap());
+    let ma = Member::with_device(ra.channel(), ra.me());
+    let mb = Member::with_device(rb.channel(), rb.me());
+    assert_eq!(create_channel(addr, &ma).await.status, 201);
+    assert_eq!(admit(addr, &ma, &mb).await.status, 201);
+    (ra, ma, rb, mb)
+}
+
+fn config(limits: Limits) -> RelayConfig {
+    RelayConfig {
+        limits,
+        ..RelayConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_unknown_routes() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let health = http(relay.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let metrics = http(relay.addr, "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8(metrics.body).unwrap();
+    assert!(
+        text.contains("# TYPE khub_sessions gauge")
+            && text.contains("khub_limit_breaches_total{limit=\"slow_reader\"}")
+    );
+    let missing = http(relay.addr, "GET", "/nope", &[], b"").await;
+    assert_eq!((missing.status, missing.code()), (404, "not_found".into()));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_flow_between_devices_in_order_and_once() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
+    let (mut wa, head) = session(relay.addr, &ma, 0).await;
+    assert_eq!(head, 0);
+    let (mut wb, _) = session(relay.addr, &mb, 0).await;
+
+    let mut rng = os_rng();
+    for i in 1..=20u64 {
+        let envelope = ra.seal(format!("note {i}").as_bytes(), &mut rng).unwrap();
+        send_text(&mut wa, publish(&envelope)).await;
+        // A sees its own envelope and its ack (in either order).
+        let mut acked = false;
+        let mut echoed = false;
+        while !(acked && echoed) {
+            match next_frame(&mut wa).await {
+                ServerFrame::Ack {
+                    sender_seq,
+                    seq,
+                    duplicate,
+                } => {
+                    assert_eq!((sender_seq, seq, duplicate), (i, i, false));
+                    acked = true;
+                }
+                ServerFrame::Deliver { seq, .. } => {
+                    assert_eq!(seq, i);
+                    echoed = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    for i in 1..=20u64 {
+        let ServerFrame::Deliver { seq, envelope } = next_frame(&mut wb).await else {
+            panic!("deliver")
+        };
+        assert_eq!(seq, i);
+        assert_eq!(
+            rb.open(&envelope).unwrap().plaintext,
+            format!("note {i}").as_bytes()
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_publish_is_stored_once_and_acked_again() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let envelope = ra.seal(b"once", &mut os_rng()).unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        send_text(&mut ws, publish(&envelope)).await;
+        loop {
+            if let ServerFrame::Ack { seq, duplicate, .. } = next_frame(&mut ws).await {
+                acks.push((seq, duplicate));
+                break;
+            }
+        }
+    }
+    assert_eq!(acks, [(1, false), (1, true), (1, true)]);
+    // Same sender sequence number, different bytes: refused, session goes on.
+    ra.set_next_seq(1);
+    let other = ra.seal(b"different", &mut os_rng()).unwrap();
+    send_text(&mut ws, publish(&other)).await;
+    let ServerFrame::Error { code, fatal, .. } = next_frame(&mut ws).await else {
+        panic!("error")
+    };
+    assert_eq!((code, fatal), (ErrorCode::Conflict, false));
+    let sync = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &ma.auth())],
+        &serde_json::json!({"cursor": 0}),
+    )
+    .await;
+    assert_eq!(sync.json()["envelopes"].as_array().unwrap().len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_clear_errors_and_close_codes_while_other_channels_keep_working() {
+    let limits = Limits {
+        max_frame_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
+    let (mut bystander, _) = session(relay.addr, &mb, 0).await;
+
+    let cases: Vec<(String, ErrorCode, u16)> = vec![
+        ("{not json".into(), ErrorCode::Malformed, 4002),
+        (
+            r#"{"type":"subscribe"}"#.into(),
+            ErrorCode::UnknownType,
+            4002,
+        ),
+        (
+            ma.hello(0).replace("\"v\":1", "\"v\":2"),
+            ErrorCode::UnsupportedVersion,
+            4002,
+        ),
+        (
+            ma.hello(0).replace("\"token\":\"", "\"token\":\"!!"),
+            ErrorCode::InvalidBase64,
+            4002,
+        ),
+        (
+            Member::new(ma.channel).hello(0),
+            ErrorCode::Unauthorized,
+            4001,
+        ),
+        (
+            Member::with_device(ma.channel, ma.device).hello(0),
+            ErrorCode::Unauthorized,
+            4001,
+        ),
+        (publish(b"no hello first"), ErrorCode::Malformed, 4002),
+    ];
+    for (frame, code, close) in cases {
+        let mut ws = connect(relay.addr).await;
+        send_text(&mut ws, frame.clone()).await;
+        let frames = expect_close(&mut ws, close).await;
+        assert!(
+            matches!(frames.as_slice(), [ServerFrame::Error { code: c, fatal: true, .. }] if *c == code),
+            "{frame}: {frames:?}"
+        );
+    }
+    // An oversized frame: closed with 1009.
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    send_text(&mut ws, "x".repeat(70 * 1024)).await;
+    let mut closed_1009 = false;
+    while let Some(message) = next_message(&mut ws).await {
+        if let Message::Close(Some(frame)) = message {
+            closed_1009 = u16::from(frame.code) == 1009;
+            break;
+        }
+    }
+    assert!(closed_1009, "oversized frame closes with 1009");
+    assert!(relay.relay.metrics().breaches("frame_size") >= 1);
+
+    // Non-fatal: publishing as another device, bad envelopes — the session goes on.
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let forged = rb
+        .seal(b"pretending to be the phone", &mut os_rng())
+        .unwrap();
+    let stranger = common::new_channel(&Device::new("other"))
+        .seal(b"wrong channel", &mut os_rng())
+        .unwrap();
+    for (envelope, code) in [
+        (forged, ErrorCode::ForbiddenSender),
+        (stranger, ErrorCode::WrongChannel),
+        (vec![1, 2, 3], ErrorCode::InvalidEnvelope),
+    ] {
+        send_text(&mut ws, publish(&envelope)).await;
+        let ServerFrame::Error {
+            code: got, fatal, ..
+        } = next_frame(&mut ws).await
+        else {
+            panic!("error")
+        };
+        assert_eq!((got, fatal), (code, false));
+    }
+    let good = ra.seal(b"still works", &mut os_rng()).unwrap();
+    send_text(&mut ws, publish(&good)).await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Ack { seq: 1, .. } | ServerFrame::Deliver { seq: 1, .. }
+    ));
+    // The bystander session saw none of the noise, only the good envelope.
+    let ServerFrame::Deliver { seq, envelope } = next_frame(&mut bystander).await else {
+        panic!("deliver")
+    };
+    assert_eq!(
+        (seq, rb.open(&envelope).unwrap().plaintext),
+        (1, b"still works".to_vec())
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_refuse_bad_input_with_codes() {
+    let operator = "correct horse battery staple";
+    let config = RelayConfig {
+        operator_secret: Some(RelayConfig::operator_secret_from(operator)),
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let addr = relay.addr;
+    let ma = Member::new(ChannelId::random(&mut os_rng()));
+    let body = serde_json::json!({
+        "channel": ma.channel.to_string(), "device": ma.device.to_string(),
+        "token_hash": khub::protocol::b64::encode(ma.token.hash().0),
+    });
+    let no_secret = post_json(addr, "/channels", &[], &body).await;
+    assert_eq!(
+        (no_secret.status, no_secret.code()),
+        (403, "forbidden".into())
+    );
+    let wrong = post_json(addr, "/channels", &[("x-khub-operator", "guess")], &body).await;
+    assert_eq!(wrong.status, 403);
+    let ok = post_json(addr, "/channels", &[("x-khub-operator", operator)], &body).await;
+    assert_eq!(ok.status, 201);
+    let again = post_json(addr, "/channels", &[("x-khub-operator", operator)], &body).await;
+    assert_eq!((again.status, again.code()), (409, "exists".into()));
+    let junk = http(
+        addr,
+        "POST",
+        "/channels",
+        &[("x-khub-operator", operator)],
+        b"{\"channel\":",
+    )
+    .await;
+    assert_eq!((junk.status, junk.code()), (400, "malformed".into()));
+
+    // Device routes need the right credentials.
+    let list_path = format!("/channels/{}/devices", ma.channel);
+    let listed = http(
+        addr,
+        "GET",
+        &list_path,
+        &[("authorization", &ma.auth())],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        listed.json()["devices"][0].as_str(),
+        Some(ma.device.to_string().as_str())
+    );
+    let impostor = Member::with_device(ma.channel, ma.device);
+    for auth in [
+        impostor.auth(),
+        "Bearer nonsense".into(),
+        "Basic abc".into(),
+    ] {
+        let refused = http(addr, "GET", &list_path, &[("authorization", &auth)], b"").await;
+        assert_eq!(
+            (refused.status, refused.code()),
+            (401, "unauthorized".into()),
+            "{auth}"
+        );
+    }
+    assert_eq!(http(addr, "GET", &list_path, &[], b"").await.status, 401);
+    let other_channel = format!("/channels/{}/devices", ChannelId::random(&mut os_rng()));
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            &other_channel,
+            &[("authorization", &ma.auth())],
+            b""
+        )
+        .await
+        .status,
+        401
+    );
+    let bad_sync = post_json(
+        addr,
+        "/sync",
+        &[("authorization", &ma.auth())],
+        &serde_json::json!({"cursor": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (bad_sync.status, bad_sync.code()),
+        (400, "malformed".into())
+    );
+    let bad_b64 = post_json(
+        addr,
+        "/sync",
+        &[("authorization", &ma.auth())],
+        &serde_json::json!({"cursor": 0, "publish": ["@@"]}),
+    )
+    .await;
+    assert_eq!(bad_b64.status, 400);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
+    let dir = tempdir();
+    let path = dir.join("relay.sqlite3");
+    let relay = TestRelay::start_with(
+        Arc::new(SqliteStore::open(&path).unwrap()),
+        RelayConfig::default(),
+    )
+    .await;
+    let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let mut rng = os_rng();
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        send_text(
+            &mut ws,
+            publish(
+                &ra.seal(format!("durable {i}").as_bytes(), &mut rng)
+                    .unwrap(),
+            ),
+        )
+        .await;
+    }
+    while acked.len() < 50 {
+        if let ServerFrame::Ack { seq, .. } = next_frame(&mut ws).await {
+            acked.push(seq);
+        }
+    }
+    relay.stop().await;
+
+    let relay = TestRelay::start_with(
+        Arc::new(SqliteStore::open(&path).unwrap()),
+        RelayConfig::default(),
+    )
+    .await;
+    let (mut wb, head) = session(relay.addr, &mb, 0).await;
+    assert_eq!(head, 50);
+    for i in 1..=50u64 {
+        let ServerFrame::Deliver { seq, envelope } = next_frame(&mut wb).await else {
+            panic!("deliver")
+        };
+        assert_eq!(seq, i);
+        assert_eq!(
+            rb.open(&envelope).unwrap().plaintext,
+            format!("durable {}", i - 1).as_bytes()
+        );
+    }
+    relay.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_over_http_publishes_and_pages_from_a_cursor() {
+    let limits = Limits {
+        max_batch: 10,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
+    let mut rng = os_rng();
+    let publish: Vec<String> = (0..25)
+        .map(|i| {
+            khub::protocol::b64::encode(ra.seal(format!("s{i}").as_bytes(), &mut rng).unwrap())
+        })
+        .collect();
+    let response = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &ma.auth())],
+        &serde_json::json!({"cursor": 0, "publish": publish}),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let body = response.json();
+    assert_eq!(body["acks"].as_array().unwrap().len(), 25);
+    assert_eq!(body["acks"][24]["seq"], 25);
+
+    let mut cursor = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = post_json(
+            relay.addr,
+            "/sync",
+            &[("authorization", &mb.auth())],
+            &serde_json::json!({"cursor": cursor}),
+        )
+        .await
+        .json();
+        for item in page["envelopes"].as_array().unwrap() {
+            let envelope = khub::protocol::b64::decode(item["envelope"].as_str().unwrap()).unwrap();
+            seen.push(String::from_utf8(rb.open(&envelope).unwrap().plaintext).unwrap());
+            cursor = item["seq"].as_u64().unwrap();
+        }
+        if !page["more"].as_bool().unwrap() {
+            break;
+        }
+    }
+    assert_eq!(seen, (0..25).map(|i| format!("s{i}")).collect::<Vec<_>>());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_is_disconnected_and_refused() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (_ra, ma, _rb, mb) = two_devices(relay.addr).await;
+    let (mut wb, _) = session(relay.addr, &mb, 0).await;
+    let path = format!("/channels/{}/devices/{}", ma.channel, mb.device);
+    let removed = http(
+        relay.addr,
+        "DELETE",
+        &path,
+        &[("authorization", &ma.auth())],
+        b"",
+    )
+    .await;
+    assert_eq!(removed.status, 200);
+    assert_eq!(removed.json()["devices"].as_array().unwrap().len(), 1);
+    expect_close(&mut wb, 4003).await;
+    // Reconnecting is refused with the same code; HTTP with 401.
+    let mut again = connect(relay.addr).await;
+    send_text(&mut again, mb.hello(0)).await;
+    expect_close(&mut again, 4003).await;
+    let list = http(
+        relay.addr,
+        "GET",
+        &format!("/channels/{}/devices", ma.channel),
+        &[("authorization", &mb.auth())],
+        b"",
+    )
+    .await;
+    assert_eq!(list.status, 401);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_and_device_limits_are_explicit_errors() {
+    let limits = Limits {
+        channel_quota_bytes: 1000,
+        max_devices_per_channel: 2,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let third = Member::new(ma.channel);
+    let full = admit(relay.addr, &ma, &third).await;
+    assert_eq!((full.status, full.code()), (409, "channel_full".into()));
+
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let mut rng = os_rng();
+    let mut over_quota = false;
+    for _ in 0..20 {
+        send_text(&mut ws, publish(&ra.seal(&[7; 100], &mut rng).unwrap())).await;
+        loop {
+            match next_frame(&mut ws).await {
+                ServerFrame::Ack { .. } => break,
+                ServerFrame::Error {
+                    code: ErrorCode::OverQuota,
+                    fatal: false,
+                    ..
+                } => {
+                    over_quota = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if over_quota {
+            break;
+        }
+    }
+    assert!(over_quota, "the quota was enforced");
+    assert!(relay.relay.metrics().breaches("channel_quota") >= 1);
+    assert!(relay.relay.metrics().breaches("devices_per_channel") >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_limited() {
+    let limits = Limits {
+        max_connections_per_ip: 2,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let _first = connect(relay.addr).await;
+    let _second = connect(relay.addr).await;
+    let third = http(relay.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!((third.status, third.code()), (429, "rate_limited".into()));
+    assert!(relay.relay.metrics().breaches("connections_per_ip") >= 1);
+    drop(_first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        http(relay.addr, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_with_4004() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(600),
+        ping_interval: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (_ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    // Not reading means not answering pings.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    expect_close(&mut ws, 4004).await;
+    assert!(relay.relay.metrics().breaches("idle_timeout") >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_neither_slows_others_nor_loses_anything() {
+    let limits = Limits {
+        slow_reader_timeout: Duration::from_millis(800),
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (a, b, c) = (Device::new("a"), Device::new("b"), Device::new("c"));
+    let rings = channel_of(&[&a, &b, &c]);
+    let mut rings = rings.into_iter();
+    let (mut ra, rb, mut rc) = (
+        rings.next().unwrap(),
+        rings.next().unwrap(),
+        rings.next().unwrap(),
+    );
+    let (ma, mb, mc) = (
+        Member::with_device(ra.channel(), ra.me()),
+        Member::with_device(rb.channel(), rb.me()),
+        Member::with_device(rc.channel(), rc.me()),
+    );
+    create_channel(relay.addr, &ma).await;
+    admit(relay.addr, &ma, &mb).await;
+    admit(relay.addr, &ma, &mc).await;
+
+    let (mut wa, _) = session(relay.addr, &ma, 0).await;
+    let (mut wb, _) = session(relay.addr, &mb, 0).await;
+    let (wc, _) = session(relay.addr, &mc, 0).await; // never read below
+    let mut rng = os_rng();
+    let big = vec![b'z'; 60_000];
+    let total = 120u64;
+    let mut worst = Duration::ZERO;
+    for i in 1..=total {
+        let started = std::time::Instant::now();
+        send_text(&mut wa, publish(&ra.seal(&big, &mut rng).unwrap())).await;
+        loop {
+            if let ServerFrame::Deliver { seq, .. } = next_frame(&mut wb).await {
+                assert_eq!(seq, i);
+                break;
+            }
+        }
+        worst = worst.max(started.elapsed());
+        // Drain A's own acks and deliveries so A is not a slow reader itself.
+        while let Ok(Some(_)) = tokio::time::timeout(
+            Duration::from_millis(1),
+            futures_util::StreamExt::next(&mut wa),
+        )
+        .await
+        {}
+    }
+    assert!(
+        worst < Duration::from_secs(2),
+        "a stalled reader delayed others: worst {worst:?}"
+    );
+    // C's session was closed as slow; it resumes and gets everything once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        relay.relay.metrics().breaches("slow_reader") >= 1,
+        "the stalled session was closed"
+    );
+    drop(wc);
+    let (mut wc, _) = session(relay.addr, &mc, 0).await;
+    for i in 1..=total {
+        let ServerFrame::Deliver { seq, envelope } = next_frame(&mut wc).await else {
+            panic!("deliver")
+        };
+        assert_eq!(seq, i);
+        let opened = rc.open(&envelope).unwrap();
+        assert_eq!(opened.plaintext.len(), big.len());
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sessions_with_1001() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (_ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let stopping = tokio::spawn(relay.stop());
+    expect_close(&mut ws, 1001).await;
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A fresh directory under the system temp dir.
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "khub-test-{}-{}",
+        std::process::id(),
+        khub::ids::DeviceId::random(&mut os_rng())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
