@@ -644,3 +644,36 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_frames_do_not_wait_for_delayed_acks() {
+    // Each publish makes the relay write two small frames back to back (the
+    // ack, then the device's own delivery). Without TCP_NODELAY the second waits
+    // ~40 ms for the client's delayed ACK.
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let mut rng = os_rng();
+    let mut rounds = Vec::new();
+    for _ in 0..40 {
+        let envelope = ra.seal(b"tiny", &mut rng).unwrap();
+        let started = std::time::Instant::now();
+        send_text(&mut ws, publish(&envelope)).await;
+        let (mut acked, mut delivered) = (false, false);
+        while !(acked && delivered) {
+            match next_frame(&mut ws).await {
+                ServerFrame::Ack { .. } => acked = true,
+                ServerFrame::Deliver { .. } => delivered = true,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        rounds.push(started.elapsed());
+    }
+    rounds.sort();
+    let median = rounds[rounds.len() / 2];
+    assert!(
+        median < Duration::from_millis(20),
+        "median publish round trip {median:?}"
+    );
+    relay.stop().await;
+}

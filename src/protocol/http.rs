@@ -163,15 +163,14 @@ pub struct Delivered {
     pub envelope: Vec<u8>,
 }
 
-/// `POST /pair`: the inviter opens a pairing slot.
+/// `POST /pair`: the inviter opens a pairing slot. Its first pairing message
+/// (Start) depends on the nameplate, so it follows as an ordinary message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenSlot {
     /// The pairing session id the inviter drew.
     #[serde(with = "b64::array16")]
     pub sid: [u8; 16],
-    /// The inviter's first pairing message (Start).
-    pub message: B64,
 }
 
 /// Answer to [`OpenSlot`].

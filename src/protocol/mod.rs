@@ -93,8 +93,19 @@
 //! | `GET /healthz` | none | → `{"status":"ok"}` |
 //! | `GET /metrics` | none | Prometheus text format |
 //!
-//! The pairing mailbox carries the opaque pairing messages of
-//! [`crate::pairing::message`]; the relay reads nothing in them.
+//! Pairing through the mailbox, in order:
+//!
+//! 1. inviter: `POST /pair {"sid":…}` → `{"nameplate":42,"expires_in":300}`; it
+//!    makes the code for nameplate 42 and posts its Start message;
+//! 2. joiner: `POST /pair/42/claim` → `{"sid":…,"claim":…}`, then polls and posts
+//!    with `X-Khub-Claim: <claim>`: it reads Start, posts Response;
+//! 3. inviter: reads Response, admits the joiner (`POST /channels/…/devices`),
+//!    posts Finish (or Abort) and ends the slot (`DELETE /pair/42`);
+//! 4. joiner: reads Finish; the slot is gone once it has read everything.
+//!
+//! The mailbox carries the opaque pairing messages of
+//! [`crate::pairing::message`]; the relay reads only their first (type) byte,
+//! to count completed and failed pairings.
 
 pub mod b64;
 pub mod errors;

@@ -164,9 +164,7 @@ impl Slots {
         channel: ChannelId,
         inviter: DeviceId,
         sid: [u8; 16],
-        start: Vec<u8>,
     ) -> Result<u32, SlotError> {
-        check_message(&start)?;
         let mut inner = self.lock();
         if inner.slots.len() >= self.max {
             return Err(SlotError {
@@ -187,7 +185,7 @@ impl Slots {
                 inviter,
                 sid,
                 claim: None,
-                to_joiner: vec![start],
+                to_joiner: Vec::new(),
                 to_inviter: Vec::new(),
                 ended_by: None,
                 finished: false,

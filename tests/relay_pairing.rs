@@ -1,0 +1,348 @@
+//! Pairing through the relay's mailbox with the real pairing state machines:
+//! the whole flow, a wrong code, and every way a claim can be refused.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::Device;
+use common::net::*;
+use khub::channel::Keyring;
+use khub::crypto::os_rng;
+use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Message, Nameplate, PairingError};
+use khub::protocol::{ServerFrame, b64};
+use khub::relay::config::{Limits, RelayConfig};
+use serde_json::{Value, json};
+
+fn config(limits: Limits) -> RelayConfig {
+    RelayConfig {
+        limits,
+        ..RelayConfig::default()
+    }
+}
+
+async fn open_slot(addr: SocketAddr, inviter: &Member, sid: [u8; 16]) -> u32 {
+    let opened = post_json(
+        addr,
+        "/pair",
+        &[("authorization", &inviter.auth())],
+        &json!({"sid": b64::encode(sid)}),
+    )
+    .await;
+    assert_eq!(
+        opened.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&opened.body)
+    );
+    opened.json()["nameplate"].as_u64().unwrap() as u32
+}
+
+async fn claim(addr: SocketAddr, nameplate: u32) -> Response {
+    http(addr, "POST", &format!("/pair/{nameplate}/claim"), &[], b"").await
+}
+
+async fn send_msg(
+    addr: SocketAddr,
+    nameplate: u32,
+    auth: (&str, &str),
+    message: &[u8],
+) -> Response {
+    post_json(
+        addr,
+        &format!("/pair/{nameplate}/messages"),
+        &[auth],
+        &json!({"message": b64::encode(message)}),
+    )
+    .await
+}
+
+/// Long-polls until a message at index `after` arrives (or the slot closes).
+async fn recv_msg(
+    addr: SocketAddr,
+    nameplate: u32,
+    auth: (&str, &str),
+    after: usize,
+) -> (Vec<Vec<u8>>, bool) {
+    let got = http(
+        addr,
+        "GET",
+        &format!("/pair/{nameplate}/messages?after={after}&wait=5"),
+        &[auth],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let body: Value = got.json();
+    let messages = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| b64::decode(m.as_str().unwrap()).unwrap())
+        .collect();
+    (messages, body["closed"].as_bool().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_pair_through_the_relay_and_then_sync() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let addr = relay.addr;
+    let mut rng = os_rng();
+    let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
+    let mut keyring = common::new_channel(&laptop);
+    let inviter = Member::with_device(keyring.channel(), keyring.me());
+    assert_eq!(create_channel(addr, &inviter).await.status, 201);
+    let inviter_auth = inviter.auth();
+    let a = ("authorization", inviter_auth.as_str());
+
+    // A opens a slot, makes the code for its nameplate, posts Start.
+    let sid = common::sid();
+    let nameplate = open_slot(addr, &inviter, sid).await;
+    assert_eq!(nameplate, 1, "the smallest free nameplate");
+    let code = Code::generate(Nameplate::new(nameplate).unwrap(), &mut rng);
+    let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
+    assert_eq!(send_msg(addr, nameplate, a, &start).await.status, 202);
+
+    // B: the person types the code; B claims and answers.
+    let typed = Code::parse(&code.display()).unwrap();
+    let claimed = claim(addr, typed.nameplate().get()).await;
+    assert_eq!(claimed.status, 200);
+    let claimed = claimed.json();
+    let claim_token = claimed["claim"].as_str().unwrap().to_owned();
+    let relay_sid: [u8; 16] = b64::decode(claimed["sid"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    assert_eq!(relay_sid, sid);
+    let b = ("x-khub-claim", claim_token.as_str());
+    let phone_member = Member::with_device(keyring.channel(), phone.id());
+    let info = DeviceInfo::new(phone.member.clone(), phone_member.token.expose());
+    let (messages, _) = recv_msg(addr, nameplate, b, 0).await;
+    let (joiner, response) =
+        Joiner::respond(&typed, relay_sid, &messages[0], &info, &mut rng).unwrap();
+    assert_eq!(send_msg(addr, nameplate, b, &response).await.status, 202);
+
+    // A confirms B, admits it at the relay, sends the welcome, ends the slot.
+    let (messages, _) = recv_msg(addr, nameplate, a, 0).await;
+    let admission = awaiting.receive(&messages[0]).unwrap();
+    let joiner_info = admission.joiner().clone();
+    let admitted = post_json(
+        addr,
+        &format!("/channels/{}/devices", keyring.channel()),
+        &[a],
+        &json!({"device": joiner_info.member.id.to_string(), "token_hash": b64::encode(joiner_info.token_hash)}),
+    )
+    .await;
+    assert_eq!(admitted.status, 201);
+    keyring.add_member(joiner_info.member.clone()).unwrap();
+    let (finish, paired) = admission.finish(&keyring.welcome(), &mut rng);
+    assert_eq!(send_msg(addr, nameplate, a, &finish).await.status, 202);
+    assert_eq!(
+        http(addr, "DELETE", &format!("/pair/{nameplate}"), &[a], b"")
+            .await
+            .status,
+        204
+    );
+
+    // B reads the welcome; the slot is gone once it has.
+    let (messages, closed) = recv_msg(addr, nameplate, b, 1).await;
+    assert!(closed);
+    let joined = joiner.receive(&messages[0]).unwrap();
+    assert_eq!(joined.keys.sas, paired.keys.sas);
+    assert_eq!(claim(addr, nameplate).await.code(), "gone");
+    assert_eq!(
+        relay
+            .relay
+            .metrics()
+            .pairings_succeeded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // B's relay token works, and the two devices sync.
+    let mut phone_ring =
+        Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy()).unwrap();
+    let (mut ws_b, _) = session(addr, &phone_member, 0).await;
+    let (mut ws_a, _) = session(addr, &inviter, 0).await;
+    send_text(
+        &mut ws_a,
+        publish(&keyring.seal(b"welcome aboard", &mut rng).unwrap()),
+    )
+    .await;
+    let ServerFrame::Deliver { envelope, .. } = next_frame(&mut ws_b).await else {
+        panic!("deliver")
+    };
+    assert_eq!(
+        phone_ring.open(&envelope).unwrap().plaintext,
+        b"welcome aboard"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_code_fails_on_both_sides_through_the_relay() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let addr = relay.addr;
+    let mut rng = os_rng();
+    let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
+    let keyring = common::new_channel(&laptop);
+    let inviter = Member::with_device(keyring.channel(), keyring.me());
+    create_channel(addr, &inviter).await;
+    let inviter_auth = inviter.auth();
+    let a = ("authorization", inviter_auth.as_str());
+    let sid = common::sid();
+    let nameplate = open_slot(addr, &inviter, sid).await;
+    let code = Code::generate(Nameplate::new(nameplate).unwrap(), &mut rng);
+    let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
+    send_msg(addr, nameplate, a, &start).await;
+
+    let mistyped = Code::parse(&format!("{nameplate}-AAAA-AAAA")).unwrap();
+    let claimed = claim(addr, nameplate).await.json();
+    let claim_token = claimed["claim"].as_str().unwrap().to_owned();
+    let b = ("x-khub-claim", claim_token.as_str());
+    let (messages, _) = recv_msg(addr, nameplate, b, 0).await;
+    let (joiner, response) =
+        Joiner::respond(&mistyped, sid, &messages[0], &phone.info(), &mut rng).unwrap();
+    send_msg(addr, nameplate, b, &response).await;
+
+    let (messages, _) = recv_msg(addr, nameplate, a, 0).await;
+    let error = awaiting.receive(&messages[0]).err().unwrap();
+    assert_eq!(error, PairingError::ConfirmationFailed);
+    send_msg(
+        addr,
+        nameplate,
+        a,
+        &Message::Abort(error.abort_reason()).encode(),
+    )
+    .await;
+    http(addr, "DELETE", &format!("/pair/{nameplate}"), &[a], b"").await;
+
+    let (messages, closed) = recv_msg(addr, nameplate, b, 1).await;
+    assert!(closed);
+    assert_eq!(
+        joiner.receive(&messages[0]).err(),
+        Some(PairingError::ConfirmationFailed)
+    );
+    assert_eq!(
+        relay
+            .relay
+            .metrics()
+            .pairings_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_unknown_used_expired_or_taken_slots_are_refused() {
+    let limits = Limits {
+        pairing_ttl: Duration::from_millis(700),
+        claims_per_minute: 100,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let addr = relay.addr;
+    let laptop = Device::new("laptop");
+    let keyring = common::new_channel(&laptop);
+    let inviter = Member::with_device(keyring.channel(), keyring.me());
+    create_channel(addr, &inviter).await;
+    let inviter_auth = inviter.auth();
+    let a = ("authorization", inviter_auth.as_str());
+
+    let unknown = claim(addr, 4242).await;
+    assert_eq!((unknown.status, unknown.code()), (404, "not_found".into()));
+    assert!(
+        unknown.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("check the code")
+    );
+
+    let first = open_slot(addr, &inviter, common::sid()).await;
+    assert_eq!(claim(addr, first).await.status, 200);
+    let second = claim(addr, first).await;
+    assert_eq!(
+        (second.status, second.code()),
+        (409, "already_claimed".into())
+    );
+    // A stranger's claim token cannot read the slot.
+    let forged = b64::encode([9u8; 32]);
+    let snoop = http(
+        addr,
+        "GET",
+        &format!("/pair/{first}/messages?wait=0"),
+        &[("x-khub-claim", &forged)],
+        b"",
+    )
+    .await;
+    assert_eq!(snoop.status, 401);
+
+    // A new slot while the first is open gets the next nameplate.
+    let other = open_slot(addr, &inviter, common::sid()).await;
+    assert_eq!(other, 2);
+    // Ended: the inviter cancels before anyone claims.
+    assert_eq!(
+        http(addr, "DELETE", &format!("/pair/{other}"), &[a], b"")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(claim(addr, other).await.code(), "gone");
+
+    // Expired: after the TTL, the old code says "ended", and the nameplate is not
+    // handed to a new pairing while an old code could still be typed.
+    let expiring = open_slot(addr, &inviter, common::sid()).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let late = claim(addr, expiring).await;
+    assert_eq!((late.status, late.code()), (410, "gone".into()));
+    let fresh = open_slot(addr, &inviter, common::sid()).await;
+    assert_ne!(fresh, expiring);
+    assert!(
+        relay
+            .relay
+            .metrics()
+            .pairings_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_claims_from_one_address_is_rate_limited() {
+    let limits = Limits {
+        claims_per_minute: 5,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let mut statuses = Vec::new();
+    for nameplate in 1..=12 {
+        statuses.push(claim(relay.addr, nameplate).await.status);
+    }
+    assert_eq!(&statuses[..5], &[404; 5]);
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(relay.relay.metrics().breaches("claims_per_ip"), 7);
+    // Other routes still answer.
+    assert_eq!(
+        http(relay.addr, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_pairing_messages_are_refused() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let laptop = Device::new("laptop");
+    let keyring = common::new_channel(&laptop);
+    let inviter = Member::with_device(keyring.channel(), keyring.me());
+    create_channel(relay.addr, &inviter).await;
+    let auth = inviter.auth();
+    let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
+    let big = vec![1u8; 40 * 1024];
+    let refused = send_msg(relay.addr, nameplate, ("authorization", &auth), &big).await;
+    assert_eq!((refused.status, refused.code()), (413, "too_large".into()));
+    relay.stop().await;
+}

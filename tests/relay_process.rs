@@ -1,0 +1,382 @@
+//! The relay as its own process (`khub serve`, the binary a person runs): what
+//! its database and logs contain after real traffic, its memory per idle
+//! session, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::Device;
+use common::net::*;
+use khub::crypto::os_rng;
+use khub::pairing::{Code, Inviter, Joiner, Nameplate};
+use khub::protocol::{ServerFrame, b64};
+use serde_json::json;
+
+struct RelayProcess {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl RelayProcess {
+    fn start(extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "khub-proc-{}-{}",
+            std::process::id(),
+            khub::ids::DeviceId::random(&mut os_rng())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("relay.log")).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_khub"));
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--memory") {
+            command.arg("--db").arg(dir.join("relay.sqlite3"));
+        }
+        let mut child = command
+            .args(extra)
+            .env("KHUB_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("khub serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the relay prints its address");
+        let addr = line
+            .split_whitespace()
+            .find_map(|word| word.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self { child, addr, dir }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> (std::process::ExitStatus, PathBuf) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.dir.clone());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Everything the relay wrote to disk: database, WAL, and its log.
+fn relay_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_database_and_logs_hold_no_plaintext_token_name_or_code() {
+    let relay = RelayProcess::start(&[]);
+    let addr = relay.addr;
+    let mut rng = os_rng();
+    let marker = b"PLAINTEXT-MARKER-7c1e9b";
+    let (laptop, phone) = (
+        Device::new("laptop-NAME-MARKER"),
+        Device::new("phone-NAME-MARKER"),
+    );
+    let mut keyring = common::new_channel(&laptop);
+    let inviter = Member::with_device(keyring.channel(), keyring.me());
+    assert_eq!(create_channel(addr, &inviter).await.status, 201);
+    let auth = inviter.auth();
+
+    // Pair the phone through the relay.
+    let sid = common::sid();
+    let opened = post_json(
+        addr,
+        "/pair",
+        &[("authorization", &auth)],
+        &json!({"sid": b64::encode(sid)}),
+    )
+    .await;
+    let nameplate = opened.json()["nameplate"].as_u64().unwrap() as u32;
+    let code = Code::generate(Nameplate::new(nameplate).unwrap(), &mut rng);
+    let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
+    let path = format!("/pair/{nameplate}/messages");
+    post_json(
+        addr,
+        &path,
+        &[("authorization", &auth)],
+        &json!({"message": b64::encode(&start)}),
+    )
+    .await;
+    let claim = http(addr, "POST", &format!("/pair/{nameplate}/claim"), &[], b"")
+        .await
+        .json();
+    let claim_token = claim["claim"].as_str().unwrap().to_owned();
+    let got = http(
+        addr,
+        "GET",
+        &format!("{path}?after=0&wait=5"),
+        &[("x-khub-claim", &claim_token)],
+        b"",
+    )
+    .await
+    .json();
+    let start_in = b64::decode(got["messages"][0].as_str().unwrap()).unwrap();
+    let phone_member = Member::with_device(keyring.channel(), phone.id());
+    let info = khub::pairing::DeviceInfo::new(phone.member.clone(), phone_member.token.expose());
+    let (joiner, response) = Joiner::respond(&code, sid, &start_in, &info, &mut rng).unwrap();
+    post_json(
+        addr,
+        &path,
+        &[("x-khub-claim", &claim_token)],
+        &json!({"message": b64::encode(&response)}),
+    )
+    .await;
+    let got = http(
+        addr,
+        "GET",
+        &format!("{path}?after=0&wait=5"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+    .json();
+    let admission = awaiting
+        .receive(&b64::decode(got["messages"][0].as_str().unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(admit(addr, &inviter, &phone_member).await.status, 201);
+    keyring
+        .add_member(admission.joiner().member.clone())
+        .unwrap();
+    let (finish, _) = admission.finish(&keyring.welcome(), &mut rng);
+    post_json(
+        addr,
+        &path,
+        &[("authorization", &auth)],
+        &json!({"message": b64::encode(&finish)}),
+    )
+    .await;
+    let got = http(
+        addr,
+        "GET",
+        &format!("{path}?after=1&wait=5"),
+        &[("x-khub-claim", &claim_token)],
+        b"",
+    )
+    .await
+    .json();
+    let joined = joiner
+        .receive(&b64::decode(got["messages"][0].as_str().unwrap()).unwrap())
+        .unwrap();
+    let mut phone_ring =
+        khub::channel::Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy())
+            .unwrap();
+
+    // Exchange notes carrying the marker, both ways.
+    let (mut wa, _) = session(addr, &inviter, 0).await;
+    let (mut wb, _) = session(addr, &phone_member, 0).await;
+    for i in 0..10 {
+        let note = [&marker[..], format!(" #{i}").as_bytes()].concat();
+        send_text(&mut wa, publish(&keyring.seal(&note, &mut rng).unwrap())).await;
+        send_text(&mut wb, publish(&phone_ring.seal(&note, &mut rng).unwrap())).await;
+    }
+    let mut opened = 0;
+    while opened < 20 {
+        if let ServerFrame::Deliver { envelope, .. } = next_frame(&mut wb).await {
+            assert!(contains(
+                &phone_ring.open(&envelope).unwrap().plaintext,
+                marker
+            ));
+            opened += 1;
+        }
+    }
+    drop((wa, wb));
+
+    let (status, dir) = relay.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let files = relay_files(&dir);
+    let log = files
+        .iter()
+        .find(|(name, _)| name.ends_with("relay.log"))
+        .unwrap();
+    assert!(
+        contains(&log.1, b"session opened"),
+        "the log captured the traffic"
+    );
+    let database: usize = files
+        .iter()
+        .filter(|(n, _)| n.contains("sqlite3"))
+        .map(|(_, b)| b.len())
+        .sum();
+    assert!(database > 0, "the database was written");
+
+    let token_a = inviter.token.expose().to_vec();
+    let token_b = phone_member.token.expose().to_vec();
+    let secret = code.secret().expose().to_vec();
+    let forbidden: Vec<(&str, Vec<u8>)> = vec![
+        ("plaintext marker", marker.to_vec()),
+        ("device name", b"NAME-MARKER".to_vec()),
+        ("inviter token", token_a.clone()),
+        ("inviter token (base64)", b64::encode(&token_a).into_bytes()),
+        ("joiner token", token_b.clone()),
+        ("joiner token (base64)", b64::encode(&token_b).into_bytes()),
+        ("claim token", claim_token.clone().into_bytes()),
+        ("code secret", secret.clone()),
+        ("code as shown", code.display().as_bytes().to_vec()),
+        ("channel key", keyring.current_key().expose().to_vec()),
+    ];
+    for (name, bytes) in &files {
+        for (what, needle) in &forbidden {
+            assert!(!contains(bytes, needle), "{what} found in {name}");
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_authenticated_session_costs_at_most_16_kib() {
+    let relay = RelayProcess::start(&["--memory", "--max-connections-per-ip", "5000"]);
+    let addr = relay.addr;
+    let member = Member::new(khub::ids::ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(addr, &member).await.status, 201);
+
+    let mut sessions = Vec::new();
+    // Warm up allocator arenas and the runtime before the baseline.
+    for _ in 0..200 {
+        sessions.push(session(addr, &member, 0).await.0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = relay.rss_kib();
+    let added = 1000;
+    for _ in 0..added {
+        sessions.push(session(addr, &member, 0).await.0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = relay.rss_kib();
+    let per_session = (after.saturating_sub(before)) as f64 / added as f64;
+    eprintln!("relay RSS {before} KiB -> {after} KiB: {per_session:.1} KiB per idle session");
+    assert!(per_session <= 16.0, "{per_session:.1} KiB per idle session");
+    drop(sessions);
+    let (status, dir) = relay.terminate();
+    assert!(status.success());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
+    // The SQLite store: envelopes live on disk, so memory growth would be the
+    // relay buffering for the stalled reader.
+    let relay = RelayProcess::start(&["--slow-reader-timeout-secs", "120"]);
+    let addr = relay.addr;
+    let (a, c) = (Device::new("writer"), Device::new("stalled"));
+    let mut rings = common::channel_of(&[&a, &c]).into_iter();
+    let (mut ra, mut rc) = (rings.next().unwrap(), rings.next().unwrap());
+    let ma = Member::with_device(ra.channel(), ra.me());
+    let mc = Member::with_device(rc.channel(), rc.me());
+    create_channel(addr, &ma).await;
+    admit(addr, &ma, &mc).await;
+    let (mut wa, _) = session(addr, &ma, 0).await;
+    let (mut wc, _) = session(addr, &mc, 0).await; // does not read until the end
+
+    let mut rng = os_rng();
+    let body = vec![b'q'; 30_000];
+    let mut sent = 0u64;
+    // Eight publishes in flight at a time: the relay group-commits them, and A
+    // reads its acks and own deliveries often enough never to be slow itself.
+    let mut publish_some = async |count: u64, wa: &mut Ws| {
+        for _ in 0..count / 8 {
+            for _ in 0..8 {
+                send_text(wa, publish(&ra.seal(&body, &mut rng).unwrap())).await;
+                sent += 1;
+            }
+            let (mut acks, mut delivered) = (0, 0);
+            while acks < 8 || delivered < 8 {
+                match next_frame(wa).await {
+                    ServerFrame::Ack { .. } => acks += 1,
+                    ServerFrame::Deliver { .. } => delivered += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    };
+    publish_some(300, &mut wa).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = relay.rss_kib();
+    publish_some(400, &mut wa).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = relay.rss_kib();
+    let growth_mib = after.saturating_sub(before) as f64 / 1024.0;
+    eprintln!("relay RSS {before} KiB -> {after} KiB while 400 x 30 kB passed a stalled reader");
+    // 16 MB of frames went by; the recent-envelope cache was already full.
+    assert!(
+        growth_mib < 8.0,
+        "relay memory grew {growth_mib:.1} MiB with a stalled reader"
+    );
+
+    // The stalled reader now reads: everything, in order, exactly once.
+    for expected in 1..=sent {
+        let ServerFrame::Deliver { seq, envelope } = next_frame(&mut wc).await else {
+            panic!("deliver")
+        };
+        assert_eq!(seq, expected);
+        assert_eq!(rc.open(&envelope).unwrap().plaintext.len(), body.len());
+    }
+    let extra = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut wc),
+    )
+    .await;
+    assert!(
+        !matches!(
+            extra,
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_))))
+        ),
+        "nothing delivered twice"
+    );
+    let (status, dir) = relay.terminate();
+    assert!(status.success());
+    std::fs::remove_dir_all(dir).ok();
+}
