@@ -677,3 +677,69 @@ async fn small_frames_do_not_wait_for_delayed_acks() {
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_envelopes_and_channel_floods_are_refused_with_metrics() {
+    let limits = Limits {
+        max_envelope_bytes: 2000,
+        channels_per_hour: 3,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    let big = ra.seal(&[1u8; 4000], &mut os_rng()).unwrap();
+    send_text(&mut ws, publish(&big)).await;
+    let ServerFrame::Error { code, fatal, .. } = next_frame(&mut ws).await else {
+        panic!("error")
+    };
+    assert_eq!((code, fatal), (ErrorCode::TooLarge, false));
+    assert_eq!(relay.relay.metrics().breaches("envelope_size"), 1);
+
+    // Channel creations per address: two_devices made one; two more fit.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            create_channel(relay.addr, &Member::new(ChannelId::random(&mut os_rng())))
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses, [201, 201, 429, 429]);
+    assert_eq!(relay.relay.metrics().breaches("channels_per_ip"), 2);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_one_channel_leaves_another_channel_working() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (_ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut rc, mc, mut rd, md) = two_devices(relay.addr).await;
+    let (mut wc, _) = session(relay.addr, &mc, 0).await;
+    let (mut wd, _) = session(relay.addr, &md, 0).await;
+    let noise = [
+        "{".to_owned(),
+        r#"{"type":"hello"}"#.to_owned(),
+        ma.hello(0).replace("\"cursor\":0", "\"cursor\":-1"),
+        "\u{0}".repeat(100),
+    ];
+    for frame in noise {
+        let mut ws = connect(relay.addr).await;
+        send_text(&mut ws, frame).await;
+        expect_close(&mut ws, 4002).await;
+    }
+    let (mut wa, _) = session(relay.addr, &ma, 0).await;
+    send_text(&mut wa, "not json at all".into()).await;
+    expect_close(&mut wa, 4002).await;
+
+    send_text(
+        &mut wc,
+        publish(&rc.seal(b"unaffected", &mut os_rng()).unwrap()),
+    )
+    .await;
+    let ServerFrame::Deliver { envelope, .. } = next_frame(&mut wd).await else {
+        panic!("deliver")
+    };
+    assert_eq!(rd.open(&envelope).unwrap().plaintext, b"unaffected");
+    relay.stop().await;
+}

@@ -139,8 +139,6 @@ pub enum CloseCode {
     Idle,
     /// 4008: the device did not read its deliveries in time.
     Slow,
-    /// 4029: too many connections from this address.
-    TooMany,
 }
 
 impl CloseCode {
@@ -156,7 +154,6 @@ impl CloseCode {
             Self::Revoked => 4003,
             Self::Idle => 4004,
             Self::Slow => 4008,
-            Self::TooMany => 4029,
         }
     }
 
@@ -172,7 +169,6 @@ impl CloseCode {
             Self::Revoked => "device removed from channel",
             Self::Idle => "idle timeout",
             Self::Slow => "reader too slow",
-            Self::TooMany => "too many connections",
         }
     }
 }

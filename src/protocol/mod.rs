@@ -66,7 +66,9 @@
 //! | 4003 | revoked | this device was removed from the channel | stop; the device is out |
 //! | 4004 | idle | no frame or pong within the idle timeout | reconnect |
 //! | 4008 | slow | the device did not read its deliveries in time | reconnect; it resumes from its cursor |
-//! | 4029 | too many | too many connections from this address | wait, then reconnect |
+//!
+//! A connection over the per-address limit is refused before any upgrade, with
+//! HTTP 429 and `rate_limited`.
 //!
 //! # Error codes
 //!

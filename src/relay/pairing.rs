@@ -258,7 +258,12 @@ impl Slots {
         }
         match message.first() {
             Some(&TYPE_FINISH) if side == Side::Inviter => slot.finished = true,
-            Some(&TYPE_ABORT) => slot.aborted = true,
+            // An abort ends the slot: the other side can still read it, then sees
+            // `closed`; nothing more can be sent.
+            Some(&TYPE_ABORT) => {
+                slot.aborted = true;
+                slot.ended_by = Some(side);
+            }
             _ => {}
         }
         match side {
