@@ -743,3 +743,55 @@ async fn garbage_on_one_channel_leaves_another_channel_working() {
     assert_eq!(rd.open(&envelope).unwrap().plaintext, b"unaffected");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_origins_must_be_allowed_and_hello_must_come_in_time() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let config = RelayConfig {
+        allowed_origins: vec!["https://notes.example".into()],
+        limits: Limits {
+            hello_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let with_origin = |origin: &'static str| {
+        let mut request = format!("ws://{}/ws", relay.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        request
+    };
+    let refused = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::connect_async(with_origin("https://evil.example")),
+    )
+    .await
+    .unwrap();
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let (mut allowed, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::connect_async(with_origin("https://notes.example")),
+    )
+    .await
+    .unwrap()
+    .expect("allowed origin upgrades");
+    // Silent after connecting: closed for want of a hello.
+    let frames = expect_close(&mut allowed, 4002).await;
+    assert!(matches!(
+        frames.as_slice(),
+        [ServerFrame::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }]
+    ));
+    relay.stop().await;
+}
