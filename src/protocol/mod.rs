@@ -95,6 +95,22 @@
 //! | `GET /healthz` | none | → `{"status":"ok"}` |
 //! | `GET /metrics` | none | Prometheus text format |
 //!
+//! Examples:
+//!
+//! ```text
+//! POST /channels
+//! {"channel":"AAECAwQFBgcICQoLDA0ODw","device":"EBESExQVFhcYGRobHB0eHw","token_hash":"…43 chars…"}
+//! → 201 {"channel":"AAECAwQFBgcICQoLDA0ODw"}
+//!
+//! POST /sync                      Authorization: Bearer <channel>.<device>.<token>
+//! {"cursor":17,"publish":["AQABAgMEBQYHCAkKCwwNDg8AAAAA…"],"limit":100}
+//! → 200 {"acks":[{"seq":18,"duplicate":false}],
+//!        "envelopes":[{"seq":18,"envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA…"}],"head":18,"more":false}
+//!
+//! POST /pair/42/claim
+//! → 409 {"error":{"code":"already_claimed","message":"another device already entered this code: make a new code"}}
+//! ```
+//!
 //! Pairing through the mailbox, in order:
 //!
 //! 1. inviter: `POST /pair {"sid":…}` → `{"nameplate":42,"expires_in":300}`; it
