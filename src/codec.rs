@@ -58,6 +58,14 @@ impl<'a> Reader<'a> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
 
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
+    pub(crate) fn u128(&mut self, field: &'static str) -> Result<u128, DecodeError> {
+        Ok(u128::from_be_bytes(self.array(field)?))
+    }
+
     /// A UTF-8 string of `max` bytes at most, after a one-byte length.
     pub(crate) fn short_str(
         &mut self,

@@ -33,3 +33,347 @@ fn unknown_commands_fail_with_usage() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("Usage"));
 }
+
+mod device_commands {
+    //! The CLI contract end to end: a real relay process and real `khub`
+    //! processes talking through pipes, as a person in two terminals would.
+
+    use std::io::{BufRead, BufReader, Write};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Output, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    const KHUB: &str = env!("CARGO_BIN_EXE_khub");
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    struct World {
+        relay: Child,
+        url: String,
+        dir: PathBuf,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "khub-cli-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut relay = Command::new(KHUB)
+                .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let line = first_line(relay.stdout.take().unwrap());
+            let addr = line
+                .split_whitespace()
+                .find(|w| w.starts_with("127.0.0.1:"))
+                .unwrap()
+                .trim_end_matches(',');
+            Self {
+                relay,
+                url: format!("http://{addr}"),
+                dir,
+            }
+        }
+
+        fn home(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+
+        /// Runs `khub ARGS --home HOME` to completion, feeding `stdin`.
+        fn run(&self, home: &str, args: &[&str], stdin: &str) -> Output {
+            let mut child = Command::new(KHUB)
+                .args(args)
+                .arg("--home")
+                .arg(self.home(home))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            wait(child)
+        }
+
+        fn ok(&self, home: &str, args: &[&str]) -> String {
+            let output = self.run(home, args, "");
+            assert!(
+                output.status.success(),
+                "khub {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+
+        fn init(&self, home: &str, name: &str) {
+            self.ok(home, &["init", "--relay", &self.url, "--name", name]);
+        }
+
+        /// `khub invite` on `inviter`, `khub join` on `joiner` with the code piped in.
+        fn pair(
+            &self,
+            inviter: &str,
+            joiner: &str,
+            name: &str,
+            typed: impl Fn(&str) -> String,
+        ) -> (Output, Output) {
+            let mut invite = Command::new(KHUB)
+                .args(["invite", "--timeout", "30", "--home"])
+                .arg(self.home(inviter))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = BufReader::new(invite.stdout.take().unwrap());
+            let mut first = String::new();
+            stdout.read_line(&mut first).unwrap();
+            let code = first
+                .strip_prefix("code: ")
+                .unwrap_or_else(|| panic!("first line {first:?}"))
+                .trim()
+                .to_owned();
+            let join = self.run(
+                joiner,
+                &[
+                    "join",
+                    "--relay",
+                    &self.url,
+                    "--name",
+                    name,
+                    "--timeout",
+                    "30",
+                ],
+                &format!("{}\n", typed(&code)),
+            );
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+            let mut invite_output = wait(invite);
+            invite_output.stdout = format!("{first}{rest}").into_bytes();
+            (invite_output, join)
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            let _ = self.relay.kill();
+            let _ = self.relay.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn rand_suffix() -> String {
+        khub::ids::DeviceId::random(&mut khub::crypto::os_rng()).to_string()
+    }
+
+    fn first_line(stdout: std::process::ChildStdout) -> String {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        rx.recv_timeout(LIMIT).expect("a first line in time")
+    }
+
+    fn wait(mut child: Child) -> Output {
+        let deadline = Instant::now() + LIMIT;
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "khub did not finish in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// The six digits after "authentication string: ".
+    fn sas(output: &Output) -> String {
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("authentication string: "))
+            .unwrap_or_else(|| panic!("no SAS in {text}"));
+        line.chars().take(7).collect()
+    }
+
+    fn json_lines(text: &str) -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn paired_world() -> World {
+        let world = World::new();
+        world.init("a", "laptop");
+        let (invite, join) = world.pair("a", "b", "phone", |code| code.to_owned());
+        assert!(
+            invite.status.success(),
+            "{}",
+            String::from_utf8_lossy(&invite.stderr)
+        );
+        assert!(
+            join.status.success(),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+        assert_eq!(
+            sas(&invite),
+            sas(&join),
+            "both screens show the same string"
+        );
+        world
+    }
+
+    #[test]
+    fn two_devices_pair_through_pipes_and_talk_both_ways() {
+        let world = paired_world();
+        assert!(
+            world
+                .ok("a", &["send", "hello from the laptop"])
+                .starts_with("sent")
+        );
+        let piped = world.run("b", &["send"], "hello from the phone\nsecond line");
+        assert!(piped.status.success());
+        let received = json_lines(&world.ok("b", &["listen", "--json", "--drain"]));
+        assert_eq!(received.len(), 1);
+        assert_eq!(received[0]["from_name"], "laptop");
+        assert_eq!(received[0]["text"], "hello from the laptop");
+        assert!(received[0]["seq"].as_u64().is_some() && received[0]["from"].as_str().is_some());
+        assert_eq!(
+            world.ok("a", &["listen", "--drain"]),
+            "phone: hello from the phone\nsecond line\n"
+        );
+        // Drained means drained: nothing twice.
+        assert_eq!(world.ok("a", &["listen", "--drain"]), "");
+        let devices = world.ok("a", &["devices"]);
+        assert!(
+            devices.contains("laptop  (this device)") && devices.contains("phone"),
+            "{devices}"
+        );
+    }
+
+    #[test]
+    fn a_third_device_joins_through_either_member_and_an_offline_device_catches_up() {
+        let world = paired_world();
+        let (invite, join) = world.pair("b", "c", "tablet", |code| {
+            code.to_lowercase().replace('-', " ")
+        });
+        assert!(
+            invite.status.success() && join.status.success(),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+        let (invite, join) = world.pair("a", "d", "watch", |code| code.to_owned());
+        assert!(invite.status.success() && join.status.success());
+        // The tablet is offline while the laptop writes.
+        for i in 0..3 {
+            world.ok("a", &["send", &format!("note {i}")]);
+        }
+        world.ok("d", &["send", "from the watch"]);
+        let texts: Vec<String> = json_lines(&world.ok("c", &["listen", "--json", "--drain"]))
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}: {}",
+                    m["from_name"].as_str().unwrap(),
+                    m["text"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "laptop: note 0",
+                "laptop: note 1",
+                "laptop: note 2",
+                "watch: from the watch"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_removed_device_can_no_longer_connect() {
+        let world = paired_world();
+        let (invite, join) = world.pair("a", "c", "tablet", |code| code.to_owned());
+        assert!(invite.status.success() && join.status.success());
+        let devices = world.ok("a", &["devices"]);
+        let tablet = devices
+            .lines()
+            .find(|l| l.contains("tablet"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(world.ok("a", &["remove", &tablet]).contains("rotated"));
+        world.ok("a", &["send", "after the tablet left"]);
+        for args in [&["listen", "--drain"][..], &["send", "still here?"][..]] {
+            let refused = world.run("c", args, "");
+            assert!(
+                !refused.status.success(),
+                "{args:?} should fail for a removed device"
+            );
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                stderr.contains("removed") || stderr.contains("does not recognise"),
+                "{stderr}"
+            );
+        }
+        assert_eq!(
+            world.ok("b", &["listen", "--drain"]),
+            "laptop: after the tablet left\n"
+        );
+        assert!(!world.ok("b", &["devices"]).contains("tablet"));
+    }
+
+    #[test]
+    fn a_wrong_code_fails_on_both_sides() {
+        let world = World::new();
+        world.init("a", "laptop");
+        let (invite, join) = world.pair("a", "b", "phone", |code| {
+            format!("{}-AAAA-AAAA", code.split('-').next().unwrap())
+        });
+        for output in [&invite, &join] {
+            assert!(!output.status.success());
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains("the code was wrong, or someone interfered"),
+                "{stderr}"
+            );
+        }
+        assert!(!world.home("b").join("device.sqlite3").exists());
+        // A malformed code never reaches the relay.
+        let typo = world.run(
+            "b",
+            &["join", "--relay", &world.url, "--name", "phone"],
+            "42-7QK3\n",
+        );
+        assert!(String::from_utf8_lossy(&typo.stderr).contains("too short"));
+    }
+
+    #[test]
+    fn listen_prints_messages_as_they_arrive() {
+        let world = paired_world();
+        let mut listener = Command::new(KHUB)
+            .args(["listen", "--json", "--home"])
+            .arg(world.home("b"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = listener.stdout.take().unwrap();
+        world.ok("a", &["send", "live"]);
+        let line = first_line(stdout);
+        let _ = listener.kill();
+        let _ = listener.wait();
+        let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(message["text"], "live");
+    }
+}

@@ -351,3 +351,34 @@ fn a_removed_device_cannot_undo_its_removal_with_a_rekey_of_its_own() {
     assert_eq!(r[1].open(&note).unwrap().plaintext, b"c must not read this");
     assert_eq!(r[2].open(&note), Err(OpenError::Decrypt));
 }
+
+#[test]
+fn a_keyring_survives_export_and_import_with_its_replay_state() {
+    let (_a, b, c, mut rings) = three();
+    let mut rng = os_rng();
+    let rekey = rings[0].rekey_removing(&[c.id()], &mut rng).unwrap();
+    rings[1].apply_rekey(&rekey).unwrap();
+    let note = rings[0].seal(b"before the restart", &mut rng).unwrap();
+    assert!(rings[1].open(&note).is_ok());
+
+    let exported = rings[1].export();
+    let mut restored = Keyring::import(&exported).unwrap();
+    assert_eq!(restored.current_key(), rings[1].current_key());
+    assert_eq!(restored.epoch(), 1);
+    assert_eq!(restored.me(), b.id());
+    assert_eq!(restored.members().count(), 2);
+    assert_eq!(restored.next_seq(), rings[1].next_seq());
+    assert!(
+        matches!(restored.open(&note), Err(OpenError::Replay { .. })),
+        "replay state kept"
+    );
+    let next = rings[0].seal(b"after the restart", &mut rng).unwrap();
+    assert_eq!(
+        restored.open(&next).unwrap().plaintext,
+        b"after the restart"
+    );
+    // Damaged state is refused, never half-loaded.
+    for len in [0, 1, 40, exported.len() - 1] {
+        assert!(Keyring::import(&exported[..len]).is_err());
+    }
+}

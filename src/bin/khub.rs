@@ -26,6 +26,73 @@ struct Cli {
 enum Command {
     /// Run the relay.
     Serve(Box<ServeArgs>),
+    /// Create a channel on a relay with this device as its first member.
+    Init {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The relay, like http://127.0.0.1:3000.
+        #[arg(long, env = "KHUB_RELAY")]
+        relay: String,
+        /// A name for this device ("laptop"), shown to the other devices.
+        #[arg(long)]
+        name: String,
+    },
+    /// Show a one-time code and wait for another device to join with it.
+    Invite {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Seconds to wait for the other device.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Join a channel with the code shown on another device (typed at the
+    /// prompt, or read from stdin; never from the command line).
+    Join {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The relay, like http://127.0.0.1:3000.
+        #[arg(long, env = "KHUB_RELAY")]
+        relay: String,
+        /// A name for this device ("phone"), shown to the other devices.
+        #[arg(long)]
+        name: String,
+        /// Seconds to wait for the other device.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Send a message (TEXT, or stdin) to the other devices.
+    Send {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The message; read from stdin if absent.
+        text: Option<String>,
+        /// Seconds to wait for the relay before leaving it queued.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Print messages as they arrive.
+    Listen {
+        #[command(flatten)]
+        home: HomeArg,
+        /// One JSON object per line: from, from_name, seq, and text or body_b64.
+        #[arg(long)]
+        json: bool,
+        /// Print everything pending, then exit.
+        #[arg(long)]
+        drain: bool,
+    },
+    /// List the channel's devices.
+    Devices {
+        #[command(flatten)]
+        home: HomeArg,
+    },
+    /// Remove a device: revoke it at the relay and rotate the channel key.
+    Remove {
+        #[command(flatten)]
+        home: HomeArg,
+        /// The device's id (see `khub devices`).
+        device: String,
+    },
     /// Write the published test vectors (pairing, envelopes, rekey) for checking
     /// another implementation against this one.
     Vectors {
@@ -33,6 +100,28 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+}
+
+/// Where a device keeps its state.
+#[derive(Args)]
+struct HomeArg {
+    /// The device's state directory [default: $XDG_DATA_HOME/khub or ~/.local/share/khub].
+    #[arg(long, env = "KHUB_HOME")]
+    home: Option<PathBuf>,
+}
+
+impl HomeArg {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(home) = &self.home {
+            return Ok(home.clone());
+        }
+        if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return Ok(PathBuf::from(data).join("khub"));
+        }
+        let home = std::env::var_os("HOME")
+            .context("set --home or KHUB_HOME: no home directory is known")?;
+        Ok(PathBuf::from(home).join(".local/share/khub"))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,19 +193,214 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Serve(args) => serve(*args),
-        Command::Vectors { out } => {
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            for (name, text) in khub::vectors::generate() {
-                let path = out.join(name);
-                std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                println!("wrote {}", path.display());
+    let command = Cli::parse().command;
+    if let Command::Serve(args) = command {
+        return serve(*args);
+    }
+    if let Command::Vectors { out } = &command {
+        return write_vectors(out);
+    }
+    // Device commands log warnings only, to stderr, unless KHUB_LOG says otherwise.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KHUB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(device::run(command))
+}
+
+fn write_vectors(out: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (name, text) in khub::vectors::generate() {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The device commands: thin wrappers over `khub::client`.
+mod device {
+    use std::io::{BufRead, IsTerminal, Read, Write};
+    use std::time::Duration;
+
+    use anyhow::{Context, bail};
+    use khub::client::{Device, Message, Sent, join};
+    use khub::pairing::Code;
+
+    use super::Command;
+
+    pub async fn run(command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Init { home, relay, name } => {
+                let home = home.path()?;
+                let device = Device::create(&home, &relay, &name).await?;
+                println!(
+                    "created channel {} on {}",
+                    device.channel(),
+                    device.relay_url()
+                );
+                println!("this device: {} ({})", device.id(), device.name());
+                println!("next: run `khub invite` here and `khub join` on the other device");
             }
-            Ok(())
+            Command::Invite { home, timeout } => {
+                let device = Device::open(&home.path()?)?;
+                let invitation = device.invite().await?;
+                println!("code: {}", invitation.code().as_str());
+                std::io::stdout().flush()?;
+                eprintln!(
+                    "type this code on the other device with `khub join` (valid {timeout} s)"
+                );
+                let member = invitation.complete(Duration::from_secs(timeout)).await?;
+                println!("paired with {} ({})", member.name, member.id);
+                println!(
+                    "authentication string: {} (check the other screen shows the same)",
+                    member.sas
+                );
+            }
+            Command::Join {
+                home,
+                relay,
+                name,
+                timeout,
+            } => {
+                let code = read_code()?;
+                let (device, joined) = join(
+                    &home.path()?,
+                    &relay,
+                    &name,
+                    &code,
+                    Duration::from_secs(timeout),
+                )
+                .await?;
+                println!(
+                    "joined channel {} as {} ({})",
+                    device.channel(),
+                    device.name(),
+                    device.id()
+                );
+                println!(
+                    "paired with {} ({})",
+                    joined.inviter.name, joined.inviter.id
+                );
+                println!(
+                    "authentication string: {} (check the other screen shows the same)",
+                    joined.sas
+                );
+            }
+            Command::Send { home, text, wait } => {
+                let device = Device::open(&home.path()?)?;
+                let body = match text {
+                    Some(text) => text.into_bytes(),
+                    None => {
+                        let mut body = Vec::new();
+                        std::io::stdin().read_to_end(&mut body)?;
+                        body
+                    }
+                };
+                let session = device.connect();
+                match session.send(&body, Duration::from_secs(wait)).await? {
+                    Sent::Acked { seq } => println!("sent (relay seq {seq})"),
+                    Sent::Queued => println!(
+                        "queued offline: it goes out with the next `khub send` or `khub listen`"
+                    ),
+                }
+                session.close().await;
+            }
+            Command::Listen { home, json, drain } => {
+                let device = Device::open(&home.path()?)?;
+                if drain {
+                    device.sync().await?;
+                    while let Some(message) = device.next_unread()? {
+                        print_message(&message, json)?;
+                        device.mark_read(message.seq)?;
+                    }
+                } else {
+                    let session = device.connect();
+                    loop {
+                        let message = session.recv().await?;
+                        print_message(&message, json)?;
+                        device.mark_read(message.seq)?;
+                    }
+                }
+            }
+            Command::Devices { home } => {
+                let device = Device::open(&home.path()?)?;
+                let admitted = device.relay_devices().await.ok();
+                for member in device.members() {
+                    let mut notes = Vec::new();
+                    if member.id == device.id() {
+                        notes.push("this device");
+                    }
+                    if admitted
+                        .as_ref()
+                        .is_some_and(|ids| !ids.contains(&member.id))
+                    {
+                        notes.push("not admitted at the relay");
+                    }
+                    let notes = if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", notes.join(", "))
+                    };
+                    println!("{}  {}{notes}", member.id, member.name);
+                }
+            }
+            Command::Remove { home, device: id } => {
+                let device = Device::open(&home.path()?)?;
+                let id = id.parse().context("not a device id: see `khub devices`")?;
+                device.remove(id).await?;
+                println!("removed {id}; the channel key was rotated");
+            }
+            Command::Serve(_) | Command::Vectors { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
         }
+        Ok(())
+    }
+
+    /// The code, from a prompt on a terminal or a line on stdin — never argv.
+    fn read_code() -> anyhow::Result<Code> {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprint!("Enter the code shown on the other device: ");
+            std::io::stderr().flush()?;
+        }
+        let mut line = zeroize::Zeroizing::new(String::new());
+        stdin.lock().read_line(&mut line)?;
+        if line.trim().is_empty() {
+            bail!("no code given: type the code shown on the other device (like 42-7QK3-M9TZ)");
+        }
+        Ok(Code::parse(&line)?)
+    }
+
+    fn print_message(message: &Message, json: bool) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        let text = std::str::from_utf8(&message.body).ok();
+        if json {
+            let mut object = serde_json::json!({
+                "from": message.from.to_string(),
+                "from_name": message.from_name,
+                "seq": message.seq,
+            });
+            match text {
+                Some(text) => object["text"] = text.into(),
+                None => object["body_b64"] = khub::protocol::b64::encode(&message.body).into(),
+            }
+            writeln!(out, "{object}")?;
+        } else {
+            match text {
+                Some(text) => writeln!(out, "{}: {text}", message.from_name)?,
+                None => writeln!(out, "{}: <{} bytes>", message.from_name, message.body.len())?,
+            }
+        }
+        out.flush()?;
+        Ok(())
     }
 }
 

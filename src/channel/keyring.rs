@@ -36,22 +36,22 @@ use super::member::Member;
 use super::welcome::Welcome;
 
 /// The key and members of one epoch.
-struct EpochState {
+pub(super) struct EpochState {
     /// The key this device seals with, and the first tried when opening.
-    key: ChannelKey,
+    pub(super) key: ChannelKey,
     /// Keys this epoch had before a concurrent proposal changed it: envelopes a
     /// member sealed before it saw every proposal still open.
-    earlier_keys: Vec<ChannelKey>,
-    members: BTreeMap<DeviceId, Member>,
+    pub(super) earlier_keys: Vec<ChannelKey>,
+    pub(super) members: BTreeMap<DeviceId, Member>,
     /// The rekey proposals that started this epoch, sorted by precedence. Empty
     /// for an epoch created or welcomed into locally.
-    proposals: Vec<Proposal>,
+    pub(super) proposals: Vec<Proposal>,
 }
 
 /// One member's proposal for an epoch's key.
-struct Proposal {
-    precedence: (DeviceId, [u8; 32]),
-    key: ChannelKey,
+pub(super) struct Proposal {
+    pub(super) precedence: (DeviceId, [u8; 32]),
+    pub(super) key: ChannelKey,
 }
 
 /// An envelope that opened: its routing fields, plaintext and what its sequence
@@ -132,14 +132,14 @@ pub enum KeyringError {
 
 /// One device's keys and view of its channel.
 pub struct Keyring {
-    channel: ChannelId,
-    me: DeviceId,
-    secret: DeviceSecret,
-    epochs: BTreeMap<Epoch, EpochState>,
+    pub(super) channel: ChannelId,
+    pub(super) me: DeviceId,
+    pub(super) secret: DeviceSecret,
+    pub(super) epochs: BTreeMap<Epoch, EpochState>,
     /// Per-sender replay windows; a sender's numbers run across epochs.
-    windows: HashMap<DeviceId, ReplayWindow>,
+    pub(super) windows: HashMap<DeviceId, ReplayWindow>,
     /// Sequence number of this device's next envelope.
-    next_seq: u64,
+    pub(super) next_seq: u64,
 }
 
 impl Keyring {
@@ -231,6 +231,11 @@ impl Keyring {
         self.current().members.values()
     }
 
+    /// A member of any epoch this device holds, newest epoch first.
+    pub fn member(&self, id: &DeviceId) -> Option<&Member> {
+        self.epochs.values().rev().find_map(|e| e.members.get(id))
+    }
+
     /// The welcome a newly paired device receives. Call after [`add_member`](Self::add_member).
     pub fn welcome(&self) -> Welcome {
         let current = self.current();
@@ -274,17 +279,28 @@ impl Keyring {
         plaintext: &[u8],
         rng: &mut R,
     ) -> Result<Vec<u8>, SealError> {
-        let epoch = self.epoch();
+        self.seal_in(self.epoch(), plaintext, rng)
+    }
+
+    /// Seals `plaintext` in an epoch this device holds (the current one, or an
+    /// earlier one: a rekey travels under the key the other members still use).
+    pub fn seal_in<R: rand::CryptoRng + ?Sized>(
+        &mut self,
+        epoch: Epoch,
+        plaintext: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>, SealError> {
+        let state = self
+            .epochs
+            .get(&epoch)
+            .ok_or(SealError::UnknownEpoch(epoch))?;
         let header = EnvelopeHeader {
             channel: self.channel,
             epoch,
             sender: self.me,
             seq: self.next_seq,
         };
-        let key = self
-            .current()
-            .key
-            .sender_key(&self.channel, epoch, &self.me);
+        let key = state.key.sender_key(&self.channel, epoch, &self.me);
         let sealed = envelope::seal(&key, &header, plaintext, rng)?;
         self.next_seq += 1;
         Ok(sealed)

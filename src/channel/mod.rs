@@ -3,6 +3,7 @@
 
 pub mod keyring;
 pub mod member;
+mod persist;
 pub mod welcome;
 
 pub use keyring::{Keyring, KeyringError, Opened, RekeyOutcome};

@@ -186,6 +186,9 @@ pub enum SealError {
     /// Sequence number 0 is reserved (numbers start at 1).
     #[error("sequence numbers start at 1")]
     ZeroSeq,
+    /// The device holds no key for that epoch.
+    #[error("this device holds no key for epoch {0}")]
+    UnknownEpoch(crate::ids::Epoch),
 }
 
 /// Padmé length for a plaintext of `len` bytes plus the marker byte: at most 12%

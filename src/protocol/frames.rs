@@ -72,6 +72,10 @@ pub enum ServerFrame {
         message: String,
         /// Whether the session ends (a close frame follows).
         fatal: bool,
+        /// For a refused publish: the envelope's sender sequence number, when
+        /// its header could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sender_seq: Option<u64>,
     },
 }
 
@@ -87,6 +91,7 @@ impl ServerFrame {
             code,
             message: message.into(),
             fatal: code.close_code().is_some(),
+            sender_seq: None,
         }
     }
 }

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use super::Relay;
 use super::hub::{Ready, store_error};
 use super::metrics::Metrics;
+use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{
     ClientFrame, CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, ServerFrame,
@@ -57,6 +58,7 @@ fn fatal(code: ErrorCode, message: impl Into<String>) -> End {
             code,
             message: message.into(),
             fatal: true,
+            sender_seq: None,
         }),
     )
 }
@@ -282,6 +284,7 @@ where
                             }
                             Err(e) => return e.into(),
                         };
+                        let sender_seq = EnvelopeHeader::decode(&envelope).ok().map(|h| h.seq);
                         let reply = match hub.publish(channel, device, Bytes::from(envelope)).await {
                             Ok(published) => {
                                 known_head = known_head.max(published.seq);
@@ -293,7 +296,12 @@ where
                             }
                             Err(e) => {
                                 debug!(code = e.code.as_str(), "publish refused");
-                                ServerFrame::Error { code: e.code, message: e.message, fatal: false }
+                                ServerFrame::Error {
+                                    code: e.code,
+                                    message: e.message,
+                                    fatal: false,
+                                    sender_seq,
+                                }
                             }
                         };
                         if ws.send(text(&reply)).await.is_err() {

@@ -39,7 +39,18 @@ impl TestRelay {
     }
 
     pub async fn start_with(store: Arc<dyn Store>, config: RelayConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), store, config)
+            .await
+            .unwrap()
+    }
+
+    /// On a given address (to restart a relay where its devices expect it).
+    pub async fn start_on(
+        addr: SocketAddr,
+        store: Arc<dyn Store>,
+        config: RelayConfig,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().unwrap();
         let relay = Relay::new(store, config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -50,12 +61,12 @@ impl TestRelay {
                 let _ = stopped.await;
             },
         ));
-        Self {
+        Ok(Self {
             addr,
             relay,
             stop: Some(stop),
             task: Some(task),
-        }
+        })
     }
 
     /// Graceful shutdown, waited for.

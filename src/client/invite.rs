@@ -1,0 +1,336 @@
+//! Pairing through the relay's mailbox: [`Device::invite`] on the device that
+//! shows the code, [`join`] on the device the code is typed into. Both drive the
+//! pure state machines of [`crate::pairing`]; this file only moves their bytes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use warp::http::Method;
+use zeroize::Zeroizing;
+
+use super::control::Control;
+use super::device::Device;
+use super::error::ClientError;
+use super::http::{REQUEST_TIMEOUT, RelayAddr};
+use crate::channel::{Keyring, Member, validate_name};
+use crate::crypto::os_rng;
+use crate::crypto::pairwise::DeviceSecret;
+use crate::crypto::token::AccessToken;
+use crate::ids::DeviceId;
+use crate::pairing::{
+    AbortReason, AwaitingResponse, Code, DeviceInfo, Inviter, Joiner, Message, Nameplate,
+    PairingError, Sas,
+};
+use crate::protocol::{
+    AdmitDevice, B64, CLAIM_HEADER, DeviceList, OpenSlot, PairMessage, PairMessages, SlotClaimed,
+    SlotOpened, b64,
+};
+
+/// Longest single long-poll.
+const POLL: Duration = Duration::from_secs(25);
+
+/// Who spoke to the mailbox: the inviter's credentials or the joiner's claim.
+struct Mailbox<'a> {
+    relay: &'a RelayAddr,
+    nameplate: u32,
+    header: (&'static str, Zeroizing<String>),
+}
+
+impl Mailbox<'_> {
+    async fn post(&self, message: &[u8]) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&PairMessage {
+            message: B64(message.to_vec()),
+        })
+        .expect("serialises");
+        let path = format!("/pair/{}/messages", self.nameplate);
+        self.relay
+            .send(
+                Method::POST,
+                &path,
+                &[(self.header.0, self.header.1.as_str())],
+                Some(body),
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// The message at index `index` from the other side, waiting until `deadline`.
+    async fn receive(
+        &self,
+        index: usize,
+        deadline: Instant,
+        waited: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::PairingTimeout(waited));
+            }
+            let wait = left.min(POLL).as_secs().max(1);
+            let path = format!(
+                "/pair/{}/messages?after={index}&wait={wait}",
+                self.nameplate
+            );
+            let got: PairMessages = self
+                .relay
+                .json(
+                    Method::GET,
+                    &path,
+                    &[(self.header.0, self.header.1.as_str())],
+                    None::<&()>,
+                    Duration::from_secs(wait + 10),
+                )
+                .await?;
+            if let Some(B64(message)) = got.messages.into_iter().next() {
+                return Ok(message);
+            }
+            if got.closed {
+                return Err(ClientError::Pairing(PairingError::PeerAborted(
+                    AbortReason::Cancelled,
+                )));
+            }
+        }
+    }
+
+    /// Tells the other side why, and ends the slot. Best effort: the pairing
+    /// has already failed.
+    async fn abort(&self, reason: AbortReason) {
+        let _ = self.post(&Message::Abort(reason).encode()).await;
+        self.end().await;
+    }
+
+    async fn end(&self) {
+        let path = format!("/pair/{}", self.nameplate);
+        let _ = self
+            .relay
+            .send(
+                Method::DELETE,
+                &path,
+                &[(self.header.0, self.header.1.as_str())],
+                None,
+                REQUEST_TIMEOUT,
+            )
+            .await;
+    }
+}
+
+fn inviter_mailbox<'a>(device: &'a Device, code: &Code) -> Mailbox<'a> {
+    Mailbox {
+        relay: &device.inner.relay,
+        nameplate: code.nameplate().get(),
+        header: ("authorization", device.auth_header()),
+    }
+}
+
+/// A code being shown, waiting for the other device.
+pub struct Invitation {
+    device: Device,
+    code: Code,
+    state: AwaitingResponse,
+}
+
+/// The device that joined.
+#[derive(Debug, Clone)]
+pub struct NewMember {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// The short authentication string both screens show.
+    pub sas: Sas,
+}
+
+impl Device {
+    /// Opens a pairing slot and makes the code to show. Complete it with
+    /// [`Invitation::complete`].
+    pub async fn invite(&self) -> Result<Invitation, ClientError> {
+        if self.is_removed() {
+            return Err(ClientError::Revoked);
+        }
+        let mut rng = os_rng();
+        let mut sid = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rng, &mut sid);
+        let auth = self.auth_header();
+        let opened: SlotOpened = self
+            .inner
+            .relay
+            .json(
+                Method::POST,
+                "/pair",
+                &[("authorization", &auth)],
+                Some(&OpenSlot { sid }),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        let nameplate =
+            Nameplate::new(opened.nameplate).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let code = Code::generate(nameplate, &mut rng);
+        let (state, start) = Inviter::start(&code, sid, &mut rng);
+        inviter_mailbox(self, &code).post(&start).await?;
+        Ok(Invitation {
+            device: self.clone(),
+            code,
+            state,
+        })
+    }
+}
+
+impl Invitation {
+    /// The code to show, like `42-7QK3-M9TZ`. Show it; never log it.
+    pub fn code(&self) -> Zeroizing<String> {
+        self.code.display()
+    }
+
+    /// Waits up to `timeout` for the other device, confirms the code, admits the
+    /// device at the relay, tells the other members, and sends the welcome.
+    pub async fn complete(self, timeout: Duration) -> Result<NewMember, ClientError> {
+        let Invitation {
+            device,
+            code,
+            state,
+        } = self;
+        let device = &device;
+        let mailbox = inviter_mailbox(device, &code);
+        let deadline = Instant::now() + timeout;
+        let response = match mailbox.receive(0, deadline, timeout.as_secs()).await {
+            Ok(response) => response,
+            Err(e) => {
+                mailbox.abort(AbortReason::Cancelled).await;
+                return Err(e);
+            }
+        };
+        let admission = match state.receive(&response) {
+            Ok(admission) => admission,
+            Err(e) => {
+                mailbox.abort(e.abort_reason()).await;
+                return Err(e.into());
+            }
+        };
+        let joiner = admission.joiner().clone();
+        let admit = AdmitDevice {
+            device: joiner.member.id,
+            token_hash: crate::crypto::token::TokenHash(joiner.token_hash),
+        };
+        let auth = device.auth_header();
+        let path = format!("/channels/{}/devices", device.channel());
+        let admitted: Result<DeviceList, _> = device
+            .inner
+            .relay
+            .json(
+                Method::POST,
+                &path,
+                &[("authorization", &auth)],
+                Some(&admit),
+                REQUEST_TIMEOUT,
+            )
+            .await;
+        if let Err(e) = admitted {
+            mailbox.abort(AbortReason::Refused).await;
+            return Err(e);
+        }
+        let welcome = {
+            let mut guard = device.lock();
+            let state = &mut *guard;
+            state
+                .keyring
+                .add_member(joiner.member.clone())
+                .map_err(|e| ClientError::State(e.to_string()))
+                .and_then(|()| state.db.save_keyring(&state.keyring))
+                .map(|()| state.keyring.welcome())
+        };
+        let welcome = match welcome {
+            Ok(welcome) => welcome,
+            Err(e) => {
+                mailbox.abort(AbortReason::Refused).await;
+                return Err(e);
+            }
+        };
+        // The other members learn of the new device before it can say anything.
+        device.queue_control(&Control::MemberAdded(joiner.member.clone()), None)?;
+        if let Err(e) = device.sync().await {
+            tracing::warn!(error = %e, "the member announcement stays queued");
+        }
+        let (finish, paired) = admission.finish(&welcome, &mut os_rng());
+        mailbox.post(&finish).await?;
+        mailbox.end().await;
+        Ok(NewMember {
+            id: joiner.member.id,
+            name: joiner.member.name,
+            sas: paired.keys.sas,
+        })
+    }
+}
+
+/// What a joining device learns.
+#[derive(Debug, Clone)]
+pub struct JoinedChannel {
+    /// The member that showed the code.
+    pub inviter: Member,
+    /// The short authentication string both screens show.
+    pub sas: Sas,
+}
+
+/// Pairs a new device named `name` using `code` (typed by a person), through the
+/// relay at `relay_url`, and stores it in `home`.
+pub async fn join(
+    home: &Path,
+    relay_url: &str,
+    name: &str,
+    code: &Code,
+    timeout: Duration,
+) -> Result<(Device, JoinedChannel), ClientError> {
+    validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
+    if home.join(super::state::STATE_FILE).exists() {
+        return Err(ClientError::AlreadyInitialized(home.display().to_string()));
+    }
+    let relay = RelayAddr::parse(relay_url)?;
+    let deadline = Instant::now() + timeout;
+    let mut rng = os_rng();
+    let secret = DeviceSecret::generate(&mut rng);
+    let me = Member {
+        id: DeviceId::random(&mut rng),
+        public_key: secret.public_key(),
+        name: name.to_owned(),
+    };
+    let token = AccessToken::generate(&mut rng);
+
+    let path = format!("/pair/{}/claim", code.nameplate());
+    let claimed: SlotClaimed = relay
+        .json(Method::POST, &path, &[], None::<&()>, REQUEST_TIMEOUT)
+        .await?;
+    let mailbox = Mailbox {
+        relay: &relay,
+        nameplate: code.nameplate().get(),
+        header: (
+            CLAIM_HEADER,
+            Zeroizing::new(b64::encode(claimed.claim.expose())),
+        ),
+    };
+    let start = mailbox.receive(0, deadline, timeout.as_secs()).await?;
+    let info = DeviceInfo::new(me.clone(), token.expose());
+    let (awaiting, response) = match Joiner::respond(code, claimed.sid, &start, &info, &mut rng) {
+        Ok(ok) => ok,
+        Err(e) => {
+            mailbox.abort(e.abort_reason()).await;
+            return Err(e.into());
+        }
+    };
+    mailbox.post(&response).await?;
+    let finish = mailbox.receive(1, deadline, timeout.as_secs()).await?;
+    let joined = match awaiting.receive(&finish) {
+        Ok(joined) => joined,
+        Err(e) => {
+            mailbox.abort(e.abort_reason()).await;
+            return Err(e.into());
+        }
+    };
+    mailbox.end().await;
+    let inviter = joined.inviter().clone();
+    let sas = joined.keys.sas.clone();
+    let keyring = Keyring::from_welcome(joined.welcome, me.id, secret)
+        .ok_or_else(|| ClientError::Protocol("the welcome does not list this device".into()))?;
+    let device = Device::store_new(home, relay, name, token, keyring)?;
+    Ok((device, JoinedChannel { inviter, sas }))
+}

@@ -1,0 +1,53 @@
+//! The client SDK: what an app embeds to be a device of a channel.
+//!
+//! - [`Device`]: identity, keys and state on disk (one SQLite file, mode 0600);
+//!   [`Device::create`] makes a channel, [`join`] pairs into one,
+//!   [`Device::invite`] shows a code for another device.
+//! - [`Session`]: a live connection that reconnects with backoff and jitter,
+//!   resumes from the cursor and resends the outbox; [`Session::send`] and
+//!   [`Session::recv`].
+//! - [`Device::sync`]: a one-shot catch-up over HTTP for apps that wake briefly.
+//! - [`ClientError::is_transient`] tells retryable trouble from errors that
+//!   need a person.
+//!
+//! Every message is sealed before it leaves [`Device::queue`]; the relay only
+//! ever sees envelopes. A message accepted by `queue`/`send` is in the durable
+//! outbox and is delivered after a crash and restart; the relay stores it once
+//! however often it is resent. Received messages wait in the inbox until the
+//! app calls [`Device::mark_read`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use khub::client::{Device, Sent};
+//!
+//! # async fn demo() -> Result<(), khub::client::ClientError> {
+//! // On the laptop: a new channel, and a code for the phone.
+//! let laptop = Device::create("/tmp/laptop".as_ref(), "http://127.0.0.1:3000", "laptop").await?;
+//! let invitation = laptop.invite().await?;
+//! println!("type this on the phone: {}", invitation.code().as_str());
+//! let phone = invitation.complete(Duration::from_secs(300)).await?;
+//! println!("paired with {} — check both screens show {}", phone.name, phone.sas);
+//!
+//! // Send and receive.
+//! let session = laptop.connect();
+//! if let Sent::Queued = session.send(b"hello from the laptop", Duration::from_secs(10)).await? {
+//!     println!("offline: it goes out with the next connection");
+//! }
+//! let message = session.recv().await?;
+//! println!("{}: {}", message.from_name, String::from_utf8_lossy(&message.body));
+//! laptop.mark_read(message.seq)?;
+//! # Ok(()) }
+//! ```
+
+pub mod control;
+pub mod device;
+pub mod error;
+pub mod http;
+pub mod invite;
+pub mod session;
+pub mod state;
+
+pub use device::{Device, Message};
+pub use error::ClientError;
+pub use invite::{Invitation, JoinedChannel, NewMember, join};
+pub use session::{Sent, Session, Status};

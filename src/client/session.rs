@@ -1,0 +1,386 @@
+//! A live connection to the relay that survives network trouble: it reconnects
+//! with exponential backoff and jitter, resumes from the device's cursor, and
+//! resends every envelope still in the outbox (the relay stores each once).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tracing::{debug, info, warn};
+
+use super::device::{Device, Message};
+use super::error::ClientError;
+use crate::crypto::os_rng;
+use crate::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame};
+
+/// First retry delay; doubles per failed attempt.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Time allowed to connect and get `ready`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a session stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Connecting, or waiting to retry (attempt 0 is the first).
+    Connecting {
+        /// Failed attempts so far.
+        attempt: u32,
+    },
+    /// Connected; the relay's head when the session started.
+    Live {
+        /// The channel's newest sequence number at `ready`.
+        head: u64,
+    },
+    /// Stopped for good: the error needs a person (removed, unauthorized).
+    Failed(ClientError),
+    /// Closed by the app.
+    Closed,
+}
+
+/// What happened to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The relay stored it under this sequence number.
+    Acked {
+        /// Relay sequence number.
+        seq: u64,
+    },
+    /// Not acked in time (offline); it stays in the outbox and goes out with
+    /// the next connection.
+    Queued,
+}
+
+/// A live connection; messages arrive through [`recv`](Self::recv).
+pub struct Session {
+    device: Device,
+    wake: mpsc::UnboundedSender<()>,
+    status: watch::Receiver<Status>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Device {
+    /// Starts a live session in the background.
+    pub fn connect(&self) -> Session {
+        let (wake, wake_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(Status::Connecting { attempt: 0 });
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(self.clone(), wake_rx, status_tx, stop_rx));
+        Session {
+            device: self.clone(),
+            wake,
+            status,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+impl Session {
+    /// The session's state now.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
+    pub async fn send(&self, body: &[u8], wait: Duration) -> Result<Sent, ClientError> {
+        let sender_seq = self.device.queue(body)?;
+        let _ = self.wake.send(());
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut status = self.status.clone();
+        loop {
+            let notified = self.device.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(seq) = self
+                .device
+                .inner
+                .acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&sender_seq)
+            {
+                return Ok(Sent::Acked { seq: *seq });
+            }
+            if let Status::Failed(e) = &*status.borrow() {
+                return Err(e.clone());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = status.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Sent::Queued),
+            }
+        }
+    }
+
+    /// The next message the app has not marked read, waiting for one. Call
+    /// [`Device::mark_read`] once it is handled; unread messages come back after
+    /// a restart.
+    pub async fn recv(&self) -> Result<Message, ClientError> {
+        let mut status = self.status.clone();
+        let mut last_returned = 0;
+        loop {
+            let notified = self.device.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(message) = self.device.next_unread()? {
+                if message.seq > last_returned {
+                    return Ok(message);
+                }
+                last_returned = message.seq;
+            }
+            if let Status::Failed(e) = &*status.borrow() {
+                return Err(e.clone());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = status.changed() => {}
+            }
+        }
+    }
+
+    /// Waits until the session has taken in everything the relay had when it
+    /// connected.
+    pub async fn caught_up(&self, timeout: Duration) -> Result<(), ClientError> {
+        let wait = async {
+            let mut status = self.status.clone();
+            loop {
+                let notified = self.device.inner.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match &*status.borrow() {
+                    Status::Live { head } if self.device.cursor() >= *head => return Ok(()),
+                    Status::Failed(e) => return Err(e.clone()),
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = status.changed() => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout.as_secs()))?
+    }
+
+    /// Stops the session.
+    pub async fn close(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The delay before retry `attempt` (1-based): exponential, capped, with jitter
+/// between half and all of it, so a relay restart is not met by every device at
+/// the same instant.
+pub fn backoff(attempt: u32) -> Duration {
+    let exponential = BACKOFF_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exponential.min(BACKOFF_MAX);
+    let fraction = 0.5 + 0.5 * (rand::Rng::next_u32(&mut os_rng()) as f64 / u32::MAX as f64);
+    capped.mul_f64(fraction)
+}
+
+async fn run(
+    device: Device,
+    mut wake: mpsc::UnboundedReceiver<()>,
+    status: watch::Sender<Status>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            result = connection(&device, &mut wake, &status, &mut attempt) => result,
+            _ = &mut stop => {
+                status.send_replace(Status::Closed);
+                return;
+            }
+        };
+        match result {
+            Err(e) if !e.is_transient() => {
+                warn!(error = %e, "session stopped");
+                status.send_replace(Status::Failed(e));
+                return;
+            }
+            Err(e) => debug!(error = %e, attempt, "connection lost; retrying"),
+            Ok(()) => {}
+        }
+        attempt = attempt.saturating_add(1);
+        status.send_replace(Status::Connecting { attempt });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+            _ = &mut stop => {
+                status.send_replace(Status::Closed);
+                return;
+            }
+        }
+    }
+}
+
+fn unreachable(device: &Device, detail: impl std::fmt::Display) -> ClientError {
+    ClientError::Unreachable {
+        relay: device.relay_url().to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// One connection: hello, resend the outbox, then deliveries and acks until
+/// it breaks. Returns the reason it ended.
+async fn connection(
+    device: &Device,
+    wake: &mut mpsc::UnboundedReceiver<()>,
+    status: &watch::Sender<Status>,
+    attempt: &mut u32,
+) -> Result<(), ClientError> {
+    let url = device.inner.relay.ws_url();
+    let (mut ws, _) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?
+    .map_err(|e| unreachable(device, e))?;
+    let hello = ClientFrame::Hello {
+        v: PROTOCOL_VERSION,
+        channel: device.channel(),
+        device: device.id(),
+        token: device.inner.token.duplicate(),
+        cursor: device.cursor(),
+    };
+    ws.send(WsMessage::Text(hello.to_text().into()))
+        .await
+        .map_err(|e| unreachable(device, e))?;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, ws.next())
+        .await
+        .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
+    let head = match first {
+        Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
+            Ok(ServerFrame::Ready { head, .. }) => head,
+            Ok(ServerFrame::Error { code, message, .. }) => {
+                return Err(refusal(code, message, &mut ws).await);
+            }
+            _ => return Err(ClientError::Protocol("expected ready".into())),
+        },
+        Some(Ok(WsMessage::Close(frame))) => {
+            return Err(closed(device, frame.map(|f| u16::from(f.code))));
+        }
+        Some(Err(e)) => return Err(unreachable(device, e)),
+        _ => return Err(unreachable(device, "connection closed during hello")),
+    };
+    *attempt = 0;
+    status.send_replace(Status::Live { head });
+    info!(head, cursor = device.cursor(), "session live");
+
+    let mut sent_up_to = 0;
+    publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+    loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                let text = match incoming {
+                    Some(Ok(WsMessage::Text(text))) => text,
+                    Some(Ok(WsMessage::Close(frame))) => return Err(closed(device, frame.map(|f| u16::from(f.code)))),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(unreachable(device, e)),
+                    None => return Err(unreachable(device, "connection closed")),
+                };
+                match serde_json::from_str::<ServerFrame>(&text) {
+                    Ok(ServerFrame::Deliver { seq, envelope }) => {
+                        device.ingest(seq, &envelope)?;
+                        if device.is_removed() {
+                            return Err(ClientError::Revoked);
+                        }
+                    }
+                    Ok(ServerFrame::Ack { sender_seq, seq, .. }) => device.acked(sender_seq, seq)?,
+                    Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
+                        warn!(code = code.as_str(), %message, "the relay refused a message");
+                        // Over quota may clear; anything else will never be accepted.
+                        if let (Some(sender_seq), false) = (sender_seq, code == ErrorCode::OverQuota) {
+                            device.lock().db.acked(sender_seq)?;
+                        }
+                    }
+                    Ok(ServerFrame::Error { code, message, fatal: true, .. }) => return Err(refusal(code, message, &mut ws).await),
+                    Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
+                }
+            }
+            Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
+        }
+    }
+}
+
+/// Publishes the outbox entries not yet sent on this connection, oldest first.
+async fn publish_outbox<S>(
+    device: &Device,
+    ws: &mut S,
+    sent_up_to: &mut u64,
+) -> Result<(), ClientError>
+where
+    S: futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let from = *sent_up_to;
+    for (sender_seq, envelope) in device.outbox()?.into_iter().filter(|(s, _)| *s > from) {
+        let frame = ClientFrame::Publish { envelope };
+        ws.send(WsMessage::Text(frame.to_text().into()))
+            .await
+            .map_err(|e| unreachable(device, e))?;
+        *sent_up_to = sender_seq;
+    }
+    Ok(())
+}
+
+/// A fatal error frame: read the close that follows for the precise reason.
+async fn refusal<S>(code: ErrorCode, message: String, ws: &mut S) -> ClientError
+where
+    S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+{
+    if let Ok(Some(Ok(WsMessage::Close(Some(frame))))) =
+        tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+        && u16::from(frame.code) == 4003
+    {
+        return ClientError::Revoked;
+    }
+    match code {
+        ErrorCode::Unauthorized => ClientError::Unauthorized,
+        other => ClientError::Relay {
+            code: other.as_str().to_owned(),
+            message,
+            status: 0,
+        },
+    }
+}
+
+/// Maps a close code onto an error: removal and bad credentials are fatal,
+/// everything else (shutdown, slow, idle) is worth a reconnect.
+fn closed(device: &Device, code: Option<u16>) -> ClientError {
+    match code {
+        Some(4003) => ClientError::Revoked,
+        Some(4001) => ClientError::Unauthorized,
+        other => unreachable(
+            device,
+            format!(
+                "the relay closed the session ({})",
+                other.map_or("no code".into(), |c| c.to_string())
+            ),
+        ),
+    }
+}

@@ -1,0 +1,411 @@
+//! The client SDK against an in-process relay: pairing, durable sends across
+//! crashes, reconnect storms, resuming from the cursor, removal, and state on disk.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::net::{STEP, TestRelay};
+use khub::client::{ClientError, Device, Sent, Session, Status, join};
+use khub::crypto::os_rng;
+use khub::pairing::Code;
+use khub::relay::config::RelayConfig;
+use khub::relay::store::sqlite::SqliteStore;
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "khub-client-{}-{}",
+        std::process::id(),
+        khub::ids::DeviceId::random(&mut os_rng())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// A channel of a first device plus `others`, each joined through the relay.
+async fn devices(addr: SocketAddr, dir: &Path, names: &[&str]) -> Vec<Device> {
+    let first = Device::create(&dir.join(names[0]), &url(addr), names[0])
+        .await
+        .unwrap();
+    let mut all = vec![first];
+    for name in &names[1..] {
+        let inviter = all[0].clone();
+        let invitation = inviter.invite().await.unwrap();
+        let code = Code::parse(&invitation.code()).unwrap();
+        let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
+        let (device, joined) = join(
+            &dir.join(name),
+            &url(addr),
+            name,
+            &code,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        let member = completing.await.unwrap().unwrap();
+        assert_eq!(member.sas, joined.sas);
+        all.push(device);
+    }
+    all
+}
+
+async fn recv(session: &Session, device: &Device) -> (String, String) {
+    let message = tokio::time::timeout(STEP, session.recv())
+        .await
+        .expect("message in time")
+        .unwrap();
+    device.mark_read(message.seq).unwrap();
+    (message.from_name, String::from_utf8(message.body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_pair_and_exchange_messages_once_in_order() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = tempdir();
+    let d = devices(relay.addr, &dir, &["laptop", "phone", "tablet"]).await;
+    let (sa, sb, sc) = (d[0].connect(), d[1].connect(), d[2].connect());
+    for i in 0..10 {
+        assert!(matches!(
+            sa.send(format!("a{i}").as_bytes(), STEP).await.unwrap(),
+            Sent::Acked { .. }
+        ));
+    }
+    assert!(matches!(
+        sc.send(b"from the tablet", STEP).await.unwrap(),
+        Sent::Acked { .. }
+    ));
+    for i in 0..10 {
+        assert_eq!(recv(&sb, &d[1]).await, ("laptop".into(), format!("a{i}")));
+    }
+    assert_eq!(
+        recv(&sb, &d[1]).await,
+        ("tablet".into(), "from the tablet".into())
+    );
+    // The laptop learned the tablet's name from the announcement when it joined.
+    assert_eq!(
+        recv(&sa, &d[0]).await,
+        ("tablet".into(), "from the tablet".into())
+    );
+    for device in &d {
+        assert_eq!(
+            device.members().len(),
+            3,
+            "{} knows everyone",
+            device.name()
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_queued_before_a_crash_is_delivered_once_after_restart() {
+    let dir = tempdir();
+    let db = dir.join("relay.sqlite3");
+    let relay = TestRelay::start_with(
+        Arc::new(SqliteStore::open(&db).unwrap()),
+        RelayConfig::default(),
+    )
+    .await;
+    let addr = relay.addr;
+    let d = devices(addr, &dir, &["laptop", "phone"]).await;
+    relay.stop().await;
+
+    // Relay down: the send is accepted into the durable outbox, then the app "crashes".
+    {
+        let session = d[0].connect();
+        assert_eq!(
+            session
+                .send(b"written offline", Duration::from_millis(500))
+                .await
+                .unwrap(),
+            Sent::Queued
+        );
+        assert!(matches!(session.status(), Status::Connecting { .. }));
+    }
+    let laptop_home = d[0].home().to_owned();
+    drop(d);
+
+    // Restart: the relay on the same file and port, the app from its state.
+    let relay = start_on(addr, &db).await;
+    let laptop = Device::open(&laptop_home).unwrap();
+    assert_eq!(laptop.pending().unwrap(), 1);
+    let phone = Device::open(&dir.join("phone")).unwrap();
+    let (sa, sb) = (laptop.connect(), phone.connect());
+    assert_eq!(
+        recv(&sb, &phone).await,
+        ("laptop".into(), "written offline".into())
+    );
+    sa.caught_up(STEP).await.unwrap();
+    wait_until(|| laptop.pending().unwrap() == 0).await;
+
+    // Stored by the relay but the ack lost (a crash between the relay's commit
+    // and the app's bookkeeping): the relay already has the envelope, the
+    // outbox still holds it. The resend is acked as a duplicate.
+    sa.close().await;
+    laptop.queue(b"acked twice").unwrap();
+    let state = rusqlite::Connection::open(laptop_home.join("device.sqlite3")).unwrap();
+    let envelope: Vec<u8> = state
+        .query_row("SELECT envelope FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    let token: Vec<u8> = state
+        .query_row("SELECT token FROM identity", [], |r| r.get(0))
+        .unwrap();
+    let credentials = khub::protocol::Credentials {
+        channel: laptop.channel(),
+        device: laptop.id(),
+        token: khub::crypto::token::AccessToken::from_slice(&token).unwrap(),
+    };
+    let body =
+        serde_json::json!({"cursor": 0, "publish": [khub::protocol::b64::encode(&envelope)]});
+    let first = common::net::post_json(
+        addr,
+        "/sync",
+        &[("authorization", &credentials.to_header())],
+        &body,
+    )
+    .await;
+    assert_eq!(first.json()["acks"][0]["duplicate"], false);
+    assert_eq!(laptop.pending().unwrap(), 1);
+    laptop.sync().await.unwrap();
+    assert_eq!(laptop.pending().unwrap(), 0, "the duplicate was acked");
+    let sa = laptop.connect();
+    sa.caught_up(STEP).await.unwrap();
+    assert_eq!(
+        recv(&sb, &phone).await,
+        ("laptop".into(), "acked twice".into())
+    );
+    let nothing_more = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await;
+    assert!(nothing_more.is_err(), "delivered exactly once");
+    relay.stop().await;
+}
+
+async fn start_on(addr: SocketAddr, db: &Path) -> TestRelay {
+    // The port was just freed; retry briefly if the OS has not released it yet.
+    for _ in 0..50 {
+        if let Ok(relay) = TestRelay::start_on(
+            addr,
+            Arc::new(SqliteStore::open(db).unwrap()),
+            RelayConfig::default(),
+        )
+        .await
+        {
+            return relay;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not rebind {addr}");
+}
+
+async fn wait_until(mut condition: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition not met in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_loses_and_duplicates_nothing() {
+    let dir = tempdir();
+    let db = dir.join("relay.sqlite3");
+    let relay = TestRelay::start_with(
+        Arc::new(SqliteStore::open(&db).unwrap()),
+        RelayConfig::default(),
+    )
+    .await;
+    let addr = relay.addr;
+    let d = devices(addr, &dir, &["laptop", "phone"]).await;
+    let (sa, sb) = (d[0].connect(), d[1].connect());
+    let mut relay = Some(relay);
+    let total = 60;
+    for i in 0..total {
+        // Every 10 messages the relay goes away and comes back.
+        if i % 10 == 5 {
+            relay.take().unwrap().stop().await;
+            relay = Some(start_on(addr, &db).await);
+        }
+        sa.send(format!("m{i}").as_bytes(), Duration::from_millis(200))
+            .await
+            .unwrap();
+    }
+    let mut received = Vec::new();
+    while received.len() < total {
+        received.push(recv(&sb, &d[1]).await.1);
+    }
+    assert_eq!(
+        received,
+        (0..total).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sb.recv())
+            .await
+            .is_err(),
+        "no duplicates"
+    );
+    wait_until(|| d[0].pending().unwrap() == 0).await;
+    relay.unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_from_its_cursor() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = tempdir();
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let sa = d[0].connect();
+    for i in 0..5 {
+        sa.send(format!("before {i}").as_bytes(), STEP)
+            .await
+            .unwrap();
+    }
+    let sb = d[1].connect();
+    for i in 0..5 {
+        assert_eq!(recv(&sb, &d[1]).await.1, format!("before {i}"));
+    }
+    sb.close().await;
+    let cursor = d[1].cursor();
+    for i in 0..5 {
+        sa.send(format!("after {i}").as_bytes(), STEP)
+            .await
+            .unwrap();
+    }
+    // The phone restarts from disk and gets only what it had not seen.
+    let phone = Device::open(d[1].home()).unwrap();
+    assert_eq!(phone.cursor(), cursor);
+    let sb = phone.connect();
+    for i in 0..5 {
+        assert_eq!(recv(&sb, &phone).await.1, format!("after {i}"));
+    }
+    // And the one-shot HTTP catch-up agrees: nothing new.
+    assert_eq!(phone.sync().await.unwrap(), 0);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_is_cut_off_and_cannot_read_what_follows() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = tempdir();
+    let d = devices(relay.addr, &dir, &["laptop", "phone", "tablet"]).await;
+    let tablet_session = d[2].connect();
+    tablet_session.caught_up(STEP).await.unwrap();
+    d[0].remove(d[2].id()).await.unwrap();
+
+    // Its live session ends with a fatal, non-transient error.
+    let error = tokio::time::timeout(STEP, tablet_session.recv())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error, ClientError::Revoked);
+    assert!(!error.is_transient());
+    assert!(matches!(
+        d[2].sync().await,
+        Err(ClientError::Unauthorized | ClientError::Revoked)
+    ));
+
+    // What the others say next is sealed under the new epoch.
+    let sa = d[0].connect();
+    sa.send(b"after the tablet left", STEP).await.unwrap();
+    let sb = d[1].connect();
+    assert_eq!(recv(&sb, &d[1]).await.1, "after the tablet left");
+    assert_eq!(d[1].members().len(), 2);
+
+    // The tablet's own keys open nothing of it, even handed the relay's whole log.
+    let state = rusqlite::Connection::open(d[2].home().join("device.sqlite3")).unwrap();
+    let blob: Vec<u8> = state
+        .query_row("SELECT keyring FROM identity", [], |r| r.get(0))
+        .unwrap();
+    let mut tablet_keys = khub::channel::Keyring::import(&blob).unwrap();
+    let log = relay
+        .relay
+        .hub
+        .store
+        .read(d[0].channel(), 0, 1000)
+        .await
+        .unwrap();
+    let last = log.last().unwrap();
+    assert!(
+        tablet_keys.open(&last.envelope).is_err(),
+        "the removed device opened a message sent after its removal"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_classified_and_state_files_are_private() {
+    let dir = tempdir();
+    // Nothing listens on this port: transient.
+    let error = Device::create(&dir.join("x"), "http://127.0.0.1:9", "x")
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+    assert!(matches!(
+        Device::open(&dir.join("nothing")),
+        Err(ClientError::NotInitialized(_))
+    ));
+    // TLS URLs are refused with advice rather than failing obscurely.
+    let tls = khub::client::http::RelayAddr::parse("https://relay.example").unwrap_err();
+    assert!(tls.to_string().contains("TLS"), "{tls}");
+
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    assert!(matches!(
+        Device::create(d[0].home(), &url(relay.addr), "again").await,
+        Err(ClientError::AlreadyInitialized(_))
+    ));
+    // A wrong code: fatal, with the words the person needs.
+    let invitation = d[0].invite().await.unwrap();
+    let nameplate = Code::parse(&invitation.code()).unwrap().nameplate();
+    let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
+    let wrong = Code::parse(&format!("{nameplate}-AAAA-AAAA")).unwrap();
+    let joiner = join(
+        &dir.join("intruder"),
+        &url(relay.addr),
+        "intruder",
+        &wrong,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap_err();
+    let inviter = completing.await.unwrap().unwrap_err();
+    for error in [&joiner, &inviter] {
+        assert!(!error.is_transient());
+        assert!(
+            error
+                .to_string()
+                .contains("the code was wrong, or someone interfered"),
+            "{error}"
+        );
+    }
+    assert!(
+        !dir.join("intruder").join("device.sqlite3").exists(),
+        "nothing stored for a failed join"
+    );
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let home = d[0].home();
+        assert_eq!(
+            std::fs::metadata(home).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for entry in std::fs::read_dir(home).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                path.display()
+            );
+        }
+    }
+    relay.stop().await;
+}
