@@ -377,3 +377,67 @@ mod device_commands {
         assert_eq!(message["text"], "live");
     }
 }
+
+mod invite_timeout {
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn an_invite_nobody_answers_times_out_with_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("khub-cli-timeout-{}", std::process::id()));
+        let mut relay = Command::new(env!("CARGO_BIN_EXE_khub"))
+            .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(relay.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap()
+            .trim_end_matches(',');
+        // Every run is bounded: a hang fails the test instead of stalling it.
+        let khub = |args: &[&str]| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
+                .args(args)
+                .arg("--home")
+                .arg(&dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while child.try_wait().unwrap().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "khub {args:?} did not finish"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            child.wait_with_output().unwrap()
+        };
+        assert!(
+            khub(&[
+                "init",
+                "--relay",
+                &format!("http://{addr}"),
+                "--name",
+                "laptop"
+            ])
+            .status
+            .success()
+        );
+        let invite = khub(&["invite", "--timeout", "1"]);
+        assert!(!invite.status.success());
+        assert!(String::from_utf8_lossy(&invite.stdout).starts_with("code: "));
+        assert!(String::from_utf8_lossy(&invite.stderr).contains("nobody entered the code"));
+        let _ = relay.kill();
+        let _ = relay.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
