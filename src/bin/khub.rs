@@ -300,6 +300,10 @@ mod device {
                     None => {
                         let mut body = Vec::new();
                         std::io::stdin().read_to_end(&mut body)?;
+                        // `echo note | khub send` adds one newline; the note does not have it.
+                        if body.ends_with(b"\n") {
+                            body.pop();
+                        }
                         body
                     }
                 };

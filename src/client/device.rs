@@ -324,9 +324,12 @@ impl Device {
                 },
                 Err(e) => warn!(seq, error = %e, "undecodable message skipped"),
             },
-            // Envelopes of epochs before this device joined, or refused ones
-            // (tampered, replayed): nothing to show, but the cursor moves on.
-            Err(e) => tracing::debug!(seq, error = %e, "envelope not opened"),
+            // From an epoch before this device joined: expected, nothing to show.
+            Err(crate::crypto::envelope::OpenError::UnknownEpoch(epoch)) => {
+                tracing::debug!(seq, epoch, "envelope from an epoch this device never held")
+            }
+            // Refused (tampered, replayed, unknown sender): reported, skipped.
+            Err(e) => warn!(seq, error = %e, "envelope refused"),
         }
         state.cursor = seq;
         state.db.ingest(seq, &state.keyring, message.as_ref())?;

@@ -117,21 +117,17 @@ impl Session {
         }
     }
 
-    /// The next message the app has not marked read, waiting for one. Call
-    /// [`Device::mark_read`] once it is handled; unread messages come back after
-    /// a restart.
+    /// The oldest message the app has not marked read, waiting for one. It stays
+    /// the answer until [`Device::mark_read`] is called for it, so a message is
+    /// never lost between arriving and being handled, even across a restart.
     pub async fn recv(&self) -> Result<Message, ClientError> {
         let mut status = self.status.clone();
-        let mut last_returned = 0;
         loop {
             let notified = self.device.inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(message) = self.device.next_unread()? {
-                if message.seq > last_returned {
-                    return Ok(message);
-                }
-                last_returned = message.seq;
+                return Ok(message);
             }
             if let Status::Failed(e) = &*status.borrow() {
                 return Err(e.clone());
