@@ -350,9 +350,10 @@ async fn errors_are_classified_and_state_files_are_private() {
         Device::open(&dir.join("nothing")),
         Err(ClientError::NotInitialized(_))
     ));
-    // TLS URLs are refused with advice rather than failing obscurely.
-    let tls = khub::client::http::RelayAddr::parse("https://relay.example").unwrap_err();
-    assert!(tls.to_string().contains("TLS"), "{tls}");
+    // A URL that is not a relay is refused with an example of one.
+    let bad = khub::client::http::RelayAddr::parse("ftp://relay.example").unwrap_err();
+    assert!(bad.to_string().contains("https://relay.example"), "{bad}");
+    assert!(!bad.is_transient());
 
     let relay = TestRelay::start(RelayConfig::default()).await;
     let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;

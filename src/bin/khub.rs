@@ -236,6 +236,10 @@ mod device {
     use super::Command;
 
     pub async fn run(command: Command) -> anyhow::Result<()> {
+        // A private CA for a self-hosted https:// relay.
+        if let Some(path) = std::env::var_os("KHUB_CA_FILE").filter(|p| !p.is_empty()) {
+            khub::client::tls::trust_pem_file(std::path::Path::new(&path))?;
+        }
         match command {
             Command::Init { home, relay, name } => {
                 let home = home.path()?;

@@ -1,5 +1,6 @@
 //! A small HTTP/1.1 client for the relay's JSON routes, on hyper's client
-//! connection API: one connection per request, each with a deadline.
+//! connection API: one connection per request (TLS for `https://` relays), each
+//! with a deadline.
 
 use std::time::Duration;
 
@@ -17,49 +18,89 @@ use crate::protocol::ErrorResponse;
 /// How long one request may take, unless the caller says otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The relay's address, as `http://host:port`.
+/// The relay's address: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone)]
 pub struct RelayAddr {
     /// `host:port`.
     authority: String,
-    /// As given, for messages.
+    /// The host, for TLS server-name checks.
+    host: String,
+    /// Whether to speak TLS.
+    tls: bool,
+    /// Normalised, for messages and storage.
     pub url: String,
 }
 
+/// A connection, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 impl RelayAddr {
-    /// Parses `http://host[:port]` (`ws://` is accepted too).
+    /// Parses `http://host[:port]` or `https://host[:port]` (`ws://`, `wss://` too).
     pub fn parse(url: &str) -> Result<Self, ClientError> {
-        let uri: Uri = url.trim().parse().map_err(|_| {
+        let invalid = || {
             ClientError::Protocol(format!(
-                "{url:?} is not a relay URL like http://127.0.0.1:3000"
+                "{url:?} is not a relay URL like https://relay.example or http://127.0.0.1:3000"
             ))
-        })?;
-        match uri.scheme_str() {
-            Some("http" | "ws") => {}
-            Some("https" | "wss") => {
-                return Err(ClientError::Protocol(
-                    "TLS relay URLs are not supported by this client yet: reach the relay over http:// (for example through an SSH tunnel or on localhost)".into(),
-                ));
-            }
-            _ => {
-                return Err(ClientError::Protocol(format!(
-                    "{url:?} is not a relay URL like http://127.0.0.1:3000"
-                )));
-            }
-        }
+        };
+        let uri: Uri = url.trim().parse().map_err(|_| invalid())?;
+        let tls = match uri.scheme_str() {
+            Some("http" | "ws") => false,
+            Some("https" | "wss") => true,
+            _ => return Err(invalid()),
+        };
         let host = uri
             .host()
-            .ok_or_else(|| ClientError::Protocol(format!("{url:?} has no host")))?;
-        let port = uri.port_u16().unwrap_or(80);
+            .ok_or_else(invalid)?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let scheme = if tls { "https" } else { "http" };
         Ok(Self {
-            authority: format!("{host}:{port}"),
-            url: format!("http://{host}:{port}"),
+            authority: format!("{bracketed}:{port}"),
+            url: format!("{scheme}://{bracketed}:{port}"),
+            host,
+            tls,
         })
     }
 
     /// The WebSocket session URL.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.authority)
+        format!(
+            "{}://{}/ws",
+            if self.tls { "wss" } else { "ws" },
+            self.authority
+        )
+    }
+
+    /// Whether this relay is reached over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// A connection to the relay, wrapped in TLS for an `https://` relay.
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        let stream = TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let _ = stream.set_nodelay(true);
+        if !self.tls {
+            return Ok(Box::new(stream));
+        }
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|_| {
+            ClientError::Protocol(format!("{:?} is not a valid TLS server name", self.host))
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(super::tls::config()?)
+            .connect(name, stream)
+            .await
+            .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
+        Ok(Box::new(tls))
     }
 
     fn unreachable(&self, detail: impl std::fmt::Display) -> ClientError {
@@ -79,10 +120,7 @@ impl RelayAddr {
         timeout: Duration,
     ) -> Result<(u16, Bytes), ClientError> {
         let request = async {
-            let stream = TcpStream::connect(&self.authority)
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            let _ = stream.set_nodelay(true);
+            let stream = self.connect().await?;
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await

@@ -46,6 +46,7 @@ pub mod http;
 pub mod invite;
 pub mod session;
 pub mod state;
+pub mod tls;
 
 pub use device::{Device, Message};
 pub use error::ClientError;

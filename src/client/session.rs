@@ -248,14 +248,19 @@ async fn connection(
     status: &watch::Sender<Status>,
     attempt: &mut u32,
 ) -> Result<(), ClientError> {
-    let url = device.inner.relay.ws_url();
-    let (mut ws, _) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async(url.as_str()),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?
-    .map_err(|e| unreachable(device, e))?;
+    let relay = &device.inner.relay;
+    let url = relay.ws_url();
+    let connector = if relay.is_tls() {
+        tokio_tungstenite::Connector::Rustls(super::tls::config()?)
+    } else {
+        tokio_tungstenite::Connector::Plain
+    };
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| unreachable(device, e))?;
     let hello = ClientFrame::Hello {
         v: PROTOCOL_VERSION,
         channel: device.channel(),
