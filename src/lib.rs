@@ -12,6 +12,7 @@
 //! | [`ids`] | public channel and device ids | none |
 //! | [`protocol`] | the relay's wire protocol: frames, HTTP bodies, error and close codes | none |
 //! | [`relay`] | the relay server: routes, sessions, store, pairing mailbox, limits, metrics | network, disk |
+//! | [`bench`](mod@bench) | `khub bench`: the relay against a bare baseline in the same run | network |
 //! | [`client`] | the SDK devices embed: device state, pairing over the relay, live sessions, sync | network, disk |
 //! | [`vectors`] | the published test vectors, generated from fixed randomness | none |
 //!
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod channel;
 pub mod client;
 mod codec;

@@ -93,6 +93,9 @@ enum Command {
         /// The device's id (see `khub devices`).
         device: String,
     },
+    /// Measure the relay against a bare baseline in the same run; prints a
+    /// Markdown table (run it with --release).
+    Bench(Box<BenchArgs>),
     /// Write the published test vectors (pairing, envelopes, rekey) for checking
     /// another implementation against this one.
     Vectors {
@@ -100,6 +103,46 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Scenarios: all, fanout, catchup, idle, pairing, crypto (repeat or comma-separate).
+    #[arg(long = "scenario", value_delimiter = ',', default_value = "all")]
+    scenarios: Vec<String>,
+    /// Channels in the fan-out.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Devices per channel.
+    #[arg(long, default_value_t = 5)]
+    devices: usize,
+    /// Senders per channel.
+    #[arg(long, default_value_t = 5)]
+    senders: usize,
+    /// Plaintext bytes per message.
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Unacked messages per sender.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Messages per sender.
+    #[arg(long, default_value_t = 4000)]
+    messages: usize,
+    /// Envelopes in the catch-up backlog.
+    #[arg(long, default_value_t = 100_000)]
+    backlog: usize,
+    /// Session counts for the idle-memory scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    idle: Vec<usize>,
+    /// Pairings to complete.
+    #[arg(long, default_value_t = 600)]
+    pairings: usize,
+    /// Pairings in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pairing_concurrency: usize,
+    /// Run the fan-out against this relay (host:port) instead of in-process ones.
+    #[arg(long)]
+    relay: Option<SocketAddr>,
 }
 
 /// Where a device keeps its state.
@@ -125,6 +168,12 @@ impl HomeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Full,
+    Normal,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -140,6 +189,11 @@ struct ServeArgs {
     /// SQLite database file (created if missing).
     #[arg(long, env = "KHUB_DB", default_value = "khub.sqlite3")]
     db: PathBuf,
+    /// When an envelope counts as stored (and is acked): `full` fsyncs every
+    /// commit (survives power loss); `normal` survives a relay crash or kill but
+    /// not an OS crash or power cut, and is several times faster on slow disks.
+    #[arg(long, env = "KHUB_DURABILITY", value_enum, default_value = "full")]
+    durability: DurabilityArg,
     /// Keep everything in memory instead (lost on exit).
     #[arg(long, env = "KHUB_MEMORY", conflicts_with = "db")]
     memory: bool,
@@ -197,6 +251,9 @@ fn main() -> anyhow::Result<()> {
     if let Command::Serve(args) = command {
         return serve(*args);
     }
+    if let Command::Bench(args) = command {
+        return bench(*args);
+    }
     if let Command::Vectors { out } = &command {
         return write_vectors(out);
     }
@@ -212,6 +269,37 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(device::run(command))
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = khub::bench::Options {
+        scenarios: args.scenarios,
+        workload: khub::bench::fanout::Workload {
+            channels: args.channels,
+            devices: args.devices,
+            senders: args.senders.min(args.devices),
+            window: args.window.max(1),
+            payload: args.payload,
+            messages: args.messages.max(1),
+            rate: None,
+        },
+        backlog: args.backlog,
+        idle: args.idle,
+        pairings: args.pairings,
+        pairing_concurrency: args.pairing_concurrency.max(1),
+        khub: std::env::current_exe()?,
+        relay: args.relay,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = runtime
+        .block_on(khub::bench::run(&options))
+        .map_err(anyhow::Error::msg)?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("khub bench on {cores} cores, {}\n", std::env::consts::ARCH);
+    print!("{}", khub::bench::table(&rows));
+    Ok(())
 }
 
 fn write_vectors(out: &std::path::Path) -> anyhow::Result<()> {
@@ -365,7 +453,7 @@ mod device {
                 device.remove(id).await?;
                 println!("removed {id}; the channel key was rotated");
             }
-            Command::Serve(_) | Command::Vectors { .. } => {
+            Command::Serve(_) | Command::Bench(_) | Command::Vectors { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }

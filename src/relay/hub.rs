@@ -21,15 +21,26 @@ use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{ErrorCode, ServerFrame};
 
-/// Recent envelopes kept in memory per channel.
-pub const CACHE_ENTRIES: usize = 256;
+/// Recent envelopes kept in memory per channel: enough that sessions keeping
+/// up with a busy channel never fall back to the store.
+pub const CACHE_ENTRIES: usize = 4096;
 /// Bytes of pre-encoded frames the cache may hold across all channels.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes the cache may hold for one channel, so a channel of large notes
+/// cannot take the whole budget.
+pub const CACHE_CHANNEL_BYTES: usize = 8 * 1024 * 1024;
 
 /// Recent envelopes per channel, bounded in entries and total bytes.
 #[derive(Default)]
 struct Cache {
-    channels: HashMap<ChannelId, VecDeque<Ready>>,
+    channels: HashMap<ChannelId, ChannelCache>,
+    bytes: usize,
+}
+
+/// One channel's recent envelopes, in sequence order, and their frame bytes.
+#[derive(Default)]
+struct ChannelCache {
+    entries: VecDeque<Ready>,
     bytes: usize,
 }
 
@@ -213,14 +224,61 @@ impl Hub {
         }
     }
 
-    /// Validates and durably stores an envelope from `sender` in `channel`, then
-    /// wakes the channel's sessions. Returns once the envelope is committed.
-    pub async fn publish(
+    /// Validates an envelope from `sender` in `channel` and hands it to the
+    /// store at once (so a session's publishes are stored in the order it made
+    /// them), returning a future that resolves once it is committed and the
+    /// channel's sessions are woken. Sessions keep several in flight, which the
+    /// SQLite store then commits together.
+    pub fn publish(
         &self,
         channel: ChannelId,
         sender: DeviceId,
         envelope: Bytes,
-    ) -> Result<Published, PublishError> {
+    ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + '_ {
+        let pending = self.check(channel, sender, &envelope).map(|header| {
+            let append = self.store.append(Append {
+                channel,
+                sender,
+                sender_seq: header.seq,
+                envelope: envelope.clone(),
+                now: unix_now(),
+                quota: self.quota,
+            });
+            (header, append, std::time::Instant::now())
+        });
+        async move {
+            let (header, append, started) = pending?;
+            let appended = append.await.map_err(|e| {
+                if matches!(e, StoreError::OverQuota { .. }) {
+                    self.metrics.breach("channel_quota");
+                }
+                let (code, message) = store_error(e);
+                PublishError::new(code, message)
+            })?;
+            self.metrics.observe_commit(started.elapsed());
+            if !appended.duplicate {
+                Metrics::inc(&self.metrics.envelopes_in);
+                self.metrics
+                    .bytes_in
+                    .fetch_add(envelope.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                self.remember(channel, Ready::new(appended.seq, &envelope));
+                self.notifier.stored(channel, appended.seq);
+            }
+            Ok(Published {
+                seq: appended.seq,
+                sender_seq: header.seq,
+                duplicate: appended.duplicate,
+            })
+        }
+    }
+
+    /// The checks before storing: size, shape, channel, sender.
+    fn check(
+        &self,
+        channel: ChannelId,
+        sender: DeviceId,
+        envelope: &[u8],
+    ) -> Result<EnvelopeHeader, PublishError> {
         if envelope.len() > self.max_envelope_bytes {
             self.metrics.breach("envelope_size");
             return Err(PublishError::new(
@@ -232,7 +290,7 @@ impl Hub {
                 ),
             ));
         }
-        let header = EnvelopeHeader::decode(&envelope).map_err(|e| {
+        let header = EnvelopeHeader::decode(envelope).map_err(|e| {
             PublishError::new(
                 ErrorCode::InvalidEnvelope,
                 format!("not a valid envelope: {e}"),
@@ -250,40 +308,7 @@ impl Hub {
                 "a device can only publish envelopes it sent itself",
             ));
         }
-        let len = envelope.len();
-        let started = std::time::Instant::now();
-        let appended = self
-            .store
-            .append(Append {
-                channel,
-                sender,
-                sender_seq: header.seq,
-                envelope: envelope.clone(),
-                now: unix_now(),
-                quota: self.quota,
-            })
-            .await
-            .map_err(|e| {
-                if matches!(e, StoreError::OverQuota { .. }) {
-                    self.metrics.breach("channel_quota");
-                }
-                let (code, message) = store_error(e);
-                PublishError::new(code, message)
-            })?;
-        self.metrics.observe_commit(started.elapsed());
-        if !appended.duplicate {
-            Metrics::inc(&self.metrics.envelopes_in);
-            self.metrics
-                .bytes_in
-                .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-            self.remember(channel, Ready::new(appended.seq, &envelope));
-            self.notifier.stored(channel, appended.seq);
-        }
-        Ok(Published {
-            seq: appended.seq,
-            sender_seq: header.seq,
-            duplicate: appended.duplicate,
-        })
+        Ok(header)
     }
 
     /// Adds a just-stored envelope to the channel's cache, in sequence order.
@@ -297,24 +322,26 @@ impl Hub {
         }
         if cache.bytes + size > CACHE_BYTES {
             cache.channels.retain(|c, _| *c == channel);
-            cache.bytes = cache
-                .channels
-                .values()
-                .flatten()
-                .map(|r| r.frame.len())
-                .sum();
+            cache.bytes = cache.channels.values().map(|c| c.bytes).sum();
         }
         let Cache { channels, bytes } = &mut *cache;
-        let entries = channels.entry(channel).or_default();
+        let ChannelCache {
+            entries,
+            bytes: channel_bytes,
+        } = channels.entry(channel).or_default();
         let at = entries.partition_point(|e| e.seq < ready.seq);
         if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
             return;
         }
         entries.insert(at, ready);
         *bytes += size;
-        while entries.len() > CACHE_ENTRIES || (*bytes > CACHE_BYTES && !entries.is_empty()) {
+        *channel_bytes += size;
+        while entries.len() > CACHE_ENTRIES
+            || (*channel_bytes > CACHE_CHANNEL_BYTES || *bytes > CACHE_BYTES) && !entries.is_empty()
+        {
             if let Some(old) = entries.pop_front() {
                 *bytes -= old.frame.len();
+                *channel_bytes -= old.frame.len();
             }
         }
     }
@@ -329,7 +356,7 @@ impl Hub {
     ) -> Result<Vec<Ready>, StoreError> {
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(entries) = cache.channels.get(&channel) {
+            if let Some(ChannelCache { entries, .. }) = cache.channels.get(&channel) {
                 let start = entries.partition_point(|e| e.seq <= cursor);
                 if entries.get(start).is_some_and(|e| e.seq == cursor + 1) {
                     let mut expected = cursor + 1;

@@ -2,6 +2,11 @@
 //! until the device leaves, idles out, lags too far, is revoked, or the relay
 //! shuts down.
 //!
+//! Publishes are pipelined: each is handed to the store as it arrives (so they
+//! are stored in the order sent and the SQLite store can commit several at
+//! once) and acked in order as commits complete, up to `MAX_IN_FLIGHT` at a
+//! time.
+//!
 //! The session owns its cursor. Whenever the channel's head is past it, the
 //! session fetches the next batch (cache or store) and writes it; when caught up
 //! it waits on the channel's signal. A device that stops reading makes only its
@@ -14,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -35,6 +41,22 @@ use crate::protocol::{
 
 /// Envelopes written per batch before looking at incoming frames again.
 const DELIVERY_BATCH: usize = 64;
+/// Publishes a session may have waiting for their commit; past this it stops
+/// reading the device's frames until one is acked (backpressure).
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A publish waiting for its commit, with the sender_seq to report on refusal.
+type Pending<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Result<super::hub::Published, super::hub::PublishError>,
+                    Option<u64>,
+                ),
+            > + Send
+            + 'a,
+    >,
+>;
 
 /// Why a session ended; decides the close frame.
 enum End {
@@ -244,10 +266,11 @@ where
     ping.reset();
     let mut last_heard = Instant::now();
 
+    // Publishes handed to the store and not yet committed, acked in order.
+    let mut in_flight: FuturesOrdered<Pending<'_>> = FuturesOrdered::new();
     loop {
         let behind = known_head > cursor;
         tokio::select! {
-            biased;
             _ = shutdown.changed() => return End::Close(CloseCode::GoingAway, None),
             changed = signals.changed() => {
                 if changed.is_err() {
@@ -266,7 +289,26 @@ where
                 }
                 seen = signal;
             }
-            incoming = ws.next() => {
+            Some((result, sender_seq)) = in_flight.next(), if !in_flight.is_empty() => {
+                let reply = match result {
+                    Ok(published) => {
+                        known_head = known_head.max(published.seq);
+                        ServerFrame::Ack {
+                            sender_seq: published.sender_seq,
+                            seq: published.seq,
+                            duplicate: published.duplicate,
+                        }
+                    }
+                    Err(e) => {
+                        debug!(code = e.code.as_str(), "publish refused");
+                        ServerFrame::Error { code: e.code, message: e.message, fatal: false, sender_seq }
+                    }
+                };
+                if ws.send(text(&reply)).await.is_err() {
+                    return End::Gone;
+                }
+            }
+            incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT => {
                 last_heard = Instant::now();
                 let message = match incoming {
                     None => return End::Gone,
@@ -285,28 +327,8 @@ where
                             Err(e) => return e.into(),
                         };
                         let sender_seq = EnvelopeHeader::decode(&envelope).ok().map(|h| h.seq);
-                        let reply = match hub.publish(channel, device, Bytes::from(envelope)).await {
-                            Ok(published) => {
-                                known_head = known_head.max(published.seq);
-                                ServerFrame::Ack {
-                                    sender_seq: published.sender_seq,
-                                    seq: published.seq,
-                                    duplicate: published.duplicate,
-                                }
-                            }
-                            Err(e) => {
-                                debug!(code = e.code.as_str(), "publish refused");
-                                ServerFrame::Error {
-                                    code: e.code,
-                                    message: e.message,
-                                    fatal: false,
-                                    sender_seq,
-                                }
-                            }
-                        };
-                        if ws.send(text(&reply)).await.is_err() {
-                            return End::Gone;
-                        }
+                        let publish = hub.publish(channel, device, Bytes::from(envelope));
+                        in_flight.push_back(Box::pin(async move { (publish.await, sender_seq) }));
                     }
                     Message::Binary(_) => return fatal(ErrorCode::Malformed, "frames are JSON text, not binary"),
                     Message::Ping(payload) => {

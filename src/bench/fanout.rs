@@ -1,0 +1,436 @@
+//! The fan-out workload: C channels × M devices, S senders per channel, each
+//! sender closed-loop with at most W unacked messages (or paced at a fixed
+//! rate), payload P. Run against the relay or the bare baseline with the same
+//! client code; every delivery is checked for loss and duplication.
+//!
+//! Clients pre-build their frames (envelopes with real headers and padded sizes,
+//! filler instead of ciphertext: the relay never decrypts), so the timed part
+//! measures the server, not the load generator's crypto.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use warp::http::Method;
+
+use super::Percentiles;
+use crate::client::http::RelayAddr;
+use crate::crypto::envelope::{EnvelopeHeader, padded_len};
+use crate::crypto::os_rng;
+use crate::crypto::token::AccessToken;
+use crate::ids::{ChannelId, DeviceId};
+use crate::protocol::{
+    AdmitDevice, ChannelCreated, ClientFrame, CreateChannel, DeviceList, ServerFrame,
+};
+
+/// Shape of one fan-out run.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Channels.
+    pub channels: usize,
+    /// Devices per channel.
+    pub devices: usize,
+    /// Senders per channel (the first devices).
+    pub senders: usize,
+    /// Unacked messages each sender may have in flight.
+    pub window: usize,
+    /// Plaintext size of each message.
+    pub payload: usize,
+    /// Messages per sender.
+    pub messages: usize,
+    /// If set, each sender publishes at this rate (messages/s) instead of as
+    /// fast as its window allows.
+    pub rate: Option<f64>,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Deliveries to devices other than the sender.
+    pub deliveries: u64,
+    /// Wall time from the first send to the last delivery.
+    pub elapsed: Duration,
+    /// Publish-to-delivery latency.
+    pub latency: Percentiles,
+    /// Publish-to-ack latency.
+    pub ack_latency: Percentiles,
+    /// Expected deliveries that never came.
+    pub lost: u64,
+    /// Deliveries that came twice.
+    pub duplicated: u64,
+}
+
+impl Outcome {
+    /// Deliveries per second.
+    pub fn rate(&self) -> f64 {
+        self.deliveries as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Acked publishes per second.
+    pub fn publishes_per_sec(&self, workload: &Workload) -> f64 {
+        (workload.channels * workload.senders * workload.messages) as f64
+            / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Which server the workload runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    /// A khub relay at this address.
+    Relay(SocketAddr),
+    /// The bare baseline at this address.
+    Baseline(SocketAddr),
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Device {
+    ws: Ws,
+    /// Global index of this device's sender slot, if it sends.
+    sender: Option<usize>,
+    /// Global index of its channel's first sender slot.
+    channel_senders: usize,
+    /// This device's id (relay) for recognising its own deliveries.
+    id: DeviceId,
+}
+
+/// Runs `workload` against `server`.
+pub async fn run(server: Server, workload: Workload) -> Result<Outcome, String> {
+    let devices = setup(server, &workload).await?;
+    let total_senders = workload.channels * workload.senders;
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..total_senders * workload.messages)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    let frames = Arc::new(build_frames(server, &workload, &devices));
+    let senders: Arc<HashMap<DeviceId, usize>> = Arc::new(
+        devices
+            .iter()
+            .filter_map(|(d, _)| d.sender.map(|s| (d.id, s)))
+            .collect(),
+    );
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for device in devices {
+        let shared = Shared {
+            frames: Arc::clone(&frames),
+            sent_at: Arc::clone(&sent_at),
+            senders: Arc::clone(&senders),
+        };
+        tasks.push(tokio::spawn(drive(device, server, workload, shared, start)));
+    }
+    let mut outcome = Outcome {
+        deliveries: 0,
+        elapsed: Duration::ZERO,
+        latency: Percentiles::default(),
+        ack_latency: Percentiles::default(),
+        lost: 0,
+        duplicated: 0,
+    };
+    let (mut latencies, mut ack_latencies) = (Vec::new(), Vec::new());
+    for task in tasks {
+        let result = task.await.map_err(|e| e.to_string())??;
+        outcome.deliveries += result.deliveries;
+        outcome.lost += result.lost;
+        outcome.duplicated += result.duplicated;
+        outcome.elapsed = outcome.elapsed.max(result.finished);
+        latencies.extend(result.latencies);
+        ack_latencies.extend(result.ack_latencies);
+    }
+    outcome.latency = Percentiles::of(&mut latencies);
+    outcome.ack_latency = Percentiles::of(&mut ack_latencies);
+    Ok(outcome)
+}
+
+async fn connect(url: &str) -> Result<Ws, String> {
+    let config = crate::relay::routes::ws_config(16 * 1024 * 1024);
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// Creates channels and devices (relay) or rooms (baseline) and connects everyone.
+async fn setup(server: Server, w: &Workload) -> Result<Vec<(Device, ChannelId)>, String> {
+    let mut rng = os_rng();
+    let mut devices = Vec::new();
+    for c in 0..w.channels {
+        let channel = ChannelId::random(&mut rng);
+        let members: Vec<(DeviceId, AccessToken)> = (0..w.devices)
+            .map(|_| (DeviceId::random(&mut rng), AccessToken::generate(&mut rng)))
+            .collect();
+        if let Server::Relay(addr) = server {
+            register(addr, channel, &members).await?;
+        }
+        for (i, (id, token)) in members.iter().enumerate() {
+            let ws = match server {
+                Server::Relay(addr) => {
+                    let mut ws = connect(&format!("ws://{addr}/ws")).await?;
+                    let hello = ClientFrame::Hello {
+                        v: 1,
+                        channel,
+                        device: *id,
+                        token: token.duplicate(),
+                        cursor: 0,
+                    };
+                    ws.send(Message::Text(hello.to_text().into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.contains("\"ready\"") => {}
+                        other => return Err(format!("no ready: {other:?}")),
+                    }
+                    ws
+                }
+                Server::Baseline(addr) => connect(&format!("ws://{addr}/room/{channel}")).await?,
+            };
+            let sender = (i < w.senders).then_some(c * w.senders + i);
+            devices.push((
+                Device {
+                    ws,
+                    sender,
+                    channel_senders: c * w.senders,
+                    id: *id,
+                },
+                channel,
+            ));
+        }
+    }
+    Ok(devices)
+}
+
+async fn register(
+    addr: SocketAddr,
+    channel: ChannelId,
+    members: &[(DeviceId, AccessToken)],
+) -> Result<(), String> {
+    let relay = RelayAddr::parse(&format!("http://{addr}")).map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(20);
+    let (first, token) = &members[0];
+    let create = CreateChannel {
+        channel,
+        device: *first,
+        token_hash: token.hash(),
+    };
+    let _: ChannelCreated = relay
+        .json(Method::POST, "/channels", &[], Some(&create), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let auth = crate::protocol::Credentials {
+        channel,
+        device: *first,
+        token: token.duplicate(),
+    }
+    .to_header();
+    for (id, token) in &members[1..] {
+        let admit = AdmitDevice {
+            device: *id,
+            token_hash: token.hash(),
+        };
+        let path = format!("/channels/{channel}/devices");
+        let _: DeviceList = relay
+            .json(
+                Method::POST,
+                &path,
+                &[("authorization", &auth)],
+                Some(&admit),
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Every sender's frames, pre-encoded: `frames[sender][seq - 1]`.
+fn build_frames(
+    server: Server,
+    w: &Workload,
+    devices: &[(Device, ChannelId)],
+) -> Vec<Vec<Message>> {
+    let body_len = padded_len(w.payload) + 24 + 16;
+    let mut frames = vec![Vec::new(); w.channels * w.senders];
+    for (device, channel) in devices {
+        let Some(sender) = device.sender else {
+            continue;
+        };
+        frames[sender] = (1..=w.messages as u64)
+            .map(|seq| {
+                let header = EnvelopeHeader {
+                    channel: *channel,
+                    epoch: 0,
+                    sender: device.id,
+                    seq,
+                };
+                let mut envelope = header.encode().to_vec();
+                envelope.resize(envelope.len() + body_len, 0x5a);
+                let relay_frame = ClientFrame::Publish { envelope }.to_text();
+                match server {
+                    Server::Relay(_) => Message::Text(relay_frame.into()),
+                    // Same size on the wire, a trivially parsed prefix.
+                    Server::Baseline(_) => {
+                        let mut text = format!("{sender}:{seq}:");
+                        text.extend(std::iter::repeat_n(
+                            'x',
+                            relay_frame.len().saturating_sub(text.len()),
+                        ));
+                        Message::Text(text.into())
+                    }
+                }
+            })
+            .collect();
+    }
+    frames
+}
+
+struct DeviceResult {
+    deliveries: u64,
+    lost: u64,
+    duplicated: u64,
+    finished: Duration,
+    latencies: Vec<u32>,
+    ack_latencies: Vec<u32>,
+}
+
+fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// What every device task shares.
+struct Shared {
+    frames: Arc<Vec<Vec<Message>>>,
+    /// Send time of every message, in µs since the start: `[sender * messages + seq - 1]`.
+    sent_at: Arc<Vec<AtomicU64>>,
+    /// Sending device → its global sender index.
+    senders: Arc<HashMap<DeviceId, usize>>,
+}
+
+/// One device: sends its frames (if a sender) and reads until it has every
+/// delivery it expects and every ack it is owed.
+async fn drive(
+    (device, _channel): (Device, ChannelId),
+    server: Server,
+    w: Workload,
+    shared: Shared,
+    start: Instant,
+) -> Result<DeviceResult, String> {
+    let Shared {
+        frames,
+        sent_at,
+        senders,
+    } = shared;
+    let (mut sink, mut stream) = device.ws.split();
+    let window = Arc::new(Semaphore::new(w.window));
+    let writer = device.sender.map(|sender| {
+        let (window, frames, sent_at) = (
+            Arc::clone(&window),
+            Arc::clone(&frames),
+            Arc::clone(&sent_at),
+        );
+        tokio::spawn(async move {
+            let interval = w.rate.map(|r| Duration::from_secs_f64(1.0 / r));
+            for (i, frame) in frames[sender].iter().enumerate() {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
+                }
+                window.acquire().await.map_err(|e| e.to_string())?.forget();
+                sent_at[sender * w.messages + i].store(micros_since(start).max(1), Relaxed);
+                sink.send(frame.clone()).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(sink)
+        })
+    });
+
+    let other_senders = w.senders - usize::from(device.sender.is_some());
+    let expected = other_senders * w.messages;
+    let mut seen = vec![false; w.senders * w.messages];
+    let mut result = DeviceResult {
+        deliveries: 0,
+        lost: 0,
+        duplicated: 0,
+        finished: Duration::ZERO,
+        latencies: Vec::with_capacity(expected),
+        ack_latencies: Vec::new(),
+    };
+    let mut acks = 0;
+    let owed = if device.sender.is_some() {
+        w.messages
+    } else {
+        0
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while (result.deliveries as usize) < expected || acks < owed {
+        let message = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        };
+        let now = micros_since(start);
+        let (sender, seq, is_ack) = match server {
+            Server::Baseline(_) if message.as_str() == "a" => (0, 0, true),
+            Server::Baseline(_) => {
+                let mut parts = message.splitn(3, ':');
+                let sender: usize = parts
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or("bad frame")?;
+                let seq: usize = parts
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or("bad frame")?;
+                (sender, seq, false)
+            }
+            Server::Relay(_) => match serde_json::from_str::<ServerFrame>(&message)
+                .map_err(|e| e.to_string())?
+            {
+                ServerFrame::Ack { sender_seq, .. } => (0, sender_seq as usize, true),
+                ServerFrame::Deliver { envelope, .. } => {
+                    let header = EnvelopeHeader::decode(&envelope).map_err(|e| e.to_string())?;
+                    if header.sender == device.id {
+                        continue;
+                    }
+                    let index = senders
+                        .get(&header.sender)
+                        .copied()
+                        .ok_or("delivery from an unknown sender")?;
+                    (index, header.seq as usize, false)
+                }
+                other => return Err(format!("unexpected frame {other:?}")),
+            },
+        };
+        if is_ack {
+            if let Some(me) = device.sender {
+                let sent = sent_at[me * w.messages + seq.max(1) - 1].load(Relaxed);
+                result.ack_latencies.push(now.saturating_sub(sent) as u32);
+            }
+            acks += 1;
+            window.add_permits(1);
+            continue;
+        }
+        let slot = (sender - device.channel_senders) * w.messages + seq - 1;
+        if std::mem::replace(&mut seen[slot], true) {
+            result.duplicated += 1;
+            continue;
+        }
+        result.deliveries += 1;
+        let sent = sent_at[sender * w.messages + seq - 1].load(Relaxed);
+        result.latencies.push(now.saturating_sub(sent) as u32);
+        result.finished = start.elapsed();
+    }
+    result.lost = (expected as u64).saturating_sub(result.deliveries);
+    if let Some(writer) = writer {
+        let _ = writer.await;
+    }
+    Ok(result)
+}

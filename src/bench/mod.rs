@@ -1,0 +1,114 @@
+//! `khub bench`: the relay measured against a bare baseline in the same run.
+//!
+//! Figures on a shared 2-core machine swing from run to run, so each one is
+//! reported as a ratio against a baseline measured in the same invocation, or
+//! as a per-unit cost. Scenarios:
+//!
+//! - **fanout**: the [`fanout`] workload on the relay (in-memory store, then
+//!   SQLite) and on the [`baseline`]; deliveries/s, latency percentiles, loss
+//!   and duplicates; then again paced at half the relay's maximum rate for the
+//!   latency comparison. Publish→ack latency is the durable-publish cost.
+//! - **catchup**: a device resuming a backlog from the SQLite store.
+//! - **idle**: relay RSS per idle authenticated session (a `khub serve` child).
+//! - **pairing**: complete pairings per second through one relay.
+//! - **crypto**: envelope seal+open throughput.
+
+pub mod baseline;
+pub mod fanout;
+mod scenarios;
+
+use std::fmt::Write;
+
+pub use scenarios::{Options, run};
+
+/// p50 / p99 / p99.9 of a set of microsecond samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Percentiles {
+    /// Median, µs.
+    pub p50: u32,
+    /// 99th percentile, µs.
+    pub p99: u32,
+    /// 99.9th percentile, µs.
+    pub p999: u32,
+}
+
+impl Percentiles {
+    /// Sorts `samples` and reads the percentiles.
+    pub fn of(samples: &mut [u32]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Self {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Scenario.
+    pub scenario: &'static str,
+    /// What was measured.
+    pub metric: String,
+    /// The figure, formatted.
+    pub value: String,
+    /// The target, if the issue sets one.
+    pub target: Option<String>,
+    /// Whether the target is met.
+    pub met: Option<bool>,
+}
+
+impl Row {
+    fn info(scenario: &'static str, metric: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            scenario,
+            metric: metric.into(),
+            value: value.into(),
+            target: None,
+            met: None,
+        }
+    }
+
+    fn check(
+        scenario: &'static str,
+        metric: impl Into<String>,
+        value: impl Into<String>,
+        target: &str,
+        met: bool,
+    ) -> Self {
+        Self {
+            scenario,
+            metric: metric.into(),
+            value: value.into(),
+            target: Some(target.into()),
+            met: Some(met),
+        }
+    }
+}
+
+/// The report as a Markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out =
+        String::from("| scenario | metric | value | target | met |\n|---|---|---|---|---|\n");
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {met} |",
+            row.scenario,
+            row.metric,
+            row.value,
+            row.target.as_deref().unwrap_or("")
+        );
+    }
+    out
+}

@@ -1,0 +1,750 @@
+//! The scenarios of `khub bench` and the targets each is checked against.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use warp::http::Method;
+
+use super::fanout::{self, Server, Workload};
+use super::{Percentiles, Row, baseline};
+use crate::channel::{Keyring, Member};
+use crate::client::http::RelayAddr;
+use crate::crypto::envelope::{EnvelopeHeader, padded_len};
+use crate::crypto::os_rng;
+use crate::crypto::pairwise::DeviceSecret;
+use crate::crypto::token::AccessToken;
+use crate::ids::{ChannelId, DeviceId};
+use crate::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
+use crate::protocol::{
+    AdmitDevice, B64, CLAIM_HEADER, ChannelCreated, ClientFrame, CreateChannel, Credentials,
+    DeviceList, OpenSlot, PairMessage, PairMessages, SlotClaimed, SlotOpened,
+};
+use crate::relay::Relay;
+use crate::relay::config::{Limits, RelayConfig};
+use crate::relay::store::Store;
+use crate::relay::store::memory::MemoryStore;
+use crate::relay::store::sqlite::{Durability, SqliteStore};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Scenarios to run: fanout, catchup, idle, pairing, crypto.
+    pub scenarios: Vec<String>,
+    /// The fan-out workload.
+    pub workload: Workload,
+    /// Envelopes in the catch-up backlog.
+    pub backlog: usize,
+    /// Session counts for the idle-memory scenario.
+    pub idle: Vec<usize>,
+    /// Pairings to complete.
+    pub pairings: usize,
+    /// Pairings in flight at once.
+    pub pairing_concurrency: usize,
+    /// The `khub` binary, for the idle scenario's relay process.
+    pub khub: PathBuf,
+    /// A relay to run the fan-out against instead of in-process ones.
+    pub relay: Option<SocketAddr>,
+}
+
+fn wants(options: &Options, scenario: &str) -> bool {
+    options
+        .scenarios
+        .iter()
+        .any(|s| s == scenario || s == "all")
+}
+
+/// Runs the chosen scenarios; returns the report's rows.
+pub async fn run(options: &Options) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    if wants(options, "crypto") {
+        rows.extend(crypto());
+    }
+    if wants(options, "fanout") {
+        rows.extend(fanout_rows(options).await?);
+    }
+    if wants(options, "catchup") {
+        rows.extend(catchup(options.backlog).await?);
+    }
+    if wants(options, "pairing") {
+        rows.extend(pairing(options.pairings, options.pairing_concurrency).await?);
+    }
+    if wants(options, "idle") {
+        rows.extend(idle(&options.khub, &options.idle).await?);
+    }
+    Ok(rows)
+}
+
+/// Limits out of the way of the load generator (everything from one address).
+fn bench_config() -> RelayConfig {
+    RelayConfig {
+        limits: Limits {
+            max_connections_per_ip: 1_000_000,
+            claims_per_minute: u32::MAX,
+            channels_per_hour: u32::MAX,
+            max_devices_per_channel: 1_000_000,
+            channel_quota_bytes: u64::MAX / 2,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    }
+}
+
+/// A relay in this process; dropped sender stops it.
+struct InProcess {
+    addr: SocketAddr,
+    relay: Arc<Relay>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let relay = Relay::new(store, bench_config());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crate::relay::server::serve(
+        Arc::clone(&relay),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(InProcess {
+        addr,
+        relay,
+        _stop: stop,
+    })
+}
+
+fn temp_db() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "khub-bench-{}-{}",
+        std::process::id(),
+        DeviceId::random(&mut os_rng())
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join("bench.sqlite3")
+}
+
+fn ms(micros: u32) -> String {
+    format!("{:.2} ms", f64::from(micros) / 1000.0)
+}
+
+fn latency_row(scenario: &'static str, name: &str, p: Percentiles) -> Row {
+    Row::info(
+        scenario,
+        format!("{name} p50 / p99 / p99.9"),
+        format!("{} / {} / {}", ms(p.p50), ms(p.p99), ms(p.p999)),
+    )
+}
+
+async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
+    let w = options.workload;
+    let shape = format!(
+        "{} ch x {} dev, {} senders, {} B, W={}, {} msgs/sender",
+        w.channels, w.devices, w.senders, w.payload, w.window, w.messages
+    );
+    let mut rows = vec![Row::info("fanout", "workload", shape)];
+    if let Some(relay) = options.relay {
+        let outcome = fanout::run(Server::Relay(relay), w).await?;
+        rows.push(Row::info(
+            "fanout",
+            "external relay deliveries/s",
+            format!("{:.0}", outcome.rate()),
+        ));
+        rows.push(latency_row(
+            "fanout",
+            "external relay delivery latency",
+            outcome.latency,
+        ));
+        rows.push(Row::check(
+            "fanout",
+            "lost + duplicated",
+            (outcome.lost + outcome.duplicated).to_string(),
+            "0",
+            outcome.lost + outcome.duplicated == 0,
+        ));
+        return Ok(rows);
+    }
+    let base_addr = baseline::start().await;
+    let memory = start(Arc::new(MemoryStore::new())).await?;
+    let sqlite = start(Arc::new(
+        SqliteStore::open(&temp_db()).map_err(|e| e.to_string())?,
+    ))
+    .await?;
+    let normal = start(Arc::new(
+        SqliteStore::open_with(&temp_db(), Durability::Normal).map_err(|e| e.to_string())?,
+    ))
+    .await?;
+
+    let base = fanout::run(Server::Baseline(base_addr), w).await?;
+    let mem = fanout::run(Server::Relay(memory.addr), w).await?;
+    let sql = fanout::run(Server::Relay(sqlite.addr), w).await?;
+    let sql_normal = fanout::run(Server::Relay(normal.addr), w).await?;
+    for (name, outcome) in [
+        ("baseline", &base),
+        ("relay, memory store", &mem),
+        ("relay, SQLite (durability full)", &sql),
+        ("relay, SQLite (durability normal)", &sql_normal),
+    ] {
+        rows.push(Row::info(
+            "fanout",
+            format!("{name}: deliveries/s"),
+            format!("{:.0}", outcome.rate()),
+        ));
+        rows.push(latency_row(
+            "fanout",
+            &format!("{name}: delivery latency"),
+            outcome.latency,
+        ));
+        let bad = outcome.lost + outcome.duplicated;
+        rows.push(Row::check(
+            "fanout",
+            format!("{name}: lost + duplicated deliveries"),
+            bad.to_string(),
+            "0",
+            bad == 0,
+        ));
+    }
+    let mem_ratio = mem.rate() / base.rate();
+    let sql_ratio = sql.rate() / base.rate();
+    rows.push(Row::check(
+        "fanout",
+        "memory store / baseline deliveries/s",
+        format!("{:.0}%", mem_ratio * 100.0),
+        ">= 90%",
+        mem_ratio >= 0.9,
+    ));
+    rows.push(Row::check(
+        "fanout",
+        "SQLite (full) / baseline deliveries/s",
+        format!("{:.0}%", sql_ratio * 100.0),
+        ">= 60%",
+        sql_ratio >= 0.6,
+    ));
+    let normal_ratio = sql_normal.rate() / base.rate();
+    rows.push(Row::check(
+        "fanout",
+        "SQLite (normal) / baseline deliveries/s",
+        format!("{:.0}%", normal_ratio * 100.0),
+        ">= 60%",
+        normal_ratio >= 0.6,
+    ));
+    for (name, outcome) in [
+        ("memory", &mem),
+        ("SQLite (full)", &sql),
+        ("SQLite (normal)", &sql_normal),
+    ] {
+        rows.push(latency_row(
+            "durable publish",
+            &format!("{name} store: publish->ack"),
+            outcome.ack_latency,
+        ));
+        rows.push(Row::info(
+            "durable publish",
+            format!("{name} store: acked envelopes/s"),
+            format!("{:.0}", outcome.publishes_per_sec(&w)),
+        ));
+    }
+
+    // Latency at half the relay's maximum rate, the same offered load for both.
+    let senders = (w.channels * w.senders) as f64;
+    let per_sender = 0.5 * mem.publishes_per_sec(&w) / senders;
+    let messages = ((per_sender * 3.0) as usize).clamp(50, w.messages);
+    let paced = Workload {
+        rate: Some(per_sender),
+        messages,
+        ..w
+    };
+    let base_paced = fanout::run(Server::Baseline(base_addr), paced).await?;
+    let mem_paced = fanout::run(Server::Relay(memory.addr), paced).await?;
+    rows.push(Row::info(
+        "latency at half rate",
+        "offered load",
+        format!("{:.0} publishes/s per sender", per_sender),
+    ));
+    rows.push(latency_row(
+        "latency at half rate",
+        "baseline",
+        base_paced.latency,
+    ));
+    rows.push(latency_row(
+        "latency at half rate",
+        "relay, memory store",
+        mem_paced.latency,
+    ));
+    let ratio = f64::from(mem_paced.latency.p99) / f64::from(base_paced.latency.p99.max(1));
+    rows.push(Row::check(
+        "latency at half rate",
+        "relay p99 / baseline p99",
+        format!("{ratio:.2}x"),
+        "<= 2x",
+        ratio <= 2.0,
+    ));
+    let bad = base_paced.lost + base_paced.duplicated + mem_paced.lost + mem_paced.duplicated;
+    rows.push(Row::check(
+        "latency at half rate",
+        "lost + duplicated deliveries",
+        bad.to_string(),
+        "0",
+        bad == 0,
+    ));
+    let _ = (memory.relay, sqlite.relay, normal.relay);
+    Ok(rows)
+}
+
+/// Registers a channel with `n` devices on an in-process relay.
+async fn channel_with(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(ChannelId, Vec<(DeviceId, AccessToken)>), String> {
+    let mut rng = os_rng();
+    let channel = ChannelId::random(&mut rng);
+    let members: Vec<(DeviceId, AccessToken)> = (0..n)
+        .map(|_| (DeviceId::random(&mut rng), AccessToken::generate(&mut rng)))
+        .collect();
+    let http = RelayAddr::parse(&format!("http://{addr}")).map_err(|e| e.to_string())?;
+    let t = Duration::from_secs(20);
+    let create = CreateChannel {
+        channel,
+        device: members[0].0,
+        token_hash: members[0].1.hash(),
+    };
+    let _: ChannelCreated = http
+        .json(Method::POST, "/channels", &[], Some(&create), t)
+        .await
+        .map_err(|e| e.to_string())?;
+    let auth = Credentials {
+        channel,
+        device: members[0].0,
+        token: members[0].1.duplicate(),
+    }
+    .to_header();
+    for (id, token) in &members[1..] {
+        let admit = AdmitDevice {
+            device: *id,
+            token_hash: token.hash(),
+        };
+        let _: DeviceList = http
+            .json(
+                Method::POST,
+                &format!("/channels/{channel}/devices"),
+                &[("authorization", &auth)],
+                Some(&admit),
+                t,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((channel, members))
+}
+
+async fn catchup(backlog: usize) -> Result<Vec<Row>, String> {
+    let relay = start(Arc::new(
+        SqliteStore::open(&temp_db()).map_err(|e| e.to_string())?,
+    ))
+    .await?;
+    let (channel, members) = channel_with(relay.addr, 2).await?;
+    let (writer, _) = &members[0];
+    // Fill the backlog through the store, many appends in flight so they group-commit.
+    let body_len = padded_len(200) + 24 + 16;
+    let mut tasks = tokio::task::JoinSet::new();
+    let chunk = backlog.div_ceil(64);
+    for part in 0..64 {
+        let store = Arc::clone(&relay.relay.hub.store);
+        let writer = *writer;
+        tasks.spawn(async move {
+            for seq in (part * chunk + 1)..=((part + 1) * chunk).min(backlog) {
+                let mut envelope = EnvelopeHeader {
+                    channel,
+                    epoch: 0,
+                    sender: writer,
+                    seq: seq as u64,
+                }
+                .encode()
+                .to_vec();
+                envelope.resize(envelope.len() + body_len, 0x5a);
+                let append = crate::relay::store::Append {
+                    channel,
+                    sender: writer,
+                    sender_seq: seq as u64,
+                    envelope: Bytes::from(envelope),
+                    now: crate::relay::hub::unix_now(),
+                    quota: u64::MAX / 2,
+                };
+                store.append(append).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| e.to_string())??;
+    }
+    let (reader, token) = &members[1];
+    let started = Instant::now();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", relay.addr))
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = ClientFrame::Hello {
+        v: 1,
+        channel,
+        device: *reader,
+        token: token.duplicate(),
+        cursor: 0,
+    };
+    ws.send(Message::Text(hello.to_text().into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut received = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while received < backlog {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.starts_with("{\"type\":\"deliver\"") => {
+                received += 1
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return Err(format!("catch-up stalled after {received} envelopes")),
+        }
+    }
+    let rate = backlog as f64 / started.elapsed().as_secs_f64();
+    Ok(vec![Row::check(
+        "catchup",
+        format!("resume a backlog of {backlog} (SQLite): envelopes/s"),
+        format!("{rate:.0}"),
+        ">= 100000",
+        rate >= 100_000.0,
+    )])
+}
+
+async fn pairing(total: usize, concurrency: usize) -> Result<Vec<Row>, String> {
+    let relay = start(Arc::new(MemoryStore::new())).await?;
+    let (channel, members) = channel_with(relay.addr, 1).await?;
+    let (inviter, token) = &members[0];
+    let auth = Credentials {
+        channel,
+        device: *inviter,
+        token: token.duplicate(),
+    }
+    .to_header()
+    .to_string();
+    let http =
+        Arc::new(RelayAddr::parse(&format!("http://{}", relay.addr)).map_err(|e| e.to_string())?);
+    let secret = DeviceSecret::generate(&mut os_rng());
+    let welcome_ring = Arc::new(std::sync::Mutex::new(Keyring::create(
+        channel,
+        Member {
+            id: *inviter,
+            public_key: secret.public_key(),
+            name: "bench inviter".into(),
+        },
+        secret,
+        &mut os_rng(),
+    )));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task = total.div_ceil(concurrency);
+    for _ in 0..concurrency {
+        let (http, auth, welcome_ring) =
+            (Arc::clone(&http), auth.clone(), Arc::clone(&welcome_ring));
+        tasks.spawn(async move {
+            let mut times = Vec::new();
+            for _ in 0..per_task {
+                let one = Instant::now();
+                pair_once(&http, &auth, channel, &welcome_ring).await?;
+                times.push(one.elapsed().as_micros() as u32);
+            }
+            Ok::<_, String>(times)
+        });
+    }
+    let mut times = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        times.extend(done.map_err(|e| e.to_string())??);
+    }
+    let rate = times.len() as f64 / started.elapsed().as_secs_f64();
+    let p = Percentiles::of(&mut times);
+    Ok(vec![
+        Row::check(
+            "pairing",
+            format!("complete pairings/s ({concurrency} at once)"),
+            format!("{rate:.0}"),
+            ">= 300",
+            rate >= 300.0,
+        ),
+        Row::info(
+            "pairing",
+            "pairing time p50 / p99",
+            format!("{} / {}", ms(p.p50), ms(p.p99)),
+        ),
+    ])
+}
+
+/// One full pairing through the mailbox, both sides, with admission.
+async fn pair_once(
+    http: &RelayAddr,
+    auth: &str,
+    channel: ChannelId,
+    welcome_ring: &std::sync::Mutex<Keyring>,
+) -> Result<(), String> {
+    let t = Duration::from_secs(30);
+    let e = |e: crate::client::ClientError| e.to_string();
+    let mut rng = os_rng();
+    let mut sid = [0u8; 16];
+    rand::Rng::fill_bytes(&mut rng, &mut sid);
+    let opened: SlotOpened = http
+        .json(
+            Method::POST,
+            "/pair",
+            &[("authorization", auth)],
+            Some(&OpenSlot { sid }),
+            t,
+        )
+        .await
+        .map_err(e)?;
+    let n = opened.nameplate;
+    let code = Code::generate(Nameplate::new(n).map_err(|e| e.to_string())?, &mut rng);
+    let (inviter, start) = Inviter::start(&code, sid, &mut rng);
+    let msgs = format!("/pair/{n}/messages");
+    let post = |header: (&'static str, String), message: Vec<u8>| {
+        let path = msgs.clone();
+        async move {
+            let body = PairMessage {
+                message: B64(message),
+            };
+            http.send(
+                Method::POST,
+                &path,
+                &[(header.0, header.1.as_str())],
+                Some(serde_json::to_vec(&body).expect("json")),
+                t,
+            )
+            .await
+            .map(drop)
+        }
+    };
+    let get = |header: (&'static str, String), after: usize| {
+        let path = format!("{msgs}?after={after}&wait=25");
+        async move {
+            let got: PairMessages = http
+                .json(
+                    Method::GET,
+                    &path,
+                    &[(header.0, header.1.as_str())],
+                    None::<&()>,
+                    t,
+                )
+                .await?;
+            got.messages
+                .into_iter()
+                .next()
+                .map(|B64(m)| m)
+                .ok_or(crate::client::ClientError::Timeout(25))
+        }
+    };
+    let a = ("authorization", auth.to_owned());
+    post(a.clone(), start).await.map_err(e)?;
+    let claimed: SlotClaimed = http
+        .json(
+            Method::POST,
+            &format!("/pair/{n}/claim"),
+            &[],
+            None::<&()>,
+            t,
+        )
+        .await
+        .map_err(e)?;
+    let b = (
+        CLAIM_HEADER,
+        crate::protocol::b64::encode(claimed.claim.expose()),
+    );
+    let start = get(b.clone(), 0).await.map_err(e)?;
+    let secret = DeviceSecret::generate(&mut rng);
+    let me = Member {
+        id: DeviceId::random(&mut rng),
+        public_key: secret.public_key(),
+        name: "bench joiner".into(),
+    };
+    let token = AccessToken::generate(&mut rng);
+    let (joiner, response) = Joiner::respond(
+        &code,
+        claimed.sid,
+        &start,
+        &DeviceInfo::new(me.clone(), token.expose()),
+        &mut rng,
+    )
+    .map_err(|e| e.to_string())?;
+    post(b.clone(), response).await.map_err(e)?;
+    let response = get(a.clone(), 0).await.map_err(e)?;
+    let admission = inviter.receive(&response).map_err(|e| e.to_string())?;
+    let admit = AdmitDevice {
+        device: me.id,
+        token_hash: token.hash(),
+    };
+    let _: DeviceList = http
+        .json(
+            Method::POST,
+            &format!("/channels/{channel}/devices"),
+            &[("authorization", auth)],
+            Some(&admit),
+            t,
+        )
+        .await
+        .map_err(e)?;
+    let welcome = welcome_ring
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .welcome();
+    let (finish, _) = admission.finish(&welcome, &mut rng);
+    post(a.clone(), finish).await.map_err(e)?;
+    http.send(
+        Method::DELETE,
+        &format!("/pair/{n}"),
+        &[(a.0, a.1.as_str())],
+        None,
+        t,
+    )
+    .await
+    .map_err(e)?;
+    let finish = get(b, 1).await.map_err(e)?;
+    joiner.receive(&finish).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, String> {
+    use std::io::BufRead;
+    let max = counts.iter().copied().max().unwrap_or(0);
+    let mut child = std::process::Command::new(khub)
+        .args([
+            "serve",
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections-per-ip",
+        ])
+        .arg((max + 1000).to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", khub.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.trim_end_matches(',').parse().ok())
+        .ok_or_else(|| format!("no address in {line:?}"))?;
+    let pid = child.id();
+    let rss = || -> Result<u64, String> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| "no VmRSS".to_owned())
+    };
+    let result = async {
+        let (channel, members) = channel_with(addr, 1).await?;
+        let (device, token) = &members[0];
+        let hello = ClientFrame::Hello {
+            v: 1,
+            channel,
+            device: *device,
+            token: token.duplicate(),
+            cursor: 0,
+        }
+        .to_text();
+        let mut sessions = Vec::new();
+        let warm = 200.min(max);
+        sessions.extend(open_sessions(addr, &hello, warm).await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = rss()?;
+        let mut rows = Vec::new();
+        for &count in counts {
+            let more = count.saturating_sub(sessions.len());
+            sessions.extend(open_sessions(addr, &hello, more).await?);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let per = (rss()?.saturating_sub(before)) as f64 / (count - warm).max(1) as f64;
+            rows.push(Row::check(
+                "idle",
+                format!("relay RSS per idle session at {count}"),
+                format!("{per:.1} KiB"),
+                "<= 16 KiB",
+                per <= 16.0,
+            ));
+        }
+        drop(sessions);
+        Ok::<_, String>(rows)
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+type ClientWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `count` authenticated sessions (small client buffers: only the relay is measured).
+async fn open_sessions(
+    addr: SocketAddr,
+    hello: &str,
+    count: usize,
+) -> Result<Vec<ClientWs>, String> {
+    let mut opened = Vec::with_capacity(count);
+    for _ in 0..count {
+        let config = crate::relay::routes::ws_config(64 * 1024);
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+            format!("ws://{addr}/ws"),
+            Some(config),
+            true,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        ws.send(Message::Text(hello.to_owned().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("ready") => opened.push(ws),
+            other => return Err(format!("no ready: {other:?}")),
+        }
+    }
+    Ok(opened)
+}
+
+fn crypto() -> Vec<Row> {
+    let mut rng = os_rng();
+    let secret = DeviceSecret::generate(&mut rng);
+    let me = Member {
+        id: DeviceId::random(&mut rng),
+        public_key: secret.public_key(),
+        name: "a".into(),
+    };
+    let mut sender = Keyring::create(ChannelId::random(&mut rng), me.clone(), secret, &mut rng);
+    let mut receiver = Keyring::import(&sender.export()).expect("round trip");
+    let mut rows = Vec::new();
+    for size in [200usize, 4096, 65536] {
+        let body = vec![7u8; size];
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        while started.elapsed() < Duration::from_millis(700) {
+            let sealed = sender.seal(&body, &mut rng).expect("seal");
+            receiver.open(&sealed).expect("open");
+            bytes += size as u64;
+        }
+        let mb = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
+        rows.push(Row::info(
+            "crypto",
+            format!("seal + open, {size} B"),
+            format!("{mb:.1} MB/s"),
+        ));
+    }
+    rows
+}

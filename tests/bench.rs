@@ -1,0 +1,57 @@
+//! `khub bench` end to end on a tiny workload, so the tool that produces
+//! README's performance figures keeps working: every scenario runs, reports,
+//! and sees no lost or duplicated delivery.
+
+use khub::bench::{Options, fanout::Workload, run, table};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_loses_nothing() {
+    let options = Options {
+        scenarios: vec!["all".into()],
+        workload: Workload {
+            channels: 2,
+            devices: 3,
+            senders: 2,
+            window: 4,
+            payload: 200,
+            messages: 60,
+            rate: None,
+        },
+        backlog: 500,
+        idle: vec![60],
+        pairings: 6,
+        pairing_concurrency: 2,
+        khub: env!("CARGO_BIN_EXE_khub").into(),
+        relay: None,
+    };
+    let rows = tokio::time::timeout(std::time::Duration::from_secs(240), run(&options))
+        .await
+        .expect("bench finishes")
+        .unwrap();
+    let report = table(&rows);
+    for scenario in [
+        "crypto",
+        "fanout",
+        "durable publish",
+        "latency at half rate",
+        "catchup",
+        "pairing",
+        "idle",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.scenario == scenario),
+            "no {scenario} rows in\n{report}"
+        );
+    }
+    let integrity: Vec<_> = rows
+        .iter()
+        .filter(|r| r.metric.contains("lost + duplicated"))
+        .collect();
+    assert_eq!(integrity.len(), 5, "{report}");
+    assert!(
+        integrity
+            .iter()
+            .all(|r| r.met == Some(true) && r.value == "0"),
+        "{report}"
+    );
+}
