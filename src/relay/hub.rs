@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::metrics::Metrics;
-use super::store::{Append, Store, StoreError};
+use super::store::{Append, Appended, OnCommit, Store, StoreError};
 use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
-use crate::protocol::{ErrorCode, ServerFrame};
+use crate::protocol::ErrorCode;
 
 /// Recent envelopes kept in memory per channel: enough that sessions keeping
 /// up with a busy channel never fall back to the store.
@@ -121,11 +121,18 @@ pub struct Ready {
 
 impl Ready {
     fn new(seq: u64, envelope: &[u8]) -> Self {
-        let frame = ServerFrame::Deliver {
-            seq,
-            envelope: envelope.to_vec(),
-        }
-        .to_text();
+        // The same text `ServerFrame::Deliver` serialises to (a test pins it),
+        // built directly: this runs once per stored envelope on the commit path.
+        let mut frame = String::with_capacity(envelope.len().div_ceil(3) * 4 + 48);
+        frame.push_str("{\"type\":\"deliver\",\"seq\":");
+        frame.push_str(&seq.to_string());
+        frame.push_str(",\"envelope\":\"");
+        base64::Engine::encode_string(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            envelope,
+            &mut frame,
+        );
+        frame.push_str("\"}");
         Self {
             seq,
             len: envelope.len(),
@@ -193,7 +200,7 @@ pub struct Hub {
     pub notifier: Arc<dyn Notifier>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    cache: Mutex<Cache>,
+    cache: Arc<Mutex<Cache>>,
     max_envelope_bytes: usize,
     quota: u64,
 }
@@ -218,7 +225,7 @@ impl Hub {
             store,
             notifier,
             metrics,
-            cache: Mutex::new(Cache::default()),
+            cache: Arc::new(Mutex::new(Cache::default())),
             max_envelope_bytes,
             quota,
         }
@@ -236,14 +243,35 @@ impl Hub {
         envelope: Bytes,
     ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + '_ {
         let pending = self.check(channel, sender, &envelope).map(|header| {
-            let append = self.store.append(Append {
-                channel,
-                sender,
-                sender_seq: header.seq,
-                envelope: envelope.clone(),
-                now: unix_now(),
-                quota: self.quota,
+            // Cache and wake-up run on commit, in commit order, so the cache
+            // never has a hole that would send readers to the store.
+            let (cache, notifier, metrics) = (
+                Arc::clone(&self.cache),
+                Arc::clone(&self.notifier),
+                Arc::clone(&self.metrics),
+            );
+            let stored = envelope.clone();
+            let on_commit: OnCommit = Box::new(move |appended: Appended| {
+                if !appended.duplicate {
+                    Metrics::inc(&metrics.envelopes_in);
+                    metrics
+                        .bytes_in
+                        .fetch_add(stored.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    remember(&cache, channel, Ready::new(appended.seq, &stored));
+                    notifier.stored(channel, appended.seq);
+                }
             });
+            let append = self.store.append_then(
+                Append {
+                    channel,
+                    sender,
+                    sender_seq: header.seq,
+                    envelope,
+                    now: unix_now(),
+                    quota: self.quota,
+                },
+                on_commit,
+            );
             (header, append, std::time::Instant::now())
         });
         async move {
@@ -256,14 +284,6 @@ impl Hub {
                 PublishError::new(code, message)
             })?;
             self.metrics.observe_commit(started.elapsed());
-            if !appended.duplicate {
-                Metrics::inc(&self.metrics.envelopes_in);
-                self.metrics
-                    .bytes_in
-                    .fetch_add(envelope.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                self.remember(channel, Ready::new(appended.seq, &envelope));
-                self.notifier.stored(channel, appended.seq);
-            }
             Ok(Published {
                 seq: appended.seq,
                 sender_seq: header.seq,
@@ -311,41 +331,6 @@ impl Hub {
         Ok(header)
     }
 
-    /// Adds a just-stored envelope to the channel's cache, in sequence order.
-    /// Past the byte budget, other channels' caches go first: they fall back to
-    /// the store, which is always correct, only slower.
-    fn remember(&self, channel: ChannelId, ready: Ready) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let size = ready.frame.len();
-        if size > CACHE_BYTES / 64 {
-            return;
-        }
-        if cache.bytes + size > CACHE_BYTES {
-            cache.channels.retain(|c, _| *c == channel);
-            cache.bytes = cache.channels.values().map(|c| c.bytes).sum();
-        }
-        let Cache { channels, bytes } = &mut *cache;
-        let ChannelCache {
-            entries,
-            bytes: channel_bytes,
-        } = channels.entry(channel).or_default();
-        let at = entries.partition_point(|e| e.seq < ready.seq);
-        if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
-            return;
-        }
-        entries.insert(at, ready);
-        *bytes += size;
-        *channel_bytes += size;
-        while entries.len() > CACHE_ENTRIES
-            || (*channel_bytes > CACHE_CHANNEL_BYTES || *bytes > CACHE_BYTES) && !entries.is_empty()
-        {
-            if let Some(old) = entries.pop_front() {
-                *bytes -= old.frame.len();
-                *channel_bytes -= old.frame.len();
-            }
-        }
-    }
-
     /// Up to `limit` envelopes after `cursor`, in order: from the cache if it
     /// holds the next one, otherwise from the store.
     pub async fn fetch(
@@ -379,5 +364,58 @@ impl Hub {
             .iter()
             .map(|s| Ready::new(s.seq, &s.envelope))
             .collect())
+    }
+}
+
+/// Adds a just-stored envelope to the channel's cache, in sequence order.
+/// Past the byte budget, other channels' caches go first: they fall back to
+/// the store, which is always correct, only slower.
+fn remember(cache: &Mutex<Cache>, channel: ChannelId, ready: Ready) {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    let size = ready.frame.len();
+    if size > CACHE_BYTES / 64 {
+        return;
+    }
+    if cache.bytes + size > CACHE_BYTES {
+        cache.channels.retain(|c, _| *c == channel);
+        cache.bytes = cache.channels.values().map(|c| c.bytes).sum();
+    }
+    let Cache { channels, bytes } = &mut *cache;
+    let ChannelCache {
+        entries,
+        bytes: channel_bytes,
+    } = channels.entry(channel).or_default();
+    let at = entries.partition_point(|e| e.seq < ready.seq);
+    if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
+        return;
+    }
+    entries.insert(at, ready);
+    *bytes += size;
+    *channel_bytes += size;
+    while entries.len() > CACHE_ENTRIES
+        || (*channel_bytes > CACHE_CHANNEL_BYTES || *bytes > CACHE_BYTES) && !entries.is_empty()
+    {
+        if let Some(old) = entries.pop_front() {
+            *bytes -= old.frame.len();
+            *channel_bytes -= old.frame.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ServerFrame;
+
+    #[test]
+    fn the_hand_built_deliver_frame_is_the_serialised_one() {
+        for envelope in [vec![], vec![0u8; 1], (0..=255u8).collect::<Vec<_>>()] {
+            let expected = ServerFrame::Deliver {
+                seq: 42,
+                envelope: envelope.clone(),
+            }
+            .to_text();
+            assert_eq!(Ready::new(42, &envelope).frame.as_str(), expected);
+        }
     }
 }

@@ -282,7 +282,7 @@ async fn healthz(relay: Arc<Relay>) -> Response {
 pub fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(32 * 1024)
         .max_write_buffer_size(max_frame_bytes.saturating_mul(2))
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes))

@@ -38,6 +38,58 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// One append under the lock. `on_commit` runs under it too, so the
+    /// callbacks of concurrent appends run in sequence order.
+    fn append_locked(
+        &self,
+        a: Append,
+        on_commit: Option<super::OnCommit>,
+    ) -> Result<Appended, StoreError> {
+        self.with(|channels| {
+            let appended = (|| {
+                let c = channels.get_mut(&a.channel).ok_or(StoreError::NotFound)?;
+                if let Some(&seq) = c.by_sender.get(&(a.sender, a.sender_seq)) {
+                    let same = c
+                        .log
+                        .get(&seq)
+                        .is_some_and(|(_, _, body, _)| *body == a.envelope);
+                    return if same {
+                        Ok(Appended {
+                            seq,
+                            duplicate: true,
+                        })
+                    } else {
+                        Err(StoreError::Conflict {
+                            sender_seq: a.sender_seq,
+                        })
+                    };
+                }
+                let size = a.envelope.len() as u64;
+                if c.bytes + size > a.quota {
+                    return Err(StoreError::OverQuota {
+                        used: c.bytes,
+                        quota: a.quota,
+                    });
+                }
+                c.head += 1;
+                c.bytes += size;
+                c.by_sender.insert((a.sender, a.sender_seq), c.head);
+                c.log
+                    .insert(c.head, (a.sender, a.sender_seq, a.envelope, a.now));
+                Ok(Appended {
+                    seq: c.head,
+                    duplicate: false,
+                })
+            })()?;
+            if let Some(on_commit) = on_commit {
+                on_commit(appended);
+            }
+            Ok(appended)
+        })
+    }
+}
+
 fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
     Box::pin(std::future::ready(value))
 }
@@ -134,41 +186,15 @@ impl Store for MemoryStore {
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        ready(self.with(|channels| {
-            let c = channels.get_mut(&a.channel).ok_or(StoreError::NotFound)?;
-            if let Some(&seq) = c.by_sender.get(&(a.sender, a.sender_seq)) {
-                let same = c
-                    .log
-                    .get(&seq)
-                    .is_some_and(|(_, _, body, _)| *body == a.envelope);
-                return if same {
-                    Ok(Appended {
-                        seq,
-                        duplicate: true,
-                    })
-                } else {
-                    Err(StoreError::Conflict {
-                        sender_seq: a.sender_seq,
-                    })
-                };
-            }
-            let size = a.envelope.len() as u64;
-            if c.bytes + size > a.quota {
-                return Err(StoreError::OverQuota {
-                    used: c.bytes,
-                    quota: a.quota,
-                });
-            }
-            c.head += 1;
-            c.bytes += size;
-            c.by_sender.insert((a.sender, a.sender_seq), c.head);
-            c.log
-                .insert(c.head, (a.sender, a.sender_seq, a.envelope, a.now));
-            Ok(Appended {
-                seq: c.head,
-                duplicate: false,
-            })
-        }))
+        ready(self.append_locked(a, None))
+    }
+
+    fn append_then(
+        &self,
+        a: Append,
+        on_commit: super::OnCommit,
+    ) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        ready(self.append_locked(a, Some(on_commit)))
     }
 
     fn read(

@@ -26,6 +26,9 @@ use bytes::Bytes;
 use crate::crypto::token::TokenHash;
 use crate::ids::{ChannelId, DeviceId};
 
+/// Called with the outcome of a committed append.
+pub type OnCommit = Box<dyn FnOnce(Appended) + Send>;
+
 /// A boxed future, so that [`Store`] can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -146,6 +149,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores an envelope durably (see the contract in the module docs).
     fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, StoreError>>;
+
+    /// Like [`append`](Self::append), and runs `on_commit` once the envelope is
+    /// durable and before the future resolves. Implementations that can should
+    /// run the callbacks of one channel in commit order (the relay's cache of
+    /// recent envelopes relies on it to stay gap-free); the default runs it when
+    /// the append resolves.
+    fn append_then(
+        &self,
+        append: Append,
+        on_commit: OnCommit,
+    ) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        let appended = self.append(append);
+        Box::pin(async move {
+            let appended = appended.await?;
+            on_commit(appended);
+            Ok(appended)
+        })
+    }
 
     /// Up to `limit` envelopes with sequence numbers above `after`, in order.
     fn read(

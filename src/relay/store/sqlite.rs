@@ -55,6 +55,8 @@ CREATE INDEX IF NOT EXISTS envelopes_stored ON envelopes (stored);
 /// returns what to tell the caller once the commit outcome is known, and whether
 /// the write itself succeeded.
 type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> (Reply, bool) + Send>;
+/// Runs on the writer thread after a successful commit, in commit order.
+type Hook<T> = Box<dyn FnOnce(&T) + Send>;
 /// Told the commit outcome; answers the caller.
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -129,17 +131,33 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
+        self.write_hooked(op, None)
+    }
+
+    /// A write whose `hook` runs on the writer thread right after the commit,
+    /// in commit order, before the caller is answered.
+    fn write_hooked<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        hook: Option<Hook<T>>,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => op(conn),
                 None => Err(StoreError::Backend("could not begin a transaction".into())),
             };
-            let ok = result.is_ok();
+            // Every operation checks before it writes, so only a backend failure
+            // can leave a write half done: that aborts the whole group commit.
+            let backend_failed = matches!(result, Err(StoreError::Backend(_)));
             let reply: Reply = Box::new(move |commit| {
-                let _ = tx.send(commit.map_err(StoreError::Backend).and(result));
+                let result = commit.map_err(StoreError::Backend).and(result);
+                if let (Ok(value), Some(hook)) = (&result, hook) {
+                    hook(value);
+                }
+                let _ = tx.send(result);
             });
-            (reply, ok)
+            (reply, !backend_failed)
         });
         let sent = self
             .writer
@@ -172,8 +190,11 @@ impl SqliteStore {
     }
 }
 
-/// Group commit: block for one write, take whatever else is queued, apply each
-/// in a savepoint, commit once, then answer everyone.
+/// Group commit: block for one write, take whatever else is queued, apply them
+/// in one transaction, commit once, then answer everyone. Operations refuse
+/// (exists, over quota, conflict…) before writing anything, so no per-operation
+/// savepoint is needed; a backend failure rolls the whole batch back and every
+/// caller in it gets the error (none of them was acked).
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -183,25 +204,28 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
-        let began = conn
-            .execute_batch("BEGIN IMMEDIATE")
+        let began = cached(&conn, "BEGIN IMMEDIATE")
+            .map(drop)
             .map_err(|e| e.to_string());
         let mut replies = Vec::with_capacity(batch.len());
+        let mut aborted = false;
         for job in batch {
             if began.is_err() {
                 let (reply, _) = job(None);
                 replies.push(reply);
                 continue;
             }
-            let _ = cached(&conn, "SAVEPOINT op");
-            let (reply, ok) = job(Some(&conn));
-            if !ok {
-                let _ = cached(&conn, "ROLLBACK TO op");
+            let (reply, sound) = job(Some(&conn));
+            if !sound {
+                aborted = true;
             }
-            let _ = cached(&conn, "RELEASE op");
             replies.push(reply);
         }
-        let outcome = began.and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
+        let outcome = if aborted {
+            Err("a write failed; the batch was rolled back".to_owned())
+        } else {
+            began.and_then(|()| cached(&conn, "COMMIT").map(drop).map_err(|e| e.to_string()))
+        };
         if outcome.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -211,8 +235,77 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
-/// Runs a parameterless statement from the statement cache (the writer runs
-/// SAVEPOINT/RELEASE for every write; parsing them each time is measurable).
+/// One append inside the writer's transaction: duplicate check, numbering and
+/// quota in one statement, then the insert.
+fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
+    let existing = conn
+                .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
+                .map_err(backend)?
+                .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+    if let Some((seq, body)) = existing {
+        return if body == a.envelope.as_ref() {
+            Ok(Appended {
+                seq: seq as u64,
+                duplicate: true,
+            })
+        } else {
+            Err(StoreError::Conflict {
+                sender_seq: a.sender_seq,
+            })
+        };
+    }
+    // Take the next number and count the bytes in one statement; no row
+    // means no such channel or over quota (told apart below, off the hot path).
+    let size = a.envelope.len() as i64;
+    let quota = a.quota.min(i64::MAX as u64) as i64;
+    let seq: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE channels SET head = head + 1, bytes = bytes + ?2
+                     WHERE id = ?1 AND bytes + ?2 <= ?3 RETURNING head",
+        )
+        .map_err(backend)?
+        .query_row(params![a.channel.as_bytes(), size, quota], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    let Some(seq) = seq else {
+        let used: Option<i64> = conn
+            .prepare_cached("SELECT bytes FROM channels WHERE id = ?1")
+            .map_err(backend)?
+            .query_row(params![a.channel.as_bytes()], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        return Err(match used {
+            Some(used) => StoreError::OverQuota {
+                used: used as u64,
+                quota: a.quota,
+            },
+            None => StoreError::NotFound,
+        });
+    };
+    conn.prepare_cached(
+                "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(backend)?
+            .execute(params![
+                a.channel.as_bytes(),
+                seq,
+                a.sender.as_bytes(),
+                a.sender_seq as i64,
+                a.envelope.as_ref(),
+                a.now as i64
+            ])
+            .map_err(backend)?;
+    Ok(Appended {
+        seq: seq as u64,
+        duplicate: false,
+    })
+}
+
+/// Runs a parameterless statement from the statement cache.
 fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute([])
 }
@@ -365,62 +458,17 @@ impl Store for SqliteStore {
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        self.write(move |conn| {
-            let existing = conn
-                .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
-                .map_err(backend)?
-                .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()
-                .map_err(backend)?;
-            if let Some((seq, body)) = existing {
-                return if body == a.envelope.as_ref() {
-                    Ok(Appended { seq: seq as u64, duplicate: true })
-                } else {
-                    Err(StoreError::Conflict { sender_seq: a.sender_seq })
-                };
-            }
-            // Take the next number and count the bytes in one statement; no row
-            // means no such channel or over quota (told apart below, off the hot path).
-            let size = a.envelope.len() as i64;
-            let quota = a.quota.min(i64::MAX as u64) as i64;
-            let seq: Option<i64> = conn
-                .prepare_cached(
-                    "UPDATE channels SET head = head + 1, bytes = bytes + ?2
-                     WHERE id = ?1 AND bytes + ?2 <= ?3 RETURNING head",
-                )
-                .map_err(backend)?
-                .query_row(params![a.channel.as_bytes(), size, quota], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            let Some(seq) = seq else {
-                let used: Option<i64> = conn
-                    .prepare_cached("SELECT bytes FROM channels WHERE id = ?1")
-                    .map_err(backend)?
-                    .query_row(params![a.channel.as_bytes()], |r| r.get(0))
-                    .optional()
-                    .map_err(backend)?;
-                return Err(match used {
-                    Some(used) => StoreError::OverQuota { used: used as u64, quota: a.quota },
-                    None => StoreError::NotFound,
-                });
-            };
-            conn.prepare_cached(
-                "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(backend)?
-            .execute(params![
-                a.channel.as_bytes(),
-                seq,
-                a.sender.as_bytes(),
-                a.sender_seq as i64,
-                a.envelope.as_ref(),
-                a.now as i64
-            ])
-            .map_err(backend)?;
-            Ok(Appended { seq: seq as u64, duplicate: false })
-        })
+        self.write(move |conn| append_op(conn, a))
+    }
+
+    fn append_then(
+        &self,
+        a: Append,
+        on_commit: super::OnCommit,
+    ) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        let hook: Box<dyn FnOnce(&Appended) + Send> =
+            Box::new(move |appended| on_commit(*appended));
+        self.write_hooked(move |conn| append_op(conn, a), Some(hook))
     }
 
     fn read(
