@@ -106,13 +106,7 @@ async fn devices_pair_and_exchange_messages_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_queued_before_a_crash_is_delivered_once_after_restart() {
-    let dir = tempdir();
-    let db = dir.join("relay.sqlite3");
-    let relay = TestRelay::start_with(
-        Arc::new(SqliteStore::open(&db).unwrap()),
-        RelayConfig::default(),
-    )
-    .await;
+    let (dir, db, relay) = sqlite_relay().await;
     let addr = relay.addr;
     let d = devices(addr, &dir, &["laptop", "phone"]).await;
     relay.stop().await;
@@ -186,6 +180,18 @@ async fn a_message_queued_before_a_crash_is_delivered_once_after_restart() {
     relay.stop().await;
 }
 
+/// A relay on a SQLite file in a fresh directory: (directory, file, relay).
+async fn sqlite_relay() -> (PathBuf, PathBuf, TestRelay) {
+    let dir = tempdir();
+    let db = dir.join("relay.sqlite3");
+    let relay = TestRelay::start_with(
+        Arc::new(SqliteStore::open(&db).unwrap()),
+        RelayConfig::default(),
+    )
+    .await;
+    (dir, db, relay)
+}
+
 async fn start_on(addr: SocketAddr, db: &Path) -> TestRelay {
     // The port was just freed; retry briefly if the OS has not released it yet.
     for _ in 0..50 {
@@ -215,13 +221,7 @@ async fn wait_until(mut condition: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_loses_and_duplicates_nothing() {
-    let dir = tempdir();
-    let db = dir.join("relay.sqlite3");
-    let relay = TestRelay::start_with(
-        Arc::new(SqliteStore::open(&db).unwrap()),
-        RelayConfig::default(),
-    )
-    .await;
+    let (dir, db, relay) = sqlite_relay().await;
     let addr = relay.addr;
     let d = devices(addr, &dir, &["laptop", "phone"]).await;
     let (sa, sb) = (d[0].connect(), d[1].connect());

@@ -47,6 +47,39 @@ pub(crate) struct Inner {
     pub(crate) acks: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
+/// A fresh device identity, before it belongs to any channel.
+pub(crate) struct NewIdentity {
+    pub(crate) relay: RelayAddr,
+    pub(crate) secret: DeviceSecret,
+    pub(crate) member: Member,
+    pub(crate) token: AccessToken,
+}
+
+impl NewIdentity {
+    /// Checks the name and that `home` is free, parses the relay URL, and draws
+    /// the device's id, X25519 key pair and relay token.
+    pub(crate) fn draw(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
+        validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
+        if home.join(super::state::STATE_FILE).exists() {
+            return Err(ClientError::AlreadyInitialized(home.display().to_string()));
+        }
+        let relay = RelayAddr::parse(relay_url)?;
+        let mut rng = os_rng();
+        let secret = DeviceSecret::generate(&mut rng);
+        let member = Member {
+            id: DeviceId::random(&mut rng),
+            public_key: secret.public_key(),
+            name: name.to_owned(),
+        };
+        Ok(Self {
+            relay,
+            secret,
+            member,
+            token: AccessToken::generate(&mut rng),
+        })
+    }
+}
+
 /// A paired device. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Device {
@@ -67,19 +100,13 @@ impl Device {
     /// Creates a new channel on the relay at `relay_url` with this device (named
     /// `name`) as its first member, and stores the device in `home`.
     pub async fn create(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
-        validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
-        if home.join(super::state::STATE_FILE).exists() {
-            return Err(ClientError::AlreadyInitialized(home.display().to_string()));
-        }
-        let relay = RelayAddr::parse(relay_url)?;
+        let NewIdentity {
+            relay,
+            secret,
+            member: me,
+            token,
+        } = NewIdentity::draw(home, relay_url, name)?;
         let mut rng = os_rng();
-        let secret = DeviceSecret::generate(&mut rng);
-        let me = Member {
-            id: DeviceId::random(&mut rng),
-            public_key: secret.public_key(),
-            name: name.to_owned(),
-        };
-        let token = AccessToken::generate(&mut rng);
         let channel = ChannelId::random(&mut rng);
         let request = CreateChannel {
             channel,

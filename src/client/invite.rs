@@ -10,13 +10,11 @@ use warp::http::Method;
 use zeroize::Zeroizing;
 
 use super::control::Control;
-use super::device::Device;
+use super::device::{Device, NewIdentity};
 use super::error::ClientError;
 use super::http::{REQUEST_TIMEOUT, RelayAddr};
-use crate::channel::{Keyring, Member, validate_name};
+use crate::channel::{Keyring, Member};
 use crate::crypto::os_rng;
-use crate::crypto::pairwise::DeviceSecret;
-use crate::crypto::token::AccessToken;
 use crate::ids::DeviceId;
 use crate::pairing::{
     AbortReason, AwaitingResponse, Code, DeviceInfo, Inviter, Joiner, Message, Nameplate,
@@ -281,20 +279,14 @@ pub async fn join(
     code: &Code,
     timeout: Duration,
 ) -> Result<(Device, JoinedChannel), ClientError> {
-    validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
-    if home.join(super::state::STATE_FILE).exists() {
-        return Err(ClientError::AlreadyInitialized(home.display().to_string()));
-    }
-    let relay = RelayAddr::parse(relay_url)?;
+    let NewIdentity {
+        relay,
+        secret,
+        member: me,
+        token,
+    } = NewIdentity::draw(home, relay_url, name)?;
     let deadline = Instant::now() + timeout;
     let mut rng = os_rng();
-    let secret = DeviceSecret::generate(&mut rng);
-    let me = Member {
-        id: DeviceId::random(&mut rng),
-        public_key: secret.public_key(),
-        name: name.to_owned(),
-    };
-    let token = AccessToken::generate(&mut rng);
 
     let path = format!("/pair/{}/claim", code.nameplate());
     let claimed: SlotClaimed = relay
