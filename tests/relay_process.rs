@@ -380,3 +380,120 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     assert!(status.success());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A relay child on a fixed port and database, so it can be killed and restarted
+/// where the devices expect it.
+fn spawn_relay_at(addr: SocketAddr, db: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["serve", "--listen", &addr.to_string(), "--db"])
+        .arg(db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("khub serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the relay starts");
+    assert!(line.contains(&addr.to_string()), "{line}");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_stream_loses_no_acked_envelope_and_stores_retries_once() {
+    let dir = std::env::temp_dir().join(format!(
+        "khub-kill-{}-{}",
+        std::process::id(),
+        khub::ids::DeviceId::random(&mut os_rng())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("relay.sqlite3");
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut relay = spawn_relay_at(addr, &db);
+    let url = format!("http://{addr}");
+    let laptop = khub::client::Device::create(&dir.join("laptop"), &url, "laptop")
+        .await
+        .unwrap();
+    let invitation = laptop.invite().await.unwrap();
+    let code = Code::parse(&invitation.code()).unwrap();
+    let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
+    let (phone, _) = khub::client::join(
+        &dir.join("phone"),
+        &url,
+        "phone",
+        &code,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    completing.await.unwrap().unwrap();
+
+    let sender = laptop.connect();
+    let total = 120;
+    let mut acked_before_kill = 0;
+    for i in 0..total {
+        if i == 40 {
+            // SIGKILL: no shutdown, no flush — only what was committed survives.
+            relay.kill().unwrap();
+            relay.wait().unwrap();
+        }
+        if i == 80 {
+            relay = spawn_relay_at(addr, &db);
+        }
+        // While the relay is down, do not wait long for acks that cannot come.
+        let wait = if (40..80).contains(&i) {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(300)
+        };
+        let sent = sender
+            .send(format!("note {i}").as_bytes(), wait)
+            .await
+            .unwrap();
+        if i < 40 && matches!(sent, khub::client::Sent::Acked { .. }) {
+            acked_before_kill += 1;
+        }
+    }
+    assert!(
+        acked_before_kill > 0,
+        "some envelopes were acked before the kill"
+    );
+    for _ in 0..400 {
+        if laptop.pending().unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        laptop.pending().unwrap(),
+        0,
+        "every queued envelope was retried and acked"
+    );
+
+    let receiver = phone.connect();
+    for i in 0..total {
+        let message = tokio::time::timeout(STEP, receiver.recv())
+            .await
+            .expect("in time")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(message.body).unwrap(),
+            format!("note {i}")
+        );
+        phone.mark_read(message.seq).unwrap();
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), receiver.recv()).await;
+    assert!(extra.is_err(), "a retried envelope was stored twice");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}
