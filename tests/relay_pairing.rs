@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::Device;
@@ -13,75 +12,13 @@ use khub::crypto::os_rng;
 use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Message, Nameplate, PairingError};
 use khub::protocol::{ServerFrame, b64};
 use khub::relay::config::{Limits, RelayConfig};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn config(limits: Limits) -> RelayConfig {
     RelayConfig {
         limits,
         ..RelayConfig::default()
     }
-}
-
-async fn open_slot(addr: SocketAddr, inviter: &Member, sid: [u8; 16]) -> u32 {
-    let opened = post_json(
-        addr,
-        "/pair",
-        &[("authorization", &inviter.auth())],
-        &json!({"sid": b64::encode(sid)}),
-    )
-    .await;
-    assert_eq!(
-        opened.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&opened.body)
-    );
-    opened.json()["nameplate"].as_u64().unwrap() as u32
-}
-
-async fn claim(addr: SocketAddr, nameplate: u32) -> Response {
-    http(addr, "POST", &format!("/pair/{nameplate}/claim"), &[], b"").await
-}
-
-async fn send_msg(
-    addr: SocketAddr,
-    nameplate: u32,
-    auth: (&str, &str),
-    message: &[u8],
-) -> Response {
-    post_json(
-        addr,
-        &format!("/pair/{nameplate}/messages"),
-        &[auth],
-        &json!({"message": b64::encode(message)}),
-    )
-    .await
-}
-
-/// Long-polls until a message at index `after` arrives (or the slot closes).
-async fn recv_msg(
-    addr: SocketAddr,
-    nameplate: u32,
-    auth: (&str, &str),
-    after: usize,
-) -> (Vec<Vec<u8>>, bool) {
-    let got = http(
-        addr,
-        "GET",
-        &format!("/pair/{nameplate}/messages?after={after}&wait=5"),
-        &[auth],
-        b"",
-    )
-    .await;
-    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
-    let body: Value = got.json();
-    let messages = body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| b64::decode(m.as_str().unwrap()).unwrap())
-        .collect();
-    (messages, body["closed"].as_bool().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,6 @@ use common::net::*;
 use khub::crypto::os_rng;
 use khub::pairing::{Code, Inviter, Joiner, Nameplate};
 use khub::protocol::{ServerFrame, b64};
-use serde_json::json;
 
 struct RelayProcess {
     child: Child,
@@ -133,84 +132,31 @@ async fn the_relay_database_and_logs_hold_no_plaintext_token_name_or_code() {
 
     // Pair the phone through the relay.
     let sid = common::sid();
-    let opened = post_json(
-        addr,
-        "/pair",
-        &[("authorization", &auth)],
-        &json!({"sid": b64::encode(sid)}),
-    )
-    .await;
-    let nameplate = opened.json()["nameplate"].as_u64().unwrap() as u32;
+    let nameplate = open_slot(addr, &inviter, sid).await;
     let code = Code::generate(Nameplate::new(nameplate).unwrap(), &mut rng);
     let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
-    let path = format!("/pair/{nameplate}/messages");
-    post_json(
-        addr,
-        &path,
-        &[("authorization", &auth)],
-        &json!({"message": b64::encode(&start)}),
-    )
-    .await;
-    let claim = http(addr, "POST", &format!("/pair/{nameplate}/claim"), &[], b"")
-        .await
-        .json();
-    let claim_token = claim["claim"].as_str().unwrap().to_owned();
-    let got = http(
-        addr,
-        "GET",
-        &format!("{path}?after=0&wait=5"),
-        &[("x-khub-claim", &claim_token)],
-        b"",
-    )
-    .await
-    .json();
-    let start_in = b64::decode(got["messages"][0].as_str().unwrap()).unwrap();
+    let a = ("authorization", auth.as_str());
+    send_msg(addr, nameplate, a, &start).await;
+    let claim_token = claim(addr, nameplate).await.json()["claim"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = ("x-khub-claim", claim_token.as_str());
+    let (start_in, _) = recv_msg(addr, nameplate, b, 0).await;
     let phone_member = Member::with_device(keyring.channel(), phone.id());
     let info = khub::pairing::DeviceInfo::new(phone.member.clone(), phone_member.token.expose());
-    let (joiner, response) = Joiner::respond(&code, sid, &start_in, &info, &mut rng).unwrap();
-    post_json(
-        addr,
-        &path,
-        &[("x-khub-claim", &claim_token)],
-        &json!({"message": b64::encode(&response)}),
-    )
-    .await;
-    let got = http(
-        addr,
-        "GET",
-        &format!("{path}?after=0&wait=5"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await
-    .json();
-    let admission = awaiting
-        .receive(&b64::decode(got["messages"][0].as_str().unwrap()).unwrap())
-        .unwrap();
+    let (joiner, response) = Joiner::respond(&code, sid, &start_in[0], &info, &mut rng).unwrap();
+    send_msg(addr, nameplate, b, &response).await;
+    let (response_in, _) = recv_msg(addr, nameplate, a, 0).await;
+    let admission = awaiting.receive(&response_in[0]).unwrap();
     assert_eq!(admit(addr, &inviter, &phone_member).await.status, 201);
     keyring
         .add_member(admission.joiner().member.clone())
         .unwrap();
     let (finish, _) = admission.finish(&keyring.welcome(), &mut rng);
-    post_json(
-        addr,
-        &path,
-        &[("authorization", &auth)],
-        &json!({"message": b64::encode(&finish)}),
-    )
-    .await;
-    let got = http(
-        addr,
-        "GET",
-        &format!("{path}?after=1&wait=5"),
-        &[("x-khub-claim", &claim_token)],
-        b"",
-    )
-    .await
-    .json();
-    let joined = joiner
-        .receive(&b64::decode(got["messages"][0].as_str().unwrap()).unwrap())
-        .unwrap();
+    send_msg(addr, nameplate, a, &finish).await;
+    let (finish_in, _) = recv_msg(addr, nameplate, b, 1).await;
+    let joined = joiner.receive(&finish_in[0]).unwrap();
     let mut phone_ring =
         khub::channel::Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy())
             .unwrap();

@@ -320,3 +320,67 @@ pub fn publish(envelope: &[u8]) -> String {
     }
     .to_text()
 }
+
+// The pairing mailbox, as the two sides use it.
+
+pub async fn open_slot(addr: SocketAddr, inviter: &Member, sid: [u8; 16]) -> u32 {
+    let opened = post_json(
+        addr,
+        "/pair",
+        &[("authorization", &inviter.auth())],
+        &serde_json::json!({"sid": khub::protocol::b64::encode(sid)}),
+    )
+    .await;
+    assert_eq!(
+        opened.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&opened.body)
+    );
+    opened.json()["nameplate"].as_u64().unwrap() as u32
+}
+
+pub async fn claim(addr: SocketAddr, nameplate: u32) -> Response {
+    http(addr, "POST", &format!("/pair/{nameplate}/claim"), &[], b"").await
+}
+
+pub async fn send_msg(
+    addr: SocketAddr,
+    nameplate: u32,
+    auth: (&str, &str),
+    message: &[u8],
+) -> Response {
+    post_json(
+        addr,
+        &format!("/pair/{nameplate}/messages"),
+        &[auth],
+        &serde_json::json!({"message": khub::protocol::b64::encode(message)}),
+    )
+    .await
+}
+
+/// Long-polls until a message at index `after` arrives (or the slot closes).
+pub async fn recv_msg(
+    addr: SocketAddr,
+    nameplate: u32,
+    auth: (&str, &str),
+    after: usize,
+) -> (Vec<Vec<u8>>, bool) {
+    let got = http(
+        addr,
+        "GET",
+        &format!("/pair/{nameplate}/messages?after={after}&wait=5"),
+        &[auth],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let body: serde_json::Value = got.json();
+    let messages = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| khub::protocol::b64::decode(m.as_str().unwrap()).unwrap())
+        .collect();
+    (messages, body["closed"].as_bool().unwrap())
+}
