@@ -363,7 +363,7 @@ where
                     cursor = known_head;
                     continue;
                 }
-                match timeout(limits.slow_reader_timeout, deliver(ws, &batch)).await {
+                match deliver(ws, &batch, limits.slow_reader_timeout).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return End::Gone,
                     Err(_) => {
@@ -381,13 +381,21 @@ where
     }
 }
 
-/// Writes a batch of deliveries and flushes once.
-async fn deliver<S>(ws: &mut WebSocketStream<S>, batch: &[Ready]) -> Result<(), WsError>
+/// Writes a batch of deliveries and flushes once. A device is slow only if one
+/// step makes no progress for `patience`: a device that is reading, however
+/// large the batch, is not cut off.
+async fn deliver<S>(
+    ws: &mut WebSocketStream<S>,
+    batch: &[Ready],
+    patience: std::time::Duration,
+) -> Result<Result<(), WsError>, tokio::time::error::Elapsed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     for ready in batch {
-        ws.feed(Message::Text(ready.frame.clone())).await?;
+        if let Err(e) = timeout(patience, ws.feed(Message::Text(ready.frame.clone()))).await? {
+            return Ok(Err(e));
+        }
     }
-    ws.flush().await
+    timeout(patience, ws.flush()).await
 }
