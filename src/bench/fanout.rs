@@ -87,8 +87,11 @@ pub enum Server {
     Baseline(SocketAddr),
 }
 
-type Ws =
+pub(super) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Frame limit of the load generator's connections.
+const FRAME: usize = 16 * 1024 * 1024;
 
 struct Device {
     ws: Ws,
@@ -149,15 +152,30 @@ pub async fn run(server: Server, workload: Workload) -> Result<Outcome, String> 
     Ok(outcome)
 }
 
-async fn connect(url: &str) -> Result<Ws, String> {
-    let config = crate::relay::routes::ws_config(16 * 1024 * 1024);
-    let (ws, _) = tokio::time::timeout(
+/// Connects to `url` with buffers sized for frames of `max_frame` bytes and, for
+/// the relay, sends `hello` and waits for `ready`.
+pub(super) async fn connect(
+    url: &str,
+    max_frame: usize,
+    hello: Option<&str>,
+) -> Result<Ws, String> {
+    let config = crate::relay::routes::ws_config(max_frame);
+    let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(20),
         tokio_tungstenite::connect_async_with_config(url, Some(config), true),
     )
     .await
     .map_err(|_| "connect timed out".to_owned())?
     .map_err(|e| e.to_string())?;
+    if let Some(hello) = hello {
+        ws.send(Message::Text(hello.to_owned().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"ready\"") => {}
+            other => return Err(format!("no ready: {other:?}")),
+        }
+    }
     Ok(ws)
 }
 
@@ -176,7 +194,6 @@ async fn setup(server: Server, w: &Workload) -> Result<Vec<(Device, ChannelId)>,
         for (i, (id, token)) in members.iter().enumerate() {
             let ws = match server {
                 Server::Relay(addr) => {
-                    let mut ws = connect(&format!("ws://{addr}/ws")).await?;
                     let hello = ClientFrame::Hello {
                         v: 1,
                         channel,
@@ -184,16 +201,11 @@ async fn setup(server: Server, w: &Workload) -> Result<Vec<(Device, ChannelId)>,
                         token: token.duplicate(),
                         cursor: 0,
                     };
-                    ws.send(Message::Text(hello.to_text().into()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    match ws.next().await {
-                        Some(Ok(Message::Text(t))) if t.contains("\"ready\"") => {}
-                        other => return Err(format!("no ready: {other:?}")),
-                    }
-                    ws
+                    connect(&format!("ws://{addr}/ws"), FRAME, Some(&hello.to_text())).await?
                 }
-                Server::Baseline(addr) => connect(&format!("ws://{addr}/room/{channel}")).await?,
+                Server::Baseline(addr) => {
+                    connect(&format!("ws://{addr}/room/{channel}"), FRAME, None).await?
+                }
             };
             let sender = (i < w.senders).then_some(c * w.senders + i);
             devices.push((

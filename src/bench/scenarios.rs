@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use warp::http::Method;
 
@@ -212,30 +212,20 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
             bad == 0,
         ));
     }
-    let mem_ratio = mem.rate() / base.rate();
-    let sql_ratio = sql.rate() / base.rate();
-    rows.push(Row::check(
-        "fanout",
-        "memory store / baseline deliveries/s",
-        format!("{:.0}%", mem_ratio * 100.0),
-        ">= 90%",
-        mem_ratio >= 0.9,
-    ));
-    rows.push(Row::check(
-        "fanout",
-        "SQLite (full) / baseline deliveries/s",
-        format!("{:.0}%", sql_ratio * 100.0),
-        ">= 60%",
-        sql_ratio >= 0.6,
-    ));
-    let normal_ratio = sql_normal.rate() / base.rate();
-    rows.push(Row::check(
-        "fanout",
-        "SQLite (normal) / baseline deliveries/s",
-        format!("{:.0}%", normal_ratio * 100.0),
-        ">= 60%",
-        normal_ratio >= 0.6,
-    ));
+    for (name, outcome, target) in [
+        ("memory store", &mem, 0.9),
+        ("SQLite (full)", &sql, 0.6),
+        ("SQLite (normal)", &sql_normal, 0.6),
+    ] {
+        let ratio = outcome.rate() / base.rate();
+        rows.push(Row::check(
+            "fanout",
+            format!("{name} / baseline deliveries/s"),
+            format!("{:.0}%", ratio * 100.0),
+            &format!(">= {:.0}%", target * 100.0),
+            ratio >= target,
+        ));
+    }
     for (name, outcome) in [
         ("memory", &mem),
         ("SQLite (full)", &sql),
@@ -388,9 +378,6 @@ async fn catchup(backlog: usize) -> Result<Vec<Row>, String> {
     }
     let (reader, token) = &members[1];
     let started = Instant::now();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", relay.addr))
-        .await
-        .map_err(|e| e.to_string())?;
     let hello = ClientFrame::Hello {
         v: 1,
         channel,
@@ -398,9 +385,12 @@ async fn catchup(backlog: usize) -> Result<Vec<Row>, String> {
         token: token.duplicate(),
         cursor: 0,
     };
-    ws.send(Message::Text(hello.to_text().into()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut ws = fanout::connect(
+        &format!("ws://{}/ws", relay.addr),
+        16 * 1024 * 1024,
+        Some(&hello.to_text()),
+    )
+    .await?;
     let mut received = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while received < backlog {
@@ -689,32 +679,15 @@ async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, Stri
     result
 }
 
-type ClientWs =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Opens `count` authenticated sessions (small client buffers: only the relay is measured).
 async fn open_sessions(
     addr: SocketAddr,
     hello: &str,
     count: usize,
-) -> Result<Vec<ClientWs>, String> {
+) -> Result<Vec<fanout::Ws>, String> {
     let mut opened = Vec::with_capacity(count);
     for _ in 0..count {
-        let config = crate::relay::routes::ws_config(64 * 1024);
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
-            format!("ws://{addr}/ws"),
-            Some(config),
-            true,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        ws.send(Message::Text(hello.to_owned().into()))
-            .await
-            .map_err(|e| e.to_string())?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("ready") => opened.push(ws),
-            other => return Err(format!("no ready: {other:?}")),
-        }
+        opened.push(fanout::connect(&format!("ws://{addr}/ws"), 64 * 1024, Some(hello)).await?);
     }
     Ok(opened)
 }
