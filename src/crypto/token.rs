@@ -75,6 +75,6 @@ impl Serialize for TokenHash {
 
 impl<'de> Deserialize<'de> for TokenHash {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::protocol::b64::array32::deserialize(d).map(Self)
+        crate::protocol::b64::array::deserialize(d).map(Self)
     }
 }

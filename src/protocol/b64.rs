@@ -30,38 +30,26 @@ pub mod bytes {
     }
 }
 
-/// `#[serde(with = "b64::array32")]` for `[u8; 32]` fields (tokens, hashes).
-pub mod array32 {
+/// `#[serde(with = "b64::array")]` for fixed-size fields (`[u8; 16]` sids,
+/// `[u8; 32]` tokens and hashes); a wrong length is refused.
+pub mod array {
     use super::*;
 
     /// Serialises as base64url.
-    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, const N: usize>(
+        bytes: &[u8; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&encode(bytes))
     }
 
-    /// Deserialises 32 bytes from base64url.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+    /// Deserialises exactly `N` bytes from base64url.
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
         let bytes = bytes::deserialize(d)?;
         bytes
             .try_into()
-            .map_err(|_| de::Error::custom("expected 32 bytes"))
-    }
-}
-
-/// `#[serde(with = "b64::array16")]` for `[u8; 16]` fields (pairing sids).
-pub mod array16 {
-    use super::*;
-
-    /// Serialises as base64url.
-    pub fn serialize<S: Serializer>(bytes: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&encode(bytes))
-    }
-
-    /// Deserialises 16 bytes from base64url.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
-        let bytes = bytes::deserialize(d)?;
-        bytes
-            .try_into()
-            .map_err(|_| de::Error::custom("expected 16 bytes"))
+            .map_err(|_| de::Error::custom(format!("expected {N} bytes")))
     }
 }

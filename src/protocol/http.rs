@@ -169,7 +169,7 @@ pub struct Delivered {
 #[serde(deny_unknown_fields)]
 pub struct OpenSlot {
     /// The pairing session id the inviter drew.
-    #[serde(with = "b64::array16")]
+    #[serde(with = "b64::array")]
     pub sid: [u8; 16],
 }
 
@@ -186,7 +186,7 @@ pub struct SlotOpened {
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotClaimed {
     /// The pairing session id.
-    #[serde(with = "b64::array16")]
+    #[serde(with = "b64::array")]
     pub sid: [u8; 16],
     /// The joiner's token for the rest of this pairing (`X-Khub-Claim` header).
     pub claim: AccessToken,

@@ -305,6 +305,28 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
     })
 }
 
+/// Adds a device row (channel creation and admission both do).
+fn insert_device(
+    conn: &Connection,
+    channel: ChannelId,
+    device: DeviceId,
+    token_hash: TokenHash,
+    now: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO devices (channel, device, token_hash, joined) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(backend)?
+    .execute(params![
+        channel.as_bytes(),
+        device.as_bytes(),
+        token_hash.0,
+        now as i64
+    ])
+    .map_err(backend)?;
+    Ok(())
+}
+
 /// Runs a parameterless statement from the statement cache.
 fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute([])
@@ -340,12 +362,7 @@ impl Store for SqliteStore {
             if inserted == 0 {
                 return Err(StoreError::Exists);
             }
-            conn.execute(
-                "INSERT INTO devices (channel, device, token_hash, joined) VALUES (?1, ?2, ?3, ?4)",
-                params![channel.as_bytes(), device.as_bytes(), token_hash.0, now as i64],
-            )
-            .map_err(backend)?;
-            Ok(())
+            insert_device(conn, channel, device, token_hash, now)
         })
     }
 
@@ -423,16 +440,7 @@ impl Store for SqliteStore {
             if active as usize >= max_devices {
                 return Err(StoreError::ChannelFull(max_devices));
             }
-            conn.execute(
-                "INSERT INTO devices (channel, device, token_hash, joined) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    channel.as_bytes(),
-                    device.as_bytes(),
-                    token_hash.0,
-                    now as i64
-                ],
-            )
-            .map_err(backend)?;
+            insert_device(conn, channel, device, token_hash, now)?;
             Ok(())
         })
     }
