@@ -1,5 +1,7 @@
 //! The `khub` binary as other tools use it.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -41,7 +43,6 @@ mod device_commands {
     use std::io::{BufRead, BufReader, Write};
     use std::path::PathBuf;
     use std::process::{Child, Command, Output, Stdio};
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     const KHUB: &str = env!("CARGO_BIN_EXE_khub");
@@ -55,19 +56,14 @@ mod device_commands {
 
     impl World {
         fn new() -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "khub-cli-{}-{}",
-                std::process::id(),
-                rand_suffix()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = crate::common::tempdir("cli");
             let mut relay = Command::new(KHUB)
                 .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            let line = first_line(relay.stdout.take().unwrap());
+            let line = crate::common::first_line(relay.stdout.take().unwrap());
             let addr = line
                 .split_whitespace()
                 .find(|w| w.starts_with("127.0.0.1:"))
@@ -168,20 +164,6 @@ mod device_commands {
             let _ = self.relay.wait();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-
-    fn rand_suffix() -> String {
-        khub::ids::DeviceId::random(&mut khub::crypto::os_rng()).to_string()
-    }
-
-    fn first_line(stdout: std::process::ChildStdout) -> String {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        rx.recv_timeout(LIMIT).expect("a first line in time")
     }
 
     fn wait(mut child: Child) -> Output {
@@ -370,74 +352,20 @@ mod device_commands {
             .unwrap();
         let stdout = listener.stdout.take().unwrap();
         world.ok("a", &["send", "live"]);
-        let line = first_line(stdout);
+        let line = crate::common::first_line(stdout);
         let _ = listener.kill();
         let _ = listener.wait();
         let message: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(message["text"], "live");
     }
-}
-
-mod invite_timeout {
-    use std::process::{Command, Stdio};
 
     #[test]
     fn an_invite_nobody_answers_times_out_with_a_clear_error() {
-        let dir = std::env::temp_dir().join(format!("khub-cli-timeout-{}", std::process::id()));
-        let mut relay = Command::new(env!("CARGO_BIN_EXE_khub"))
-            .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(relay.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
-            .unwrap()
-            .trim_end_matches(',');
-        // Every run is bounded: a hang fails the test instead of stalling it.
-        let khub = |args: &[&str]| {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
-                .args(args)
-                .arg("--home")
-                .arg(&dir)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while child.try_wait().unwrap().is_none() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "khub {args:?} did not finish"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            child.wait_with_output().unwrap()
-        };
-        assert!(
-            khub(&[
-                "init",
-                "--relay",
-                &format!("http://{addr}"),
-                "--name",
-                "laptop"
-            ])
-            .status
-            .success()
-        );
-        let invite = khub(&["invite", "--timeout", "1"]);
+        let world = World::new();
+        world.init("a", "laptop");
+        let invite = world.run("a", &["invite", "--timeout", "1"], "");
         assert!(!invite.status.success());
         assert!(String::from_utf8_lossy(&invite.stdout).starts_with("code: "));
         assert!(String::from_utf8_lossy(&invite.stderr).contains("nobody entered the code"));
-        let _ = relay.kill();
-        let _ = relay.wait();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

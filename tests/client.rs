@@ -10,20 +10,9 @@ use std::time::Duration;
 
 use common::net::{STEP, TestRelay};
 use khub::client::{ClientError, Device, Sent, Session, Status, join};
-use khub::crypto::os_rng;
 use khub::pairing::Code;
 use khub::relay::config::RelayConfig;
 use khub::relay::store::sqlite::SqliteStore;
-
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "khub-client-{}-{}",
-        std::process::id(),
-        khub::ids::DeviceId::random(&mut os_rng())
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn url(addr: SocketAddr) -> String {
     format!("http://{addr}")
@@ -36,21 +25,7 @@ async fn devices(addr: SocketAddr, dir: &Path, names: &[&str]) -> Vec<Device> {
         .unwrap();
     let mut all = vec![first];
     for name in &names[1..] {
-        let inviter = all[0].clone();
-        let invitation = inviter.invite().await.unwrap();
-        let code = Code::parse(&invitation.code()).unwrap();
-        let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
-        let (device, joined) = join(
-            &dir.join(name),
-            &url(addr),
-            name,
-            &code,
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap();
-        let member = completing.await.unwrap().unwrap();
-        assert_eq!(member.sas, joined.sas);
+        let device = common::sdk_join(&all[0], &dir.join(name), &url(addr), name).await;
         all.push(device);
     }
     all
@@ -68,7 +43,7 @@ async fn recv(session: &Session, device: &Device) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_pair_and_exchange_messages_once_in_order() {
     let relay = TestRelay::start(RelayConfig::default()).await;
-    let dir = tempdir();
+    let dir = common::tempdir("client");
     let d = devices(relay.addr, &dir, &["laptop", "phone", "tablet"]).await;
     let (sa, sb, sc) = (d[0].connect(), d[1].connect(), d[2].connect());
     for i in 0..10 {
@@ -182,7 +157,7 @@ async fn a_message_queued_before_a_crash_is_delivered_once_after_restart() {
 
 /// A relay on a SQLite file in a fresh directory: (directory, file, relay).
 async fn sqlite_relay() -> (PathBuf, PathBuf, TestRelay) {
-    let dir = tempdir();
+    let dir = common::tempdir("client");
     let db = dir.join("relay.sqlite3");
     let relay = TestRelay::start_with(
         Arc::new(SqliteStore::open(&db).unwrap()),
@@ -258,7 +233,7 @@ async fn a_reconnect_storm_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_resumes_from_its_cursor() {
     let relay = TestRelay::start(RelayConfig::default()).await;
-    let dir = tempdir();
+    let dir = common::tempdir("client");
     let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
     let sa = d[0].connect();
     for i in 0..5 {
@@ -292,7 +267,7 @@ async fn a_device_resumes_from_its_cursor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_device_is_cut_off_and_cannot_read_what_follows() {
     let relay = TestRelay::start(RelayConfig::default()).await;
-    let dir = tempdir();
+    let dir = common::tempdir("client");
     let d = devices(relay.addr, &dir, &["laptop", "phone", "tablet"]).await;
     let tablet_session = d[2].connect();
     tablet_session.caught_up(STEP).await.unwrap();
@@ -340,7 +315,7 @@ async fn a_removed_device_is_cut_off_and_cannot_read_what_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_classified_and_state_files_are_private() {
-    let dir = tempdir();
+    let dir = common::tempdir("client");
     // Nothing listens on this port: transient.
     let error = Device::create(&dir.join("x"), "http://127.0.0.1:9", "x")
         .await

@@ -337,7 +337,7 @@ async fn http_routes_refuse_bad_input_with_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
-    let dir = tempdir();
+    let dir = common::tempdir("relay");
     let path = dir.join("relay.sqlite3");
     let relay = TestRelay::start_with(
         Arc::new(SqliteStore::open(&path).unwrap()),
@@ -632,17 +632,6 @@ async fn shutdown_closes_sessions_with_1001() {
         .await
         .unwrap()
         .unwrap();
-}
-
-/// A fresh directory under the system temp dir.
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "khub-test-{}-{}",
-        std::process::id(),
-        khub::ids::DeviceId::random(&mut os_rng())
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,12 +23,7 @@ struct RelayProcess {
 
 impl RelayProcess {
     fn start(extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "khub-proc-{}-{}",
-            std::process::id(),
-            khub::ids::DeviceId::random(&mut os_rng())
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::tempdir("proc");
         let log = std::fs::File::create(dir.join("relay.log")).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_khub"));
         command.args(["serve", "--listen", "127.0.0.1:0"]);
@@ -43,16 +37,7 @@ impl RelayProcess {
             .stderr(log)
             .spawn()
             .expect("khub serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the relay prints its address");
+        let line = common::first_line(child.stdout.take().unwrap());
         let addr = line
             .split_whitespace()
             .find_map(|word| word.trim_end_matches(',').parse().ok())
@@ -337,28 +322,14 @@ fn spawn_relay_at(addr: SocketAddr, db: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("khub serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the relay starts");
+    let line = common::first_line(child.stdout.take().unwrap());
     assert!(line.contains(&addr.to_string()), "{line}");
     child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_stream_loses_no_acked_envelope_and_stores_retries_once() {
-    let dir = std::env::temp_dir().join(format!(
-        "khub-kill-{}-{}",
-        std::process::id(),
-        khub::ids::DeviceId::random(&mut os_rng())
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tempdir("kill");
     let db = dir.join("relay.sqlite3");
     let addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -369,19 +340,7 @@ async fn a_relay_killed_mid_stream_loses_no_acked_envelope_and_stores_retries_on
     let laptop = khub::client::Device::create(&dir.join("laptop"), &url, "laptop")
         .await
         .unwrap();
-    let invitation = laptop.invite().await.unwrap();
-    let code = Code::parse(&invitation.code()).unwrap();
-    let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
-    let (phone, _) = khub::client::join(
-        &dir.join("phone"),
-        &url,
-        "phone",
-        &code,
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
-    completing.await.unwrap().unwrap();
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &url, "phone").await;
 
     let sender = laptop.connect();
     let total = 120;

@@ -1,6 +1,8 @@
 //! The `Store` contract, run against every implementation (SQLite and memory);
 //! a new backend (Redis) adds one line to `stores()`.
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,12 +14,7 @@ use khub::relay::store::sqlite::SqliteStore;
 use khub::relay::store::{Append, Appended, Store, StoreError};
 
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
-    let dir = std::env::temp_dir().join(format!(
-        "khub-store-{}-{}",
-        std::process::id(),
-        DeviceId::random(&mut os_rng())
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tempdir("store");
     vec![
         ("memory", Arc::new(MemoryStore::new())),
         (

@@ -8,11 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::net::{STEP, TestRelay};
-use khub::client::{ClientError, Device, Sent, join};
-use khub::pairing::Code;
+use khub::client::{ClientError, Device, Sent};
 use khub::relay::config::RelayConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -65,8 +63,7 @@ async fn devices_pair_and_sync_through_a_tls_proxy() {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let proxy = tls_proxy("127.0.0.1:0", relay.addr).await;
     let url = format!("https://localhost:{}", proxy.port());
-    let dir = std::env::temp_dir().join(format!("khub-tls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::tempdir("tls");
 
     // Without the test CA, the certificate is refused and nothing is created.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_khub"))
@@ -87,19 +84,7 @@ async fn devices_pair_and_sync_through_a_tls_proxy() {
         .await
         .unwrap();
     assert_eq!(laptop.relay_url(), url);
-    let invitation = laptop.invite().await.unwrap();
-    let code = Code::parse(&invitation.code()).unwrap();
-    let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
-    let (phone, joined) = join(
-        &dir.join("phone"),
-        &url,
-        "phone",
-        &code,
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
-    assert_eq!(completing.await.unwrap().unwrap().sas, joined.sas);
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &url, "phone").await;
 
     // Live sessions over wss://.
     let (sa, sb) = (laptop.connect(), phone.connect());

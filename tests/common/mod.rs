@@ -127,3 +127,47 @@ pub fn channel_of(devices: &[&Device]) -> Vec<Keyring> {
 }
 
 pub mod net;
+
+/// A fresh, empty directory under the system temp dir, named for `purpose`.
+pub fn tempdir(purpose: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "khub-{purpose}-{}-{}",
+        std::process::id(),
+        DeviceId::random(&mut os_rng())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The first line a child process prints, waiting at most a minute for it.
+pub fn first_line(stdout: std::process::ChildStdout) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a first line in time")
+}
+
+/// Pairs a new SDK device named `name` (state in `home`) with `inviter`
+/// through the relay at `url`; both sides must show the same SAS.
+pub async fn sdk_join(
+    inviter: &khub::client::Device,
+    home: &std::path::Path,
+    url: &str,
+    name: &str,
+) -> khub::client::Device {
+    let timeout = std::time::Duration::from_secs(20);
+    let invitation = inviter.invite().await.unwrap();
+    let code = Code::parse(&invitation.code()).unwrap();
+    let completing = tokio::spawn(invitation.complete(timeout));
+    let (device, joined) = khub::client::join(home, url, name, &code, timeout)
+        .await
+        .unwrap();
+    let member = completing.await.unwrap().unwrap();
+    assert_eq!(member.sas, joined.sas, "both screens show the same SAS");
+    device
+}
