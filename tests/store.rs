@@ -121,11 +121,21 @@ async fn every_store_keeps_the_contract() {
         );
         assert_eq!(
             store
-                .append(append(channel, a, 2, b"three", 300))
+                .append(append(channel, a, 3, b"three", 300))
                 .await
                 .unwrap()
                 .seq,
             3
+        );
+        // A sender's envelopes stay in its order: a gap is allowed, going
+        // back is not (devices would refuse it as reordered).
+        assert_eq!(
+            store.append(append(channel, a, 2, b"late", 300)).await,
+            Err(StoreError::OutOfOrder {
+                sender_seq: 2,
+                highest: 3
+            }),
+            "{name}"
         );
         let read = store.read(channel, 1, 10).await.unwrap();
         assert_eq!(
@@ -140,7 +150,7 @@ async fn every_store_keeps_the_contract() {
         let big = vec![0u8; 990];
         assert!(
             matches!(
-                store.append(append(channel, a, 3, &big, 300)).await,
+                store.append(append(channel, a, 4, &big, 300)).await,
                 Err(StoreError::OverQuota { .. })
             ),
             "{name}"
@@ -157,7 +167,7 @@ async fn every_store_keeps_the_contract() {
         );
         assert_eq!(
             store
-                .append(append(channel, a, 4, b"four", 400))
+                .append(append(channel, a, 5, b"four", 400))
                 .await
                 .unwrap()
                 .seq,

@@ -341,14 +341,15 @@ async fn catchup(backlog: usize) -> Result<Vec<Row>, String> {
     ))
     .await?;
     let (channel, members) = channel_with(relay.addr, 2).await?;
-    let (writer, _) = &members[0];
-    // Fill the backlog through the store, many appends in flight so they group-commit.
+    // Fill the backlog through the store, many appends in flight so they
+    // group-commit: one writer per task, as the store keeps each sender's
+    // envelopes in its own order.
     let body_len = padded_len(200) + 24 + 16;
     let mut tasks = tokio::task::JoinSet::new();
     let chunk = backlog.div_ceil(64);
     for part in 0..64 {
         let store = Arc::clone(&relay.relay.hub.store);
-        let writer = *writer;
+        let writer = DeviceId::random(&mut crate::crypto::os_rng());
         tasks.spawn(async move {
             for seq in (part * chunk + 1)..=((part + 1) * chunk).min(backlog) {
                 let mut envelope = EnvelopeHeader {

@@ -62,7 +62,8 @@ pub struct Opened {
     pub header: EnvelopeHeader,
     /// The application's bytes.
     pub plaintext: Vec<u8>,
-    /// Sequence numbers of this sender that were skipped and have not arrived.
+    /// Sequence numbers of this sender that were skipped (and will be refused
+    /// if they arrive later).
     pub gap: Option<RangeInclusive<u64>>,
 }
 
@@ -226,6 +227,20 @@ impl Keyring {
         &self.current().key
     }
 
+    /// Every secret this keyring holds — the device's private key and each
+    /// epoch's channel key — for the harness's secret scanner.
+    #[cfg(feature = "testing")]
+    pub fn secrets_for_scan(&self) -> Vec<(String, Vec<u8>)> {
+        let mut secrets = vec![("device secret".to_owned(), self.secret.expose().to_vec())];
+        for (epoch, state) in &self.epochs {
+            secrets.push((
+                format!("channel key of epoch {epoch}"),
+                state.key.expose().to_vec(),
+            ));
+        }
+        secrets
+    }
+
     /// Members of the current epoch, ordered by id.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
         self.current().members.values()
@@ -331,6 +346,10 @@ impl Keyring {
                 sender: header.sender,
                 seq: header.seq,
             },
+            Refusal::Reordered => OpenError::Reordered {
+                sender: header.sender,
+                seq: header.seq,
+            },
             Refusal::TooOld => OpenError::TooOld {
                 sender: header.sender,
                 seq: header.seq,
@@ -346,7 +365,7 @@ impl Keyring {
             .record(header.seq);
         let gap = match admission {
             Admission::Gap { missing } => Some(missing),
-            Admission::InOrder | Admission::Late => None,
+            Admission::InOrder => None,
         };
         Ok(Opened {
             header,

@@ -10,6 +10,7 @@ use warp::http::Method;
 use super::control::Control;
 use super::error::ClientError;
 use super::http::{REQUEST_TIMEOUT, RelayAddr};
+use super::incident::{Incident, IncidentKind};
 use super::state::{Identity, InboxMessage, StateDb};
 use crate::channel::{Keyring, KeyringError, Member, validate_name};
 use crate::crypto::os_rng;
@@ -316,50 +317,69 @@ impl Device {
             return Ok(());
         }
         let mut message = None;
+        let mut incidents = Vec::new();
         match state.keyring.open(envelope) {
-            Ok(opened) => match Control::decode(&opened.plaintext) {
-                Ok(Control::App(body)) if opened.header.sender != self.inner.me => {
-                    let from_name = state
-                        .keyring
-                        .member(&opened.header.sender)
-                        .map_or_else(|| "unknown device".to_owned(), |m| m.name.clone());
-                    message = Some(InboxMessage {
-                        seq,
-                        from: opened.header.sender,
-                        from_name,
-                        body,
-                    });
-                    if let Some(gap) = opened.gap {
-                        warn!(sender = %opened.header.sender, ?gap, "messages from this sender are missing");
-                    }
+            Ok(opened) => {
+                if let Some(gap) = &opened.gap {
+                    incidents.push(Incident::gap(seq, opened.header.sender, gap));
                 }
-                Ok(Control::App(_)) => {}
-                Ok(Control::MemberAdded(member)) => {
-                    if state.keyring.member(&member.id).is_none()
-                        && state.keyring.add_member(member).is_err()
-                    {
-                        warn!(
+                match Control::decode(&opened.plaintext) {
+                    Ok(Control::App(body)) if opened.header.sender != self.inner.me => {
+                        let from_name = state
+                            .keyring
+                            .member(&opened.header.sender)
+                            .map_or_else(|| "unknown device".to_owned(), |m| m.name.clone());
+                        message = Some(InboxMessage {
                             seq,
-                            "a member announcement exceeds the channel's size; ignored"
-                        );
+                            from: opened.header.sender,
+                            from_name,
+                            body,
+                        });
                     }
+                    Ok(Control::App(_)) => {}
+                    Ok(Control::MemberAdded(member)) => {
+                        if state.keyring.member(&member.id).is_none()
+                            && state.keyring.add_member(member).is_err()
+                        {
+                            incidents.push(Incident::other(
+                                seq,
+                                IncidentKind::RekeyRefused,
+                                "a member announcement exceeds the channel's size; ignored",
+                            ));
+                        }
+                    }
+                    Ok(Control::Rekey(rekey)) => match state.keyring.apply_rekey(&rekey) {
+                        Ok(outcome) => tracing::debug!(seq, ?outcome, "rekey applied"),
+                        Err(KeyringError::Rekey(RekeyError::Removed(_))) => state.removed = true,
+                        Err(e) => incidents.push(Incident::other(
+                            seq,
+                            IncidentKind::RekeyRefused,
+                            format!("rekey refused: {e}"),
+                        )),
+                    },
+                    Err(e) => incidents.push(Incident::other(
+                        seq,
+                        IncidentKind::Malformed,
+                        format!("undecodable message skipped: {e}"),
+                    )),
                 }
-                Ok(Control::Rekey(rekey)) => match state.keyring.apply_rekey(&rekey) {
-                    Ok(outcome) => tracing::debug!(seq, ?outcome, "rekey applied"),
-                    Err(KeyringError::Rekey(RekeyError::Removed(_))) => state.removed = true,
-                    Err(e) => warn!(seq, error = %e, "rekey refused"),
-                },
-                Err(e) => warn!(seq, error = %e, "undecodable message skipped"),
-            },
-            // From an epoch before this device joined: expected, nothing to show.
-            Err(crate::crypto::envelope::OpenError::UnknownEpoch(epoch)) => {
-                tracing::debug!(seq, epoch, "envelope from an epoch this device never held")
             }
-            // Refused (tampered, replayed, unknown sender): reported, skipped.
-            Err(e) => warn!(seq, error = %e, "envelope refused"),
+            // An epoch from before this device joined is expected and not
+            // reported; everything else refused is.
+            Err(e) => match Incident::refused(seq, &e) {
+                Some(incident) => incidents.push(incident),
+                None => {
+                    tracing::debug!(seq, error = %e, "envelope from an epoch this device never held")
+                }
+            },
+        }
+        for incident in &incidents {
+            warn!(seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
         }
         state.cursor = seq;
-        state.db.ingest(seq, &state.keyring, message.as_ref())?;
+        state
+            .db
+            .ingest(seq, &state.keyring, message.as_ref(), &incidents)?;
         drop(guard);
         self.inner.changed.notify_waiters();
         Ok(())
@@ -425,9 +445,26 @@ impl Device {
         self.lock().db.next_unread()
     }
 
+    /// Envelopes this device refused (tampered, replayed, reordered, foreign…)
+    /// and gaps it noticed, oldest first; the newest
+    /// [`KEPT`](super::incident::KEPT) are kept. None of the refused envelopes
+    /// reached the inbox.
+    pub fn incidents(&self) -> Result<Vec<Incident>, ClientError> {
+        self.lock().db.incidents()
+    }
+
     /// Marks every message up to `seq` read (they leave the inbox).
     pub fn mark_read(&self, seq: u64) -> Result<(), ClientError> {
         self.lock().db.mark_read(seq)
+    }
+
+    /// Every secret this device holds — relay token, private key, channel
+    /// keys — for the harness's secret scanner.
+    #[cfg(feature = "testing")]
+    pub fn secrets_for_scan(&self) -> Vec<(String, Vec<u8>)> {
+        let mut secrets = self.lock().keyring.secrets_for_scan();
+        secrets.push(("relay token".to_owned(), self.inner.token.expose().to_vec()));
+        secrets
     }
 
     /// Whether a rekey showed this device was removed.

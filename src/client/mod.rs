@@ -9,6 +9,8 @@
 //! - [`Device::sync`]: a one-shot catch-up over HTTP for apps that wake briefly.
 //! - [`ClientError::is_transient`] tells retryable trouble from errors that
 //!   need a person.
+//! - [`Device::incidents`]: envelopes refused as tampered, replayed,
+//!   reordered or foreign, and gaps (dropped envelopes) — never shown as messages.
 //!
 //! Every message is sealed before it leaves [`Device::queue`]; the relay only
 //! ever sees envelopes. A message accepted by `queue`/`send` is in the durable
@@ -43,6 +45,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod http;
+pub mod incident;
 pub mod invite;
 pub mod session;
 pub mod state;
@@ -50,5 +53,6 @@ pub mod tls;
 
 pub use device::{Device, Message};
 pub use error::ClientError;
+pub use incident::{Incident, IncidentKind};
 pub use invite::{Invitation, JoinedChannel, NewMember, join};
 pub use session::{Sent, Session, Status};

@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use zeroize::Zeroizing;
 
 use super::error::ClientError;
+use super::incident::{Incident, IncidentKind};
 use crate::channel::Keyring;
 use crate::crypto::token::AccessToken;
 use crate::ids::DeviceId;
@@ -40,6 +41,13 @@ CREATE TABLE IF NOT EXISTS inbox (
     sender    BLOB NOT NULL,
     name      TEXT NOT NULL,
     body      BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq       INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    sender    BLOB,
+    detail    TEXT NOT NULL
 );
 ";
 
@@ -227,6 +235,7 @@ impl StateDb {
         cursor: u64,
         keyring: &Keyring,
         message: Option<&InboxMessage>,
+        incidents: &[Incident],
     ) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
@@ -241,7 +250,46 @@ impl StateDb {
             )
             .map_err(err)?;
         }
+        for incident in incidents {
+            tx.execute(
+                "INSERT INTO incidents (seq, kind, sender, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    incident.seq as i64,
+                    incident.kind.as_str(),
+                    incident.sender.as_ref().map(|d| d.as_bytes().to_vec()),
+                    incident.detail
+                ],
+            )
+            .map_err(err)?;
+        }
+        if !incidents.is_empty() {
+            tx.execute(
+                "DELETE FROM incidents WHERE id <= (SELECT MAX(id) FROM incidents) - ?1",
+                params![super::incident::KEPT as i64],
+            )
+            .map_err(err)?;
+        }
         tx.commit().map_err(err)
+    }
+
+    /// The incidents recorded so far, oldest first.
+    pub fn incidents(&self) -> Result<Vec<Incident>, ClientError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT seq, kind, sender, detail FROM incidents ORDER BY id")
+            .map_err(err)?;
+        let rows = statement
+            .query_map([], |r| {
+                let sender: Option<Vec<u8>> = r.get(2)?;
+                Ok(Incident {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    kind: IncidentKind::parse(&r.get::<_, String>(1)?),
+                    sender: sender.and_then(|b| DeviceId::from_slice(&b)),
+                    detail: r.get(3)?,
+                })
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
     }
 
     /// The oldest message the app has not read yet.

@@ -158,6 +158,15 @@ pub enum OpenError {
         /// Claimed sequence number.
         seq: u64,
     },
+    /// Never received, but older than an envelope of its sender that was:
+    /// delivered out of the order it was sent in.
+    #[error("reordered envelope: sender {sender} seq {seq} arrived after a later one")]
+    Reordered {
+        /// Claimed sender.
+        sender: DeviceId,
+        /// Claimed sequence number.
+        seq: u64,
+    },
     /// So far behind the newest envelope of its sender that replay cannot be ruled out.
     #[error("envelope from {sender} seq {seq} is older than the replay window")]
     TooOld {

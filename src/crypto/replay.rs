@@ -1,12 +1,16 @@
 //! Per-sender replay window and gap detection.
 //!
-//! The relay orders envelopes, so a receiver normally sees each sender's sequence
-//! numbers 1, 2, 3… without holes. A relay that drops, replays or reorders is
-//! caught here: a number seen before is refused, a number that skips ahead is
-//! accepted but reported as a gap, and a late number that fills an earlier gap is
-//! accepted once. The window is the last [`WINDOW`] numbers below the highest seen,
-//! as in IPsec and WireGuard; anything older cannot be told apart from a replay
-//! and is refused.
+//! The relay orders envelopes and stores each sender's in the order it sealed them
+//! (it refuses a sequence number below one it already holds), so a receiver
+//! sees each sender's numbers 1, 2, 3… without holes. A relay that drops,
+//! replays or reorders is caught here: a number that skips ahead is accepted but
+//! reported as a gap; anything below the highest number seen is refused — as a
+//! replay if it was seen, as reordered if it was not. Refusing late arrivals
+//! keeps the guarantee the application relies on: each sender's messages reach
+//! it once and in the order they were sent, and the relay's order is the only
+//! order. The last [`WINDOW`] numbers below the highest are remembered (as in
+//! IPsec and WireGuard) to tell a replay from a reordering; older numbers are
+//! refused as too old.
 //!
 //! Checking and recording are separate steps so that only envelopes that passed
 //! authentication move the window: a forged high number must not lock a sender out.
@@ -21,13 +25,12 @@ pub const WINDOW: u64 = 128;
 pub enum Admission {
     /// The next number: nothing missing.
     InOrder,
-    /// Newer than expected: the numbers in `missing` have not arrived (yet).
+    /// Newer than expected: the numbers in `missing` were skipped and will be
+    /// refused if they arrive later.
     Gap {
         /// The sequence numbers skipped over.
         missing: RangeInclusive<u64>,
     },
-    /// Older than the newest, but never seen: it fills an earlier gap.
-    Late,
 }
 
 /// Why a sequence number was refused.
@@ -35,7 +38,9 @@ pub enum Admission {
 pub enum Refusal {
     /// Already received.
     Replay,
-    /// Below the window; replay cannot be ruled out.
+    /// Never received, but older than a number that was: delivered out of order.
+    Reordered,
+    /// Below the window; replay cannot be told from reordering.
     TooOld,
 }
 
@@ -82,7 +87,7 @@ impl ReplayWindow {
         if self.seen & (1u128 << back) != 0 {
             Err(Refusal::Replay)
         } else {
-            Ok(Admission::Late)
+            Err(Refusal::Reordered)
         }
     }
 
@@ -98,11 +103,6 @@ impl ReplayWindow {
             };
             self.seen |= 1;
             self.highest = seq;
-        } else {
-            let back = self.highest - seq;
-            if back < WINDOW {
-                self.seen |= 1u128 << back;
-            }
         }
     }
 }
@@ -129,23 +129,23 @@ mod tests {
     }
 
     #[test]
-    fn gaps_are_reported_and_can_be_filled_once() {
+    fn gaps_are_reported_and_late_arrivals_refused() {
         let mut w = ReplayWindow::default();
         accept(&mut w, 1);
         assert_eq!(accept(&mut w, 5), Admission::Gap { missing: 2..=4 });
-        assert_eq!(accept(&mut w, 3), Admission::Late);
-        assert_eq!(w.check(3), Err(Refusal::Replay));
-        assert_eq!(w.check(2), Ok(Admission::Late));
+        assert_eq!(w.check(3), Err(Refusal::Reordered));
+        assert_eq!(w.check(1), Err(Refusal::Replay));
         assert_eq!(w.check(5), Err(Refusal::Replay));
+        assert_eq!(accept(&mut w, 6), Admission::InOrder);
         // A jump larger than the window forgets everything below it.
         assert_eq!(
-            accept(&mut w, 5 + WINDOW + 10),
+            accept(&mut w, 6 + WINDOW + 10),
             Admission::Gap {
-                missing: 6..=5 + WINDOW + 9
+                missing: 7..=6 + WINDOW + 9
             }
         );
-        assert_eq!(w.check(5 + 10), Err(Refusal::TooOld));
-        assert_eq!(w.check(5 + 11), Ok(Admission::Late));
+        assert_eq!(w.check(6 + 10), Err(Refusal::TooOld));
+        assert_eq!(w.check(6 + 11), Err(Refusal::Reordered));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum ErrorCode {
     InvalidEnvelope,
     /// The (sender, sender_seq) was already stored with different bytes.
     Conflict,
+    /// A sender sequence number below one of the same sender already stored:
+    /// storing it would reorder the sender's messages.
+    OutOfOrder,
     /// The channel's byte quota is used up.
     OverQuota,
     /// Too many requests from this address; retry later.
@@ -65,7 +68,11 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden | Self::ForbiddenSender => 403,
             Self::NotFound => 404,
-            Self::Conflict | Self::Exists | Self::AlreadyClaimed | Self::ChannelFull => 409,
+            Self::Conflict
+            | Self::OutOfOrder
+            | Self::Exists
+            | Self::AlreadyClaimed
+            | Self::ChannelFull => 409,
             Self::Gone => 410,
             Self::TooLarge => 413,
             Self::OverQuota => 507,
@@ -103,6 +110,7 @@ impl ErrorCode {
             Self::WrongChannel => "wrong_channel",
             Self::InvalidEnvelope => "invalid_envelope",
             Self::Conflict => "conflict",
+            Self::OutOfOrder => "out_of_order",
             Self::OverQuota => "over_quota",
             Self::RateLimited => "rate_limited",
             Self::ChannelFull => "channel_full",

@@ -179,6 +179,7 @@ pub fn store_error(e: StoreError) -> (ErrorCode, String) {
         StoreError::ChannelFull(_) => ErrorCode::ChannelFull,
         StoreError::OverQuota { .. } => ErrorCode::OverQuota,
         StoreError::Conflict { .. } => ErrorCode::Conflict,
+        StoreError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
         StoreError::Backend(_) => ErrorCode::Internal,
     };
     let message = match e {

@@ -16,6 +16,8 @@ struct Channel {
     log: BTreeMap<u64, (DeviceId, u64, bytes::Bytes, u64)>,
     /// (sender, sender_seq) → seq
     by_sender: HashMap<(DeviceId, u64), u64>,
+    /// sender → highest sender_seq stored
+    highest: HashMap<DeviceId, u64>,
 }
 
 /// All state in one mutex-guarded map; every operation is O(log n) or a copy.
@@ -65,6 +67,13 @@ impl MemoryStore {
                         })
                     };
                 }
+                let highest = c.highest.get(&a.sender).copied().unwrap_or(0);
+                if highest > a.sender_seq {
+                    return Err(StoreError::OutOfOrder {
+                        sender_seq: a.sender_seq,
+                        highest,
+                    });
+                }
                 let size = a.envelope.len() as u64;
                 if c.bytes + size > a.quota {
                     return Err(StoreError::OverQuota {
@@ -75,6 +84,7 @@ impl MemoryStore {
                 c.head += 1;
                 c.bytes += size;
                 c.by_sender.insert((a.sender, a.sender_seq), c.head);
+                c.highest.insert(a.sender, a.sender_seq);
                 c.log
                     .insert(c.head, (a.sender, a.sender_seq, a.envelope, a.now));
                 Ok(Appended {

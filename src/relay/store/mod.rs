@@ -13,7 +13,11 @@
 //!   envelope, and never go back (even after pruning);
 //! - (channel, sender, sender_seq) is unique: appending it again with the same
 //!   bytes returns the original sequence number with `duplicate: true`, with
-//!   other bytes [`StoreError::Conflict`].
+//!   other bytes [`StoreError::Conflict`];
+//! - each sender's envelopes are stored in the order of their sender sequence
+//!   numbers: a new one below the highest stored for its sender is refused with
+//!   [`StoreError::OutOfOrder`] (devices refuse reordered envelopes, so storing
+//!   it would only lose it silently).
 
 pub mod memory;
 pub mod sqlite;
@@ -106,6 +110,16 @@ pub enum StoreError {
     Conflict {
         /// The conflicting sender sequence number.
         sender_seq: u64,
+    },
+    /// A sender sequence number below the highest stored for that sender.
+    #[error(
+        "sequence number {sender_seq} of this sender is older than {highest}, which is already stored"
+    )]
+    OutOfOrder {
+        /// The refused sender sequence number.
+        sender_seq: u64,
+        /// The highest stored for the sender.
+        highest: u64,
     },
     /// The backend failed (disk, database); the operation did not happen.
     #[error("storage failure: {0}")]

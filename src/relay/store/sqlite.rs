@@ -258,6 +258,19 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
             })
         };
     }
+    let highest: Option<i64> = conn
+        .prepare_cached("SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2")
+        .map_err(backend)?
+        .query_row(params![a.channel.as_bytes(), a.sender.as_bytes()], |r| {
+            r.get(0)
+        })
+        .map_err(backend)?;
+    if let Some(highest) = highest.filter(|&h| h as u64 > a.sender_seq) {
+        return Err(StoreError::OutOfOrder {
+            sender_seq: a.sender_seq,
+            highest: highest as u64,
+        });
+    }
     // Take the next number and count the bytes in one statement; no row
     // means no such channel or over quota (told apart below, off the hot path).
     let size = a.envelope.len() as i64;
