@@ -306,18 +306,46 @@ impl Device {
         Ok(())
     }
 
-    /// Takes in envelope `seq` from the relay: opens it, applies control
-    /// messages, queues app messages for the inbox, and moves the cursor — all
-    /// in one transaction. Envelopes at or below the cursor are skipped, so a
+    /// Takes in envelopes from the relay, in relay order: opens each, applies
+    /// control messages, queues app messages for the inbox, records what was
+    /// refused, and moves the cursor — all in one transaction (one disk sync
+    /// for a whole batch). Envelopes at or below the cursor are skipped, so a
     /// redelivery is never seen twice.
-    pub(crate) fn ingest(&self, seq: u64, envelope: &[u8]) -> Result<(), ClientError> {
+    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<(), ClientError> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        if seq <= state.cursor {
-            return Ok(());
-        }
-        let mut message = None;
+        let mut messages = Vec::new();
         let mut incidents = Vec::new();
+        for &(seq, envelope) in batch {
+            if seq <= state.cursor {
+                continue;
+            }
+            if let Some(message) = self.take_in(state, seq, envelope, &mut incidents) {
+                messages.push(message);
+            }
+            state.cursor = seq;
+        }
+        for incident in &incidents {
+            warn!(seq = incident.seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
+        }
+        state
+            .db
+            .ingest(state.cursor, &state.keyring, &messages, &incidents)?;
+        drop(guard);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Opens one envelope and applies it to `state`: the app message it
+    /// carries, if any; what was wrong goes to `incidents`.
+    fn take_in(
+        &self,
+        state: &mut DeviceState,
+        seq: u64,
+        envelope: &[u8],
+        incidents: &mut Vec<Incident>,
+    ) -> Option<InboxMessage> {
+        let mut message = None;
         match state.keyring.open(envelope) {
             Ok(opened) => {
                 if let Some(gap) = &opened.gap {
@@ -373,16 +401,7 @@ impl Device {
                 }
             },
         }
-        for incident in &incidents {
-            warn!(seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
-        }
-        state.cursor = seq;
-        state
-            .db
-            .ingest(seq, &state.keyring, message.as_ref(), &incidents)?;
-        drop(guard);
-        self.inner.changed.notify_waiters();
-        Ok(())
+        message
     }
 
     /// Catches up over `POST /sync`: publishes the outbox, then fetches and
@@ -426,10 +445,13 @@ impl Device {
                     (None, None) => {}
                 }
             }
-            for delivered in &response.envelopes {
-                self.ingest(delivered.seq, &delivered.envelope)?;
-                taken += 1;
-            }
+            let batch: Vec<(u64, &[u8])> = response
+                .envelopes
+                .iter()
+                .map(|d| (d.seq, d.envelope.as_slice()))
+                .collect();
+            self.ingest(&batch)?;
+            taken += batch.len();
             if !response.more || response.envelopes.is_empty() {
                 break;
             }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -21,6 +21,8 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Time allowed to connect and get `ready`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most frames taken off the connection before they are acted on together.
+const MAX_BATCH: usize = 256;
 
 /// Where a session stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,30 +299,44 @@ async fn connection(
     loop {
         tokio::select! {
             incoming = ws.next() => {
-                let text = match incoming {
-                    Some(Ok(WsMessage::Text(text))) => text,
-                    Some(Ok(WsMessage::Close(frame))) => return Err(closed(device, frame.map(|f| u16::from(f.code)))),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(unreachable(device, e)),
-                    None => return Err(unreachable(device, "connection closed")),
-                };
-                match serde_json::from_str::<ServerFrame>(&text) {
-                    Ok(ServerFrame::Deliver { seq, envelope }) => {
-                        device.ingest(seq, &envelope)?;
-                        if device.is_removed() {
-                            return Err(ClientError::Revoked);
-                        }
+                // Take every frame already here too, so a burst of deliveries
+                // is taken in with one transaction (one disk sync).
+                let mut frames = vec![incoming];
+                while frames.len() < MAX_BATCH {
+                    match ws.next().now_or_never() {
+                        Some(incoming) => frames.push(incoming),
+                        None => break,
                     }
-                    Ok(ServerFrame::Ack { sender_seq, seq, .. }) => device.acked(sender_seq, seq)?,
-                    Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
-                        warn!(code = code.as_str(), %message, "the relay refused a message");
-                        // Over quota may clear; anything else will never be accepted.
-                        if let (Some(sender_seq), false) = (sender_seq, code == ErrorCode::OverQuota) {
-                            device.lock().db.acked(sender_seq)?;
+                }
+                let mut deliveries: Vec<(u64, Vec<u8>)> = Vec::new();
+                for incoming in frames {
+                    let text = match incoming {
+                        Some(Ok(WsMessage::Text(text))) => text,
+                        Some(Ok(WsMessage::Close(frame))) => return Err(closed(device, frame.map(|f| u16::from(f.code)))),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(unreachable(device, e)),
+                        None => return Err(unreachable(device, "connection closed")),
+                    };
+                    match serde_json::from_str::<ServerFrame>(&text) {
+                        Ok(ServerFrame::Deliver { seq, envelope }) => deliveries.push((seq, envelope)),
+                        Ok(ServerFrame::Ack { sender_seq, seq, .. }) => device.acked(sender_seq, seq)?,
+                        Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
+                            warn!(code = code.as_str(), %message, "the relay refused a message");
+                            // Over quota may clear; anything else will never be accepted.
+                            if let (Some(sender_seq), false) = (sender_seq, code == ErrorCode::OverQuota) {
+                                device.lock().db.acked(sender_seq)?;
+                            }
                         }
+                        Ok(ServerFrame::Error { code, message, fatal: true, .. }) => return Err(refusal(code, message, &mut ws).await),
+                        Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
                     }
-                    Ok(ServerFrame::Error { code, message, fatal: true, .. }) => return Err(refusal(code, message, &mut ws).await),
-                    Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
+                }
+                if !deliveries.is_empty() {
+                    let batch: Vec<(u64, &[u8])> = deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
+                    device.ingest(&batch)?;
+                    if device.is_removed() {
+                        return Err(ClientError::Revoked);
+                    }
                 }
             }
             Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,

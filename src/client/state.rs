@@ -229,12 +229,12 @@ impl StateDb {
     }
 
     /// Atomically: the new cursor, the keyring (replay windows, members, keys),
-    /// and the opened message if there is one for the app.
+    /// the opened messages for the app, and the incidents.
     pub fn ingest(
         &mut self,
         cursor: u64,
         keyring: &Keyring,
-        message: Option<&InboxMessage>,
+        messages: &[InboxMessage],
         incidents: &[Incident],
     ) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
@@ -243,7 +243,7 @@ impl StateDb {
             params![cursor as i64, keyring.export().as_slice()],
         )
         .map_err(err)?;
-        if let Some(m) = message {
+        for m in messages {
             tx.execute(
                 "INSERT OR IGNORE INTO inbox (seq, sender, name, body) VALUES (?1, ?2, ?3, ?4)",
                 params![m.seq as i64, m.from.as_bytes(), m.from_name, m.body],
