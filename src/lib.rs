@@ -15,6 +15,7 @@
 //! | [`bench`](mod@bench) | `khub bench`: the relay against a bare baseline in the same run | network |
 //! | [`client`] | the SDK devices embed: device state, pairing over the relay, live sessions, sync | network, disk |
 //! | [`vectors`] | the published test vectors, generated from fixed randomness | none |
+//! | `testing` | (feature `testing`) a harness: in-process relay, fault proxy, hostile relay, secret scanner | network, disk |
 //!
 //! SECURITY.md states the threat model and the full construction.
 
@@ -30,6 +31,8 @@ pub mod ids;
 pub mod pairing;
 pub mod protocol;
 pub mod relay;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vectors;
 
 pub use codec::DecodeError;

@@ -1,0 +1,228 @@
+//! A hostile relay: an HTTP front for a real relay that rewrites what devices
+//! receive. It sees exactly what a relay operator sees (envelopes, pairing
+//! messages, session ids) and can do anything an operator could — drop,
+//! reorder, duplicate, replay, tamper with or inject envelopes, and substitute
+//! pairing messages — without knowing any code or key.
+//!
+//! Devices reach it over HTTP: `Device::sync` for envelopes, and the pairing
+//! mailbox. (WebSocket sessions take in envelopes through the same
+//! `Device::ingest` as `sync`, so what is refused here is refused there.)
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::protocol::{B64, OpenSlot, PairMessages, SyncRequest, SyncResponse};
+use crate::relay::pairing::Side;
+
+/// An envelope as the real relay returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The real relay sequence number.
+    pub seq: u64,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+}
+
+type SyncHook = Box<dyn FnMut(Vec<Delivery>) -> Vec<Vec<u8>> + Send>;
+type PairingHook = Box<dyn FnMut(Side, [u8; 16], Vec<u8>) -> Vec<u8> + Send>;
+
+#[derive(Default)]
+struct Hooks {
+    sync: Option<SyncHook>,
+    pairing: Option<PairingHook>,
+    /// The session id of the last slot opened through this front.
+    sid: [u8; 16],
+}
+
+/// An HTTP front for the relay at `upstream`; honest until given hooks.
+pub struct HostileRelay {
+    addr: SocketAddr,
+    hooks: Arc<Mutex<Hooks>>,
+    task: JoinHandle<()>,
+}
+
+impl HostileRelay {
+    /// Starts the front on an ephemeral port.
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hooks = Arc::new(Mutex::new(Hooks::default()));
+        let shared = Arc::clone(&hooks);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let hooks = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        forward(upstream, Arc::clone(&hooks), request)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, hooks, task })
+    }
+
+    /// `http://` URL of the front, for devices.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Rewrites the envelopes of every `/sync` answer: `hook` gets what the
+    /// relay returned and gives what the device receives, which the front
+    /// numbers on from the device's cursor (as a relay would its own log).
+    pub fn on_sync(&self, hook: impl FnMut(Vec<Delivery>) -> Vec<Vec<u8>> + Send + 'static) {
+        self.lock().sync = Some(Box::new(hook));
+    }
+
+    /// Rewrites every pairing message a side receives: `hook` gets the side
+    /// it is for, the pairing's session id (which a relay knows) and the
+    /// message, and gives what that side receives instead.
+    pub fn on_pairing(
+        &self,
+        hook: impl FnMut(Side, [u8; 16], Vec<u8>) -> Vec<u8> + Send + 'static,
+    ) {
+        self.lock().pairing = Some(Box::new(hook));
+    }
+
+    /// Back to forwarding faithfully.
+    pub fn honest(&self) {
+        let mut hooks = self.lock();
+        hooks.sync = None;
+        hooks.pairing = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hooks> {
+        self.hooks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for HostileRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `envelope` with byte `index` flipped (counted from the end if it is past it).
+pub fn flip_byte(envelope: &[u8], index: usize) -> Vec<u8> {
+    let mut changed = envelope.to_vec();
+    let at = index.min(changed.len().saturating_sub(1));
+    if let Some(byte) = changed.get_mut(at) {
+        *byte ^= 0x01;
+    }
+    changed
+}
+
+type Answer = Response<Full<Bytes>>;
+
+async fn forward(
+    upstream: SocketAddr,
+    hooks: Arc<Mutex<Hooks>>,
+    request: Request<Incoming>,
+) -> Result<Answer, std::io::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let path = parts.uri.path().to_owned();
+    let lock = || hooks.lock().unwrap_or_else(|e| e.into_inner());
+    if parts.method == "POST"
+        && path == "/pair"
+        && let Ok(open) = serde_json::from_slice::<OpenSlot>(&body)
+    {
+        lock().sid = open.sid;
+    }
+    let cursor = (path == "/sync")
+        .then(|| serde_json::from_slice::<SyncRequest>(&body).ok())
+        .flatten()
+        .map(|r| r.cursor);
+    let receiver =
+        if path.starts_with("/pair/") && path.ends_with("/messages") && parts.method == "GET" {
+            Some(if parts.headers.contains_key("authorization") {
+                Side::Inviter
+            } else {
+                Side::Joiner
+            })
+        } else {
+            None
+        };
+
+    let mut builder = Request::builder().method(parts.method).uri(parts.uri);
+    for (name, value) in &parts.headers {
+        builder = builder.header(name, value);
+    }
+    let outgoing = builder
+        .body(Full::new(body))
+        .map_err(std::io::Error::other)?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream))
+        .await
+        .map_err(std::io::Error::other)??;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(outgoing)
+        .await
+        .map_err(std::io::Error::other)?;
+    let (parts, body) = response.into_parts();
+    let mut body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+
+    if parts.status.is_success() {
+        let mut hooks = lock();
+        let sid = hooks.sid;
+        if let (Some(cursor), Some(hook)) = (cursor, hooks.sync.as_mut())
+            && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
+        {
+            let real = answer
+                .envelopes
+                .drain(..)
+                .map(|d| Delivery {
+                    seq: d.seq,
+                    envelope: d.envelope,
+                })
+                .collect();
+            answer.envelopes = hook(real)
+                .into_iter()
+                .zip(cursor + 1..)
+                .map(|(envelope, seq)| crate::protocol::Delivered { seq, envelope })
+                .collect();
+            answer.head = cursor + answer.envelopes.len() as u64;
+            answer.more = false;
+            body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
+        }
+        if let (Some(side), Some(hook)) = (receiver, hooks.pairing.as_mut())
+            && let Ok(mut answer) = serde_json::from_slice::<PairMessages>(&body)
+        {
+            answer.messages = answer
+                .messages
+                .into_iter()
+                .map(|B64(message)| B64(hook(side, sid, message)))
+                .collect();
+            body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
+        }
+    }
+    let mut answer = Response::builder().status(parts.status);
+    for (name, value) in &parts.headers {
+        if name != "content-length" && name != "transfer-encoding" {
+            answer = answer.header(name, value);
+        }
+    }
+    answer.body(Full::new(body)).map_err(std::io::Error::other)
+}

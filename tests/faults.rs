@@ -1,0 +1,216 @@
+//! Devices on a flaky network: a fault-injecting proxy between every device
+//! and the relay cuts, stalls, delays and splits their connections. Whatever
+//! happens on the wire, every device ends with every message exactly once, in
+//! the relay's order — and the relay's files and logs hold no secret.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use khub::client::{Device, Session};
+use khub::ids::DeviceId;
+use khub::relay::config::Limits;
+use khub::testing::{FaultProxy, Scanner, TempDir, TestRelay, capture_logs, paired_devices};
+use rand::RngExt;
+
+/// The whole scenario must finish in this time.
+const SCENARIO: Duration = Duration::from_secs(120);
+
+/// A message as one device received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Received {
+    seq: u64,
+    from: DeviceId,
+    body: Vec<u8>,
+}
+
+/// Receives until `expected` messages are in, marking each read.
+async fn receive_all(device: Device, session: &Session, expected: usize) -> Vec<Received> {
+    let mut got = Vec::with_capacity(expected);
+    while got.len() < expected {
+        let message = session.recv().await.expect("receive");
+        device.mark_read(message.seq).expect("mark read");
+        got.push(Received {
+            seq: message.seq,
+            from: message.from,
+            body: message.body,
+        });
+    }
+    got
+}
+
+/// Checks what every device received against what was sent: each message of
+/// the others exactly once, each sender's in its order, and one relay order
+/// that all devices agree on.
+fn check_delivery(
+    devices: &[Device],
+    sent: &HashMap<DeviceId, Vec<Vec<u8>>>,
+    received: &[Vec<Received>],
+) {
+    let mut relay_order: BTreeMap<u64, (DeviceId, Vec<u8>)> = BTreeMap::new();
+    for (device, got) in devices.iter().zip(received) {
+        assert!(
+            got.windows(2).all(|w| w[0].seq < w[1].seq),
+            "{}: relay sequence numbers only go up",
+            device.name()
+        );
+        for other in devices.iter().filter(|d| d.id() != device.id()) {
+            let from_other: Vec<&Vec<u8>> = got
+                .iter()
+                .filter(|m| m.from == other.id())
+                .map(|m| &m.body)
+                .collect();
+            let expected: Vec<&Vec<u8>> = sent[&other.id()].iter().collect();
+            assert_eq!(
+                from_other.len(),
+                expected.len(),
+                "{} got {} of {}'s {} messages",
+                device.name(),
+                from_other.len(),
+                other.name(),
+                expected.len()
+            );
+            assert!(
+                from_other == expected,
+                "{} got {}'s messages out of order or altered",
+                device.name(),
+                other.name()
+            );
+        }
+        assert!(
+            got.iter().all(|m| m.from != device.id()),
+            "a device is not sent its own messages"
+        );
+        for m in got {
+            let entry = relay_order
+                .entry(m.seq)
+                .or_insert_with(|| (m.from, m.body.clone()));
+            assert_eq!(
+                *entry,
+                (m.from, m.body.clone()),
+                "devices disagree on what relay seq {} holds",
+                m.seq
+            );
+        }
+    }
+}
+
+fn body(marker: &str, device: usize, n: usize) -> Vec<u8> {
+    format!("{marker} from device {device}, message {n:04}").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_relay_order() {
+    capture_logs();
+    const DEVICES: usize = 5;
+    const MESSAGES: usize = 1000;
+    let relay = TestRelay::start(Limits::default()).await.unwrap();
+    let home = TempDir::new("faults");
+    let mut proxies = Vec::new();
+    for _ in 0..DEVICES {
+        proxies.push(FaultProxy::start(relay.addr()).await.unwrap());
+    }
+    let urls: Vec<String> = proxies.iter().map(FaultProxy::url).collect();
+    let paired = tokio::time::timeout(SCENARIO, paired_devices(home.path(), &urls))
+        .await
+        .expect("pairing in time")
+        .expect("pairs");
+    let devices = paired.devices.clone();
+    let marker = format!(
+        "khub-plaintext-marker-{}",
+        DeviceId::random(&mut khub::crypto::os_rng())
+    );
+
+    // Cut a random device's connection every 20-120 ms.
+    let stop = tokio::sync::watch::channel(false);
+    let proxies = std::sync::Arc::new(proxies);
+    let cutter = {
+        let proxies = std::sync::Arc::clone(&proxies);
+        let mut stopped = stop.1.clone();
+        tokio::spawn(async move {
+            let mut cuts = 0u32;
+            loop {
+                let pause = khub::crypto::os_rng().random_range(20..120);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                    _ = stopped.changed() => return cuts,
+                }
+                let victim = khub::crypto::os_rng().random_range(0..proxies.len());
+                proxies[victim].cut();
+                cuts += 1;
+            }
+        })
+    };
+
+    let run = async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, device) in devices.iter().cloned().enumerate() {
+            let marker = marker.clone();
+            tasks.spawn(async move {
+                let session = device.connect();
+                let sender = {
+                    let device = device.clone();
+                    let marker = marker.clone();
+                    async move {
+                        for n in 0..MESSAGES {
+                            // Queued durably at once; the session sends it whenever it is connected.
+                            device.queue(&body(&marker, i, n)).expect("queue");
+                            if n % 50 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                    }
+                };
+                let receiving = receive_all(device.clone(), &session, (DEVICES - 1) * MESSAGES);
+                let ((), got) = tokio::join!(sender, receiving);
+                // Everything this device sent was acked before it stops.
+                while device.pending().unwrap() > 0 {
+                    let _ = session.send(b"", Duration::ZERO).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                session.close().await;
+                (i, got)
+            });
+        }
+        let mut received = vec![Vec::new(); DEVICES];
+        while let Some(done) = tasks.join_next().await {
+            let (i, got) = done.unwrap();
+            received[i] = got;
+        }
+        received
+    };
+    let received = tokio::time::timeout(SCENARIO, run)
+        .await
+        .expect("every device received everything in time");
+    let _ = stop.0.send(true);
+    let cuts = cutter.await.unwrap();
+    assert!(cuts >= 10, "the proxy cut connections ({cuts} cuts)");
+    let reconnects: u64 = proxies.iter().map(FaultProxy::connections).sum();
+    assert!(
+        reconnects > DEVICES as u64 * 2,
+        "devices reconnected ({reconnects} connections)"
+    );
+
+    let sent: HashMap<DeviceId, Vec<Vec<u8>>> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id(), (0..MESSAGES).map(|n| body(&marker, i, n)).collect()))
+        .collect();
+    check_delivery(&devices, &sent, &received);
+    for device in &devices {
+        assert!(
+            device.incidents().unwrap().is_empty(),
+            "an honest relay causes no incident"
+        );
+    }
+
+    let mut scanner = Scanner::new();
+    scanner.add("plaintext marker", marker.as_bytes());
+    for device in &devices {
+        scanner.add_device(device);
+    }
+    for code in &paired.codes {
+        scanner.add_code(code);
+    }
+    assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
+    assert_eq!(scanner.scan_logs(), []);
+}
