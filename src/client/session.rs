@@ -280,7 +280,7 @@ async fn connection(
         Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
             Ok(ServerFrame::Ready { head, .. }) => head,
             Ok(ServerFrame::Error { code, message, .. }) => {
-                return Err(refusal(code, message, &mut ws).await);
+                return Err(refusal(code, message, closing_code(&mut ws).await));
             }
             _ => return Err(ClientError::Protocol("expected ready".into())),
         },
@@ -309,7 +309,8 @@ async fn connection(
                     }
                 }
                 let mut deliveries: Vec<(u64, Vec<u8>)> = Vec::new();
-                for incoming in frames {
+                let mut frames = frames.into_iter();
+                while let Some(incoming) = frames.next() {
                     let text = match incoming {
                         Some(Ok(WsMessage::Text(text))) => text,
                         Some(Ok(WsMessage::Close(frame))) => return Err(closed(device, frame.map(|f| u16::from(f.code)))),
@@ -327,7 +328,15 @@ async fn connection(
                                 device.lock().db.acked(sender_seq)?;
                             }
                         }
-                        Ok(ServerFrame::Error { code, message, fatal: true, .. }) => return Err(refusal(code, message, &mut ws).await),
+                        Ok(ServerFrame::Error { code, message, fatal: true, .. }) => {
+                            // The close that tells why may already be in this batch.
+                            let close = match frames.next() {
+                                Some(Some(Ok(WsMessage::Close(frame)))) => frame.map(|f| u16::from(f.code)),
+                                Some(_) => None,
+                                None => closing_code(&mut ws).await,
+                            };
+                            return Err(refusal(code, message, close));
+                        }
                         Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
                     }
                 }
@@ -364,16 +373,21 @@ where
     Ok(())
 }
 
-/// A fatal error frame: read the close that follows for the precise reason.
-async fn refusal<S>(code: ErrorCode, message: String, ws: &mut S) -> ClientError
+/// The code of the close that follows a fatal error frame, if it comes soon.
+async fn closing_code<S>(ws: &mut S) -> Option<u16>
 where
     S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
         + Unpin,
 {
-    if let Ok(Some(Ok(WsMessage::Close(Some(frame))))) =
-        tokio::time::timeout(Duration::from_secs(2), ws.next()).await
-        && u16::from(frame.code) == 4003
-    {
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        Ok(Some(Ok(WsMessage::Close(Some(frame))))) => Some(u16::from(frame.code)),
+        _ => None,
+    }
+}
+
+/// A fatal error frame, made precise by the close code that followed it.
+fn refusal(code: ErrorCode, message: String, close: Option<u16>) -> ClientError {
+    if close == Some(4003) {
         return ClientError::Revoked;
     }
     match code {
