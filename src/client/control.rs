@@ -5,7 +5,13 @@
 //! 0x00 || application bytes
 //! 0x01 || member (id | X25519 public key | name length | name)   a device joined
 //! 0x02 || rekey message (crate::crypto::rekey)                     devices were removed
+//! 0x03                                                             the sender (a new device) holds the channel key
 //! ```
+//!
+//! `0x03` is a joined device's first word in its channel: sealed under the
+//! channel key the welcome carried, it proves to the inviter that the pairing
+//! completed on the other side too (a relay that spoiled the last pairing
+//! message cannot forge it).
 
 use crate::channel::member::Member;
 use crate::codec::{DecodeError, Reader};
@@ -14,6 +20,7 @@ use crate::crypto::rekey::Rekey;
 const APP: u8 = 0x00;
 const MEMBER_ADDED: u8 = 0x01;
 const REKEY: u8 = 0x02;
+const JOINED: u8 = 0x03;
 
 /// The plaintext of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +31,8 @@ pub enum Control {
     MemberAdded(Member),
     /// The sender removed devices; the next epoch's key for each member.
     Rekey(Rekey),
+    /// The sender, just paired, holds the channel key.
+    Joined,
 }
 
 impl Control {
@@ -37,6 +46,7 @@ impl Control {
                 out
             }
             Self::Rekey(rekey) => [vec![REKEY], rekey.encode()].concat(),
+            Self::Joined => vec![JOINED],
         }
     }
 
@@ -56,6 +66,8 @@ impl Control {
             REKEY => Rekey::decode(rest)
                 .map(Self::Rekey)
                 .map_err(|_| DecodeError("invalid rekey message")),
+            JOINED if rest.is_empty() => Ok(Self::Joined),
+            JOINED => Err(DecodeError("trailing bytes after joined")),
             _ => Err(DecodeError("unknown message kind: update khub")),
         }
     }

@@ -32,6 +32,9 @@ pub(crate) struct DeviceState {
     pub(crate) cursor: u64,
     /// A rekey showed this device was removed.
     pub(crate) removed: bool,
+    /// Devices whose "joined" message this device has taken in (since it
+    /// was opened): an inviter waits for its new member's.
+    pub(crate) confirmed: std::collections::HashSet<DeviceId>,
 }
 
 pub(crate) struct Inner {
@@ -179,6 +182,7 @@ impl Device {
                     keyring,
                     cursor,
                     removed: false,
+                    confirmed: Default::default(),
                 }),
                 changed: Notify::new(),
                 acks: Mutex::new(std::collections::HashMap::new()),
@@ -365,6 +369,9 @@ impl Device {
                         });
                     }
                     Ok(Control::App(_)) => {}
+                    Ok(Control::Joined) => {
+                        state.confirmed.insert(opened.header.sender);
+                    }
                     Ok(Control::MemberAdded(member)) => {
                         if state.keyring.member(&member.id).is_none()
                             && state.keyring.add_member(member).is_err()

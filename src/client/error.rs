@@ -43,6 +43,11 @@ pub enum ClientError {
     /// Pairing failed (wrong code, interference, cancelled).
     #[error(transparent)]
     Pairing(#[from] PairingError),
+    /// The new device never confirmed, in its channel, that it joined.
+    #[error(
+        "the new device did not confirm that it joined (it failed, or the relay interfered), so it was removed again; make a new code and pair again"
+    )]
+    NotConfirmed,
     /// Nobody paired within the time allowed.
     #[error("nobody entered the code within {0} seconds; make a new code")]
     PairingTimeout(u64),

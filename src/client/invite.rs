@@ -27,6 +27,9 @@ use crate::protocol::{
 
 /// Longest single long-poll.
 const POLL: Duration = Duration::from_secs(25);
+/// How long the inviter waits, after its last pairing message, for the new
+/// device's first word in the channel.
+const CONFIRM_WAIT: Duration = Duration::from_secs(30);
 
 /// Who spoke to the mailbox: the inviter's credentials or the joiner's claim.
 struct Mailbox<'a> {
@@ -66,21 +69,7 @@ impl Mailbox<'_> {
             if left.is_zero() {
                 return Err(ClientError::PairingTimeout(waited));
             }
-            let wait = left.min(POLL).as_secs().max(1);
-            let path = format!(
-                "/pair/{}/messages?after={index}&wait={wait}",
-                self.nameplate
-            );
-            let got: PairMessages = self
-                .relay
-                .json(
-                    Method::GET,
-                    &path,
-                    &[(self.header.0, self.header.1.as_str())],
-                    None::<&()>,
-                    Duration::from_secs(wait + 10),
-                )
-                .await?;
+            let got = self.poll(index, left.min(POLL)).await?;
             if let Some(B64(message)) = got.messages.into_iter().next() {
                 return Ok(message);
             }
@@ -90,6 +79,24 @@ impl Mailbox<'_> {
                 )));
             }
         }
+    }
+
+    /// One long-poll of at most `wait` for messages from index `index` on.
+    async fn poll(&self, index: usize, wait: Duration) -> Result<PairMessages, ClientError> {
+        let wait = wait.as_secs().max(1);
+        let path = format!(
+            "/pair/{}/messages?after={index}&wait={wait}",
+            self.nameplate
+        );
+        self.relay
+            .json(
+                Method::GET,
+                &path,
+                &[(self.header.0, self.header.1.as_str())],
+                None::<&()>,
+                Duration::from_secs(wait + 10),
+            )
+            .await
     }
 
     /// Tells the other side why, and ends the slot. Best effort: the pairing
@@ -251,13 +258,70 @@ impl Invitation {
             tracing::warn!(error = %e, "the member announcement stays queued");
         }
         let (finish, paired) = admission.finish(&welcome, &mut os_rng());
-        mailbox.post(&finish).await?;
+        let confirmed = match mailbox.post(&finish).await {
+            Ok(()) => await_joined(device, &mailbox, joiner.member.id).await,
+            Err(e) => Err(e),
+        };
         mailbox.end().await;
+        if let Err(e) = confirmed {
+            // The joiner may never have received the welcome: take the
+            // admission back rather than keep a member nobody holds.
+            if let Err(undo) = device.remove(joiner.member.id).await {
+                tracing::warn!(error = %undo, "could not remove the unconfirmed device; remove it by hand");
+            }
+            return Err(e);
+        }
         Ok(NewMember {
             id: joiner.member.id,
             name: joiner.member.name,
             sas: paired.keys.sas,
         })
+    }
+}
+
+/// Waits for `joiner`'s "joined" message in the channel — sealed under the
+/// channel key, so only a joiner that took in the welcome can send it. Fails
+/// at once if the joiner aborts instead, and after [`CONFIRM_WAIT`] if
+/// nothing comes.
+async fn await_joined(
+    device: &Device,
+    mailbox: &Mailbox<'_>,
+    joiner: DeviceId,
+) -> Result<(), ClientError> {
+    let deadline = Instant::now() + CONFIRM_WAIT;
+    let mut slot_open = true;
+    loop {
+        match device.sync().await {
+            Ok(_) => {}
+            Err(e) if e.is_transient() => {}
+            Err(e) => return Err(e),
+        }
+        if device.lock().confirmed.contains(&joiner) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ClientError::NotConfirmed);
+        }
+        // Meanwhile, listen for an abort (until the joiner ends the slot,
+        // which says nothing either way).
+        let wait = Duration::from_millis(100);
+        let got = if slot_open {
+            mailbox.poll(1, wait).await.ok()
+        } else {
+            None
+        };
+        match got {
+            Some(got) => {
+                if let Some(B64(message)) = got.messages.into_iter().next() {
+                    return Err(match Message::decode(&message) {
+                        Ok(Message::Abort(reason)) => PairingError::PeerAborted(reason).into(),
+                        _ => ClientError::NotConfirmed,
+                    });
+                }
+                slot_open = !got.closed;
+            }
+            None => tokio::time::sleep(wait).await,
+        }
     }
 }
 
@@ -324,5 +388,20 @@ pub async fn join(
     let keyring = Keyring::from_welcome(joined.welcome, me.id, secret)
         .ok_or_else(|| ClientError::Protocol("the welcome does not list this device".into()))?;
     let device = Device::store_new(home, relay, name, token, keyring)?;
+    // The first word in the channel tells the inviter the pairing completed
+    // here too. Without it the inviter removes this device again, so a
+    // device that cannot say it is not kept.
+    let said = match device.queue_control(&Control::Joined, None) {
+        Ok(_) => device.sync().await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = said {
+        drop(device);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ =
+                std::fs::remove_file(home.join(format!("{}{suffix}", super::state::STATE_FILE)));
+        }
+        return Err(e);
+    }
     Ok((device, JoinedChannel { inviter, sas }))
 }

@@ -1,0 +1,323 @@
+//! A relay that misbehaves: it rewrites what devices receive (envelopes and
+//! pairing messages) as an operator could, knowing no code or key. Devices
+//! refuse and report every altered, replayed, reordered or foreign envelope and
+//! notice dropped ones; a pairing it interferes with fails on both sides; and
+//! the scanner finds no secret in what it kept.
+
+use std::time::Duration;
+
+use khub::channel::{Keyring, Member};
+use khub::client::{ClientError, Device, IncidentKind, join};
+use khub::crypto::os_rng;
+use khub::crypto::pairwise::DeviceSecret;
+use khub::ids::{ChannelId, DeviceId};
+use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
+use khub::relay::config::Limits;
+use khub::relay::pairing::Side;
+use khub::testing::{
+    Delivery, HostileRelay, Scanner, TempDir, TestRelay, capture_logs, captured_logs, flip_byte,
+    paired_devices,
+};
+
+/// Any single step of a scenario.
+const STEP: Duration = Duration::from_secs(30);
+
+async fn step<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, future)
+        .await
+        .expect("step in time")
+}
+
+/// A keyring for a device that is not in the channel, of `channel`.
+fn outsider(channel: ChannelId) -> Keyring {
+    let mut rng = os_rng();
+    let secret = DeviceSecret::generate(&mut rng);
+    let member = Member {
+        id: DeviceId::random(&mut rng),
+        public_key: secret.public_key(),
+        name: "outsider".into(),
+    };
+    Keyring::create(channel, member, secret, &mut rng)
+}
+
+fn scanner_for(devices: &[Device], codes: &[Code], marker: &str) -> Scanner {
+    let mut scanner = Scanner::new();
+    scanner.add("plaintext marker", marker.as_bytes());
+    for device in devices {
+        scanner.add_device(device);
+    }
+    for code in codes {
+        scanner.add_code(code);
+    }
+    scanner
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_replayed_reordered_and_foreign_envelopes_are_refused_and_reported() {
+    capture_logs();
+    let relay = TestRelay::start(Limits::default()).await.unwrap();
+    let hostile = HostileRelay::start(relay.addr()).await.unwrap();
+    let home = TempDir::new("hostile");
+    // The sender talks to the relay; the receiver only through the hostile front.
+    let paired = step(paired_devices(home.path(), &[relay.url(), hostile.url()]))
+        .await
+        .unwrap();
+    let (sender, receiver) = (&paired.devices[0], &paired.devices[1]);
+    let marker = format!("khub-plaintext-marker-{}", DeviceId::random(&mut os_rng()));
+    let body = |n: usize| format!("{marker} message {n}").into_bytes();
+    for n in 1..=10 {
+        sender.queue(&body(n)).unwrap();
+    }
+    step(sender.sync()).await.unwrap();
+
+    let mut rng = os_rng();
+    let foreign = outsider(ChannelId::random(&mut rng))
+        .seal(b"from another channel", &mut rng)
+        .unwrap();
+    let forged = outsider(receiver.channel())
+        .seal(b"from a device that is no member", &mut rng)
+        .unwrap();
+    hostile.on_sync(move |real: Vec<Delivery>| {
+        assert_eq!(real.len(), 10, "the relay holds the ten messages");
+        let m = |n: usize| real[n - 1].envelope.clone();
+        vec![
+            m(1),
+            flip_byte(&m(2), 80), // ciphertext changed
+            m(2),
+            m(2),                 // duplicated
+            m(4),                 // 3 skipped: a gap
+            m(3),                 // 3 late: reordered
+            m(1),                 // replayed from earlier
+            foreign.clone(),      // another channel's
+            forged.clone(),       // a non-member's
+            flip_byte(&m(5), 44), // header (sender sequence number) changed
+            m(5),
+            m(6),
+            m(8),           // 7 dropped
+            vec![0x01; 20], // not an envelope
+            m(9),
+            m(10),
+        ]
+    });
+    step(receiver.sync()).await.unwrap();
+
+    // The app sees the authentic messages once, in order, and nothing else.
+    let mut inbox = Vec::new();
+    while let Some(message) = receiver.next_unread().unwrap() {
+        receiver.mark_read(message.seq).unwrap();
+        inbox.push(message.body);
+    }
+    assert_eq!(inbox, [1, 2, 4, 5, 6, 8, 9, 10].map(body));
+
+    let kinds: Vec<IncidentKind> = receiver
+        .incidents()
+        .unwrap()
+        .iter()
+        .map(|i| i.kind)
+        .collect();
+    use IncidentKind::*;
+    assert_eq!(
+        kinds,
+        [
+            Tampered,
+            Replayed,
+            Gap,
+            Reordered,
+            Replayed,
+            Foreign,
+            UnknownSender,
+            Tampered,
+            Gap,
+            Malformed
+        ]
+    );
+    let gaps: Vec<String> = receiver
+        .incidents()
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.kind == Gap)
+        .map(|i| i.detail)
+        .collect();
+    assert!(gaps[0].contains("never arrived"), "{gaps:?}");
+    // The refusals were reported in the log too (as warnings).
+    assert!(captured_logs().contains("reordered envelope"));
+
+    // Nothing the hostile relay did leaked a secret into what it keeps.
+    let scanner = scanner_for(&paired.devices, &paired.codes, &marker);
+    assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
+    assert_eq!(scanner.scan_logs(), []);
+}
+
+/// What a pairing under a hostile front ended with.
+struct Outcome {
+    inviter: Result<(), ClientError>,
+    joiner: Result<(), ClientError>,
+    /// Devices the relay lists for the inviter's channel afterwards.
+    relay_devices: usize,
+    /// Members the inviter's keyring lists afterwards.
+    inviter_members: usize,
+    joiner_has_state: bool,
+}
+
+/// Pairs a second device with `inviter` through `hostile` (the joiner types the
+/// right code) and reports how both sides ended.
+async fn pair_through(inviter: &Device, hostile: &HostileRelay, home: &TempDir) -> Outcome {
+    let invitation = step(inviter.invite()).await.unwrap();
+    let code = Code::parse(&invitation.code()).unwrap();
+    let completing = tokio::spawn(invitation.complete(Duration::from_secs(20)));
+    let joiner_home = home.path().join("joiner");
+    let joined = step(join(
+        &joiner_home,
+        &hostile.url(),
+        "joiner",
+        &code,
+        Duration::from_secs(20),
+    ))
+    .await;
+    let completed = step(completing).await.unwrap();
+    Outcome {
+        inviter: completed.map(drop),
+        joiner: joined.map(drop),
+        relay_devices: step(inviter.relay_devices()).await.unwrap().len(),
+        inviter_members: inviter.members().len(),
+        joiner_has_state: joiner_home.join(khub::client::state::STATE_FILE).exists(),
+    }
+}
+
+fn assert_nothing_paired(outcome: &Outcome) {
+    assert!(outcome.inviter.is_err(), "the inviter fails visibly");
+    assert!(outcome.joiner.is_err(), "the joiner fails visibly");
+    assert_eq!(outcome.relay_devices, 1, "the relay admitted no device");
+    assert_eq!(
+        outcome.inviter_members, 1,
+        "the inviter's channel has no new member"
+    );
+    assert!(!outcome.joiner_has_state, "the joiner stored no channel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_substitutes_pairing_messages_pairs_nothing_and_both_sides_say_so() {
+    capture_logs();
+    let relay = TestRelay::start(Limits::default()).await.unwrap();
+    let hostile = HostileRelay::start(relay.addr()).await.unwrap();
+    let home = TempDir::new("hostile-pairing");
+    // The inviter talks to the relay through the front too.
+    let inviter = step(Device::create(
+        &home.path().join("inviter"),
+        &hostile.url(),
+        "inviter",
+    ))
+    .await
+    .unwrap();
+
+    // 1. A bit of the joiner's answer changed on its way to the inviter.
+    hostile.on_pairing(|to, _sid, message| match to {
+        Side::Inviter => flip_byte(&message, message.len() / 2),
+        Side::Joiner => message,
+    });
+    let outcome = pair_through(&inviter, &hostile, &home).await;
+    assert_nothing_paired(&outcome);
+    assert!(
+        matches!(&outcome.joiner, Err(ClientError::Pairing(_))),
+        "the joiner is told the pairing failed: {:?}",
+        outcome.joiner
+    );
+
+    // 2. The relay answers the inviter itself, as a joiner that guessed the
+    //    code (its one online guess), and keeps the real joiner waiting.
+    let me = DeviceInfo::new(
+        Member {
+            id: DeviceId::random(&mut os_rng()),
+            public_key: DeviceSecret::generate(&mut os_rng()).public_key(),
+            name: "relay's device".into(),
+        },
+        b"a token of the relay's choosing",
+    );
+    let seen_start = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+    let seen = std::sync::Arc::clone(&seen_start);
+    hostile.on_pairing(move |to, sid, message| match to {
+        Side::Joiner => {
+            seen.lock().unwrap().get_or_insert_with(|| message.clone());
+            message
+        }
+        Side::Inviter => {
+            let start = seen
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("the joiner fetched the start first");
+            let guess = Code::generate(Nameplate::new(1).unwrap(), &mut os_rng());
+            Joiner::respond(&guess, sid, &start, &me, &mut os_rng())
+                .map(|(_, response)| response)
+                .unwrap_or(message)
+        }
+    });
+    let outcome = pair_through(&inviter, &hostile, &home).await;
+    assert_nothing_paired(&outcome);
+
+    // 3. The relay shows the joiner a start of its own, under a guessed code.
+    hostile.on_pairing(|to, sid, message| match to {
+        Side::Joiner if message.first() == Some(&0x01) => {
+            let guess = Code::generate(Nameplate::new(1).unwrap(), &mut os_rng());
+            Inviter::start(&guess, sid, &mut os_rng()).1
+        }
+        _ => message,
+    });
+    let outcome = pair_through(&inviter, &hostile, &home).await;
+    assert_nothing_paired(&outcome);
+
+    // 4. The relay spoils the inviter's last message (the welcome). The
+    //    inviter has admitted the joiner by then; it hears no "joined" from
+    //    it, takes the admission back, and says so.
+    hostile.on_pairing(|to, _sid, message| match to {
+        Side::Joiner if message.first() == Some(&0x03) => flip_byte(&message, message.len() - 1),
+        _ => message,
+    });
+    let outcome = pair_through(&inviter, &hostile, &home).await;
+    assert_nothing_paired(&outcome);
+
+    // An honest relay then pairs the same two devices at the first try.
+    hostile.honest();
+    let outcome = pair_through(&inviter, &hostile, &home).await;
+    assert!(outcome.inviter.is_ok() && outcome.joiner.is_ok());
+    assert_eq!(outcome.relay_devices, 2);
+
+    let scanner = scanner_for(&[inviter], &[], "no plaintext in pairing");
+    assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
+    assert_eq!(scanner.scan_logs(), []);
+}
+
+#[test]
+fn the_scanner_finds_a_secret_however_it_is_written() {
+    let secret = b"0123456789abcdefghij-secret";
+    let mut scanner = Scanner::new();
+    scanner.add("the secret", secret);
+    assert_eq!(
+        scanner.scan_bytes("clean", b"nothing to see here, at all"),
+        []
+    );
+    for prefix in 0..3 {
+        let mut blob = vec![0x42u8; prefix];
+        blob.extend_from_slice(secret);
+        blob.extend_from_slice(b"tail");
+        use base64::Engine;
+        for written in [
+            blob.clone(),
+            hex::encode(&blob).into_bytes(),
+            base64::engine::general_purpose::STANDARD
+                .encode(&blob)
+                .into_bytes(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(&blob)
+                .into_bytes(),
+        ] {
+            let found = scanner.scan_bytes("blob", &written);
+            assert_eq!(
+                found.len(),
+                1,
+                "prefix {prefix}: {}",
+                String::from_utf8_lossy(&written)
+            );
+        }
+    }
+}
