@@ -214,3 +214,54 @@ async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_re
     assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
     assert_eq!(scanner.scan_logs(), []);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_delayed_and_stalled_traffic_still_arrives_once_in_order() {
+    capture_logs();
+    let relay = TestRelay::start(Limits::default()).await.unwrap();
+    let home = TempDir::new("faults-split");
+    let proxy = FaultProxy::start(relay.addr()).await.unwrap();
+    let paired = tokio::time::timeout(
+        SCENARIO,
+        paired_devices(home.path(), &[relay.url(), proxy.url()]),
+    )
+    .await
+    .expect("pairing in time")
+    .expect("pairs");
+    let (sender, receiver) = (&paired.devices[0], &paired.devices[1]);
+
+    // Every frame the receiver exchanges arrives in pieces of 1-3 bytes, late.
+    proxy.split(3);
+    proxy.delay(Duration::from_millis(2));
+    let session = receiver.connect();
+    let outgoing = sender.connect();
+    let run = async {
+        for n in 0..100 {
+            outgoing
+                .send(format!("split {n}").as_bytes(), Duration::ZERO)
+                .await
+                .unwrap();
+        }
+        let first = receive_all(receiver.clone(), &session, 50).await;
+        // The network holds everything for a while, then lets go.
+        proxy.stall(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.stall(false);
+        let rest = receive_all(receiver.clone(), &session, 50).await;
+        [first, rest].concat()
+    };
+    let got = tokio::time::timeout(SCENARIO, run)
+        .await
+        .expect("everything arrives in time");
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8(m.body.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..100).map(|n| format!("split {n}")).collect::<Vec<_>>()
+    );
+    assert!(receiver.incidents().unwrap().is_empty());
+    outgoing.close().await;
+    session.close().await;
+}
