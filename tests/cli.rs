@@ -368,4 +368,113 @@ mod device_commands {
         assert!(String::from_utf8_lossy(&invite.stdout).starts_with("code: "));
         assert!(String::from_utf8_lossy(&invite.stderr).contains("nobody entered the code"));
     }
+
+    /// A `khub peer` process: its stdin, and its JSON events as they come.
+    struct Peer {
+        child: Child,
+        stdin: std::process::ChildStdin,
+        events: std::sync::mpsc::Receiver<serde_json::Value>,
+        /// Events read while looking for another kind, in order.
+        skipped: Vec<serde_json::Value>,
+    }
+
+    impl Peer {
+        fn start(world: &World, home: &str, args: &[&str]) -> Self {
+            let mut child = Command::new(KHUB)
+                .arg("peer")
+                .args(["--relay", &world.url, "--timeout", "60", "--home"])
+                .arg(world.home(home))
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            let (tx, events) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in stdout.lines().map_while(Result::ok) {
+                    let event = serde_json::from_str(&line)
+                        .unwrap_or_else(|_| panic!("not a JSON line: {line}"));
+                    if tx.send(event).is_err() {
+                        return;
+                    }
+                }
+            });
+            let stdin = child.stdin.take().unwrap();
+            Self {
+                child,
+                stdin,
+                events,
+                skipped: Vec::new(),
+            }
+        }
+
+        /// The next event named `name` (others are kept for later), within the limit.
+        fn expect(&mut self, name: &str) -> serde_json::Value {
+            if let Some(i) = self.skipped.iter().position(|e| e["event"] == name) {
+                return self.skipped.remove(i);
+            }
+            let deadline = Instant::now() + LIMIT;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let event = self
+                    .events
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no {name} event in time"));
+                assert_ne!(event["event"], "error", "the peer failed: {event}");
+                if event["event"] == name {
+                    return event;
+                }
+                self.skipped.push(event);
+            }
+        }
+
+        fn say(&mut self, line: &str) {
+            writeln!(self.stdin, "{line}").unwrap();
+            self.stdin.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn two_reference_peers_pair_echo_and_report_in_json_lines() {
+        let world = World::new();
+        let mut echo = Peer::start(
+            &world,
+            "echo",
+            &["--role", "invite", "--echo", "--count", "3"],
+        );
+        let code = echo.expect("code")["code"].as_str().unwrap().to_owned();
+        let mut other = Peer::start(&world, "other", &["--role", "join", "--count", "3"]);
+        other.say(&code);
+        let joined = other.expect("joined");
+        let paired = echo.expect("paired");
+        assert_eq!(joined["sas"], paired["sas"], "both show the same SAS");
+        other.expect("ready");
+        for n in 0..3 {
+            other.say(&format!("conformance {n}"));
+            assert!(
+                other.expect("sent")["seq"].as_u64().is_some(),
+                "acked by the relay"
+            );
+        }
+        for n in 0..3 {
+            let got = echo.expect("message");
+            assert_eq!(got["text"], format!("conformance {n}"));
+            assert_eq!(got["from"], joined["device"]);
+        }
+        for n in 0..3 {
+            assert_eq!(
+                other.expect("message")["text"],
+                format!("echo: conformance {n}")
+            );
+        }
+        assert_eq!(echo.expect("done")["received"], 3);
+        assert_eq!(other.expect("done")["received"], 3);
+        for peer in [echo, other] {
+            drop(peer.stdin);
+            let output = wait(peer.child);
+            assert!(output.status.success());
+        }
+    }
 }

@@ -14,6 +14,8 @@ use khub::relay::store::Store;
 use khub::relay::store::memory::MemoryStore;
 use khub::relay::store::sqlite::SqliteStore;
 
+mod peer;
+
 /// khub: end-to-end encrypted sync relay and reference device.
 #[derive(Parser)]
 #[command(version, about)]
@@ -93,6 +95,9 @@ enum Command {
         /// The device's id (see `khub devices`).
         device: String,
     },
+    /// Be a scriptable reference device for testing another SDK: pair, then
+    /// send stdin's lines, and report everything as JSON lines on stdout.
+    Peer(Box<peer::PeerArgs>),
     /// Measure the relay against a bare baseline in the same run; prints a
     /// Markdown table (run it with --release).
     Bench(Box<BenchArgs>),
@@ -453,6 +458,7 @@ mod device {
                 device.remove(id).await?;
                 println!("removed {id}; the channel key was rotated");
             }
+            Command::Peer(args) => super::peer::run(*args).await?,
             Command::Serve(_) | Command::Bench(_) | Command::Vectors { .. } => {
                 unreachable!("handled before the runtime starts")
             }
