@@ -7,7 +7,7 @@ use khub::bench::{Options, fanout::Workload, run, table};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_loses_nothing() {
     let options = Options {
-        scenarios: vec!["all".into()],
+        scenarios: vec!["all".into(), "soak".into()],
         workload: Workload {
             channels: 2,
             devices: 3,
@@ -23,6 +23,11 @@ async fn every_scenario_runs_and_loses_nothing() {
         pairing_concurrency: 2,
         khub: env!("CARGO_BIN_EXE_khub").into(),
         relay: None,
+        soak: khub::bench::Soak {
+            sessions: 25,
+            seconds: 2,
+            interval: 0.2,
+        },
     };
     let rows = tokio::time::timeout(std::time::Duration::from_secs(240), run(&options))
         .await
@@ -37,6 +42,7 @@ async fn every_scenario_runs_and_loses_nothing() {
         "catchup",
         "pairing",
         "idle",
+        "soak",
     ] {
         assert!(
             rows.iter().any(|r| r.scenario == scenario),
@@ -48,6 +54,16 @@ async fn every_scenario_runs_and_loses_nothing() {
         .filter(|r| r.metric.contains("lost + duplicated"))
         .collect();
     assert_eq!(integrity.len(), 5, "{report}");
+    let soak: Vec<_> = rows
+        .iter()
+        .filter(|r| r.scenario == "soak" && r.met.is_some())
+        .collect();
+    assert!(
+        soak.iter()
+            .filter(|r| r.metric != "relay RSS per session, held idle")
+            .all(|r| r.met == Some(true)),
+        "{report}"
+    );
     assert!(
         integrity
             .iter()

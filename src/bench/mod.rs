@@ -12,14 +12,19 @@
 //! - **idle**: relay RSS per idle authenticated session (a `khub serve` child).
 //! - **pairing**: complete pairings per second through one relay.
 //! - **crypto**: envelope seal+open throughput.
+//! - **soak** (only when named): thousands of sessions of a `khub serve` child
+//!   exchanging envelopes for a while; errors, loss, peak and per-session RSS.
 
 pub mod baseline;
+mod child;
 pub mod fanout;
 mod scenarios;
+mod soak;
 
 use std::fmt::Write;
 
 pub use scenarios::{Options, run};
+pub use soak::Soak;
 
 /// p50 / p99 / p99.9 of a set of microsecond samples.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

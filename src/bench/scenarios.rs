@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use warp::http::Method;
 
+use super::child::RelayChild;
 use super::fanout::{self, Server, Workload};
 use super::{Percentiles, Row, baseline};
 use crate::channel::{Keyring, Member};
@@ -49,13 +50,15 @@ pub struct Options {
     pub khub: PathBuf,
     /// A relay to run the fan-out against instead of in-process ones.
     pub relay: Option<SocketAddr>,
+    /// The soak: sessions held, for how long, and how often each publishes.
+    pub soak: super::soak::Soak,
 }
 
 fn wants(options: &Options, scenario: &str) -> bool {
     options
         .scenarios
         .iter()
-        .any(|s| s == scenario || s == "all")
+        .any(|s| s == scenario || (s == "all" && scenario != "soak"))
 }
 
 /// Runs the chosen scenarios; returns the report's rows.
@@ -75,6 +78,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, String> {
     }
     if wants(options, "idle") {
         rows.extend(idle(&options.khub, &options.idle).await?);
+    }
+    if wants(options, "soak") {
+        rows.extend(super::soak::run(&options.khub, &options.soak).await?);
     }
     Ok(rows)
 }
@@ -289,8 +295,8 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// Registers a channel with `n` devices on an in-process relay.
-async fn channel_with(
+/// Registers a channel with `n` devices on a relay.
+pub(super) async fn channel_with(
     addr: SocketAddr,
     n: usize,
 ) -> Result<(ChannelId, Vec<(DeviceId, AccessToken)>), String> {
@@ -607,40 +613,17 @@ async fn pair_once(
 }
 
 async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, String> {
-    use std::io::BufRead;
     let max = counts.iter().copied().max().unwrap_or(0);
-    let mut child = std::process::Command::new(khub)
-        .args([
-            "serve",
-            "--memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-connections-per-ip",
-        ])
-        .arg((max + 1000).to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", khub.display()))?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.trim_end_matches(',').parse().ok())
-        .ok_or_else(|| format!("no address in {line:?}"))?;
-    let pid = child.id();
-    let rss = || -> Result<u64, String> {
-        let status =
-            std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| "no VmRSS".to_owned())
-    };
+    let relay = RelayChild::spawn(
+        khub,
+        &[
+            "--memory".into(),
+            "--max-connections-per-ip".into(),
+            (max + 1000).to_string(),
+        ],
+    )?;
+    let addr = relay.addr;
+    let rss = || relay.memory_kib("VmRSS");
     let result = async {
         let (channel, members) = channel_with(addr, 1).await?;
         let (device, token) = &members[0];
@@ -675,13 +658,12 @@ async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, Stri
         Ok::<_, String>(rows)
     }
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(relay);
     result
 }
 
 /// Opens `count` authenticated sessions (small client buffers: only the relay is measured).
-async fn open_sessions(
+pub(super) async fn open_sessions(
     addr: SocketAddr,
     hello: &str,
     count: usize,

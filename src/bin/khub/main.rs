@@ -112,7 +112,8 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: all, fanout, catchup, idle, pairing, crypto (repeat or comma-separate).
+    /// Scenarios: all, fanout, catchup, idle, pairing, crypto, and soak (not in
+    /// all; see tests/soak/run) — repeat or comma-separate.
     #[arg(long = "scenario", value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// Channels in the fan-out.
@@ -148,6 +149,15 @@ struct BenchArgs {
     /// Run the fan-out against this relay (host:port) instead of in-process ones.
     #[arg(long)]
     relay: Option<SocketAddr>,
+    /// Soak: device sessions held at once.
+    #[arg(long, default_value_t = 5000)]
+    soak_sessions: usize,
+    /// Soak: seconds of traffic.
+    #[arg(long, default_value_t = 60)]
+    soak_seconds: u64,
+    /// Soak: seconds between two publishes of one device.
+    #[arg(long, default_value_t = 5.0)]
+    soak_interval: f64,
 }
 
 /// Where a device keeps its state.
@@ -294,6 +304,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         pairing_concurrency: args.pairing_concurrency.max(1),
         khub: std::env::current_exe()?,
         relay: args.relay,
+        soak: khub::bench::Soak {
+            sessions: args.soak_sessions,
+            seconds: args.soak_seconds,
+            interval: args.soak_interval,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
