@@ -5,41 +5,25 @@
 
 use std::sync::OnceLock;
 
-use khub::channel::{Keyring, Member, Welcome};
+use khub::channel::{Keyring, Welcome};
 use khub::crypto::envelope::EnvelopeHeader;
-use khub::crypto::pairwise::DeviceSecret;
 use khub::crypto::rekey::Rekey;
-use khub::ids::{ChannelId, DeviceId};
 use khub::pairing::DeviceInfo;
 use libfuzzer_sys::fuzz_target;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+
+#[path = "fixtures.rs"]
+mod fixtures;
 
 /// A receiver's exported keyring and a valid envelope for it.
 fn fixture() -> &'static (Vec<u8>, Vec<u8>) {
     static FIXTURE: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let mut rng = StdRng::seed_from_u64(7);
-        let secret = DeviceSecret::generate(&mut rng);
-        let me = Member {
-            id: DeviceId::random(&mut rng),
-            public_key: secret.public_key(),
-            name: "fuzz".into(),
-        };
-        let mut keyring = Keyring::create(ChannelId::random(&mut rng), me, secret, &mut rng);
-        let envelope = keyring.seal(b"a note to mutate", &mut rng).unwrap();
-        // A fresh export: its replay window has not seen the envelope.
-        let fresh = {
-            let mut rng = StdRng::seed_from_u64(7);
-            let secret = DeviceSecret::generate(&mut rng);
-            let me = Member {
-                id: DeviceId::random(&mut rng),
-                public_key: secret.public_key(),
-                name: "fuzz".into(),
-            };
-            Keyring::create(ChannelId::random(&mut rng), me, secret, &mut rng).export()
-        };
-        (fresh.to_vec(), envelope)
+        let (mut sender, mut rng) = fixtures::keyring(7);
+        let envelope = sender.seal(b"a note to mutate", &mut rng).unwrap();
+        // The same channel and device, fresh: its replay window has not seen
+        // the envelope.
+        let (receiver, _) = fixtures::keyring(7);
+        (receiver.export().to_vec(), envelope)
     })
 }
 

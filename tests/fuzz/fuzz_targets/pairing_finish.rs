@@ -4,13 +4,13 @@
 
 use std::sync::OnceLock;
 
-use khub::channel::Member;
-use khub::crypto::pairwise::DeviceSecret;
-use khub::ids::DeviceId;
-use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
+use khub::pairing::{Code, Inviter, Joiner, Nameplate};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+
+#[path = "fixtures.rs"]
+mod fixtures;
 
 fn start() -> &'static (Code, Vec<u8>) {
     static START: OnceLock<(Code, Vec<u8>)> = OnceLock::new();
@@ -25,15 +25,7 @@ fn start() -> &'static (Code, Vec<u8>) {
 fuzz_target!(|data: &[u8]| {
     let (code, start) = start();
     let mut rng = StdRng::seed_from_u64(4);
-    let secret = DeviceSecret::generate(&mut rng);
-    let me = DeviceInfo::new(
-        Member {
-            id: DeviceId::random(&mut rng),
-            public_key: secret.public_key(),
-            name: "joiner".into(),
-        },
-        b"joiner's relay token",
-    );
+    let me = fixtures::joiner_info(&mut rng);
     let (joiner, _response) = Joiner::respond(code, [3; 16], start, &me, &mut rng).expect("a genuine start");
     assert!(joiner.receive(data).is_err(), "a forged finish was accepted");
 });
