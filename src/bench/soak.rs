@@ -55,10 +55,14 @@ struct Tally {
     errors: AtomicU64,
     /// Deliveries out of order, repeated, or missing at the end.
     misdelivered: AtomicU64,
+    /// Sessions done publishing (every publish acked) or gone.
+    settled: AtomicU64,
 }
 
 /// One device's session: publishes every `interval` until `stop`, checks each
-/// delivery, then waits for the channel's last envelope.
+/// delivery, then — once every session's publishes are acked — waits for its
+/// channel's last envelope. Returns the last relay sequence number it received.
+#[allow(clippy::too_many_arguments)]
 async fn device(
     mut ws: super::fanout::Ws,
     channel: ChannelId,
@@ -67,8 +71,18 @@ async fn device(
     stop: Instant,
     head: Arc<AtomicU64>,
     tally: Arc<Tally>,
-) {
-    let error = |tally: &Tally| tally.errors.fetch_add(1, Ordering::Relaxed);
+    sessions: u64,
+) -> (ChannelId, u64) {
+    let mut settled = false;
+    let settle = |tally: &Tally, settled: &mut bool| {
+        if !std::mem::replace(settled, true) {
+            tally.settled.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let error = |tally: &Tally, settled: &mut bool| {
+        tally.errors.fetch_add(1, Ordering::Relaxed);
+        settle(tally, settled);
+    };
     // Spread the first publishes over one interval.
     let offset = interval
         .mul_f64(rand::Rng::next_u32(&mut crate::crypto::os_rng()) as f64 / u32::MAX as f64);
@@ -78,12 +92,18 @@ async fn device(
     let drained_by = stop + DRAIN;
     loop {
         let publishing = Instant::now() < stop;
-        if !publishing && acked == sent && last >= head.load(Ordering::Relaxed) {
-            break;
+        if !publishing && acked == sent {
+            settle(&tally, &mut settled);
+            // Every head is final once every session has settled.
+            if tally.settled.load(Ordering::Relaxed) == sessions
+                && last >= head.load(Ordering::Relaxed)
+            {
+                return (channel, last);
+            }
         }
         if Instant::now() > drained_by {
-            tally.misdelivered.fetch_add(1, Ordering::Relaxed);
-            return;
+            settle(&tally, &mut settled);
+            return (channel, last);
         }
         tokio::select! {
             _ = ticks.tick(), if publishing => {
@@ -92,8 +112,8 @@ async fn device(
                 envelope.extend_from_slice(&body);
                 let frame = ClientFrame::Publish { envelope }.to_text();
                 if ws.send(Message::Text(frame.into())).await.is_err() {
-                    error(&tally);
-                    return;
+                    error(&tally, &mut settled);
+                    return (channel, last);
                 }
                 tally.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -101,7 +121,7 @@ async fn device(
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    _ => { error(&tally); return; }
+                    _ => { error(&tally, &mut settled); return (channel, last); }
                 };
                 match serde_json::from_str::<ServerFrame>(&text) {
                     Ok(ServerFrame::Deliver { seq, .. }) => {
@@ -116,7 +136,7 @@ async fn device(
                         head.fetch_max(seq, Ordering::Relaxed);
                         tally.acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => { error(&tally); return; }
+                    _ => { error(&tally, &mut settled); return (channel, last); }
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)), if !publishing => {}
@@ -204,13 +224,19 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
             stop,
             Arc::clone(&heads[&channel]),
             Arc::clone(&tally),
+            count as u64,
         ));
     }
     let mut peak = held;
     let mut sampler = tokio::time::interval(Duration::from_millis(250));
+    let mut lasts = Vec::with_capacity(count);
     loop {
         tokio::select! {
-            done = tasks.join_next() => if done.is_none() { break },
+            done = tasks.join_next() => match done {
+                Some(Ok(last)) => lasts.push(last),
+                Some(Err(e)) => return Err(format!("a session task failed: {e}")),
+                None => break,
+            },
             _ = sampler.tick() => {
                 if let Ok(rss) = relay.memory_kib("VmRSS") {
                     peak = peak.max(rss);
@@ -226,7 +252,13 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
     let t = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (published, acked, delivered) = (t(&tally.published), t(&tally.acked), t(&tally.delivered));
     let errors = t(&tally.errors) + u64::from(acked != published) + u64::from(!alive);
-    let misdelivered = t(&tally.misdelivered);
+    // Each session must end holding its channel's last envelope: nothing missing.
+    let missing = lasts
+        .iter()
+        .filter(|(channel, last)| *last != t(&heads[channel]))
+        .count() as u64;
+    let misdelivered = t(&tally.misdelivered) + missing;
+    let expected: u64 = lasts.iter().map(|(channel, _)| t(&heads[channel])).sum();
     Ok(vec![
         Row::check(
             "soak",
@@ -242,7 +274,7 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
                 soak.seconds, soak.interval
             ),
             format!(
-                "{published} published, {acked} acked, {delivered} delivered ({:.0}/s)",
+                "{published} published, {acked} acked, {delivered} of {expected} deliveries ({:.0}/s)",
                 delivered as f64 / elapsed.as_secs_f64()
             ),
         ),
