@@ -52,100 +52,166 @@ fn scanner_for(devices: &[Device], codes: &[Code], marker: &str) -> Scanner {
     scanner
 }
 
+/// What the hostile relay delivers in place of the ten real envelopes `m(1..=10)`.
+fn mischief(m: impl Fn(usize) -> Vec<u8>, foreign: &[u8], forged: &[u8]) -> Vec<Vec<u8>> {
+    vec![
+        m(1),
+        flip_byte(&m(2), 80), // ciphertext changed
+        m(2),
+        m(2),                 // duplicated
+        m(4),                 // 3 skipped: a gap
+        m(3),                 // 3 late: reordered
+        m(1),                 // replayed from earlier
+        foreign.to_vec(),     // another channel's
+        forged.to_vec(),      // a non-member's
+        flip_byte(&m(5), 44), // header (sender sequence number) changed
+        m(5),
+        m(6),
+        m(8),           // 7 dropped
+        vec![0x01; 20], // not an envelope
+        m(9),
+        m(10),
+    ]
+}
+
+/// The messages of [`mischief`] that must reach the app, in order.
+const AUTHENTIC: [usize; 8] = [1, 2, 4, 5, 6, 8, 9, 10];
+
+/// The incidents [`mischief`] must cause, in order.
+const INCIDENTS: [IncidentKind; 10] = {
+    use IncidentKind::*;
+    [
+        Tampered,
+        Replayed,
+        Gap,
+        Reordered,
+        Replayed,
+        Foreign,
+        UnknownSender,
+        Tampered,
+        Gap,
+        Malformed,
+    ]
+};
+
+/// A sender talking to the relay and a receiver behind a hostile front, the
+/// sender's ten messages stored, and the two envelopes the front injects.
+struct Setup {
+    relay: TestRelay,
+    hostile: HostileRelay,
+    _home: TempDir,
+    paired: khub::testing::PairedDevices,
+    marker: String,
+    foreign: Vec<u8>,
+    forged: Vec<u8>,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        capture_logs();
+        let relay = TestRelay::start(Limits::default()).await.unwrap();
+        let hostile = HostileRelay::start(relay.addr()).await.unwrap();
+        let home = TempDir::new("hostile");
+        let paired = step(paired_devices(home.path(), &[relay.url(), hostile.url()]))
+            .await
+            .unwrap();
+        let marker = format!("khub-plaintext-marker-{}", DeviceId::random(&mut os_rng()));
+        let mut rng = os_rng();
+        let foreign = outsider(ChannelId::random(&mut rng))
+            .seal(b"from another channel", &mut rng)
+            .unwrap();
+        let forged = outsider(paired.devices[1].channel())
+            .seal(b"from a device that is no member", &mut rng)
+            .unwrap();
+        Self {
+            relay,
+            hostile,
+            _home: home,
+            paired,
+            marker,
+            foreign,
+            forged,
+        }
+    }
+
+    fn body(&self, n: usize) -> Vec<u8> {
+        format!("{} message {n}", self.marker).into_bytes()
+    }
+
+    async fn send_ten(&self) {
+        let sender = &self.paired.devices[0];
+        for n in 1..=10 {
+            sender.queue(&self.body(n)).unwrap();
+        }
+        step(sender.sync()).await.unwrap();
+    }
+
+    /// The app saw exactly the authentic messages, and every refusal and gap
+    /// is an incident; nothing leaked into what the relay keeps.
+    fn check(&self, inbox: Vec<Vec<u8>>) {
+        let receiver = &self.paired.devices[1];
+        assert_eq!(inbox, AUTHENTIC.map(|n| self.body(n)));
+        assert_eq!(receiver.next_unread().unwrap(), None);
+        let incidents = receiver.incidents().unwrap();
+        let kinds: Vec<IncidentKind> = incidents.iter().map(|i| i.kind).collect();
+        assert_eq!(kinds, INCIDENTS);
+        let gap = incidents
+            .iter()
+            .find(|i| i.kind == IncidentKind::Gap)
+            .unwrap();
+        assert!(gap.detail.contains("never arrived"), "{gap:?}");
+        // The refusals were reported in the log too (as warnings).
+        assert!(captured_logs().contains("reordered envelope"));
+        let scanner = scanner_for(&self.paired.devices, &self.paired.codes, &self.marker);
+        assert_eq!(scanner.scan_dir(self.relay.dir()).unwrap(), []);
+        assert_eq!(scanner.scan_logs(), []);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_replayed_reordered_and_foreign_envelopes_are_refused_and_reported() {
-    capture_logs();
-    let relay = TestRelay::start(Limits::default()).await.unwrap();
-    let hostile = HostileRelay::start(relay.addr()).await.unwrap();
-    let home = TempDir::new("hostile");
-    // The sender talks to the relay; the receiver only through the hostile front.
-    let paired = step(paired_devices(home.path(), &[relay.url(), hostile.url()]))
-        .await
-        .unwrap();
-    let (sender, receiver) = (&paired.devices[0], &paired.devices[1]);
-    let marker = format!("khub-plaintext-marker-{}", DeviceId::random(&mut os_rng()));
-    let body = |n: usize| format!("{marker} message {n}").into_bytes();
-    for n in 1..=10 {
-        sender.queue(&body(n)).unwrap();
-    }
-    step(sender.sync()).await.unwrap();
-
-    let mut rng = os_rng();
-    let foreign = outsider(ChannelId::random(&mut rng))
-        .seal(b"from another channel", &mut rng)
-        .unwrap();
-    let forged = outsider(receiver.channel())
-        .seal(b"from a device that is no member", &mut rng)
-        .unwrap();
-    hostile.on_sync(move |real: Vec<Delivery>| {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    let (foreign, forged) = (setup.foreign.clone(), setup.forged.clone());
+    setup.hostile.on_sync(move |real: Vec<Delivery>| {
         assert_eq!(real.len(), 10, "the relay holds the ten messages");
-        let m = |n: usize| real[n - 1].envelope.clone();
-        vec![
-            m(1),
-            flip_byte(&m(2), 80), // ciphertext changed
-            m(2),
-            m(2),                 // duplicated
-            m(4),                 // 3 skipped: a gap
-            m(3),                 // 3 late: reordered
-            m(1),                 // replayed from earlier
-            foreign.clone(),      // another channel's
-            forged.clone(),       // a non-member's
-            flip_byte(&m(5), 44), // header (sender sequence number) changed
-            m(5),
-            m(6),
-            m(8),           // 7 dropped
-            vec![0x01; 20], // not an envelope
-            m(9),
-            m(10),
-        ]
+        mischief(|n| real[n - 1].envelope.clone(), &foreign, &forged)
     });
+    let receiver = &setup.paired.devices[1];
     step(receiver.sync()).await.unwrap();
-
-    // The app sees the authentic messages once, in order, and nothing else.
     let mut inbox = Vec::new();
     while let Some(message) = receiver.next_unread().unwrap() {
         receiver.mark_read(message.seq).unwrap();
         inbox.push(message.body);
     }
-    assert_eq!(inbox, [1, 2, 4, 5, 6, 8, 9, 10].map(body));
+    setup.check(inbox);
+}
 
-    let kinds: Vec<IncidentKind> = receiver
-        .incidents()
-        .unwrap()
-        .iter()
-        .map(|i| i.kind)
-        .collect();
-    use IncidentKind::*;
-    assert_eq!(
-        kinds,
-        [
-            Tampered,
-            Replayed,
-            Gap,
-            Reordered,
-            Replayed,
-            Foreign,
-            UnknownSender,
-            Tampered,
-            Gap,
-            Malformed
-        ]
-    );
-    let gaps: Vec<String> = receiver
-        .incidents()
-        .unwrap()
-        .into_iter()
-        .filter(|i| i.kind == Gap)
-        .map(|i| i.detail)
-        .collect();
-    assert!(gaps[0].contains("never arrived"), "{gaps:?}");
-    // The refusals were reported in the log too (as warnings).
-    assert!(captured_logs().contains("reordered envelope"));
-
-    // Nothing the hostile relay did leaked a secret into what it keeps.
-    let scanner = scanner_for(&paired.devices, &paired.codes, &marker);
-    assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
-    assert_eq!(scanner.scan_logs(), []);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_refuses_and_reports_the_same_from_a_hostile_relay() {
+    let setup = Setup::new().await;
+    let (foreign, forged) = (setup.foreign.clone(), setup.forged.clone());
+    // The front holds the real deliveries back and, once it has all ten,
+    // delivers its version over the WebSocket.
+    let mut held = Vec::new();
+    setup.hostile.on_deliver(move |delivery: Delivery| {
+        held.push(delivery.envelope);
+        if held.len() < 10 {
+            return Vec::new();
+        }
+        mischief(|n| held[n - 1].clone(), &foreign, &forged)
+    });
+    let receiver = &setup.paired.devices[1];
+    let session = receiver.connect();
+    setup.send_ten().await;
+    let mut inbox = Vec::new();
+    while inbox.len() < AUTHENTIC.len() {
+        let message = step(session.recv()).await.unwrap();
+        receiver.mark_read(message.seq).unwrap();
+        inbox.push(message.body);
+    }
+    session.close().await;
+    setup.check(inbox);
 }
 
 /// What a pairing under a hostile front ended with.

@@ -4,9 +4,8 @@
 //! reorder, duplicate, replay, tamper with or inject envelopes, and substitute
 //! pairing messages — without knowing any code or key.
 //!
-//! Devices reach it over HTTP: `Device::sync` for envelopes, and the pairing
-//! mailbox. (WebSocket sessions take in envelopes through the same
-//! `Device::ingest` as `sync`, so what is refused here is refused there.)
+//! Devices reach it as they would the relay: `Device::sync` and the pairing
+//! mailbox over HTTP, live sessions over WebSocket (`/ws`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,11 +32,13 @@ pub struct Delivery {
 }
 
 type SyncHook = Box<dyn FnMut(Vec<Delivery>) -> Vec<Vec<u8>> + Send>;
+type DeliverHook = Box<dyn FnMut(Delivery) -> Vec<Vec<u8>> + Send>;
 type PairingHook = Box<dyn FnMut(Side, [u8; 16], Vec<u8>) -> Vec<u8> + Send>;
 
 #[derive(Default)]
 struct Hooks {
     sync: Option<SyncHook>,
+    deliver: Option<DeliverHook>,
     pairing: Option<PairingHook>,
     /// The session id of the last slot opened through this front.
     sid: [u8; 16],
@@ -61,6 +62,11 @@ impl HostileRelay {
             while let Ok((stream, _)) = listener.accept().await {
                 let hooks = Arc::clone(&shared);
                 tokio::spawn(async move {
+                    let mut start = [0u8; 7];
+                    if matches!(stream.peek(&mut start).await, Ok(7)) && &start == b"GET /ws" {
+                        let _ = websocket(stream, upstream, hooks).await;
+                        return;
+                    }
                     let service = hyper::service::service_fn(move |request| {
                         forward(upstream, Arc::clone(&hooks), request)
                     });
@@ -85,6 +91,14 @@ impl HostileRelay {
         self.lock().sync = Some(Box::new(hook));
     }
 
+    /// Rewrites every envelope a live session receives: `hook` gets each one
+    /// the relay delivers and gives what the device receives instead (none to
+    /// drop it, two to duplicate it, others to hold back, reorder, tamper or
+    /// inject), which the front numbers on from the session's cursor.
+    pub fn on_deliver(&self, hook: impl FnMut(Delivery) -> Vec<Vec<u8>> + Send + 'static) {
+        self.lock().deliver = Some(Box::new(hook));
+    }
+
     /// Rewrites every pairing message a side receives: `hook` gets the side
     /// it is for, the pairing's session id (which a relay knows) and the
     /// message, and gives what that side receives instead.
@@ -99,6 +113,7 @@ impl HostileRelay {
     pub fn honest(&self) {
         let mut hooks = self.lock();
         hooks.sync = None;
+        hooks.deliver = None;
         hooks.pairing = None;
     }
 
@@ -121,6 +136,75 @@ pub fn flip_byte(envelope: &[u8], index: usize) -> Vec<u8> {
         *byte ^= 0x01;
     }
     changed
+}
+
+/// A live session through the front: frames pass both ways; deliveries go
+/// through the `on_deliver` hook when there is one.
+async fn websocket(
+    stream: TcpStream,
+    upstream: SocketAddr,
+    hooks: Arc<Mutex<Hooks>>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use crate::protocol::{ClientFrame, ServerFrame};
+
+    let mut device = tokio_tungstenite::accept_async(stream).await?;
+    let (mut relay, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(format!("ws://{upstream}/ws")),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    // The sequence number the device has last been given.
+    let mut numbered = 0u64;
+    loop {
+        tokio::select! {
+            from_device = device.next() => {
+                let Some(message) = from_device.transpose()? else { return Ok(()) };
+                if let Message::Text(text) = &message
+                    && let Ok(ClientFrame::Hello { cursor, .. }) = ClientFrame::decode(text, usize::MAX)
+                {
+                    numbered = cursor;
+                }
+                relay.send(message).await?;
+            }
+            from_relay = relay.next() => {
+                let Some(message) = from_relay.transpose()? else { return Ok(()) };
+                let delivery = match &message {
+                    Message::Text(text) => match serde_json::from_str::<ServerFrame>(text) {
+                        Ok(ServerFrame::Deliver { seq, envelope }) => Some(Delivery { seq, envelope }),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let Some(delivery) = delivery else {
+                    device.send(message).await?;
+                    continue;
+                };
+                let rewritten = hooks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .deliver
+                    .as_mut()
+                    .map(|hook| hook(delivery.clone()));
+                match rewritten {
+                    None => {
+                        numbered = delivery.seq;
+                        device.send(message).await?;
+                    }
+                    Some(envelopes) => {
+                        for envelope in envelopes {
+                            numbered += 1;
+                            let frame = ServerFrame::Deliver { seq: numbered, envelope };
+                            device.send(Message::Text(frame.to_text().into())).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 type Answer = Response<Full<Bytes>>;

@@ -9,8 +9,8 @@
 //!   pairings through a relay.
 //! - [`FaultProxy`]: a TCP proxy between devices and the relay that cuts
 //!   connections, stalls, delays and splits what passes through it.
-//! - [`HostileRelay`]: an HTTP front for the relay that rewrites what devices
-//!   receive — drops, reorders, duplicates, replays, tampers with or injects
+//! - [`HostileRelay`]: a front for the relay (HTTP and WebSocket) that rewrites
+//!   what devices receive — drops, reorders, duplicates, replays, tampers with or injects
 //!   envelopes, and substitutes pairing messages.
 //! - [`Scanner`] and [`capture_logs`]: search the relay's files and the captured
 //!   logs for plaintext markers, keys, tokens and codes.
