@@ -156,6 +156,16 @@ async fn every_store_keeps_the_contract() {
             "{name}"
         );
         assert_eq!(store.head(channel).await, Ok(3), "{name}");
+        // The sender's later, smaller envelope waits for the refused one, so it
+        // cannot get ahead of it; other senders are not held back.
+        assert!(
+            matches!(
+                store.append(append(channel, a, 5, b"four", 300)).await,
+                Err(StoreError::OverQuota { .. })
+            ),
+            "{name}"
+        );
+        assert_eq!(store.head(channel).await, Ok(3), "{name}");
 
         // Retention: prune what was stored before 250; numbering never goes back.
         assert_eq!(store.prune(250).await, Ok(2), "{name}");
@@ -165,19 +175,20 @@ async fn every_store_keeps_the_contract() {
             [3],
             "{name}"
         );
-        assert_eq!(
-            store
-                .append(append(channel, a, 5, b"four", 400))
-                .await
-                .unwrap()
-                .seq,
-            4,
-            "{name}"
-        );
-        // Pruning freed quota.
+        // Pruning freed quota: the retried envelopes go in, in their order.
+        for (sender_seq, body, seq) in [(4, &big[..600], 4), (5, &b"four"[..], 5)] {
+            assert_eq!(
+                store
+                    .append(append(channel, a, sender_seq, body, 400))
+                    .await
+                    .map(|s| s.seq),
+                Ok(seq),
+                "{name}"
+            );
+        }
         assert!(
             store
-                .append(append(channel, c, 2, &vec![0u8; 900], 400))
+                .append(append(channel, c, 2, &vec![0u8; 300], 400))
                 .await
                 .is_ok(),
             "{name}"

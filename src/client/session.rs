@@ -296,6 +296,10 @@ async fn connection(
 
     let mut sent_up_to = 0;
     publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+    // Messages refused for the channel's quota are sent again later, on this
+    // connection, backing off while the quota stays full.
+    let mut quota_retry: Option<tokio::time::Instant> = None;
+    let mut quota_refusals = 0u32;
     loop {
         tokio::select! {
             incoming = ws.next() => {
@@ -320,11 +324,22 @@ async fn connection(
                     };
                     match serde_json::from_str::<ServerFrame>(&text) {
                         Ok(ServerFrame::Deliver { seq, envelope }) => deliveries.push((seq, envelope)),
-                        Ok(ServerFrame::Ack { sender_seq, seq, .. }) => device.acked(sender_seq, seq)?,
+                        Ok(ServerFrame::Ack { sender_seq, seq, .. }) => {
+                            device.acked(sender_seq, seq)?;
+                            quota_refusals = 0;
+                        }
+                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota, message, fatal: false, .. }) => {
+                            if quota_retry.is_none() {
+                                quota_refusals = quota_refusals.saturating_add(1);
+                                let wait = backoff(quota_refusals);
+                                warn!(%message, retry_in_ms = wait.as_millis() as u64, "the channel is over its quota; will send again");
+                                quota_retry = Some(tokio::time::Instant::now() + wait);
+                            }
+                        }
                         Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
-                            warn!(code = code.as_str(), %message, "the relay refused a message");
-                            // Over quota may clear; anything else will never be accepted.
-                            if let (Some(sender_seq), false) = (sender_seq, code == ErrorCode::OverQuota) {
+                            // Anything but the quota will never be accepted.
+                            warn!(code = code.as_str(), %message, "the relay refused a message; dropping it");
+                            if let Some(sender_seq) = sender_seq {
                                 device.lock().db.acked(sender_seq)?;
                             }
                         }
@@ -349,6 +364,12 @@ async fn connection(
                 }
             }
             Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
+            _ = tokio::time::sleep_until(quota_retry.unwrap_or_else(tokio::time::Instant::now)), if quota_retry.is_some() => {
+                quota_retry = None;
+                // The whole outbox again, oldest first (the relay stores each once).
+                sent_up_to = 0;
+                publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+            }
         }
     }
 }

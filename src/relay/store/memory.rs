@@ -18,6 +18,8 @@ struct Channel {
     by_sender: HashMap<(DeviceId, u64), u64>,
     /// sender → highest sender_seq stored
     highest: HashMap<DeviceId, u64>,
+    /// sender → its oldest sender_seq refused for quota
+    quota_blocked: HashMap<DeviceId, u64>,
 }
 
 /// All state in one mutex-guarded map; every operation is O(log n) or a copy.
@@ -75,12 +77,17 @@ impl MemoryStore {
                     });
                 }
                 let size = a.envelope.len() as u64;
-                if c.bytes + size > a.quota {
+                let blocked = c.quota_blocked.get(&a.sender).copied();
+                if blocked.is_some_and(|b| a.sender_seq > b) || c.bytes + size > a.quota {
+                    // Later envelopes of this sender wait for this one.
+                    let b = c.quota_blocked.entry(a.sender).or_insert(a.sender_seq);
+                    *b = (*b).min(a.sender_seq);
                     return Err(StoreError::OverQuota {
                         used: c.bytes,
                         quota: a.quota,
                     });
                 }
+                c.quota_blocked.remove(&a.sender);
                 c.head += 1;
                 c.bytes += size;
                 c.by_sender.insert((a.sender, a.sender_seq), c.head);

@@ -17,7 +17,11 @@
 //! - each sender's envelopes are stored in the order of their sender sequence
 //!   numbers: a new one below the highest stored for its sender is refused with
 //!   [`StoreError::OutOfOrder`] (devices refuse reordered envelopes, so storing
-//!   it would only lose it silently).
+//!   it would only lose it silently);
+//! - an envelope refused with [`StoreError::OverQuota`] holds back its sender's
+//!   later ones: they are refused with `OverQuota` too until it is stored, so a
+//!   smaller later envelope cannot slip in ahead of it (and make it out of order
+//!   for good).
 
 pub mod memory;
 pub mod sqlite;

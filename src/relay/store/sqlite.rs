@@ -49,6 +49,12 @@ CREATE TABLE IF NOT EXISTS envelopes (
     UNIQUE (channel, sender, sender_seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS envelopes_stored ON envelopes (stored);
+CREATE TABLE IF NOT EXISTS quota_blocked (  -- a sender's oldest envelope refused for quota
+    channel    BLOB NOT NULL,
+    sender     BLOB NOT NULL,
+    sender_seq INTEGER NOT NULL,
+    PRIMARY KEY (channel, sender)
+) WITHOUT ROWID;
 ";
 
 /// Runs inside the writer's transaction (or is told there is none, `None`);
@@ -271,6 +277,17 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
             highest: highest as u64,
         });
     }
+    let blocked: Option<i64> = conn
+        .prepare_cached("SELECT sender_seq FROM quota_blocked WHERE channel = ?1 AND sender = ?2")
+        .map_err(backend)?
+        .query_row(params![a.channel.as_bytes(), a.sender.as_bytes()], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(backend)?;
+    if blocked.is_some_and(|b| a.sender_seq > b as u64) {
+        return Err(over_quota(conn, &a)?);
+    }
     // Take the next number and count the bytes in one statement; no row
     // means no such channel or over quota (told apart below, off the hot path).
     let size = a.envelope.len() as i64;
@@ -285,20 +302,25 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
         .optional()
         .map_err(backend)?;
     let Some(seq) = seq else {
-        let used: Option<i64> = conn
-            .prepare_cached("SELECT bytes FROM channels WHERE id = ?1")
+        let refusal = over_quota(conn, &a)?;
+        if matches!(refusal, StoreError::OverQuota { .. }) {
+            // Later envelopes of this sender wait for this one.
+            conn.prepare_cached(
+                "INSERT INTO quota_blocked (channel, sender, sender_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (channel, sender) DO UPDATE SET sender_seq = MIN(sender_seq, excluded.sender_seq)",
+            )
             .map_err(backend)?
-            .query_row(params![a.channel.as_bytes()], |r| r.get(0))
-            .optional()
+            .execute(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64])
             .map_err(backend)?;
-        return Err(match used {
-            Some(used) => StoreError::OverQuota {
-                used: used as u64,
-                quota: a.quota,
-            },
-            None => StoreError::NotFound,
-        });
+        }
+        return Err(refusal);
     };
+    if blocked.is_some() {
+        conn.prepare_cached("DELETE FROM quota_blocked WHERE channel = ?1 AND sender = ?2")
+            .map_err(backend)?
+            .execute(params![a.channel.as_bytes(), a.sender.as_bytes()])
+            .map_err(backend)?;
+    }
     conn.prepare_cached(
                 "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
@@ -315,6 +337,23 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
     Ok(Appended {
         seq: seq as u64,
         duplicate: false,
+    })
+}
+
+/// The refusal for an append that does not fit: over quota, or no such channel.
+fn over_quota(conn: &Connection, a: &Append) -> Result<StoreError, StoreError> {
+    let used: Option<i64> = conn
+        .prepare_cached("SELECT bytes FROM channels WHERE id = ?1")
+        .map_err(backend)?
+        .query_row(params![a.channel.as_bytes()], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    Ok(match used {
+        Some(used) => StoreError::OverQuota {
+            used: used as u64,
+            quota: a.quota,
+        },
+        None => StoreError::NotFound,
     })
 }
 
