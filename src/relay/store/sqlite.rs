@@ -92,6 +92,62 @@ impl Durability {
 pub struct SqliteStore {
     writer: Mutex<mpsc::Sender<WriteJob>>,
     reader: Arc<Mutex<Connection>>,
+    senders: Arc<Mutex<Senders>>,
+}
+
+/// What appends check about a sender besides its exact sequence number: the
+/// highest it has stored and its oldest quota refusal. Kept by the writer
+/// thread (the only writer) so appends need no query for them; loaded from the
+/// database on first use, and forgotten whenever a batch rolls back.
+#[derive(Default)]
+struct Senders(std::collections::HashMap<(ChannelId, DeviceId), SenderState>);
+
+#[derive(Debug, Clone, Copy)]
+struct SenderState {
+    highest: u64,
+    quota_blocked: Option<u64>,
+}
+
+/// Senders remembered at most; past it the map starts over (and reloads).
+const MAX_SENDERS: usize = 100_000;
+
+impl Senders {
+    fn get(
+        &mut self,
+        conn: &Connection,
+        channel: ChannelId,
+        sender: DeviceId,
+    ) -> Result<&mut SenderState, StoreError> {
+        if !self.0.contains_key(&(channel, sender)) {
+            if self.0.len() >= MAX_SENDERS {
+                self.0.clear();
+            }
+            let key = params![channel.as_bytes(), sender.as_bytes()];
+            let highest: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2",
+                )
+                .map_err(backend)?
+                .query_row(key, |r| r.get(0))
+                .map_err(backend)?;
+            let quota_blocked: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT sender_seq FROM quota_blocked WHERE channel = ?1 AND sender = ?2",
+                )
+                .map_err(backend)?
+                .query_row(key, |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            self.0.insert(
+                (channel, sender),
+                SenderState {
+                    highest: highest.unwrap_or(0) as u64,
+                    quota_blocked: quota_blocked.map(|b| b as u64),
+                },
+            );
+        }
+        Ok(self.0.get_mut(&(channel, sender)).expect("just inserted"))
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -123,13 +179,16 @@ impl SqliteStore {
         writer_conn.execute_batch(SCHEMA).map_err(backend)?;
         let reader = connect(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
+        let senders = Arc::new(Mutex::new(Senders::default()));
+        let forget = Arc::clone(&senders);
         std::thread::Builder::new()
             .name("khub-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx))
+            .spawn(move || writer_loop(writer_conn, rx, forget))
             .map_err(backend)?;
         Ok(Self {
             writer: Mutex::new(tx),
             reader: Arc::new(Mutex::new(reader)),
+            senders,
         })
     }
 
@@ -201,7 +260,7 @@ impl SqliteStore {
 /// (exists, over quota, conflict…) before writing anything, so no per-operation
 /// savepoint is needed; a backend failure rolls the whole batch back and every
 /// caller in it gets the error (none of them was acked).
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, senders: Arc<Mutex<Senders>>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -234,6 +293,8 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
         };
         if outcome.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
+            // What the batch's appends remembered was rolled back with them.
+            senders.lock().unwrap_or_else(|e| e.into_inner()).0.clear();
         }
         for reply in replies {
             reply(outcome.clone());
@@ -241,51 +302,40 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>) {
     }
 }
 
-/// One append inside the writer's transaction: duplicate check, numbering and
-/// quota in one statement, then the insert.
-fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
-    let existing = conn
-                .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
-                .map_err(backend)?
-                .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()
-                .map_err(backend)?;
-    if let Some((seq, body)) = existing {
-        return if body == a.envelope.as_ref() {
-            Ok(Appended {
+/// One append inside the writer's transaction. A sequence number above the
+/// sender's highest is new, so it costs one statement for numbering and quota
+/// and one insert; only a number at or below it (a retry) is looked up.
+fn append_op(
+    conn: &Connection,
+    senders: &Mutex<Senders>,
+    a: Append,
+) -> Result<Appended, StoreError> {
+    let mut senders = senders.lock().unwrap_or_else(|e| e.into_inner());
+    let state = senders.get(conn, a.channel, a.sender)?;
+    if a.sender_seq <= state.highest {
+        let existing = conn
+            .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
+            .map_err(backend)?
+            .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()
+            .map_err(backend)?;
+        return match existing {
+            Some((seq, body)) if body == a.envelope.as_ref() => Ok(Appended {
                 seq: seq as u64,
                 duplicate: true,
-            })
-        } else {
-            Err(StoreError::Conflict {
+            }),
+            Some(_) => Err(StoreError::Conflict {
                 sender_seq: a.sender_seq,
-            })
+            }),
+            None => Err(StoreError::OutOfOrder {
+                sender_seq: a.sender_seq,
+                highest: state.highest,
+            }),
         };
     }
-    let highest: Option<i64> = conn
-        .prepare_cached("SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2")
-        .map_err(backend)?
-        .query_row(params![a.channel.as_bytes(), a.sender.as_bytes()], |r| {
-            r.get(0)
-        })
-        .map_err(backend)?;
-    if let Some(highest) = highest.filter(|&h| h as u64 > a.sender_seq) {
-        return Err(StoreError::OutOfOrder {
-            sender_seq: a.sender_seq,
-            highest: highest as u64,
-        });
-    }
-    let blocked: Option<i64> = conn
-        .prepare_cached("SELECT sender_seq FROM quota_blocked WHERE channel = ?1 AND sender = ?2")
-        .map_err(backend)?
-        .query_row(params![a.channel.as_bytes(), a.sender.as_bytes()], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(backend)?;
-    if blocked.is_some_and(|b| a.sender_seq > b as u64) {
+    if state.quota_blocked.is_some_and(|b| a.sender_seq > b) {
         return Err(over_quota(conn, &a)?);
     }
     // Take the next number and count the bytes in one statement; no row
@@ -305,17 +355,25 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
         let refusal = over_quota(conn, &a)?;
         if matches!(refusal, StoreError::OverQuota { .. }) {
             // Later envelopes of this sender wait for this one.
+            let blocked = state
+                .quota_blocked
+                .map_or(a.sender_seq, |b| b.min(a.sender_seq));
             conn.prepare_cached(
                 "INSERT INTO quota_blocked (channel, sender, sender_seq) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (channel, sender) DO UPDATE SET sender_seq = MIN(sender_seq, excluded.sender_seq)",
+                 ON CONFLICT (channel, sender) DO UPDATE SET sender_seq = excluded.sender_seq",
             )
             .map_err(backend)?
-            .execute(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64])
+            .execute(params![
+                a.channel.as_bytes(),
+                a.sender.as_bytes(),
+                blocked as i64
+            ])
             .map_err(backend)?;
+            state.quota_blocked = Some(blocked);
         }
         return Err(refusal);
     };
-    if blocked.is_some() {
+    if state.quota_blocked.take().is_some() {
         conn.prepare_cached("DELETE FROM quota_blocked WHERE channel = ?1 AND sender = ?2")
             .map_err(backend)?
             .execute(params![a.channel.as_bytes(), a.sender.as_bytes()])
@@ -334,6 +392,7 @@ fn append_op(conn: &Connection, a: Append) -> Result<Appended, StoreError> {
                 a.now as i64
             ])
             .map_err(backend)?;
+    state.highest = a.sender_seq;
     Ok(Appended {
         seq: seq as u64,
         duplicate: false,
@@ -518,7 +577,8 @@ impl Store for SqliteStore {
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        self.write(move |conn| append_op(conn, a))
+        let senders = Arc::clone(&self.senders);
+        self.write(move |conn| append_op(conn, &senders, a))
     }
 
     fn append_then(
@@ -528,7 +588,8 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Appended, StoreError>> {
         let hook: Box<dyn FnOnce(&Appended) + Send> =
             Box::new(move |appended| on_commit(*appended));
-        self.write_hooked(move |conn| append_op(conn, a), Some(hook))
+        let senders = Arc::clone(&self.senders);
+        self.write_hooked(move |conn| append_op(conn, &senders, a), Some(hook))
     }
 
     fn read(
