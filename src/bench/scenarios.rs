@@ -100,11 +100,11 @@ fn bench_config() -> RelayConfig {
     }
 }
 
-/// A relay in this process; dropped sender stops it.
+/// A relay in this process; stops when dropped.
 struct InProcess {
     addr: SocketAddr,
     relay: Arc<Relay>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _running: crate::relay::server::Running,
 }
 
 async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
@@ -113,18 +113,10 @@ async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let relay = Relay::new(store, bench_config());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(crate::relay::server::serve(
-        Arc::clone(&relay),
-        listener,
-        async {
-            let _ = stopped.await;
-        },
-    ));
     Ok(InProcess {
         addr,
+        _running: crate::relay::server::Running::spawn(Arc::clone(&relay), listener),
         relay,
-        _stop: stop,
     })
 }
 

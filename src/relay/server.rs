@@ -26,6 +26,49 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// A relay served by a background task (tests, the bench, the harness).
+/// Dropping it starts the graceful shutdown without waiting for it.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Serves `relay` on `listener` in a new task.
+    pub fn spawn(relay: Arc<Relay>, listener: TcpListener) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(relay, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts down gracefully and waits, at most `within`, for it to finish.
+    pub async fn stop(mut self, within: Duration) -> Result<(), String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => tokio::time::timeout(within, task)
+                .await
+                .map_err(|_| format!("the relay did not stop within {within:?}"))?
+                .map_err(|e| format!("the relay task failed: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// Serves `relay` on `listener` until `shutdown` resolves, then stops accepting,
 /// closes sessions with 1001, lets in-flight requests and commits finish, and
 /// returns.

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::client::{ClientError, Device, join};
 use crate::ids::DeviceId;
 use crate::pairing::Code;
 use crate::relay::Relay;
 use crate::relay::config::{Limits, RelayConfig};
+use crate::relay::server::Running;
 use crate::relay::store::sqlite::SqliteStore;
 
 /// How long pairing steps and shutdowns may take before the harness gives up.
@@ -52,8 +51,9 @@ impl Drop for TempDir {
 pub struct TestRelay {
     addr: SocketAddr,
     limits: Limits,
+    // Declared before `dir`: the relay stops before its directory goes.
+    running: Option<(Arc<Relay>, Running)>,
     dir: TempDir,
-    running: Option<(Arc<Relay>, oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl TestRelay {
@@ -62,8 +62,8 @@ impl TestRelay {
         let mut relay = Self {
             addr: "127.0.0.1:0".parse().expect("an address"),
             limits,
-            dir: TempDir::new("relay"),
             running: None,
+            dir: TempDir::new("relay"),
         };
         relay.run().await?;
         Ok(relay)
@@ -78,15 +78,8 @@ impl TestRelay {
             ..RelayConfig::default()
         };
         let relay = Relay::new(Arc::new(store), config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(crate::relay::server::serve(
-            Arc::clone(&relay),
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        self.running = Some((relay, stop, task));
+        let running = Running::spawn(Arc::clone(&relay), listener);
+        self.running = Some((relay, running));
         Ok(())
     }
 
@@ -112,15 +105,13 @@ impl TestRelay {
 
     /// The running relay (its store, metrics…), if it runs.
     pub fn relay(&self) -> Option<&Arc<Relay>> {
-        self.running.as_ref().map(|(relay, _, _)| relay)
+        self.running.as_ref().map(|(relay, _)| relay)
     }
 
     /// Shuts the relay down gracefully and waits for it.
     pub async fn stop(&mut self) {
-        if let Some((relay, stop, task)) = self.running.take() {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(PATIENCE, task).await;
-            drop(relay);
+        if let Some((_, running)) = self.running.take() {
+            let _ = running.stop(PATIENCE).await;
         }
     }
 
@@ -128,15 +119,6 @@ impl TestRelay {
     pub async fn restart(&mut self) -> std::io::Result<()> {
         self.stop().await;
         self.run().await
-    }
-}
-
-impl Drop for TestRelay {
-    fn drop(&mut self) {
-        if let Some((_, stop, task)) = self.running.take() {
-            let _ = stop.send(());
-            task.abort();
-        }
     }
 }
 

@@ -12,11 +12,11 @@ use khub::ids::{ChannelId, DeviceId};
 use khub::protocol::{ClientFrame, Credentials, ServerFrame};
 use khub::relay::Relay;
 use khub::relay::config::RelayConfig;
+use khub::relay::server::Running;
 use khub::relay::store::Store;
 use khub::relay::store::memory::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -29,8 +29,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct TestRelay {
     pub addr: SocketAddr,
     pub relay: Arc<Relay>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    running: Running,
 }
 
 impl TestRelay {
@@ -53,33 +52,19 @@ impl TestRelay {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().unwrap();
         let relay = Relay::new(store, config);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(khub::relay::server::serve(
-            Arc::clone(&relay),
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
         Ok(Self {
             addr,
+            running: Running::spawn(Arc::clone(&relay), listener),
             relay,
-            stop: Some(stop),
-            task: Some(task),
         })
     }
 
     /// Graceful shutdown, waited for.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("relay stops")
-                .unwrap();
-        }
+    pub async fn stop(self) {
+        self.running
+            .stop(Duration::from_secs(20))
+            .await
+            .expect("relay stops");
     }
 }
 
