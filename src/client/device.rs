@@ -236,6 +236,26 @@ impl Device {
         self.credentials().to_header()
     }
 
+    /// One JSON request to the relay with this device's credentials.
+    pub(crate) async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        let auth = self.auth_header();
+        self.inner
+            .relay
+            .json(
+                method,
+                path,
+                &[("authorization", &auth)],
+                body,
+                REQUEST_TIMEOUT,
+            )
+            .await
+    }
+
     /// Members of the channel as this device knows them (current epoch).
     pub fn members(&self) -> Vec<Member> {
         self.lock().keyring.members().cloned().collect()
@@ -243,19 +263,8 @@ impl Device {
 
     /// The devices the relay lets in for this channel.
     pub async fn relay_devices(&self) -> Result<Vec<DeviceId>, ClientError> {
-        let auth = self.auth_header();
         let path = format!("/channels/{}/devices", self.inner.channel);
-        let list: DeviceList = self
-            .inner
-            .relay
-            .json(
-                Method::GET,
-                &path,
-                &[("authorization", &auth)],
-                None::<&()>,
-                REQUEST_TIMEOUT,
-            )
-            .await?;
+        let list: DeviceList = self.call(Method::GET, &path, None::<&()>).await?;
         Ok(list.devices)
     }
 
@@ -415,8 +424,6 @@ impl Device {
     /// takes in everything after the cursor. For apps that wake briefly.
     /// Returns how many envelopes were taken in.
     pub async fn sync(&self) -> Result<usize, ClientError> {
-        let auth = self.auth_header();
-        let headers = [("authorization", auth.as_str())];
         let outbox = self.outbox()?;
         let mut publish: Vec<B64> = outbox.iter().map(|(_, e)| B64(e.clone())).collect();
         let mut taken = 0;
@@ -426,17 +433,7 @@ impl Device {
                 publish: std::mem::take(&mut publish),
                 limit: None,
             };
-            let response: SyncResponse = self
-                .inner
-                .relay
-                .json(
-                    Method::POST,
-                    "/sync",
-                    &headers,
-                    Some(&request),
-                    REQUEST_TIMEOUT,
-                )
-                .await?;
+            let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
                 match (&ack.seq, &ack.error) {
                     (Some(seq), _) => self.acked(*sender_seq, *seq)?,
@@ -510,19 +507,8 @@ impl Device {
                 "a device cannot remove itself; remove it from another device".into(),
             ));
         }
-        let auth = self.auth_header();
         let path = format!("/channels/{}/devices/{}", self.inner.channel, device);
-        let _: DeviceList = self
-            .inner
-            .relay
-            .json(
-                Method::DELETE,
-                &path,
-                &[("authorization", &auth)],
-                None::<&()>,
-                REQUEST_TIMEOUT,
-            )
-            .await?;
+        let _: DeviceList = self.call(Method::DELETE, &path, None::<&()>).await?;
         let (rekey, old_epoch) = {
             let mut guard = self.lock();
             let state = &mut *guard;

@@ -157,17 +157,8 @@ impl Device {
         let mut rng = os_rng();
         let mut sid = [0u8; 16];
         rand::Rng::fill_bytes(&mut rng, &mut sid);
-        let auth = self.auth_header();
         let opened: SlotOpened = self
-            .inner
-            .relay
-            .json(
-                Method::POST,
-                "/pair",
-                &[("authorization", &auth)],
-                Some(&OpenSlot { sid }),
-                REQUEST_TIMEOUT,
-            )
+            .call(Method::POST, "/pair", Some(&OpenSlot { sid }))
             .await?;
         let nameplate =
             Nameplate::new(opened.nameplate).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -218,19 +209,8 @@ impl Invitation {
             device: joiner.member.id,
             token_hash: crate::crypto::token::TokenHash(joiner.token_hash),
         };
-        let auth = device.auth_header();
         let path = format!("/channels/{}/devices", device.channel());
-        let admitted: Result<DeviceList, _> = device
-            .inner
-            .relay
-            .json(
-                Method::POST,
-                &path,
-                &[("authorization", &auth)],
-                Some(&admit),
-                REQUEST_TIMEOUT,
-            )
-            .await;
+        let admitted: Result<DeviceList, _> = device.call(Method::POST, &path, Some(&admit)).await;
         if let Err(e) = admitted {
             mailbox.abort(AbortReason::Refused).await;
             return Err(e);
