@@ -6,7 +6,7 @@
 //!   file in its own temporary directory; it can be stopped and restarted on the
 //!   same address and file.
 //! - [`paired_devices`]: N SDK devices paired into one channel by real CPace
-//!   pairings through a relay.
+//!   pairings through a relay; [`pair_device`] adds one.
 //! - [`FaultProxy`]: a TCP proxy between devices and the relay that cuts
 //!   connections, stalls, delays and splits what passes through it.
 //! - [`HostileRelay`]: a front for the relay (HTTP and WebSocket) that rewrites
@@ -25,5 +25,5 @@ mod scan;
 
 pub use hostile::{Delivery, HostileRelay, flip_byte};
 pub use proxy::FaultProxy;
-pub use relay::{PairedDevices, TempDir, TestRelay, paired_devices};
+pub use relay::{PairedDevices, TempDir, TestRelay, pair_device, paired_devices};
 pub use scan::{Finding, Scanner, capture_logs, captured_logs};

@@ -134,14 +134,9 @@ pub async fn paired_devices(home: &Path, urls: &[String]) -> Result<PairedDevice
     let mut devices = vec![first];
     let mut codes = Vec::new();
     for (i, url) in urls.iter().enumerate().skip(1) {
-        let invitation = devices[0].invite().await?;
-        let code = Code::parse(&invitation.code()).map_err(ClientError::Code)?;
-        let completing = tokio::spawn(invitation.complete(PATIENCE));
         let name = format!("device-{i}");
-        let (device, _) = join(&home.join(&name), url, &name, &code, PATIENCE).await?;
-        completing
-            .await
-            .map_err(|e| ClientError::State(e.to_string()))??;
+        let (device, code) =
+            pair_device(&devices[0], &home.join(&name), url, &name, PATIENCE).await?;
         devices.push(device);
         codes.push(code);
     }
@@ -152,6 +147,32 @@ pub async fn paired_devices(home: &Path, urls: &[String]) -> Result<PairedDevice
             .map_err(|_| ClientError::Timeout(PATIENCE.as_secs()))??;
     }
     Ok(PairedDevices { devices, codes })
+}
+
+/// Pairs a new device named `name` (state in `home`, talking to the relay
+/// through `url`) with `inviter`, each side waiting at most `timeout`, and
+/// checks both show the same SAS. Returns it with the code that paired it.
+pub async fn pair_device(
+    inviter: &Device,
+    home: &Path,
+    url: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<(Device, Code), ClientError> {
+    let invitation = inviter.invite().await?;
+    let code = Code::parse(&invitation.code()).map_err(ClientError::Code)?;
+    let completing = tokio::spawn(invitation.complete(timeout));
+    let (device, joined) = join(home, url, name, &code, timeout).await?;
+    let member = completing
+        .await
+        .map_err(|e| ClientError::State(e.to_string()))??;
+    if member.sas != joined.sas {
+        return Err(ClientError::State(format!(
+            "the two sides show different SAS: {} and {}",
+            member.sas, joined.sas
+        )));
+    }
+    Ok((device, code))
 }
 
 /// What [`paired_devices`] made.

@@ -160,14 +160,8 @@ pub async fn sdk_join(
     url: &str,
     name: &str,
 ) -> khub::client::Device {
-    let timeout = std::time::Duration::from_secs(20);
-    let invitation = inviter.invite().await.unwrap();
-    let code = Code::parse(&invitation.code()).unwrap();
-    let completing = tokio::spawn(invitation.complete(timeout));
-    let (device, joined) = khub::client::join(home, url, name, &code, timeout)
+    khub::testing::pair_device(inviter, home, url, name, std::time::Duration::from_secs(20))
         .await
-        .unwrap();
-    let member = completing.await.unwrap().unwrap();
-    assert_eq!(member.sas, joined.sas, "both screens show the same SAS");
-    device
+        .unwrap()
+        .0
 }
