@@ -38,6 +38,12 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Keeps the directory after all (for a test that removes it itself, or
+    /// wants it kept): its path, and no removal on drop.
+    pub fn keep(self) -> PathBuf {
+        std::mem::take(&mut std::mem::ManuallyDrop::new(self).0)
+    }
 }
 
 impl Drop for TempDir {

@@ -130,13 +130,7 @@ pub mod net;
 
 /// A fresh, empty directory under the system temp dir, named for `purpose`.
 pub fn tempdir(purpose: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "khub-{purpose}-{}-{}",
-        std::process::id(),
-        DeviceId::random(&mut os_rng())
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    khub::testing::TempDir::new(purpose).keep()
 }
 
 /// The first line a child process prints, waiting at most a minute for it.
