@@ -59,20 +59,29 @@ struct Tally {
     settled: AtomicU64,
 }
 
-/// One device's session: publishes every `interval` until `stop`, checks each
-/// delivery, then — once every session's publishes are acked — waits for its
-/// channel's last envelope. Returns the last relay sequence number it received.
-#[allow(clippy::too_many_arguments)]
+/// What every session of one soak shares.
+struct Run {
+    /// Between two publishes of one device.
+    interval: Duration,
+    /// When publishing stops.
+    stop: Instant,
+    /// Sessions in the run.
+    sessions: u64,
+    tally: Tally,
+}
+
+/// One device's session: publishes every `run.interval` until `run.stop`,
+/// checks each delivery, then — once every session's publishes are acked —
+/// waits for its channel's last envelope (`head`). Returns the last relay
+/// sequence number it received.
 async fn device(
     mut ws: super::fanout::Ws,
     channel: ChannelId,
     me: DeviceId,
-    interval: Duration,
-    stop: Instant,
     head: Arc<AtomicU64>,
-    tally: Arc<Tally>,
-    sessions: u64,
+    run: Arc<Run>,
 ) -> (ChannelId, u64) {
+    let (interval, stop, sessions, tally) = (run.interval, run.stop, run.sessions, &run.tally);
     let mut settled = false;
     let settle = |tally: &Tally, settled: &mut bool| {
         if !std::mem::replace(settled, true) {
@@ -93,7 +102,7 @@ async fn device(
     loop {
         let publishing = Instant::now() < stop;
         if !publishing && acked == sent {
-            settle(&tally, &mut settled);
+            settle(tally, &mut settled);
             // Every head is final once every session has settled.
             if tally.settled.load(Ordering::Relaxed) == sessions
                 && last >= head.load(Ordering::Relaxed)
@@ -102,7 +111,7 @@ async fn device(
             }
         }
         if Instant::now() > drained_by {
-            settle(&tally, &mut settled);
+            settle(tally, &mut settled);
             return (channel, last);
         }
         tokio::select! {
@@ -112,7 +121,7 @@ async fn device(
                 envelope.extend_from_slice(&body);
                 let frame = ClientFrame::Publish { envelope }.to_text();
                 if ws.send(Message::Text(frame.into())).await.is_err() {
-                    error(&tally, &mut settled);
+                    error(tally, &mut settled);
                     return (channel, last);
                 }
                 tally.published.fetch_add(1, Ordering::Relaxed);
@@ -121,7 +130,7 @@ async fn device(
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    _ => { error(&tally, &mut settled); return (channel, last); }
+                    _ => { error(tally, &mut settled); return (channel, last); }
                 };
                 match serde_json::from_str::<ServerFrame>(&text) {
                     Ok(ServerFrame::Deliver { seq, .. }) => {
@@ -136,7 +145,7 @@ async fn device(
                         head.fetch_max(seq, Ordering::Relaxed);
                         tally.acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => { error(&tally, &mut settled); return (channel, last); }
+                    _ => { error(tally, &mut settled); return (channel, last); }
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)), if !publishing => {}
@@ -205,14 +214,17 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
     let held = relay.memory_kib("VmRSS")?;
 
     // Traffic.
-    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let run = Arc::new(Run {
+        interval: Duration::from_secs_f64(soak.interval),
+        stop: started + Duration::from_secs(soak.seconds),
+        sessions: sessions.len() as u64,
+        tally: Tally::default(),
+    });
     let heads: std::collections::HashMap<ChannelId, Arc<AtomicU64>> = registered
         .iter()
         .map(|(c, _)| (*c, Arc::new(AtomicU64::new(0))))
         .collect();
-    let started = Instant::now();
-    let stop = started + Duration::from_secs(soak.seconds);
-    let interval = Duration::from_secs_f64(soak.interval);
     let mut tasks = tokio::task::JoinSet::new();
     let count = sessions.len();
     for (channel, me, ws) in sessions {
@@ -220,11 +232,8 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
             ws,
             channel,
             me,
-            interval,
-            stop,
             Arc::clone(&heads[&channel]),
-            Arc::clone(&tally),
-            count as u64,
+            Arc::clone(&run),
         ));
     }
     let mut peak = held;
@@ -245,6 +254,7 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
         }
     }
     let elapsed = started.elapsed();
+    let tally = &run.tally;
     let alive = relay.alive();
     let peak = peak.max(relay.memory_kib("VmHWM").unwrap_or(0));
     let per_session = (held.saturating_sub(before)) as f64 / count.max(1) as f64;
