@@ -283,10 +283,12 @@ async fn await_joined(
             return Err(ClientError::NotConfirmed);
         }
         // Meanwhile, listen for an abort (until the joiner ends the slot,
-        // which says nothing either way).
+        // which says nothing either way) with the shortest long-poll, one
+        // second, which ends early when a message comes or the slot closes;
+        // once it is closed, check the channel every 100 ms.
         let wait = Duration::from_millis(100);
         let got = if slot_open {
-            mailbox.poll(1, wait).await.ok()
+            mailbox.poll(1, Duration::from_secs(1)).await.ok()
         } else {
             None
         };
