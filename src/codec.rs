@@ -50,33 +50,12 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(field)?))
-    }
-
     pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
 
     pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array(field)?))
-    }
-
-    pub(crate) fn u128(&mut self, field: &'static str) -> Result<u128, DecodeError> {
-        Ok(u128::from_be_bytes(self.array(field)?))
-    }
-
-    /// A UTF-8 string of `max` bytes at most, after a one-byte length.
-    pub(crate) fn short_str(
-        &mut self,
-        max: usize,
-        field: &'static str,
-    ) -> Result<&'a str, DecodeError> {
-        let len = usize::from(self.u8(field)?);
-        if len > max {
-            return Err(DecodeError(field));
-        }
-        std::str::from_utf8(self.take(len, field)?).map_err(|_| DecodeError(field))
     }
 
     /// Succeeds only if every byte was consumed.
@@ -87,11 +66,4 @@ impl<'a> Reader<'a> {
             Err(DecodeError(context))
         }
     }
-}
-
-/// Appends a string after its one-byte length. Callers validate the length first.
-pub(crate) fn put_short_str(out: &mut Vec<u8>, s: &str) {
-    let len = u8::try_from(s.len()).expect("callers validate string lengths");
-    out.push(len);
-    out.extend_from_slice(s.as_bytes());
 }

@@ -294,7 +294,11 @@ mod device_commands {
             .next()
             .unwrap()
             .to_owned();
-        assert!(world.ok("a", &["remove", &tablet]).contains("rotated"));
+        assert!(
+            world
+                .ok("a", &["remove", &tablet])
+                .contains("new MLS epoch")
+        );
         world.ok("a", &["send", "after the tablet left"]);
         for args in [&["listen", "--drain"][..], &["send", "still here?"][..]] {
             let refused = world.run("c", args, "");

@@ -198,9 +198,10 @@ async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_re
         assert_eq!(device.next_unread().unwrap(), None, "nothing more arrived");
     }
     for device in &devices {
+        let incidents = device.incidents().unwrap();
         assert!(
-            device.incidents().unwrap().is_empty(),
-            "an honest relay causes no incident"
+            incidents.is_empty(),
+            "an honest relay causes no incident: {incidents:?}"
         );
     }
 

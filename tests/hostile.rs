@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use khub::channel::{Keyring, Member};
+use khub::channel::Channel;
 use khub::client::{ClientError, Device, IncidentKind, join};
 use khub::crypto::os_rng;
-use khub::crypto::pairwise::DeviceSecret;
 use khub::ids::{ChannelId, DeviceId};
 use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
 use khub::relay::config::Limits;
@@ -28,16 +27,9 @@ async fn step<T>(future: impl std::future::Future<Output = T>) -> T {
         .expect("step in time")
 }
 
-/// A keyring for a device that is not in the channel, of `channel`.
-fn outsider(channel: ChannelId) -> Keyring {
-    let mut rng = os_rng();
-    let secret = DeviceSecret::generate(&mut rng);
-    let member = Member {
-        id: DeviceId::random(&mut rng),
-        public_key: secret.public_key(),
-        name: "outsider".into(),
-    };
-    Keyring::create(channel, member, secret, &mut rng)
+/// An MLS group of one device that is not in the channel, with `channel`'s id.
+fn outsider(channel: ChannelId) -> Channel {
+    Channel::create(channel, DeviceId::random(&mut os_rng()), "outsider", 0).unwrap()
 }
 
 fn scanner_for(devices: &[Device], codes: &[Code], marker: &str) -> Scanner {
@@ -60,10 +52,10 @@ fn mischief(m: impl Fn(usize) -> Vec<u8>, foreign: &[u8], forged: &[u8]) -> Vec<
         m(2),
         m(2),                 // duplicated
         m(4),                 // 3 skipped: a gap
-        m(3),                 // 3 late: reordered
+        m(3),                 // 3 late: below the highest taken in
         m(1),                 // replayed from earlier
         foreign.to_vec(),     // another channel's
-        forged.to_vec(),      // a non-member's
+        forged.to_vec(),      // a non-member's (another group, same id)
         flip_byte(&m(5), 44), // header (sender sequence number) changed
         m(5),
         m(6),
@@ -84,10 +76,10 @@ const INCIDENTS: [IncidentKind; 10] = {
         Tampered,
         Replayed,
         Gap,
-        Reordered,
+        Replayed,
         Replayed,
         Foreign,
-        UnknownSender,
+        UnknownEpoch,
         Tampered,
         Gap,
         Malformed,
@@ -116,13 +108,14 @@ impl Setup {
             .await
             .unwrap();
         let marker = format!("khub-plaintext-marker-{}", DeviceId::random(&mut os_rng()));
-        let mut rng = os_rng();
-        let foreign = outsider(ChannelId::random(&mut rng))
-            .seal(b"from another channel", &mut rng)
-            .unwrap();
+        let foreign = outsider(ChannelId::random(&mut os_rng()))
+            .seal(b"from another channel")
+            .unwrap()
+            .envelope;
         let forged = outsider(paired.devices[1].channel())
-            .seal(b"from a device that is no member", &mut rng)
-            .unwrap();
+            .seal(b"from a device that is no member")
+            .unwrap()
+            .envelope;
         Self {
             relay,
             hostile,
@@ -161,7 +154,7 @@ impl Setup {
             .unwrap();
         assert!(gap.detail.contains("never arrived"), "{gap:?}");
         // The refusals were reported in the log too (as warnings).
-        assert!(captured_logs().contains("reordered envelope"));
+        assert!(captured_logs().contains("already taken in"));
         let scanner = scanner_for(&self.paired.devices, &self.paired.codes, &self.marker);
         assert_eq!(scanner.scan_dir(self.relay.dir()).unwrap(), []);
         assert_eq!(scanner.scan_logs(), []);
@@ -245,7 +238,7 @@ async fn pair_through(inviter: &Device, hostile: &HostileRelay, home: &TempDir) 
         inviter: completed.map(drop),
         joiner: joined.map(drop),
         relay_devices: step(inviter.relay_devices()).await.unwrap().len(),
-        inviter_members: inviter.members().len(),
+        inviter_members: inviter.members().unwrap().len(),
         joiner_has_state: joiner_home.join(khub::client::state::STATE_FILE).exists(),
     }
 }
@@ -291,13 +284,12 @@ async fn a_relay_that_substitutes_pairing_messages_pairs_nothing_and_both_sides_
 
     // 2. The relay answers the inviter itself, as a joiner that guessed the
     //    code (its one online guess), and keeps the real joiner waiting.
+    let relays_device = DeviceId::random(&mut os_rng());
+    let (_, key_package) = khub::channel::Joining::start(relays_device, "relay's device").unwrap();
     let me = DeviceInfo::new(
-        Member {
-            id: DeviceId::random(&mut os_rng()),
-            public_key: DeviceSecret::generate(&mut os_rng()).public_key(),
-            name: "relay's device".into(),
-        },
+        relays_device,
         b"a token of the relay's choosing",
+        key_package,
     );
     let seen_start = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
     let seen = std::sync::Arc::clone(&seen_start);

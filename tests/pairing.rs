@@ -3,11 +3,12 @@
 
 mod common;
 
-use common::{Device, new_channel, new_code, pair, sid};
-use khub::channel::Keyring;
+use common::{Device, add, new_channel, new_code, pair, sid, stand_in_welcome};
+use khub::channel::{ChannelError, Event};
 use khub::crypto::cpace::{self, CpaceError, KeyConfirmation};
 use khub::crypto::kdf::{AD_INVITER, AD_JOINER};
 use khub::crypto::os_rng;
+use khub::pairing::DeviceInfo;
 use khub::pairing::keys::channel_identifier;
 use khub::pairing::message::MAX_MESSAGE_LEN;
 use khub::pairing::{
@@ -19,9 +20,9 @@ use sha2::{Digest, Sha256};
 #[test]
 fn pairing_gives_both_sides_the_same_keys_sas_and_each_others_info() {
     let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
-    let mut keyring = new_channel(&laptop);
+    let mut channel = new_channel(&laptop);
     let code = new_code(42);
-    let (paired, joined) = pair(&mut keyring, &code, &phone, &code);
+    let (paired, joined) = pair(&mut channel, &code, &phone, &code);
     let (paired, joined) = (paired.unwrap(), joined.unwrap());
 
     assert_eq!(paired.keys, joined.keys, "a2b, b2a and SAS agree");
@@ -35,38 +36,95 @@ fn pairing_gives_both_sides_the_same_keys_sas_and_each_others_info() {
         "{sas}"
     );
 
-    // The inviter learns the joiner's id, key, name and token hash (not the token).
-    assert_eq!(paired.joiner.member, phone.member);
+    // The inviter learns the joiner's id, KeyPackage and token hash (not the token).
+    assert_eq!(paired.joiner, phone.info());
     assert_eq!(
         paired.joiner.token_hash,
         <[u8; 32]>::from(Sha256::digest(phone.token))
     );
-    // The joiner learns the inviter and the whole channel.
-    assert_eq!(joined.inviter(), &laptop.member);
-    assert_eq!(joined.welcome.channel, keyring.channel());
-    assert_eq!(&joined.welcome.key, keyring.current_key());
-    assert_eq!(joined.welcome.members.len(), 2);
-
-    // And the two can now talk under the channel key.
-    let mut phone_ring =
-        Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy()).unwrap();
-    let sealed = phone_ring
-        .seal(b"first note from the phone", &mut os_rng())
-        .unwrap();
-    assert_eq!(
-        keyring.open(&sealed).unwrap().plaintext,
-        b"first note from the phone"
+    assert!(
+        !paired
+            .joiner
+            .key_package
+            .windows(phone.token.len())
+            .any(|w| w == phone.token),
+        "the token itself never travels"
     );
+    // The inviter's channel now has both devices.
+    let mut names: Vec<String> = channel.members().into_iter().map(|m| m.name).collect();
+    names.sort();
+    assert_eq!(names, ["laptop", "phone"]);
+
+    // The joiner learns the channel and joins it from the MLS Welcome.
+    assert_eq!(joined.welcome.channel, channel.channel());
+    let mut phone_channel = phone.join(&joined);
+    assert_eq!(phone_channel.channel(), channel.channel());
+    assert_eq!(phone_channel.me(), phone.id);
+    assert_eq!(phone_channel.epoch(), channel.epoch());
+    let laptop_member = phone_channel
+        .member(laptop.id)
+        .expect("the laptop is a member");
+    assert_eq!(laptop_member.name, "laptop");
+    assert_eq!(phone_channel.members().len(), 2);
+
+    // And the two can now talk, both ways.
+    let sealed = phone_channel.seal(b"first note from the phone").unwrap();
+    match channel.take_in(&sealed.envelope, 0).event {
+        Some(Event::App { sender, plaintext }) => {
+            assert_eq!((sender.id, sender.name.as_str()), (phone.id, "phone"));
+            assert_eq!(plaintext, b"first note from the phone");
+        }
+        other => panic!("not a message: {other:?}"),
+    }
+    let sealed = channel.seal(b"welcome, phone").unwrap();
+    assert!(matches!(
+        phone_channel.take_in(&sealed.envelope, 0).event,
+        Some(Event::App { plaintext, .. }) if plaintext == b"welcome, phone"
+    ));
+}
+
+#[test]
+fn the_inviter_adds_only_the_device_the_key_package_names() {
+    let (laptop, phone, other) = (
+        Device::new("laptop"),
+        Device::new("phone"),
+        Device::new("other"),
+    );
+    let mut channel = new_channel(&laptop);
+    // Device info claiming one id while carrying another device's KeyPackage.
+    let mismatched = DeviceInfo::new(other.id, &phone.token, phone.info().key_package);
+    assert!(matches!(
+        channel.commit_add(mismatched.id, &mismatched.key_package),
+        Err(ChannelError::Peer {
+            what: "KeyPackage",
+            ..
+        })
+    ));
+    // A KeyPackage that is not one at all.
+    assert!(matches!(
+        channel.commit_add(phone.id, &[0x5a; 64]),
+        Err(ChannelError::Peer { .. })
+    ));
+    assert_eq!(channel.members().len(), 1);
+    assert_eq!(channel.epoch(), 0, "nothing was committed");
+
+    // The genuine one is added once; adding it again is refused.
+    add(&mut channel, &phone.info());
+    assert_eq!(channel.members().len(), 2);
+    assert!(matches!(
+        channel.commit_add(phone.id, &phone.info().key_package),
+        Err(ChannelError::Invalid(_))
+    ));
 }
 
 #[test]
 fn a_wrong_secret_fails_on_both_sides_and_releases_nothing() {
     let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
-    let mut keyring = new_channel(&laptop);
+    let mut channel = new_channel(&laptop);
     let code = Code::parse("42-7QK3-M9TZ").unwrap();
     // One mistyped symbol that normalisation cannot fix.
     let typo = Code::parse("42-7QK3-M9TX").unwrap();
-    let (paired, joined) = pair(&mut keyring, &code, &phone, &typo);
+    let (paired, joined) = pair(&mut channel, &code, &phone, &typo);
     assert_eq!(paired.unwrap_err(), PairingError::ConfirmationFailed);
     let joined_err = joined.unwrap_err();
     assert_eq!(joined_err, PairingError::ConfirmationFailed);
@@ -76,7 +134,8 @@ fn a_wrong_secret_fails_on_both_sides_and_releases_nothing() {
             .to_string()
             .contains("the code was wrong, or someone interfered")
     );
-    assert_eq!(keyring.members().count(), 1, "nobody was admitted");
+    assert_eq!(channel.members().len(), 1, "nobody was admitted");
+    assert_eq!(channel.epoch(), 0, "nothing was committed");
 }
 
 #[test]
@@ -107,7 +166,7 @@ fn a_wrong_nameplate_or_session_id_also_fails_confirmation() {
 fn the_joiner_rejects_a_finish_whose_tag_is_wrong() {
     let phone = Device::new("phone");
     let laptop = Device::new("laptop");
-    let keyring = new_channel(&laptop);
+    let channel = new_channel(&laptop);
     let code = new_code(5);
     let mut rng = os_rng();
     let s = sid();
@@ -116,7 +175,7 @@ fn the_joiner_rejects_a_finish_whose_tag_is_wrong() {
     let (finish, _) = a
         .receive(&response)
         .unwrap()
-        .finish(&keyring.welcome(), &mut rng);
+        .finish(&stand_in_welcome(&channel), &mut rng);
     let mut forged = finish.clone();
     forged[1] ^= 1; // first byte of Ta
     assert_eq!(
@@ -265,7 +324,7 @@ fn the_joiner_rejects_truncated_oversized_and_out_of_order_starts() {
 #[test]
 fn sessions_refuse_duplicated_messages_and_stay_ended() {
     let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
-    let mut keyring = new_channel(&laptop);
+    let mut channel = new_channel(&laptop);
     let code = new_code(3);
     let mut rng = os_rng();
     let s = sid();
@@ -291,14 +350,14 @@ fn sessions_refuse_duplicated_messages_and_stay_ended() {
     );
 
     let info = inviter.receive(&response).unwrap().clone();
-    assert_eq!(info.member, phone.member);
+    assert_eq!(info, phone.info());
     // The same Response again: refused, and the inviter's pairing is over.
     assert!(matches!(
         inviter.receive(&response),
         Err(PairingError::UnexpectedMessage { .. })
     ));
     assert_eq!(
-        inviter.finish(&keyring.welcome(), &mut rng).err(),
+        inviter.finish(&stand_in_welcome(&channel), &mut rng).err(),
         Some(PairingError::Ended)
     );
 
@@ -308,14 +367,16 @@ fn sessions_refuse_duplicated_messages_and_stay_ended() {
     let JoinerStep::Respond(response) = joiner.receive(&start, &mut rng).unwrap() else {
         panic!("respond")
     };
-    keyring
-        .add_member(inviter.receive(&response).unwrap().member.clone())
-        .unwrap();
-    let (finish, _) = inviter.finish(&keyring.welcome(), &mut rng).unwrap();
-    assert!(matches!(
-        joiner.receive(&finish, &mut rng),
-        Ok(JoinerStep::Joined(_))
-    ));
+    let info = inviter.receive(&response).unwrap().clone();
+    let (_, welcome) = add(&mut channel, &info);
+    let (finish, _) = inviter.finish(&welcome, &mut rng).unwrap();
+    match joiner.receive(&finish, &mut rng) {
+        Ok(JoinerStep::Joined(joined)) => {
+            let phone_channel = phone.join(&joined);
+            assert_eq!(phone_channel.epoch(), channel.epoch());
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         joiner.receive(&finish, &mut rng).err(),
         Some(PairingError::Ended)
@@ -355,7 +416,7 @@ fn attacker_checks(view: &AttackerView, candidate: &Code) -> bool {
 #[test]
 fn a_malicious_relay_gets_one_online_guess_per_pairing_and_nothing_offline() {
     let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
-    let keyring = new_channel(&laptop);
+    let channel = new_channel(&laptop);
     let code = Code::parse("42-7QK3-M9TZ").unwrap();
     let mut rng = os_rng();
     let s = sid();
@@ -399,7 +460,7 @@ fn a_malicious_relay_gets_one_online_guess_per_pairing_and_nothing_offline() {
             // The one lucky guess wins both sides — the 2^-40 chance the design accepts.
             let (finish, _) = relay_confirmed
                 .unwrap()
-                .finish(&keyring.welcome(), &mut rng);
+                .finish(&stand_in_welcome(&channel), &mut rng);
             assert!(joiner.receive(&finish).is_ok());
         } else {
             assert_eq!(inviter_result.err(), Some(PairingError::ConfirmationFailed));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::net::*;
 use common::{Device, channel_of};
-use khub::channel::Keyring;
+use khub::channel::Channel;
 use khub::crypto::os_rng;
 use khub::ids::ChannelId;
 use khub::protocol::{ErrorCode, ServerFrame};
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Two paired devices' keyrings and their relay identities, channel created
 /// and second device admitted.
-async fn two_devices(addr: std::net::SocketAddr) -> (Keyring, Member, Keyring, Member) {
+async fn two_devices(addr: std::net::SocketAddr) -> (Channel, Member, Channel, Member) {
     let (a, b) = (Device::new("laptop"), Device::new("phone"));
     let mut rings = channel_of(&[&a, &b]).into_iter();
     let (ra, rb) = (rings.next().unwrap(), rings.next().unwrap());
@@ -63,10 +63,9 @@ async fn envelopes_flow_between_devices_in_order_and_once() {
     assert_eq!(head, 0);
     let (mut wb, _) = session(relay.addr, &mb, 0).await;
 
-    let mut rng = os_rng();
     for i in 1..=20u64 {
-        let envelope = ra.seal(format!("note {i}").as_bytes(), &mut rng).unwrap();
-        send_text(&mut wa, publish(&envelope)).await;
+        let sealed = ra.seal(format!("note {i}").as_bytes()).unwrap();
+        send_text(&mut wa, publish(&sealed.envelope)).await;
         // A sees its own envelope and its ack (in either order).
         let mut acked = false;
         let mut echoed = false;
@@ -77,7 +76,7 @@ async fn envelopes_flow_between_devices_in_order_and_once() {
                     seq,
                     duplicate,
                 } => {
-                    assert_eq!((sender_seq, seq, duplicate), (i, i, false));
+                    assert_eq!((sender_seq, seq, duplicate), (sealed.seq, i, false));
                     acked = true;
                 }
                 ServerFrame::Deliver { seq, .. } => {
@@ -94,7 +93,7 @@ async fn envelopes_flow_between_devices_in_order_and_once() {
         };
         assert_eq!(seq, i);
         assert_eq!(
-            rb.open(&envelope).unwrap().plaintext,
+            common::open(&mut rb, &envelope),
             format!("note {i}").as_bytes()
         );
     }
@@ -106,7 +105,7 @@ async fn a_retried_publish_is_stored_once_and_acked_again() {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let envelope = ra.seal(b"once", &mut os_rng()).unwrap();
+    let envelope = ra.seal(b"once").unwrap().envelope;
     let mut acks = Vec::new();
     for _ in 0..3 {
         send_text(&mut ws, publish(&envelope)).await;
@@ -119,8 +118,8 @@ async fn a_retried_publish_is_stored_once_and_acked_again() {
     }
     assert_eq!(acks, [(1, false), (1, true), (1, true)]);
     // Same sender sequence number, different bytes: refused, session goes on.
-    ra.set_next_seq(1);
-    let other = ra.seal(b"different", &mut os_rng()).unwrap();
+    let mut other = envelope.clone();
+    *other.last_mut().unwrap() ^= 1;
     send_text(&mut ws, publish(&other)).await;
     let ServerFrame::Error { code, fatal, .. } = next_frame(&mut ws).await else {
         panic!("error")
@@ -155,7 +154,7 @@ async fn bad_frames_get_clear_errors_and_close_codes_while_other_channels_keep_w
             4002,
         ),
         (
-            ma.hello(0).replace("\"v\":1", "\"v\":2"),
+            ma.hello(0).replace("\"v\":2", "\"v\":1"),
             ErrorCode::UnsupportedVersion,
             4002,
         ),
@@ -200,12 +199,11 @@ async fn bad_frames_get_clear_errors_and_close_codes_while_other_channels_keep_w
 
     // Non-fatal: publishing as another device, bad envelopes — the session goes on.
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let forged = rb
-        .seal(b"pretending to be the phone", &mut os_rng())
-        .unwrap();
+    let forged = rb.seal(b"pretending to be the phone").unwrap().envelope;
     let stranger = common::new_channel(&Device::new("other"))
-        .seal(b"wrong channel", &mut os_rng())
-        .unwrap();
+        .seal(b"wrong channel")
+        .unwrap()
+        .envelope;
     for (envelope, code) in [
         (forged, ErrorCode::ForbiddenSender),
         (stranger, ErrorCode::WrongChannel),
@@ -220,7 +218,7 @@ async fn bad_frames_get_clear_errors_and_close_codes_while_other_channels_keep_w
         };
         assert_eq!((got, fatal), (code, false));
     }
-    let good = ra.seal(b"still works", &mut os_rng()).unwrap();
+    let good = ra.seal(b"still works").unwrap().envelope;
     send_text(&mut ws, publish(&good)).await;
     assert!(matches!(
         next_frame(&mut ws).await,
@@ -231,7 +229,7 @@ async fn bad_frames_get_clear_errors_and_close_codes_while_other_channels_keep_w
         panic!("deliver")
     };
     assert_eq!(
-        (seq, rb.open(&envelope).unwrap().plaintext),
+        (seq, common::open(&mut rb, &envelope)),
         (1, b"still works".to_vec())
     );
     relay.stop().await;
@@ -346,15 +344,11 @@ async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
     .await;
     let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let mut rng = os_rng();
     let mut acked = Vec::new();
     for i in 0..50 {
         send_text(
             &mut ws,
-            publish(
-                &ra.seal(format!("durable {i}").as_bytes(), &mut rng)
-                    .unwrap(),
-            ),
+            publish(&ra.seal(format!("durable {i}").as_bytes()).unwrap().envelope),
         )
         .await;
     }
@@ -378,7 +372,7 @@ async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
         };
         assert_eq!(seq, i);
         assert_eq!(
-            rb.open(&envelope).unwrap().plaintext,
+            common::open(&mut rb, &envelope),
             format!("durable {}", i - 1).as_bytes()
         );
     }
@@ -394,11 +388,8 @@ async fn sync_over_http_publishes_and_pages_from_a_cursor() {
     };
     let relay = TestRelay::start(config(limits)).await;
     let (mut ra, ma, mut rb, mb) = two_devices(relay.addr).await;
-    let mut rng = os_rng();
     let publish: Vec<String> = (0..25)
-        .map(|i| {
-            khub::protocol::b64::encode(ra.seal(format!("s{i}").as_bytes(), &mut rng).unwrap())
-        })
+        .map(|i| khub::protocol::b64::encode(ra.seal(format!("s{i}").as_bytes()).unwrap().envelope))
         .collect();
     let response = post_json(
         relay.addr,
@@ -425,7 +416,7 @@ async fn sync_over_http_publishes_and_pages_from_a_cursor() {
         .json();
         for item in page["envelopes"].as_array().unwrap() {
             let envelope = khub::protocol::b64::decode(item["envelope"].as_str().unwrap()).unwrap();
-            seen.push(String::from_utf8(rb.open(&envelope).unwrap().plaintext).unwrap());
+            seen.push(String::from_utf8(common::open(&mut rb, &envelope)).unwrap());
             cursor = item["seq"].as_u64().unwrap();
         }
         if !page["more"].as_bool().unwrap() {
@@ -483,10 +474,9 @@ async fn quotas_and_device_limits_are_explicit_errors() {
     assert_eq!((full.status, full.code()), (409, "channel_full".into()));
 
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let mut rng = os_rng();
     let mut over_quota = false;
     for _ in 0..20 {
-        send_text(&mut ws, publish(&ra.seal(&[7; 100], &mut rng).unwrap())).await;
+        send_text(&mut ws, publish(&ra.seal(&[7; 100]).unwrap().envelope)).await;
         loop {
             match next_frame(&mut ws).await {
                 ServerFrame::Ack { .. } => break,
@@ -576,13 +566,12 @@ async fn a_stalled_reader_neither_slows_others_nor_loses_anything() {
     let (mut wa, _) = session(relay.addr, &ma, 0).await;
     let (mut wb, _) = session(relay.addr, &mb, 0).await;
     let (wc, _) = session(relay.addr, &mc, 0).await; // never read below
-    let mut rng = os_rng();
     let big = vec![b'z'; 60_000];
     let total = 120u64;
     let mut worst = Duration::ZERO;
     for i in 1..=total {
         let started = std::time::Instant::now();
-        send_text(&mut wa, publish(&ra.seal(&big, &mut rng).unwrap())).await;
+        send_text(&mut wa, publish(&ra.seal(&big).unwrap().envelope)).await;
         loop {
             if let ServerFrame::Deliver { seq, .. } = next_frame(&mut wb).await {
                 assert_eq!(seq, i);
@@ -615,8 +604,8 @@ async fn a_stalled_reader_neither_slows_others_nor_loses_anything() {
             panic!("deliver")
         };
         assert_eq!(seq, i);
-        let opened = rc.open(&envelope).unwrap();
-        assert_eq!(opened.plaintext.len(), big.len());
+        let opened = common::open(&mut rc, &envelope);
+        assert_eq!(opened.len(), big.len());
     }
     relay.stop().await;
 }
@@ -642,10 +631,9 @@ async fn small_frames_do_not_wait_for_delayed_acks() {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let mut rng = os_rng();
     let mut rounds = Vec::new();
     for _ in 0..40 {
-        let envelope = ra.seal(b"tiny", &mut rng).unwrap();
+        let envelope = ra.seal(b"tiny").unwrap().envelope;
         let started = std::time::Instant::now();
         send_text(&mut ws, publish(&envelope)).await;
         let (mut acked, mut delivered) = (false, false);
@@ -677,7 +665,7 @@ async fn oversized_envelopes_and_channel_floods_are_refused_with_metrics() {
     let relay = TestRelay::start(config(limits)).await;
     let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
-    let big = ra.seal(&[1u8; 4000], &mut os_rng()).unwrap();
+    let big = ra.seal(&[1u8; 4000]).unwrap().envelope;
     send_text(&mut ws, publish(&big)).await;
     let ServerFrame::Error { code, fatal, .. } = next_frame(&mut ws).await else {
         panic!("error")
@@ -721,15 +709,11 @@ async fn garbage_on_one_channel_leaves_another_channel_working() {
     send_text(&mut wa, "not json at all".into()).await;
     expect_close(&mut wa, 4002).await;
 
-    send_text(
-        &mut wc,
-        publish(&rc.seal(b"unaffected", &mut os_rng()).unwrap()),
-    )
-    .await;
+    send_text(&mut wc, publish(&rc.seal(b"unaffected").unwrap().envelope)).await;
     let ServerFrame::Deliver { envelope, .. } = next_frame(&mut wd).await else {
         panic!("deliver")
     };
-    assert_eq!(rd.open(&envelope).unwrap().plaintext, b"unaffected");
+    assert_eq!(common::open(&mut rd, &envelope), b"unaffected");
     relay.stop().await;
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::Device;
 use common::net::*;
-use khub::channel::Keyring;
+use khub::channel::Event;
 use khub::crypto::os_rng;
 use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Message, Nameplate, PairingError};
 use khub::protocol::{ServerFrame, b64};
@@ -54,7 +54,11 @@ async fn two_devices_pair_through_the_relay_and_then_sync() {
     assert_eq!(relay_sid, sid);
     let b = ("x-khub-claim", claim_token.as_str());
     let phone_member = Member::with_device(keyring.channel(), phone.id());
-    let info = DeviceInfo::new(phone.member.clone(), phone_member.token.expose());
+    let info = DeviceInfo::new(
+        phone.id(),
+        phone_member.token.expose(),
+        phone.info().key_package,
+    );
     let (messages, _) = recv_msg(addr, nameplate, b, 0).await;
     let (joiner, response) =
         Joiner::respond(&typed, relay_sid, &messages[0], &info, &mut rng).unwrap();
@@ -68,12 +72,12 @@ async fn two_devices_pair_through_the_relay_and_then_sync() {
         addr,
         &format!("/channels/{}/devices", keyring.channel()),
         &[a],
-        &json!({"device": joiner_info.member.id.to_string(), "token_hash": b64::encode(joiner_info.token_hash)}),
+        &json!({"device": joiner_info.id.to_string(), "token_hash": b64::encode(joiner_info.token_hash)}),
     )
     .await;
     assert_eq!(admitted.status, 201);
-    keyring.add_member(joiner_info.member.clone()).unwrap();
-    let (finish, paired) = admission.finish(&keyring.welcome(), &mut rng);
+    let (_, welcome) = common::add(&mut keyring, &joiner_info);
+    let (finish, paired) = admission.finish(&welcome, &mut rng);
     assert_eq!(send_msg(addr, nameplate, a, &finish).await.status, 202);
     assert_eq!(
         http(addr, "DELETE", &format!("/pair/{nameplate}"), &[a], b"")
@@ -98,22 +102,24 @@ async fn two_devices_pair_through_the_relay_and_then_sync() {
     );
 
     // B's relay token works, and the two devices sync.
-    let mut phone_ring =
-        Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy()).unwrap();
+    let mut phone_ring = phone.join(&joined);
     let (mut ws_b, _) = session(addr, &phone_member, 0).await;
     let (mut ws_a, _) = session(addr, &inviter, 0).await;
     send_text(
         &mut ws_a,
-        publish(&keyring.seal(b"welcome aboard", &mut rng).unwrap()),
+        publish(&keyring.seal(b"welcome aboard").unwrap().envelope),
     )
     .await;
     let ServerFrame::Deliver { envelope, .. } = next_frame(&mut ws_b).await else {
         panic!("deliver")
     };
-    assert_eq!(
-        phone_ring.open(&envelope).unwrap().plaintext,
-        b"welcome aboard"
-    );
+    match phone_ring.take_in(&envelope, 0).event {
+        Some(Event::App { sender, plaintext }) => {
+            assert_eq!(sender.id, laptop.id());
+            assert_eq!(plaintext, b"welcome aboard");
+        }
+        other => panic!("not opened: {other:?}"),
+    }
     relay.stop().await;
 }
 
@@ -278,7 +284,7 @@ async fn oversized_pairing_messages_are_refused() {
     create_channel(relay.addr, &inviter).await;
     let auth = inviter.auth();
     let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
-    let big = vec![1u8; 40 * 1024];
+    let big = vec![1u8; khub::pairing::message::MAX_MESSAGE_LEN + 1];
     let refused = send_msg(relay.addr, nameplate, ("authorization", &auth), &big).await;
     assert_eq!((refused.status, refused.code()), (413, "too_large".into()));
     relay.stop().await;

@@ -129,41 +129,45 @@ async fn the_relay_database_and_logs_hold_no_plaintext_token_name_or_code() {
     let b = ("x-khub-claim", claim_token.as_str());
     let (start_in, _) = recv_msg(addr, nameplate, b, 0).await;
     let phone_member = Member::with_device(keyring.channel(), phone.id());
-    let info = khub::pairing::DeviceInfo::new(phone.member.clone(), phone_member.token.expose());
+    let info = khub::pairing::DeviceInfo::new(
+        phone.id(),
+        phone_member.token.expose(),
+        phone.info().key_package,
+    );
     let (joiner, response) = Joiner::respond(&code, sid, &start_in[0], &info, &mut rng).unwrap();
     send_msg(addr, nameplate, b, &response).await;
     let (response_in, _) = recv_msg(addr, nameplate, a, 0).await;
     let admission = awaiting.receive(&response_in[0]).unwrap();
     assert_eq!(admit(addr, &inviter, &phone_member).await.status, 201);
-    keyring
-        .add_member(admission.joiner().member.clone())
-        .unwrap();
-    let (finish, _) = admission.finish(&keyring.welcome(), &mut rng);
+    let (_, welcome) = common::add(&mut keyring, admission.joiner());
+    let (finish, _) = admission.finish(&welcome, &mut rng);
     send_msg(addr, nameplate, a, &finish).await;
     let (finish_in, _) = recv_msg(addr, nameplate, b, 1).await;
     let joined = joiner.receive(&finish_in[0]).unwrap();
-    let mut phone_ring =
-        khub::channel::Keyring::from_welcome(joined.welcome, phone.id(), phone.secret_copy())
-            .unwrap();
+    let mut phone_ring = phone.join(&joined);
 
     // Exchange notes carrying the marker, both ways.
     let (mut wa, _) = session(addr, &inviter, 0).await;
     let (mut wb, _) = session(addr, &phone_member, 0).await;
     for i in 0..10 {
         let note = [&marker[..], format!(" #{i}").as_bytes()].concat();
-        send_text(&mut wa, publish(&keyring.seal(&note, &mut rng).unwrap())).await;
-        send_text(&mut wb, publish(&phone_ring.seal(&note, &mut rng).unwrap())).await;
+        send_text(&mut wa, publish(&keyring.seal(&note).unwrap().envelope)).await;
+        send_text(&mut wb, publish(&phone_ring.seal(&note).unwrap().envelope)).await;
     }
-    let mut opened = 0;
-    while opened < 20 {
+    // The phone gets all 20 back in relay order and opens the laptop's 10.
+    let (mut delivered, mut opened) = (0, 0);
+    while delivered < 20 {
         if let ServerFrame::Deliver { envelope, .. } = next_frame(&mut wb).await {
-            assert!(contains(
-                &phone_ring.open(&envelope).unwrap().plaintext,
-                marker
-            ));
-            opened += 1;
+            delivered += 1;
+            let taken = phone_ring.take_in(&envelope, 0);
+            assert!(taken.refusals.is_empty(), "{taken:?}");
+            if let Some(khub::channel::Event::App { plaintext, .. }) = taken.event {
+                assert!(contains(&plaintext, marker));
+                opened += 1;
+            }
         }
     }
+    assert_eq!(opened, 10, "every note of the laptop opened on the phone");
     drop((wa, wb));
 
     let (status, dir) = relay.terminate();
@@ -191,10 +195,13 @@ async fn the_relay_database_and_logs_hold_no_plaintext_token_name_or_code() {
         .add("inviter token", inviter.token.expose())
         .add("joiner token", phone_member.token.expose())
         .add("claim token", claim_token.as_bytes())
-        .add("channel key", keyring.current_key().expose())
         .add_code(&code);
-    for (name, secret) in keyring.secrets_for_scan() {
-        scanner.add(name, &secret);
+    for (name, secret) in keyring
+        .secrets_for_scan()
+        .into_iter()
+        .chain(phone_ring.secrets_for_scan())
+    {
+        scanner.add(&name, &secret);
     }
     assert_eq!(scanner.scan_dir(&dir).unwrap(), []);
     std::fs::remove_dir_all(dir).ok();
@@ -245,7 +252,6 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     let (mut wa, _) = session(addr, &ma, 0).await;
     let (mut wc, _) = session(addr, &mc, 0).await; // does not read until the end
 
-    let mut rng = os_rng();
     let body = vec![b'q'; 30_000];
     let mut sent = 0u64;
     // Eight publishes in flight at a time: the relay group-commits them, and A
@@ -253,7 +259,7 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     let mut publish_some = async |count: u64, wa: &mut Ws| {
         for _ in 0..count / 8 {
             for _ in 0..8 {
-                send_text(wa, publish(&ra.seal(&body, &mut rng).unwrap())).await;
+                send_text(wa, publish(&ra.seal(&body).unwrap().envelope)).await;
                 sent += 1;
             }
             let (mut acks, mut delivered) = (0, 0);
@@ -286,7 +292,7 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
             panic!("deliver")
         };
         assert_eq!(seq, expected);
-        assert_eq!(rc.open(&envelope).unwrap().plaintext.len(), body.len());
+        assert_eq!(common::open(&mut rc, &envelope).len(), body.len());
     }
     let extra = tokio::time::timeout(
         Duration::from_millis(300),

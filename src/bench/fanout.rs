@@ -195,7 +195,7 @@ async fn setup(server: Server, w: &Workload) -> Result<Vec<(Device, ChannelId)>,
             let ws = match server {
                 Server::Relay(addr) => {
                     let hello = ClientFrame::Hello {
-                        v: 1,
+                        v: crate::protocol::PROTOCOL_VERSION,
                         channel,
                         device: *id,
                         token: token.duplicate(),

@@ -13,11 +13,10 @@ use warp::http::Method;
 use super::child::RelayChild;
 use super::fanout::{self, Server, Workload};
 use super::{Percentiles, Row, baseline};
-use crate::channel::{Keyring, Member};
+use crate::channel::{Channel, Event, Joining};
 use crate::client::http::RelayAddr;
 use crate::crypto::envelope::{EnvelopeHeader, padded_len};
 use crate::crypto::os_rng;
-use crate::crypto::pairwise::DeviceSecret;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 use crate::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
@@ -378,7 +377,7 @@ async fn catchup(backlog: usize) -> Result<Vec<Row>, String> {
     let (reader, token) = &members[1];
     let started = Instant::now();
     let hello = ClientFrame::Hello {
-        v: 1,
+        v: crate::protocol::PROTOCOL_VERSION,
         channel,
         device: *reader,
         token: token.duplicate(),
@@ -424,28 +423,16 @@ async fn pairing(total: usize, concurrency: usize) -> Result<Vec<Row>, String> {
     .to_string();
     let http =
         Arc::new(RelayAddr::parse(&format!("http://{}", relay.addr)).map_err(|e| e.to_string())?);
-    let secret = DeviceSecret::generate(&mut os_rng());
-    let welcome_ring = Arc::new(std::sync::Mutex::new(Keyring::create(
-        channel,
-        Member {
-            id: *inviter,
-            public_key: secret.public_key(),
-            name: "bench inviter".into(),
-        },
-        secret,
-        &mut os_rng(),
-    )));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let per_task = total.div_ceil(concurrency);
     for _ in 0..concurrency {
-        let (http, auth, welcome_ring) =
-            (Arc::clone(&http), auth.clone(), Arc::clone(&welcome_ring));
+        let (http, auth) = (Arc::clone(&http), auth.clone());
         tasks.spawn(async move {
             let mut times = Vec::new();
             for _ in 0..per_task {
                 let one = Instant::now();
-                pair_once(&http, &auth, channel, &welcome_ring).await?;
+                pair_once(&http, &auth, channel).await?;
                 times.push(one.elapsed().as_micros() as u32);
             }
             Ok::<_, String>(times)
@@ -473,13 +460,10 @@ async fn pairing(total: usize, concurrency: usize) -> Result<Vec<Row>, String> {
     ])
 }
 
-/// One full pairing through the mailbox, both sides, with admission.
-async fn pair_once(
-    http: &RelayAddr,
-    auth: &str,
-    channel: ChannelId,
-    welcome_ring: &std::sync::Mutex<Keyring>,
-) -> Result<(), String> {
+/// One full pairing through the mailbox, both sides, with admission: CPace,
+/// the joiner's real KeyPackage, and a Welcome-sized stand-in (the MLS commit
+/// is measured by the crypto scenario).
+async fn pair_once(http: &RelayAddr, auth: &str, channel: ChannelId) -> Result<(), String> {
     let t = Duration::from_secs(30);
     let e = |e: crate::client::ClientError| e.to_string();
     let mut rng = os_rng();
@@ -552,18 +536,14 @@ async fn pair_once(
         crate::protocol::b64::encode(claimed.claim.expose()),
     );
     let start = get(b.clone(), 0).await.map_err(e)?;
-    let secret = DeviceSecret::generate(&mut rng);
-    let me = Member {
-        id: DeviceId::random(&mut rng),
-        public_key: secret.public_key(),
-        name: "bench joiner".into(),
-    };
+    let me = DeviceId::random(&mut rng);
+    let (_joining, key_package) = Joining::start(me, "bench joiner").map_err(|e| e.to_string())?;
     let token = AccessToken::generate(&mut rng);
     let (joiner, response) = Joiner::respond(
         &code,
         claimed.sid,
         &start,
-        &DeviceInfo::new(me.clone(), token.expose()),
+        &DeviceInfo::new(me, token.expose(), key_package),
         &mut rng,
     )
     .map_err(|e| e.to_string())?;
@@ -571,7 +551,7 @@ async fn pair_once(
     let response = get(a.clone(), 0).await.map_err(e)?;
     let admission = inviter.receive(&response).map_err(|e| e.to_string())?;
     let admit = AdmitDevice {
-        device: me.id,
+        device: me,
         token_hash: token.hash(),
     };
     let _: DeviceList = http
@@ -584,10 +564,11 @@ async fn pair_once(
         )
         .await
         .map_err(e)?;
-    let welcome = welcome_ring
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .welcome();
+    let welcome = crate::pairing::ChannelWelcome {
+        channel,
+        cursor: 1,
+        welcome: vec![0x5a; 2048],
+    };
     let (finish, _) = admission.finish(&welcome, &mut rng);
     post(a.clone(), finish).await.map_err(e)?;
     http.send(
@@ -620,7 +601,7 @@ async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, Stri
         let (channel, members) = channel_with(addr, 1).await?;
         let (device, token) = &members[0];
         let hello = ClientFrame::Hello {
-            v: 1,
+            v: crate::protocol::PROTOCOL_VERSION,
             channel,
             device: *device,
             token: token.duplicate(),
@@ -667,32 +648,79 @@ pub(super) async fn open_sessions(
     Ok(opened)
 }
 
-fn crypto() -> Vec<Row> {
+/// A channel of `size` devices, every member's view of it, in memory.
+fn mls_channel(size: usize) -> Vec<Channel> {
     let mut rng = os_rng();
-    let secret = DeviceSecret::generate(&mut rng);
-    let me = Member {
-        id: DeviceId::random(&mut rng),
-        public_key: secret.public_key(),
-        name: "a".into(),
-    };
-    let mut sender = Keyring::create(ChannelId::random(&mut rng), me.clone(), secret, &mut rng);
-    let mut receiver = Keyring::import(&sender.export()).expect("round trip");
+    let mut members = vec![
+        Channel::create(
+            ChannelId::random(&mut rng),
+            DeviceId::random(&mut rng),
+            "bench 0",
+            0,
+        )
+        .expect("create"),
+    ];
+    for i in 1..size {
+        let id = DeviceId::random(&mut rng);
+        let (joining, key_package) = Joining::start(id, &format!("bench {i}")).expect("kp");
+        let (commit, welcome) = members[0].commit_add(id, &key_package).expect("add");
+        for member in &mut members {
+            member.take_in(&commit.envelope, 0);
+        }
+        let channel = members[0].channel();
+        members.push(joining.join(channel, &welcome, 0).expect("join").channel);
+    }
+    members
+}
+
+fn crypto() -> Vec<Row> {
+    let mut pair = mls_channel(2);
+    let mut receiver = pair.pop().expect("two");
+    let mut sender = pair.pop().expect("two");
     let mut rows = Vec::new();
     for size in [200usize, 4096, 65536] {
         let body = vec![7u8; size];
         let started = Instant::now();
         let mut bytes = 0u64;
+        let mut envelope_len = 0;
         while started.elapsed() < Duration::from_millis(700) {
-            let sealed = sender.seal(&body, &mut rng).expect("seal");
-            receiver.open(&sealed).expect("open");
+            let sealed = sender.seal(&body).expect("seal");
+            envelope_len = sealed.envelope.len();
+            let taken = receiver.take_in(&sealed.envelope, 0);
+            assert!(matches!(taken.event, Some(Event::App { .. })), "opens");
             bytes += size as u64;
         }
         let mb = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
         rows.push(Row::info(
             "crypto",
-            format!("seal + open, {size} B"),
+            format!("MLS seal + open, {size} B"),
             format!("{mb:.1} MB/s"),
         ));
+        rows.push(Row::info(
+            "crypto",
+            format!("envelope bytes for {size} B"),
+            envelope_len.to_string(),
+        ));
     }
+    let mut channel = mls_channel(32);
+    let started = Instant::now();
+    let victim = channel[31].me();
+    let commit = channel[0].commit_remove(&[victim]).expect("remove");
+    channel[0].take_in(&commit.envelope, 0);
+    let committed = started.elapsed();
+    let started = Instant::now();
+    let taken = channel[1].take_in(&commit.envelope, 0);
+    assert!(matches!(taken.event, Some(Event::Commit { .. })), "applies");
+    let applied = started.elapsed();
+    rows.push(Row::info(
+        "crypto",
+        "remove 1 of 32 devices: commit / apply on another member",
+        format!(
+            "{:.2} ms / {:.2} ms ({} B commit)",
+            committed.as_secs_f64() * 1e3,
+            applied.as_secs_f64() * 1e3,
+            commit.envelope.len()
+        ),
+    ));
     rows
 }

@@ -196,7 +196,7 @@ async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, Strin
                 break 'open;
             }
             let hello = ClientFrame::Hello {
-                v: 1,
+                v: crate::protocol::PROTOCOL_VERSION,
                 channel: *channel,
                 device: *device,
                 token: token.duplicate(),

@@ -1,11 +1,14 @@
-//! A channel as one device sees it: members, keys per epoch, the welcome handed
-//! to new members, and the keyring that seals, opens and rekeys.
+//! A channel as one device sees it: an MLS (RFC 9420) group from OpenMLS,
+//! ciphersuite 0x0003, with khub's envelope header, ordering, fork detection
+//! and update schedule around it. No I/O: see [`group`] for the rules, and
+//! [`provider`] for how the group's state is stored.
 
-pub mod keyring;
+pub mod group;
 pub mod member;
-mod persist;
-pub mod welcome;
+pub mod provider;
 
-pub use keyring::{Keyring, KeyringError, Opened, RekeyOutcome};
-pub use member::{MAX_NAME_LEN, Member, NameError, validate_name};
-pub use welcome::Welcome;
+pub use group::{
+    CIPHERSUITE, Channel, ChannelError, Event, Intent, JoinedGroup, Joining, Member, Outgoing,
+    PAST_EPOCHS, Refusal, RefusalKind, TakenIn,
+};
+pub use member::{MAX_NAME_LEN, NameError, validate_name};

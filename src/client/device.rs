@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::warn;
 use warp::http::Method;
 
@@ -11,31 +13,21 @@ use super::control::Control;
 use super::error::ClientError;
 use super::http::{REQUEST_TIMEOUT, RelayAddr};
 use super::incident::{Incident, IncidentKind};
-use super::state::{Identity, InboxMessage, StateDb};
-use crate::channel::{Keyring, KeyringError, Member, validate_name};
+use super::state::{Change, Identity, InboxMessage, StateDb};
+use crate::channel::{Channel, ChannelError, Event, Member, Outgoing, validate_name};
 use crate::crypto::os_rng;
-use crate::crypto::pairwise::DeviceSecret;
-use crate::crypto::rekey::RekeyError;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{
-    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, SyncRequest, SyncResponse,
+    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, ErrorCode, SyncRequest,
+    SyncResponse,
 };
 
 /// A message for the application: who sent it and what it says.
 pub type Message = InboxMessage;
 
-/// Mutable state, behind one lock: the database and the keyring move together.
-pub(crate) struct DeviceState {
-    pub(crate) db: StateDb,
-    pub(crate) keyring: Keyring,
-    pub(crate) cursor: u64,
-    /// A rekey showed this device was removed.
-    pub(crate) removed: bool,
-    /// Devices whose "joined" message this device has taken in (since it
-    /// was opened): an inviter waits for its new member's.
-    pub(crate) confirmed: std::collections::HashSet<DeviceId>,
-}
+/// How long [`Device::remove`] waits for its commit to be ordered by the relay.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) struct Inner {
     pub(crate) home: PathBuf,
@@ -44,24 +36,34 @@ pub(crate) struct Inner {
     pub(crate) me: DeviceId,
     pub(crate) name: String,
     pub(crate) token: AccessToken,
-    pub(crate) state: Mutex<DeviceState>,
+    /// The state file. Every change reloads the channel inside its own
+    /// transaction, so other processes on the same home are seen.
+    pub(crate) db: Mutex<StateDb>,
     /// Woken whenever the inbox or outbox changes.
     pub(crate) changed: Notify,
     /// Relay sequence numbers of acked envelopes, by sender sequence number.
     pub(crate) acks: Mutex<std::collections::HashMap<u64, u64>>,
+    /// Envelopes of this device the relay refused for good, by sender sequence number.
+    pub(crate) refused: Mutex<std::collections::HashMap<u64, ClientError>>,
+}
+
+/// Seconds since the Unix epoch (the channel's update schedule).
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A fresh device identity, before it belongs to any channel.
 pub(crate) struct NewIdentity {
     pub(crate) relay: RelayAddr,
-    pub(crate) secret: DeviceSecret,
-    pub(crate) member: Member,
+    pub(crate) id: DeviceId,
     pub(crate) token: AccessToken,
 }
 
 impl NewIdentity {
     /// Checks the name and that `home` is free, parses the relay URL, and draws
-    /// the device's id, X25519 key pair and relay token.
+    /// the device's id and relay token.
     pub(crate) fn draw(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
         validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
         if home.join(super::state::STATE_FILE).exists() {
@@ -69,18 +71,21 @@ impl NewIdentity {
         }
         let relay = RelayAddr::parse(relay_url)?;
         let mut rng = os_rng();
-        let secret = DeviceSecret::generate(&mut rng);
-        let member = Member {
-            id: DeviceId::random(&mut rng),
-            public_key: secret.public_key(),
-            name: name.to_owned(),
-        };
         Ok(Self {
             relay,
-            secret,
-            member,
+            id: DeviceId::random(&mut rng),
             token: AccessToken::generate(&mut rng),
         })
+    }
+}
+
+impl From<ChannelError> for ClientError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Removed => Self::Revoked,
+            ChannelError::Invalid(message) => Self::TooLarge(message),
+            e => Self::State(e.to_string()),
+        }
     }
 }
 
@@ -104,17 +109,12 @@ impl Device {
     /// Creates a new channel on the relay at `relay_url` with this device (named
     /// `name`) as its first member, and stores the device in `home`.
     pub async fn create(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
-        let NewIdentity {
-            relay,
-            secret,
-            member: me,
-            token,
-        } = NewIdentity::draw(home, relay_url, name)?;
-        let mut rng = os_rng();
-        let channel = ChannelId::random(&mut rng);
+        let NewIdentity { relay, id, token } = NewIdentity::draw(home, relay_url, name)?;
+        let channel = ChannelId::random(&mut os_rng());
+        let mut group = Channel::create(channel, id, name, now_secs())?;
         let request = CreateChannel {
             channel,
-            device: me.id,
+            device: id,
             token_hash: token.hash(),
         };
         let operator = std::env::var("KHUB_OPERATOR_SECRET").ok();
@@ -131,26 +131,27 @@ impl Device {
                 REQUEST_TIMEOUT,
             )
             .await?;
-        let keyring = Keyring::create(channel, me, secret, &mut rng);
-        Self::store_new(home, relay, name, token, keyring)
+        Self::store_new(home, relay, name, token, &mut group, 0)
     }
 
-    /// Stores a freshly made identity (used by [`create`](Self::create) and by joining).
+    /// Stores a freshly made identity (used by [`create`](Self::create) and by
+    /// joining, whose `cursor` is the commit that added it).
     pub(crate) fn store_new(
         home: &Path,
         relay: RelayAddr,
         name: &str,
         token: AccessToken,
-        keyring: Keyring,
+        group: &mut Channel,
+        cursor: u64,
     ) -> Result<Self, ClientError> {
         let identity = Identity {
             relay: relay.url.clone(),
             name: name.to_owned(),
             token,
-            keyring,
-            cursor: 0,
+            device: group.me(),
+            channel: group.channel(),
         };
-        let db = StateDb::create(home, &identity)?;
+        let db = StateDb::create(home, &identity, group, cursor)?;
         Ok(Self::from_parts(home, db, identity, relay))
     }
 
@@ -162,36 +163,34 @@ impl Device {
     }
 
     fn from_parts(home: &Path, db: StateDb, identity: Identity, relay: RelayAddr) -> Self {
-        let Identity {
-            name,
-            token,
-            keyring,
-            cursor,
-            ..
-        } = identity;
         Self {
             inner: Arc::new(Inner {
                 home: home.to_owned(),
                 relay,
-                channel: keyring.channel(),
-                me: keyring.me(),
-                name,
-                token,
-                state: Mutex::new(DeviceState {
-                    db,
-                    keyring,
-                    cursor,
-                    removed: false,
-                    confirmed: Default::default(),
-                }),
+                channel: identity.channel,
+                me: identity.device,
+                name: identity.name,
+                token: identity.token,
+                db: Mutex::new(db),
                 changed: Notify::new(),
                 acks: Mutex::new(std::collections::HashMap::new()),
+                refused: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, DeviceState> {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn db(&self) -> MutexGuard<'_, StateDb> {
+        self.inner.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one change of the state (see [`StateDb::change`]) and wakes waiters.
+    pub(crate) fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Change<'_>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let out = self.db().change(f)?;
+        self.inner.changed.notify_waiters();
+        Ok(out)
     }
 
     /// This device's id.
@@ -221,7 +220,12 @@ impl Device {
 
     /// The last relay sequence number this device has taken in.
     pub fn cursor(&self) -> u64 {
-        self.lock().cursor
+        self.db().cursor().unwrap_or(0)
+    }
+
+    /// The channel's current MLS epoch.
+    pub fn epoch(&self) -> Result<u64, ClientError> {
+        Ok(self.db().channel()?.0.epoch())
     }
 
     pub(crate) fn credentials(&self) -> Credentials {
@@ -257,8 +261,8 @@ impl Device {
     }
 
     /// Members of the channel as this device knows them (current epoch).
-    pub fn members(&self) -> Vec<Member> {
-        self.lock().keyring.members().cloned().collect()
+    pub fn members(&self) -> Result<Vec<Member>, ClientError> {
+        Ok(self.db().channel()?.0.members())
     }
 
     /// The devices the relay lets in for this channel.
@@ -272,44 +276,48 @@ impl Device {
     /// It is sent by the next [`sync`](Self::sync) or live session; returns its
     /// sender sequence number.
     pub fn queue(&self, body: &[u8]) -> Result<u64, ClientError> {
-        self.queue_control(&Control::App(body.to_vec()), None)
+        self.queue_control(&Control::App(body.to_vec()))
     }
 
-    /// Seals a control or app message (in `epoch`, or the current one) into the outbox.
-    pub(crate) fn queue_control(
+    /// Seals a control or app message into the outbox. When the channel's
+    /// schedule calls for it, an update of this device's leaf goes first.
+    pub(crate) fn queue_control(&self, control: &Control) -> Result<u64, ClientError> {
+        self.change(|change| {
+            if change.channel.needs_update(now_secs()) {
+                let update = change.channel.commit_update()?;
+                change.queue(&update)?;
+            }
+            let outgoing = change.channel.seal(&control.encode())?;
+            change.queue(&outgoing)?;
+            Ok(outgoing.seq)
+        })
+    }
+
+    /// Commits a change of membership (built by `commit` on the channel) into
+    /// the outbox.
+    pub(crate) fn queue_commit<T>(
         &self,
-        control: &Control,
-        epoch: Option<crate::ids::Epoch>,
-    ) -> Result<u64, ClientError> {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        if state.removed {
-            return Err(ClientError::Revoked);
-        }
-        let sender_seq = state.keyring.next_seq();
-        let epoch = epoch.unwrap_or_else(|| state.keyring.epoch());
-        let envelope = state
-            .keyring
-            .seal_in(epoch, &control.encode(), &mut os_rng())
-            .map_err(|e| ClientError::TooLarge(e.to_string()))?;
-        state.db.queue(&state.keyring, sender_seq, &envelope)?;
-        drop(guard);
-        self.inner.changed.notify_waiters();
-        Ok(sender_seq)
+        commit: impl FnOnce(&mut Channel) -> Result<(Outgoing, T), ChannelError>,
+    ) -> Result<(u64, T), ClientError> {
+        self.change(|change| {
+            let (outgoing, extra) = commit(&mut change.channel)?;
+            change.queue(&outgoing)?;
+            Ok((outgoing.seq, extra))
+        })
     }
 
     /// Envelopes sealed but not yet acked by the relay.
     pub fn pending(&self) -> Result<usize, ClientError> {
-        Ok(self.lock().db.outbox()?.len())
+        Ok(self.db().outbox()?.len())
     }
 
     pub(crate) fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        self.lock().db.outbox()
+        self.db().outbox()
     }
 
     /// The relay stored envelope `sender_seq` as `seq`.
     pub(crate) fn acked(&self, sender_seq: u64, seq: u64) -> Result<(), ClientError> {
-        self.lock().db.acked(sender_seq)?;
+        self.db().acked(sender_seq)?;
         self.inner
             .acks
             .lock()
@@ -319,136 +327,146 @@ impl Device {
         Ok(())
     }
 
-    /// Takes in envelopes from the relay, in relay order: opens each, applies
-    /// control messages, queues app messages for the inbox, records what was
-    /// refused, and moves the cursor — all in one transaction (one disk sync
-    /// for a whole batch). Envelopes at or below the cursor are skipped, so a
-    /// redelivery is never seen twice.
-    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<(), ClientError> {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let mut messages = Vec::new();
-        let mut incidents = Vec::new();
-        for &(seq, envelope) in batch {
-            if seq <= state.cursor {
-                continue;
-            }
-            if let Some(message) = self.take_in(state, seq, envelope, &mut incidents) {
-                messages.push(message);
-            }
-            state.cursor = seq;
-        }
-        for incident in &incidents {
-            warn!(seq = incident.seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
-        }
-        state
-            .db
-            .ingest(state.cursor, &state.keyring, &messages, &incidents)?;
-        drop(guard);
+    /// The relay sequence number envelope `sender_seq` was stored under, if
+    /// this process saw its ack.
+    pub(crate) fn ack_of(&self, sender_seq: u64) -> Option<u64> {
+        self.inner
+            .acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sender_seq)
+            .copied()
+    }
+
+    /// The relay refused envelope `sender_seq` for good (not for quota, which
+    /// passes): it leaves the outbox, becomes an incident, and a `send`
+    /// waiting for it gets the error.
+    pub(crate) fn refused(
+        &self,
+        sender_seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), ClientError> {
+        warn!(sender_seq, code = code.as_str(), %message, "the relay refused one of this device's envelopes");
+        let detail = format!(
+            "the relay would not store this device's message #{sender_seq}: {message} ({})",
+            code.as_str()
+        );
+        self.change(|change| {
+            change.unqueue(sender_seq)?;
+            change.record(&Incident::other(
+                0,
+                IncidentKind::NotPublished,
+                detail.clone(),
+            ))
+        })?;
+        self.inner
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                sender_seq,
+                ClientError::Relay {
+                    code: code.as_str().to_owned(),
+                    message: message.to_owned(),
+                    status: 0,
+                },
+            );
         self.inner.changed.notify_waiters();
         Ok(())
     }
 
-    /// Opens one envelope and applies it to `state`: the app message it
-    /// carries, if any; what was wrong goes to `incidents`.
-    fn take_in(
-        &self,
-        state: &mut DeviceState,
-        seq: u64,
-        envelope: &[u8],
-        incidents: &mut Vec<Incident>,
-    ) -> Option<InboxMessage> {
-        let mut message = None;
-        match state.keyring.open(envelope) {
-            Ok(opened) => {
-                if let Some(gap) = &opened.gap {
-                    incidents.push(Incident::gap(seq, opened.header.sender, gap));
+    /// The error the relay gave for envelope `sender_seq`, if it refused it.
+    pub(crate) fn refusal_of(&self, sender_seq: u64) -> Option<ClientError> {
+        self.inner
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sender_seq)
+            .cloned()
+    }
+
+    /// Takes in envelopes from the relay, in relay order: each goes through the
+    /// channel (commits applied, messages opened, refusals recorded), app
+    /// messages go to the inbox, and the cursor moves — all in one transaction
+    /// (one disk sync for a whole batch). Envelopes at or below the cursor on
+    /// disk are skipped, so a redelivery, or one another process on the same
+    /// home took in already, is never seen twice.
+    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<(), ClientError> {
+        let now = now_secs();
+        let incidents = self.change(|change| {
+            let mut incidents = Vec::new();
+            for &(seq, envelope) in batch {
+                if seq <= change.cursor {
+                    continue;
                 }
-                match Control::decode(&opened.plaintext) {
-                    Ok(Control::App(body)) if opened.header.sender != self.inner.me => {
-                        let from_name = state
-                            .keyring
-                            .member(&opened.header.sender)
-                            .map_or_else(|| "unknown device".to_owned(), |m| m.name.clone());
-                        message = Some(InboxMessage {
+                let taken = change.channel.take_in(envelope, now);
+                for refusal in taken.refusals {
+                    incidents.push(Incident::refused(seq, refusal));
+                }
+                for outgoing in &taken.outgoing {
+                    change.queue(outgoing)?;
+                }
+                match taken.event {
+                    Some(Event::App { sender, plaintext }) => match Control::decode(&plaintext) {
+                        Ok(Control::App(body)) => change.deliver(&InboxMessage {
                             seq,
-                            from: opened.header.sender,
-                            from_name,
+                            from: sender.id,
+                            from_name: sender.name,
                             body,
-                        });
-                    }
-                    Ok(Control::App(_)) => {}
-                    Ok(Control::Joined) => {
-                        state.confirmed.insert(opened.header.sender);
-                    }
-                    Ok(Control::MemberAdded(member)) => {
-                        if state.keyring.member(&member.id).is_none()
-                            && state.keyring.add_member(member).is_err()
-                        {
-                            incidents.push(Incident::other(
-                                seq,
-                                IncidentKind::RekeyRefused,
-                                "a member announcement exceeds the channel's size; ignored",
-                            ));
-                        }
-                    }
-                    Ok(Control::Rekey(rekey)) => match state.keyring.apply_rekey(&rekey) {
-                        Ok(outcome) => tracing::debug!(seq, ?outcome, "rekey applied"),
-                        Err(KeyringError::Rekey(RekeyError::Removed(_))) => state.removed = true,
+                        })?,
+                        Ok(Control::Joined) => change.joined(sender.id)?,
                         Err(e) => incidents.push(Incident::other(
                             seq,
-                            IncidentKind::RekeyRefused,
-                            format!("rekey refused: {e}"),
+                            IncidentKind::Malformed,
+                            format!("undecodable message skipped: {e}"),
                         )),
                     },
-                    Err(e) => incidents.push(Incident::other(
-                        seq,
-                        IncidentKind::Malformed,
-                        format!("undecodable message skipped: {e}"),
-                    )),
+                    Some(event) => tracing::debug!(seq, ?event, "channel event"),
+                    None => {}
                 }
+                change.cursor = seq;
             }
-            // An epoch from before this device joined is expected and not
-            // reported; everything else refused is.
-            Err(e) => match Incident::refused(seq, &e) {
-                Some(incident) => incidents.push(incident),
-                None => {
-                    tracing::debug!(seq, error = %e, "envelope from an epoch this device never held")
-                }
-            },
+            for incident in &incidents {
+                change.record(incident)?;
+            }
+            Ok(incidents)
+        })?;
+        for incident in &incidents {
+            warn!(seq = incident.seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
         }
-        message
+        Ok(())
     }
 
     /// Catches up over `POST /sync`: publishes the outbox, then fetches and
-    /// takes in everything after the cursor. For apps that wake briefly.
-    /// Returns how many envelopes were taken in.
+    /// takes in everything after the cursor, publishing what taking in queued
+    /// (a re-issued commit). For apps that wake briefly. Returns how many
+    /// envelopes were taken in.
     pub async fn sync(&self) -> Result<usize, ClientError> {
-        let outbox = self.outbox()?;
-        let mut publish: Vec<B64> = outbox.iter().map(|(_, e)| B64(e.clone())).collect();
         let mut taken = 0;
+        let mut published_up_to = 0;
         loop {
+            let outbox: Vec<(u64, Vec<u8>)> = self
+                .outbox()?
+                .into_iter()
+                .filter(|(s, _)| *s > published_up_to)
+                .collect();
             let request = SyncRequest {
                 cursor: self.cursor(),
-                publish: std::mem::take(&mut publish),
+                publish: outbox.iter().map(|(_, e)| B64(e.clone())).collect(),
                 limit: None,
             };
             let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
                 match (&ack.seq, &ack.error) {
                     (Some(seq), _) => self.acked(*sender_seq, *seq)?,
-                    (None, Some(e)) if e.code == crate::protocol::ErrorCode::OverQuota => {}
-                    (None, Some(e)) => {
-                        warn!(
-                            sender_seq,
-                            code = e.code.as_str(),
-                            "the relay refused a queued message; dropping it"
-                        );
-                        self.lock().db.acked(*sender_seq)?;
-                    }
+                    // Kept, and sent again once the channel has room.
+                    (None, Some(e)) if e.code == ErrorCode::OverQuota => {}
+                    (None, Some(e)) => self.refused(*sender_seq, e.code, &e.message)?,
                     (None, None) => {}
                 }
             }
+            published_up_to = outbox.last().map_or(published_up_to, |(s, _)| *s);
             let batch: Vec<(u64, &[u8])> = response
                 .envelopes
                 .iter()
@@ -456,11 +474,12 @@ impl Device {
                 .collect();
             self.ingest(&batch)?;
             taken += batch.len();
-            if !response.more || response.envelopes.is_empty() {
+            let queued_more = self.outbox()?.iter().any(|(s, _)| *s > published_up_to);
+            if (!response.more || response.envelopes.is_empty()) && !queued_more {
                 break;
             }
         }
-        if self.lock().removed {
+        if self.is_removed() {
             return Err(ClientError::Revoked);
         }
         Ok(taken)
@@ -468,60 +487,89 @@ impl Device {
 
     /// The oldest message the app has not marked read.
     pub fn next_unread(&self) -> Result<Option<Message>, ClientError> {
-        self.lock().db.next_unread()
+        self.db().next_unread()
     }
 
-    /// Envelopes this device refused (tampered, replayed, reordered, foreign…)
-    /// and gaps it noticed, oldest first; the newest
+    /// Envelopes this device refused (tampered, forged, replayed, from a
+    /// removed device, from a fork…), gaps it noticed, and its own envelopes
+    /// the relay would not store, oldest first; the newest
     /// [`KEPT`](super::incident::KEPT) are kept. None of the refused envelopes
     /// reached the inbox.
     pub fn incidents(&self) -> Result<Vec<Incident>, ClientError> {
-        self.lock().db.incidents()
+        self.db().incidents()
     }
 
     /// Marks every message up to `seq` read (they leave the inbox).
     pub fn mark_read(&self, seq: u64) -> Result<(), ClientError> {
-        self.lock().db.mark_read(seq)
+        self.db().mark_read(seq)
     }
 
-    /// Every secret this device holds — relay token, private key, channel
-    /// keys — for the harness's secret scanner.
+    /// Secrets this device holds — relay token, MLS signature key, an epoch
+    /// secret — for the harness's secret scanner.
     #[cfg(feature = "testing")]
     pub fn secrets_for_scan(&self) -> Vec<(String, Vec<u8>)> {
-        let mut secrets = self.lock().keyring.secrets_for_scan();
-        secrets.push(("relay token".to_owned(), self.inner.token.expose().to_vec()));
+        let mut secrets = vec![("relay token".to_owned(), self.inner.token.expose().to_vec())];
+        if let Ok((channel, _)) = self.db().channel() {
+            secrets.extend(channel.secrets_for_scan());
+        }
         secrets
     }
 
-    /// Whether a rekey showed this device was removed.
+    /// The device's channel as it is on disk, to drive by hand: what a
+    /// device's owner (or a thief) holds. For attack tests only.
+    #[cfg(feature = "testing")]
+    pub fn channel_for_testing_only(&self) -> Result<Channel, ClientError> {
+        Ok(self.db().channel()?.0)
+    }
+
+    /// Whether a commit removed this device.
     pub fn is_removed(&self) -> bool {
-        self.lock().removed
+        self.db()
+            .channel()
+            .map(|(c, _)| c.is_removed())
+            .unwrap_or(false)
+    }
+
+    /// Syncs until this device's own commit has been ordered by the relay
+    /// (won its epoch, or lost and was re-issued until one won), for at most
+    /// `wait`.
+    pub(crate) async fn settle(&self, wait: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.sync().await {
+                Ok(_) => {}
+                Err(e) if e.is_transient() && Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+            if self.db().channel()?.0.pending().is_none() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(wait.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Removes `device` from the channel: the relay revokes its token and
-    /// closes its sessions, and the next epoch's key goes to every remaining
-    /// member (sealed to each under its pairwise key). Publishes the rekey.
+    /// closes its sessions, and an MLS commit removes it from the group, so
+    /// no later epoch's secrets reach it. Returns once the relay has ordered
+    /// the commit (if another member's commit won the epoch, this device's is
+    /// re-issued in the next one).
     pub async fn remove(&self, device: DeviceId) -> Result<(), ClientError> {
         if device == self.inner.me {
             return Err(ClientError::State(
                 "a device cannot remove itself; remove it from another device".into(),
             ));
         }
+        // Settle anything pending first: one change of membership at a time.
+        self.settle(SETTLE_WAIT).await?;
         let path = format!("/channels/{}/devices/{}", self.inner.channel, device);
         let _: DeviceList = self.call(Method::DELETE, &path, None::<&()>).await?;
-        let (rekey, old_epoch) = {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            let old_epoch = state.keyring.epoch();
-            let rekey = state
-                .keyring
-                .rekey_removing(&[device], &mut os_rng())
-                .map_err(|e| ClientError::State(e.to_string()))?;
-            state.db.save_keyring(&state.keyring)?;
-            (rekey, old_epoch)
-        };
-        // Under the old epoch's key: the one the remaining members hold.
-        self.queue_control(&Control::Rekey(rekey), Some(old_epoch))?;
-        self.sync().await.map(drop)
+        let is_member = self.members()?.iter().any(|m| m.id == device);
+        if is_member {
+            self.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))?;
+        }
+        self.settle(SETTLE_WAIT).await
     }
 }

@@ -10,15 +10,15 @@ use warp::http::Method;
 use zeroize::Zeroizing;
 
 use super::control::Control;
-use super::device::{Device, NewIdentity};
+use super::device::{Device, NewIdentity, now_secs};
 use super::error::ClientError;
 use super::http::{REQUEST_TIMEOUT, RelayAddr};
-use crate::channel::{Keyring, Member};
+use crate::channel::{Joining, Member};
 use crate::crypto::os_rng;
 use crate::ids::DeviceId;
 use crate::pairing::{
-    AbortReason, AwaitingResponse, Code, DeviceInfo, Inviter, Joiner, Message, Nameplate,
-    PairingError, Sas,
+    AbortReason, AwaitingResponse, ChannelWelcome, Code, DeviceInfo, Inviter, Joiner, Message,
+    Nameplate, PairingError, Sas,
 };
 use crate::protocol::{
     AdmitDevice, B64, CLAIM_HEADER, DeviceList, OpenSlot, PairMessage, PairMessages, SlotClaimed,
@@ -30,6 +30,11 @@ const POLL: Duration = Duration::from_secs(25);
 /// How long the inviter waits, after its last pairing message, for the new
 /// device's first word in the channel.
 const CONFIRM_WAIT: Duration = Duration::from_secs(30);
+/// How long the inviter waits for the relay to order its Add commit.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+/// How often the inviter commits the Add again when another member's commit
+/// keeps winning the epoch.
+const COMMIT_TRIES: usize = 5;
 
 /// Who spoke to the mailbox: the inviter's credentials or the joiner's claim.
 struct Mailbox<'a> {
@@ -206,7 +211,7 @@ impl Invitation {
         };
         let joiner = admission.joiner().clone();
         let admit = AdmitDevice {
-            device: joiner.member.id,
+            device: joiner.id,
             token_hash: crate::crypto::token::TokenHash(joiner.token_hash),
         };
         let path = format!("/channels/{}/devices", device.channel());
@@ -215,48 +220,83 @@ impl Invitation {
             mailbox.abort(AbortReason::Refused).await;
             return Err(e);
         }
-        let welcome = {
-            let mut guard = device.lock();
-            let state = &mut *guard;
-            state
-                .keyring
-                .add_member(joiner.member.clone())
-                .map_err(|e| ClientError::State(e.to_string()))
-                .and_then(|()| state.db.save_keyring(&state.keyring))
-                .map(|()| state.keyring.welcome())
-        };
-        let welcome = match welcome {
-            Ok(welcome) => welcome,
+        let (cursor, welcome) = match commit_add(device, joiner.id, &joiner.key_package).await {
+            Ok(done) => done,
             Err(e) => {
                 mailbox.abort(AbortReason::Refused).await;
+                undo_admission(device, joiner.id).await;
                 return Err(e);
             }
         };
-        // The other members learn of the new device before it can say anything.
-        device.queue_control(&Control::MemberAdded(joiner.member.clone()), None)?;
-        if let Err(e) = device.sync().await {
-            tracing::warn!(error = %e, "the member announcement stays queued");
-        }
+        let welcome = ChannelWelcome {
+            channel: device.channel(),
+            cursor,
+            welcome,
+        };
         let (finish, paired) = admission.finish(&welcome, &mut os_rng());
         let confirmed = match mailbox.post(&finish).await {
-            Ok(()) => await_joined(device, &mailbox, joiner.member.id).await,
+            Ok(()) => await_joined(device, &mailbox, joiner.id).await,
             Err(e) => Err(e),
         };
         mailbox.end().await;
         if let Err(e) = confirmed {
             // The joiner may never have received the welcome: take the
             // admission back rather than keep a member nobody holds.
-            if let Err(undo) = device.remove(joiner.member.id).await {
-                tracing::warn!(error = %undo, "could not remove the unconfirmed device; remove it by hand");
-            }
+            undo_admission(device, joiner.id).await;
             return Err(e);
         }
+        let name = device
+            .members()?
+            .into_iter()
+            .find(|m| m.id == joiner.id)
+            .map_or_else(|| "new device".to_owned(), |m| m.name);
         Ok(NewMember {
-            id: joiner.member.id,
-            name: joiner.member.name,
+            id: joiner.id,
+            name,
             sas: paired.keys.sas,
         })
     }
+}
+
+/// Removes a device whose pairing did not complete (best effort: the
+/// pairing has failed already; a failure here is logged).
+async fn undo_admission(device: &Device, joiner: DeviceId) {
+    if let Err(undo) = device.remove(joiner).await {
+        tracing::warn!(error = %undo, "could not remove the unconfirmed device; remove it by hand");
+    }
+}
+
+/// Commits the Add of `joiner` and waits until the relay has ordered it first
+/// in its epoch; commits again in the next epoch when another member's commit
+/// won. Returns the relay sequence number of the commit that holds and the
+/// Welcome that goes with it.
+async fn commit_add(
+    device: &Device,
+    joiner: DeviceId,
+    key_package: &[u8],
+) -> Result<(u64, Vec<u8>), ClientError> {
+    device.settle(COMMIT_WAIT).await?;
+    for _ in 0..COMMIT_TRIES {
+        let (sender_seq, welcome) =
+            device.queue_commit(|channel| channel.commit_add(joiner, key_package))?;
+        device.settle(COMMIT_WAIT).await?;
+        let added = device.members()?.iter().any(|m| m.id == joiner);
+        match device.ack_of(sender_seq) {
+            Some(seq) if added => return Ok((seq, welcome)),
+            _ if added => {
+                return Err(ClientError::Protocol(
+                    "the relay ordered the new device's commit without acknowledging it".into(),
+                ));
+            }
+            _ => tracing::info!(
+                ?joiner,
+                "another member's commit won the epoch; adding again"
+            ),
+        }
+    }
+    Err(ClientError::Protocol(format!(
+        "other members' changes won {COMMIT_TRIES} epochs in a row; try again"
+    )))
 }
 
 /// Waits for `joiner`'s "joined" message in the channel — sealed under the
@@ -276,7 +316,7 @@ async fn await_joined(
             Err(e) if e.is_transient() => {}
             Err(e) => return Err(e),
         }
-        if device.lock().confirmed.contains(&joiner) {
+        if device.db().has_joined(joiner)? {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -325,12 +365,8 @@ pub async fn join(
     code: &Code,
     timeout: Duration,
 ) -> Result<(Device, JoinedChannel), ClientError> {
-    let NewIdentity {
-        relay,
-        secret,
-        member: me,
-        token,
-    } = NewIdentity::draw(home, relay_url, name)?;
+    let NewIdentity { relay, id, token } = NewIdentity::draw(home, relay_url, name)?;
+    let (joining, key_package) = Joining::start(id, name)?;
     let deadline = Instant::now() + timeout;
     let mut rng = os_rng();
 
@@ -347,7 +383,7 @@ pub async fn join(
         ),
     };
     let start = mailbox.receive(0, deadline, timeout.as_secs()).await?;
-    let info = DeviceInfo::new(me.clone(), token.expose());
+    let info = DeviceInfo::new(id, token.expose(), key_package);
     let (awaiting, response) = match Joiner::respond(code, claimed.sid, &start, &info, &mut rng) {
         Ok(ok) => ok,
         Err(e) => {
@@ -365,15 +401,18 @@ pub async fn join(
         }
     };
     mailbox.end().await;
-    let inviter = joined.inviter().clone();
     let sas = joined.keys.sas.clone();
-    let keyring = Keyring::from_welcome(joined.welcome, me.id, secret)
-        .ok_or_else(|| ClientError::Protocol("the welcome does not list this device".into()))?;
-    let device = Device::store_new(home, relay, name, token, keyring)?;
+    let welcome = joined.welcome;
+    let joined_group = joining
+        .join(welcome.channel, &welcome.welcome, now_secs())
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let inviter = joined_group.inviter;
+    let mut group = joined_group.channel;
+    let device = Device::store_new(home, relay, name, token, &mut group, welcome.cursor)?;
     // The first word in the channel tells the inviter the pairing completed
     // here too. Without it the inviter removes this device again, so a
     // device that cannot say it is not kept.
-    let said = match device.queue_control(&Control::Joined, None) {
+    let said = match device.queue_control(&Control::Joined) {
         Ok(_) => device.sync().await.map(drop),
         Err(e) => Err(e),
     };

@@ -108,6 +108,9 @@ impl Session {
             {
                 return Ok(Sent::Acked { seq: *seq });
             }
+            if let Some(e) = self.device.refusal_of(sender_seq) {
+                return Err(e);
+            }
             if let Status::Failed(e) = &*status.borrow() {
                 return Err(e.clone());
             }
@@ -337,10 +340,11 @@ async fn connection(
                             }
                         }
                         Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
-                            // Anything but the quota will never be accepted.
-                            warn!(code = code.as_str(), %message, "the relay refused a message; dropping it");
-                            if let Some(sender_seq) = sender_seq {
-                                device.lock().db.acked(sender_seq)?;
+                            // Anything but the quota will never be accepted: an
+                            // incident, and an error for a `send` waiting on it.
+                            match sender_seq {
+                                Some(sender_seq) => device.refused(sender_seq, code, &message)?,
+                                None => warn!(code = code.as_str(), %message, "the relay refused a frame"),
                             }
                         }
                         Ok(ServerFrame::Error { code, message, fatal: true, .. }) => {
@@ -361,6 +365,8 @@ async fn connection(
                     if device.is_removed() {
                         return Err(ClientError::Revoked);
                     }
+                    // Taking in may have queued a re-issued commit.
+                    publish_outbox(device, &mut ws, &mut sent_up_to).await?;
                 }
             }
             Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,

@@ -1,36 +1,51 @@
 //! A device's state on disk: one SQLite file in the device's home directory,
-//! created with mode 0600 (its directory 0700), holding the identity, the
-//! keyring, the cursor, the outbox of sealed envelopes not yet acked, and the
-//! inbox of opened messages not yet read by the app.
+//! created with mode 0600 (its directory 0700), holding the identity, the MLS
+//! group (OpenMLS's storage rows) and khub's channel state, the cursor, the
+//! outbox of sealed envelopes not yet acked, and the inbox of opened messages
+//! not yet read by the app.
 //!
-//! Every change that must not be half-done is one transaction: sealing (the
-//! keyring's next sequence number and the outbox row), ingesting (the cursor,
-//! the keyring's replay windows and the inbox row). `synchronous = FULL`, so a
-//! message `send` accepted survives a crash of the app or the machine.
+//! Several processes may use one home at once (an app and the CLI, `listen`
+//! and `send`): every change runs in one `BEGIN IMMEDIATE` transaction that
+//! loads the channel as it is on disk, changes it, and writes back what
+//! changed ([`StateDb::change`]). A second writer waits for the first (up to
+//! the busy timeout), then sees its result: no sequence number is reused, no
+//! commit or message taken in by one process is missed by the other.
+//! `synchronous = FULL`, so a message `send` accepted survives a crash of the
+//! app or the machine.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use zeroize::Zeroizing;
 
 use super::error::ClientError;
-use super::incident::{Incident, IncidentKind};
-use crate::channel::Keyring;
+use super::incident::Incident;
+use crate::channel::{Channel, Outgoing, RefusalKind};
 use crate::crypto::token::AccessToken;
-use crate::ids::DeviceId;
+use crate::ids::{ChannelId, DeviceId};
 
 /// File name of the state database inside the home directory.
 pub const STATE_FILE: &str = "device.sqlite3";
+/// The state format: 2 since protocol 2 (MLS). A file of format 1 holds a
+/// device of protocol 1, which cannot be upgraded in place.
+const FORMAT: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS identity (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
+    format   INTEGER NOT NULL,  -- FORMAT
     relay    TEXT NOT NULL,
     name     TEXT NOT NULL,
     token    BLOB NOT NULL,     -- the relay access token (secret)
-    keyring  BLOB NOT NULL,     -- Keyring::export (secret)
+    device   BLOB NOT NULL,     -- this device's id
+    channel  BLOB NOT NULL,     -- the channel's id
+    meta     BLOB NOT NULL,     -- khub's channel state (JSON; sequence numbers, pending commit)
     cursor   INTEGER NOT NULL,  -- last relay sequence number ingested
     read     INTEGER NOT NULL   -- last inbox message the app has read
+);
+CREATE TABLE IF NOT EXISTS mls (
+    key      BLOB PRIMARY KEY,  -- OpenMLS storage key
+    value    BLOB NOT NULL      -- OpenMLS storage value (group state, secrets)
 );
 CREATE TABLE IF NOT EXISTS outbox (
     sender_seq INTEGER PRIMARY KEY,
@@ -49,20 +64,23 @@ CREATE TABLE IF NOT EXISTS incidents (
     sender    BLOB,
     detail    TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS joined (
+    device    BLOB PRIMARY KEY  -- devices whose 'joined' message was taken in
+);
 ";
 
-/// What the identity row holds besides the keyring.
-pub struct Identity {
+/// What the identity row holds that never changes.
+pub(crate) struct Identity {
     /// The relay's URL.
     pub relay: String,
     /// This device's name.
     pub name: String,
     /// The relay access token.
     pub token: AccessToken,
-    /// The keyring.
-    pub keyring: Keyring,
-    /// Last relay sequence number ingested.
-    pub cursor: u64,
+    /// This device's id.
+    pub device: DeviceId,
+    /// The channel's id.
+    pub channel: ChannelId,
 }
 
 /// A message in the inbox.
@@ -79,37 +97,186 @@ pub struct InboxMessage {
 }
 
 /// The open state database.
-pub struct StateDb {
+pub(crate) struct StateDb {
     conn: Connection,
-    path: PathBuf,
 }
 
 fn err(e: rusqlite::Error) -> ClientError {
     ClientError::state(e)
 }
 
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// One change of the device's state, inside one transaction: the channel as
+/// it is on disk, and the cursor. Dropped without [`StateDb::change`]
+/// finishing, nothing of it is stored.
+pub(crate) struct Change<'a> {
+    tx: rusqlite::Transaction<'a>,
+    /// The channel, loaded in this transaction.
+    pub channel: Channel,
+    /// The cursor, loaded in this transaction.
+    pub cursor: u64,
+}
+
+impl Change<'_> {
+    /// Adds an envelope to the outbox.
+    pub fn queue(&self, outgoing: &Outgoing) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT INTO outbox (sender_seq, envelope) VALUES (?1, ?2)",
+                params![i64_of(outgoing.seq), outgoing.envelope],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// Adds a message to the inbox.
+    pub fn deliver(&self, m: &InboxMessage) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT OR IGNORE INTO inbox (seq, sender, name, body) VALUES (?1, ?2, ?3, ?4)",
+                params![i64_of(m.seq), m.from.as_bytes(), m.from_name, m.body],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// Records an incident (the newest [`KEPT`](super::incident::KEPT) are kept).
+    pub fn record(&self, incident: &Incident) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT INTO incidents (seq, kind, sender, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    i64_of(incident.seq),
+                    incident.kind.as_str(),
+                    incident.sender.as_ref().map(|d| d.as_bytes().to_vec()),
+                    incident.detail
+                ],
+            )
+            .map_err(err)?;
+        self.tx
+            .execute(
+                "DELETE FROM incidents WHERE id <= (SELECT MAX(id) FROM incidents) - ?1",
+                params![i64_of(super::incident::KEPT as u64)],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// Records that `device` said it joined.
+    pub fn joined(&self, device: DeviceId) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT OR IGNORE INTO joined (device) VALUES (?1)",
+                params![device.as_bytes()],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// The relay acked (or finally refused) an envelope: it leaves the outbox.
+    pub fn unqueue(&self, sender_seq: u64) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "DELETE FROM outbox WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    fn commit(mut self) -> Result<(), ClientError> {
+        let (meta, changes) = self.channel.save();
+        self.tx
+            .execute(
+                "UPDATE identity SET meta = ?1, cursor = ?2 WHERE id = 1",
+                params![meta, i64_of(self.cursor)],
+            )
+            .map_err(err)?;
+        for (key, value) in &changes.upserts {
+            self.tx
+                .execute(
+                    "INSERT INTO mls (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, value],
+                )
+                .map_err(err)?;
+        }
+        for key in &changes.deletes {
+            self.tx
+                .execute("DELETE FROM mls WHERE key = ?1", params![key])
+                .map_err(err)?;
+        }
+        self.tx.commit().map_err(err)
+    }
+}
+
+fn load_channel(conn: &Connection) -> Result<(Channel, u64), ClientError> {
+    let (meta, cursor): (Zeroizing<Vec<u8>>, i64) = conn
+        .query_row("SELECT meta, cursor FROM identity WHERE id = 1", [], |r| {
+            Ok((Zeroizing::new(r.get(0)?), r.get(1)?))
+        })
+        .map_err(err)?;
+    let mut statement = conn
+        .prepare_cached("SELECT key, value FROM mls")
+        .map_err(err)?;
+    let rows = statement
+        .query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let channel = Channel::load(&meta, rows).map_err(ClientError::state)?;
+    Ok((channel, u64_of(cursor)))
+}
+
 impl StateDb {
     /// Creates the state of a new device in `home`; fails if one exists.
-    pub fn create(home: &Path, identity: &Identity) -> Result<Self, ClientError> {
+    pub fn create(
+        home: &Path,
+        identity: &Identity,
+        channel: &mut Channel,
+        cursor: u64,
+    ) -> Result<Self, ClientError> {
         let path = home.join(STATE_FILE);
         if path.exists() {
             return Err(ClientError::AlreadyInitialized(home.display().to_string()));
         }
         create_private_dir(home)?;
         create_private_file(&path)?;
-        let db = Self::connect(&path)?;
-        db.conn
-            .execute(
-                "INSERT INTO identity (id, relay, name, token, keyring, cursor, read) VALUES (1, ?1, ?2, ?3, ?4, ?5, 0)",
-                params![
-                    identity.relay,
-                    identity.name,
-                    identity.token.expose().as_slice(),
-                    identity.keyring.export().as_slice(),
-                    identity.cursor as i64
-                ],
+        let mut db = Self::connect(&path)?;
+        let tx = db.conn.transaction().map_err(err)?;
+        let (meta, changes) = channel.save();
+        tx.execute(
+            "INSERT INTO identity (id, format, relay, name, token, device, channel, meta, cursor, read)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            params![
+                FORMAT,
+                identity.relay,
+                identity.name,
+                identity.token.expose().as_slice(),
+                identity.device.as_bytes(),
+                identity.channel.as_bytes(),
+                meta,
+                i64_of(cursor)
+            ],
+        )
+        .map_err(err)?;
+        for (key, value) in &changes.upserts {
+            tx.execute(
+                "INSERT INTO mls (key, value) VALUES (?1, ?2)",
+                params![key, value],
             )
             .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
         Ok(db)
     }
 
@@ -120,33 +287,47 @@ impl StateDb {
             return Err(ClientError::NotInitialized(home.display().to_string()));
         }
         let db = Self::connect(&path)?;
+        let has_format: bool = db
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('identity') WHERE name = 'format'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_format {
+            return Err(ClientError::State(format!(
+                "the device in {} speaks protocol 1; remove that directory and pair the device again",
+                home.display()
+            )));
+        }
         let row = db
             .conn
             .query_row(
-                "SELECT relay, name, token, keyring, cursor FROM identity WHERE id = 1",
+                "SELECT relay, name, token, device, channel FROM identity WHERE id = 1",
                 [],
                 |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
                         Zeroizing::new(r.get::<_, Vec<u8>>(2)?),
-                        Zeroizing::new(r.get::<_, Vec<u8>>(3)?),
-                        r.get::<_, i64>(4)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
                     ))
                 },
             )
             .optional()
             .map_err(err)?
             .ok_or_else(|| ClientError::NotInitialized(home.display().to_string()))?;
-        let (relay, name, token, keyring, cursor) = row;
+        let (relay, name, token, device, channel) = row;
+        let corrupt = |what: &str| ClientError::state(format!("corrupt {what} in the state file"));
         let identity = Identity {
             relay,
             name,
-            token: AccessToken::from_slice(&token)
-                .ok_or_else(|| ClientError::state("corrupt token"))?,
-            keyring: Keyring::import(&keyring)
-                .map_err(|e| ClientError::state(format!("corrupt keyring: {e}")))?,
-            cursor: cursor as u64,
+            token: AccessToken::from_slice(&token).ok_or_else(|| corrupt("token"))?,
+            device: DeviceId::from_slice(&device).ok_or_else(|| corrupt("device id"))?,
+            channel: ChannelId::from_slice(&channel).ok_or_else(|| corrupt("channel id"))?,
         };
         Ok((db, identity))
     }
@@ -157,62 +338,56 @@ impl StateDb {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Self {
-            conn,
-            path: path.to_owned(),
-        })
+        Ok(Self { conn })
     }
 
-    /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Stores the keyring alone (after a change that carries no message).
-    pub fn save_keyring(&mut self, keyring: &Keyring) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE identity SET keyring = ?1 WHERE id = 1",
-                params![keyring.export().as_slice()],
-            )
-            .map_err(err)?;
-        Ok(())
-    }
-
-    /// Atomically: the keyring (its sequence counter moved) and a new outbox row.
-    pub fn queue(
+    /// Runs `f` on the state as it is on disk, in one `BEGIN IMMEDIATE`
+    /// transaction, and stores what it changed — or nothing, if `f` fails.
+    pub fn change<T>(
         &mut self,
-        keyring: &Keyring,
-        sender_seq: u64,
-        envelope: &[u8],
-    ) -> Result<(), ClientError> {
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
-            "UPDATE identity SET keyring = ?1 WHERE id = 1",
-            params![keyring.export().as_slice()],
-        )
-        .map_err(err)?;
-        tx.execute(
-            "INSERT INTO outbox (sender_seq, envelope) VALUES (?1, ?2)",
-            params![sender_seq as i64, envelope],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        f: impl FnOnce(&mut Change<'_>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let (channel, cursor) = load_channel(&tx)?;
+        let mut change = Change {
+            tx,
+            channel,
+            cursor,
+        };
+        let out = f(&mut change)?;
+        change.commit()?;
+        Ok(out)
+    }
+
+    /// The channel and cursor as they are on disk, to read.
+    pub fn channel(&self) -> Result<(Channel, u64), ClientError> {
+        load_channel(&self.conn)
+    }
+
+    /// The cursor as it is on disk.
+    pub fn cursor(&self) -> Result<u64, ClientError> {
+        self.conn
+            .query_row("SELECT cursor FROM identity WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(u64_of)
+            .map_err(err)
     }
 
     /// Envelopes waiting for an ack, oldest first.
     pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT sender_seq, envelope FROM outbox ORDER BY sender_seq")
+            .prepare_cached("SELECT sender_seq, envelope FROM outbox ORDER BY sender_seq")
             .map_err(err)?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-            })
+            .query_map([], |r| Ok((u64_of(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
@@ -222,54 +397,23 @@ impl StateDb {
         self.conn
             .execute(
                 "DELETE FROM outbox WHERE sender_seq = ?1",
-                params![sender_seq as i64],
+                params![i64_of(sender_seq)],
             )
             .map_err(err)?;
         Ok(())
     }
 
-    /// Atomically: the new cursor, the keyring (replay windows, members, keys),
-    /// the opened messages for the app, and the incidents.
-    pub fn ingest(
-        &mut self,
-        cursor: u64,
-        keyring: &Keyring,
-        messages: &[InboxMessage],
-        incidents: &[Incident],
-    ) -> Result<(), ClientError> {
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
-            "UPDATE identity SET cursor = ?1, keyring = ?2 WHERE id = 1",
-            params![cursor as i64, keyring.export().as_slice()],
-        )
-        .map_err(err)?;
-        for m in messages {
-            tx.execute(
-                "INSERT OR IGNORE INTO inbox (seq, sender, name, body) VALUES (?1, ?2, ?3, ?4)",
-                params![m.seq as i64, m.from.as_bytes(), m.from_name, m.body],
+    /// Whether `device`'s "joined" message was taken in.
+    pub fn has_joined(&self, device: DeviceId) -> Result<bool, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM joined WHERE device = ?1",
+                params![device.as_bytes()],
+                |_| Ok(()),
             )
-            .map_err(err)?;
-        }
-        for incident in incidents {
-            tx.execute(
-                "INSERT INTO incidents (seq, kind, sender, detail) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    incident.seq as i64,
-                    incident.kind.as_str(),
-                    incident.sender.as_ref().map(|d| d.as_bytes().to_vec()),
-                    incident.detail
-                ],
-            )
-            .map_err(err)?;
-        }
-        if !incidents.is_empty() {
-            tx.execute(
-                "DELETE FROM incidents WHERE id <= (SELECT MAX(id) FROM incidents) - ?1",
-                params![super::incident::KEPT as i64],
-            )
-            .map_err(err)?;
-        }
-        tx.commit().map_err(err)
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(err)
     }
 
     /// The incidents recorded so far, oldest first.
@@ -282,8 +426,8 @@ impl StateDb {
             .query_map([], |r| {
                 let sender: Option<Vec<u8>> = r.get(2)?;
                 Ok(Incident {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    kind: IncidentKind::parse(&r.get::<_, String>(1)?),
+                    seq: u64_of(r.get(0)?),
+                    kind: RefusalKind::parse(&r.get::<_, String>(1)?),
                     sender: sender.and_then(|b| DeviceId::from_slice(&b)),
                     detail: r.get(3)?,
                 })
@@ -307,7 +451,7 @@ impl StateDb {
             .map_err(err)?
             .map(|(seq, sender, from_name, body)| {
                 Ok(InboxMessage {
-                    seq: seq as u64,
+                    seq: u64_of(seq),
                     from: DeviceId::from_slice(&sender).ok_or_else(|| ClientError::state("corrupt sender id"))?,
                     from_name,
                     body,
@@ -321,10 +465,10 @@ impl StateDb {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "UPDATE identity SET read = MAX(read, ?1) WHERE id = 1",
-            params![seq as i64],
+            params![i64_of(seq)],
         )
         .map_err(err)?;
-        tx.execute("DELETE FROM inbox WHERE seq <= ?1", params![seq as i64])
+        tx.execute("DELETE FROM inbox WHERE seq <= ?1", params![i64_of(seq)])
             .map_err(err)?;
         tx.commit().map_err(err)
     }

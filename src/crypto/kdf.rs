@@ -20,14 +20,6 @@ pub const LABEL_PAIR_A2B: &[u8] = b"khub/v1/pair/a2b";
 pub const LABEL_PAIR_B2A: &[u8] = b"khub/v1/pair/b2a";
 /// Short authentication string both screens can show.
 pub const LABEL_PAIR_SAS: &[u8] = b"khub/v1/pair/sas";
-/// Per-sender, per-epoch envelope key: `info = label || epoch (u32 BE) || sender id`.
-pub const LABEL_SENDER_KEY: &[u8] = b"khub/v1/envelope/sender-key";
-/// Pairwise key between two devices: `info = label || low id || high id || low pk || high pk`.
-pub const LABEL_PAIRWISE: &[u8] = b"khub/v1/pairwise";
-/// Combines concurrent rekey proposals: `info = label || epoch (u32 BE)`.
-pub const LABEL_REKEY_COMBINE: &[u8] = b"khub/v1/rekey/combine";
-/// Associated-data prefix of each sealed entry of a rekey message (not a KDF label).
-pub const LABEL_REKEY: &[u8] = b"khub/v1/rekey";
 /// Associated data of the joiner's sealed device info (not a KDF label).
 pub const LABEL_DEVICE_INFO: &[u8] = b"khub/v1/pair/device-info";
 /// Associated data of the inviter's sealed channel welcome (not a KDF label).

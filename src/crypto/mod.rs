@@ -3,10 +3,7 @@
 //! - [`cpace`]: CPace-ristretto255-SHA512 per draft-irtf-cfrg-cpace-21.
 //! - [`kdf`]: every HKDF and associated-data label.
 //! - [`aead`]: XChaCha20-Poly1305 sealed boxes with random nonces.
-//! - [`envelope`]: channel envelopes (header, padding, per-sender keys).
-//! - [`replay`]: per-sender replay windows and gap detection.
-//! - [`pairwise`]: device static keys and pairwise keys.
-//! - [`rekey`]: handing the next epoch's key to the remaining members.
+//! - [`envelope`]: the envelope header the relay routes by, and padding.
 //! - [`secret`]: the secret-bytes type all keys are built on.
 //! - [`token`]: relay access tokens and the hashes the relay stores.
 
@@ -14,9 +11,6 @@ pub mod aead;
 pub mod cpace;
 pub mod envelope;
 pub mod kdf;
-pub mod pairwise;
-pub mod rekey;
-pub mod replay;
 pub mod secret;
 pub mod token;
 

@@ -32,7 +32,7 @@ pub enum PairingError {
     InvalidShare(CpaceError),
     /// The peer passed key confirmation but sent a payload that does not open or
     /// parse: a broken or malicious implementation.
-    #[error("the other device sent an invalid {0}; make a new code")]
+    #[error("the other device's pairing payload was refused: {0}; make a new code")]
     InvalidPayload(&'static str),
     /// The peer sent an Abort.
     #[error("the other device stopped the pairing: {0}; make a new code")]

@@ -11,7 +11,6 @@
 //! Nothing is released before Tb verifies: on failure the state is dropped (and
 //! its secrets wiped) and the caller sends `Abort` with the error's reason.
 
-use crate::channel::welcome::Welcome;
 use crate::crypto::aead;
 use crate::crypto::cpace::{self, KeyConfirmation, TAG_LEN};
 use crate::crypto::kdf::{AD_INVITER, AD_JOINER, LABEL_DEVICE_INFO, LABEL_WELCOME};
@@ -20,7 +19,7 @@ use super::code::Code;
 use super::error::PairingError;
 use super::keys::{SID_LEN, SessionKeys, with_inputs};
 use super::message::Message;
-use super::payload::DeviceInfo;
+use super::payload::{ChannelWelcome, DeviceInfo};
 
 /// Entry point for side A.
 pub struct Inviter;
@@ -73,8 +72,7 @@ impl AwaitingResponse {
         let aad = [LABEL_DEVICE_INFO, &self.sid].concat();
         let info = aead::open(keys.b2a.expose(), &aad, sealed)
             .map_err(|_| PairingError::InvalidPayload("device info (it does not decrypt)"))?;
-        let joiner =
-            DeviceInfo::decode(&info).map_err(|_| PairingError::InvalidPayload("device info"))?;
+        let joiner = DeviceInfo::decode(&info).map_err(|e| PairingError::InvalidPayload(e.0))?;
         Ok(AwaitingAdmission {
             ta: confirmation.tag(&ya, AD_INVITER),
             sid: self.sid,
@@ -94,7 +92,7 @@ pub struct AwaitingAdmission {
 }
 
 impl AwaitingAdmission {
-    /// The joiner's device info (id, public key, name, token hash).
+    /// The joiner's device info (id, token hash, KeyPackage).
     pub fn joiner(&self) -> &DeviceInfo {
         &self.joiner
     }
@@ -107,7 +105,7 @@ impl AwaitingAdmission {
     /// Seals `welcome` to the joiner and returns the Finish message.
     pub fn finish<R: rand::CryptoRng + ?Sized>(
         self,
-        welcome: &Welcome,
+        welcome: &ChannelWelcome,
         rng: &mut R,
     ) -> (Vec<u8>, Paired) {
         let aad = [LABEL_WELCOME, &self.sid].concat();

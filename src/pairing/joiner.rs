@@ -9,7 +9,6 @@
 //! right code can derive, so sending it before A is confirmed reveals nothing to
 //! a wrong guesser. Keys and the SAS are released only after Ta verifies.
 
-use crate::channel::welcome::Welcome;
 use crate::crypto::aead;
 use crate::crypto::cpace::{self, ELEMENT_LEN, KeyConfirmation};
 use crate::crypto::kdf::{AD_INVITER, AD_JOINER, LABEL_DEVICE_INFO, LABEL_WELCOME};
@@ -18,7 +17,7 @@ use super::code::Code;
 use super::error::PairingError;
 use super::keys::{SID_LEN, SessionKeys, with_inputs};
 use super::message::Message;
-use super::payload::DeviceInfo;
+use super::payload::{ChannelWelcome, DeviceInfo};
 
 /// Entry point for side B.
 pub struct Joiner;
@@ -94,8 +93,8 @@ impl AwaitingFinish {
         let aad = [LABEL_WELCOME, &self.sid].concat();
         let plaintext = aead::open(self.keys.a2b.expose(), &aad, sealed)
             .map_err(|_| PairingError::InvalidPayload("channel welcome (it does not decrypt)"))?;
-        let welcome = Welcome::decode(&plaintext)
-            .map_err(|_| PairingError::InvalidPayload("channel welcome"))?;
+        let welcome =
+            ChannelWelcome::decode(&plaintext).map_err(|e| PairingError::InvalidPayload(e.0))?;
         Ok(Joined {
             keys: self.keys,
             welcome,
@@ -108,17 +107,6 @@ impl AwaitingFinish {
 pub struct Joined {
     /// The pairing keys and SAS.
     pub keys: SessionKeys,
-    /// The channel it joined: id, epoch, key, members (the inviter among them).
-    pub welcome: Welcome,
-}
-
-impl Joined {
-    /// The inviter's entry in the member list.
-    pub fn inviter(&self) -> &crate::channel::member::Member {
-        self.welcome
-            .members
-            .iter()
-            .find(|m| m.id == self.welcome.inviter)
-            .expect("Welcome::decode checks the inviter is a member")
-    }
+    /// The channel it joins: its id, where to start reading, and the MLS Welcome.
+    pub welcome: ChannelWelcome,
 }

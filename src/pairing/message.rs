@@ -14,8 +14,9 @@ use crate::codec::{DecodeError, Reader};
 use crate::crypto::aead;
 use crate::crypto::cpace::{ELEMENT_LEN, TAG_LEN};
 
-/// Largest pairing message: a Finish carrying a welcome of 255 members.
-pub const MAX_MESSAGE_LEN: usize = 32 * 1024;
+/// Largest pairing message: a Finish carrying the MLS Welcome of a full
+/// channel, or a Response carrying a KeyPackage, with room to spare.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
 
 const TYPE_START: u8 = 0x01;
 const TYPE_RESPONSE: u8 = 0x02;

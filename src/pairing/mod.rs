@@ -17,46 +17,49 @@
 //! its own device and the relay carries the messages):
 //!
 //! ```
-//! use khub::channel::{Keyring, Member};
+//! use khub::channel::{Channel, Event, Joining};
 //! use khub::crypto::os_rng;
-//! use khub::crypto::pairwise::DeviceSecret;
 //! use khub::ids::{ChannelId, DeviceId};
-//! use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
+//! use khub::pairing::{ChannelWelcome, Code, DeviceInfo, Inviter, Joiner, Nameplate};
 //!
-//! # fn main() -> Result<(), khub::pairing::PairingError> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut rng = os_rng();
-//! let device = |name: &str, rng: &mut _| {
-//!     let secret = DeviceSecret::generate(rng);
-//!     let member = Member { id: DeviceId::random(rng), public_key: secret.public_key(), name: name.into() };
-//!     (member, secret)
-//! };
 //! // A is the only member of a new channel; B is a new phone.
-//! let (laptop, laptop_secret) = device("laptop", &mut rng);
-//! let (phone, phone_secret) = device("phone", &mut rng);
-//! let mut keyring = Keyring::create(ChannelId::random(&mut rng), laptop, laptop_secret, &mut rng);
+//! let channel_id = ChannelId::random(&mut rng);
+//! let mut laptop = Channel::create(channel_id, DeviceId::random(&mut rng), "laptop", 0)?;
+//! let phone_id = DeviceId::random(&mut rng);
+//! let (phone, key_package) = Joining::start(phone_id, "phone")?;
 //!
 //! // The relay allocates nameplate 42 and stores A's sid; A shows the code.
 //! let code = Code::generate(Nameplate::new(42).expect("in range"), &mut rng);
 //! let sid = [7u8; 16];
 //! let (inviter, start) = Inviter::start(&code, sid, &mut rng);
 //!
-//! // The person types the code on B; B answers with its sealed device info.
+//! // The person types the code on B; B answers with its sealed KeyPackage.
 //! let typed = Code::parse(&code.display()).expect("valid code");
-//! let me = DeviceInfo::new(phone.clone(), b"B's relay access token");
+//! let me = DeviceInfo::new(phone_id, b"B's relay access token", key_package);
 //! let (joiner, response) = Joiner::respond(&typed, sid, &start, &me, &mut rng)?;
 //!
-//! // A checks B's tag, admits B, and sends the welcome.
+//! // A checks B's tag, admits B at the relay, and commits the Add; once the
+//! // relay has ordered that commit (here: A takes it back in), the Welcome holds.
 //! let admission = inviter.receive(&response)?;
-//! keyring.add_member(admission.joiner().member.clone()).expect("room in the channel");
-//! let (finish, paired) = admission.finish(&keyring.welcome(), &mut rng);
+//! let (commit, welcome) = laptop.commit_add(phone_id, &admission.joiner().key_package)?;
+//! assert!(matches!(laptop.take_in(&commit.envelope, 0).event, Some(Event::OwnCommit(_))));
+//! let welcome = ChannelWelcome { channel: channel_id, cursor: 1, welcome };
+//! let (finish, paired) = admission.finish(&welcome, &mut rng);
 //!
-//! // B checks A's tag and joins the channel.
+//! // B checks A's tag and joins the channel from the Welcome.
 //! let joined = joiner.receive(&finish)?;
 //! assert_eq!(paired.keys.sas, joined.keys.sas); // both screens show the same digits
-//! let mut phone_keyring = Keyring::from_welcome(joined.welcome, phone.id, phone_secret).expect("listed");
+//! let mut phone = phone.join(joined.welcome.channel, &joined.welcome.welcome, 0)?.channel;
 //!
-//! let note = phone_keyring.seal(b"hello from the phone", &mut rng).expect("small enough");
-//! assert_eq!(keyring.open(&note).expect("opens").plaintext, b"hello from the phone");
+//! let note = phone.seal(b"hello from the phone")?;
+//! match laptop.take_in(&note.envelope, 0).event {
+//!     Some(Event::App { sender, plaintext }) => {
+//!         assert_eq!((sender.name.as_str(), plaintext.as_slice()), ("phone", &b"hello from the phone"[..]));
+//!     }
+//!     other => panic!("not a message: {other:?}"),
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -76,5 +79,5 @@ pub use inviter::{AwaitingAdmission, AwaitingResponse, Inviter, Paired};
 pub use joiner::{AwaitingFinish, Joined, Joiner};
 pub use keys::{SID_LEN, Sas, SessionKey, SessionKeys};
 pub use message::{AbortReason, Message};
-pub use payload::DeviceInfo;
+pub use payload::{ChannelWelcome, DeviceInfo};
 pub use session::{InviterSession, JoinerSession, JoinerStep};

@@ -6,8 +6,6 @@
 //! for bytes from the network: any message that arrives out of order or twice,
 //! and any error, ends the pairing for good (the code is burned).
 
-use crate::channel::welcome::Welcome;
-
 use super::code::Code;
 use super::error::PairingError;
 use super::inviter::{AwaitingAdmission, AwaitingResponse, Inviter, Paired};
@@ -56,7 +54,7 @@ impl InviterSession {
     /// Sends the welcome; see [`AwaitingAdmission::finish`].
     pub fn finish<R: rand::CryptoRng + ?Sized>(
         &mut self,
-        welcome: &Welcome,
+        welcome: &super::payload::ChannelWelcome,
         rng: &mut R,
     ) -> Result<(Vec<u8>, Paired), PairingError> {
         match std::mem::replace(self, Self::Ended) {

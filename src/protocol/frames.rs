@@ -9,7 +9,19 @@ use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// What the relay says to a client of another protocol version.
+pub fn unsupported_version(v: u64) -> String {
+    if v == 1 {
+        "this device speaks protocol 1; update khub and pair it again (protocol 2 uses MLS)"
+            .to_owned()
+    } else {
+        format!(
+            "protocol version {v} is not supported; this relay speaks version {PROTOCOL_VERSION}"
+        )
+    }
+}
 
 /// A frame from a device.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,12 +169,7 @@ fn classify(text: &str, error: &serde_json::Error) -> FrameError {
         && let Some(v) = value.get("v").and_then(|v| v.as_u64())
         && v != u64::from(PROTOCOL_VERSION)
     {
-        return FrameError::new(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {v} is not supported; this relay speaks version {PROTOCOL_VERSION}"
-            ),
-        );
+        return FrameError::new(ErrorCode::UnsupportedVersion, unsupported_version(v));
     }
     let detail = error.to_string();
     if detail.contains("base64") || detail.contains("expected 32 bytes") || detail.contains("id ") {

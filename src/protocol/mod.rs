@@ -23,12 +23,12 @@
 //! be `hello`, within the handshake timeout:
 //!
 //! ```json
-//! {"type":"hello","v":1,"channel":"AAECAwQFBgcICQoLDA0ODw","device":"EBESExQVFhcYGRobHB0eHw",
+//! {"type":"hello","v":2,"channel":"AAECAwQFBgcICQoLDA0ODw","device":"EBESExQVFhcYGRobHB0eHw",
 //!  "token":"ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8","cursor":0}
 //! ```
 //!
 //! `cursor` is the last relay sequence number the device has (0 for none). The
-//! relay answers `{"type":"ready","v":1,"head":17}` (`head`: the channel's newest
+//! relay answers `{"type":"ready","v":2,"head":17}` (`head`: the channel's newest
 //! sequence number) and then delivers every envelope after the cursor, in order,
 //! followed by new ones as they are stored:
 //!

@@ -183,9 +183,7 @@ where
     if v != PROTOCOL_VERSION {
         return Err(fatal(
             ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {v} is not supported; this relay speaks version {PROTOCOL_VERSION}"
-            ),
+            crate::protocol::frames::unsupported_version(u64::from(v)),
         ));
     }
     let record = relay.hub.store.device(channel, device).await.map_err(|e| {

@@ -1,47 +1,61 @@
 //! Helpers shared by the integration tests: devices, codes and complete pairings.
 #![allow(dead_code)]
 
-use khub::channel::{Keyring, Member};
-use khub::crypto::os_rng;
-use khub::crypto::pairwise::DeviceSecret;
-use khub::ids::{ChannelId, DeviceId};
-use khub::pairing::{Code, DeviceInfo, Inviter, Joined, Joiner, Nameplate, Paired, SID_LEN};
+use std::cell::RefCell;
 
-/// A device's identity and secret, as its state on disk would hold them.
+use khub::channel::{Channel, Event, Joining};
+use khub::crypto::os_rng;
+use khub::ids::{ChannelId, DeviceId};
+use khub::pairing::{
+    ChannelWelcome, Code, DeviceInfo, Inviter, Joined, Joiner, Nameplate, Paired, SID_LEN,
+};
+
+/// A new device: its id, name, relay token, and the MLS state that waits for
+/// a Welcome.
 pub struct Device {
-    pub member: Member,
-    pub secret: DeviceSecret,
+    pub id: DeviceId,
+    pub name: String,
     pub token: [u8; 32],
+    joining: RefCell<Option<Joining>>,
+    key_package: Vec<u8>,
 }
 
 impl Device {
     pub fn new(name: &str) -> Self {
         let mut rng = os_rng();
-        let secret = DeviceSecret::generate(&mut rng);
         let mut token = [0u8; 32];
         rand::Rng::fill_bytes(&mut rng, &mut token);
+        let id = DeviceId::random(&mut rng);
+        let (joining, key_package) = Joining::start(id, name).unwrap();
         Self {
-            member: Member {
-                id: DeviceId::random(&mut rng),
-                public_key: secret.public_key(),
-                name: name.to_owned(),
-            },
-            secret,
+            id,
+            name: name.to_owned(),
             token,
+            joining: RefCell::new(Some(joining)),
+            key_package,
         }
     }
 
     pub fn info(&self) -> DeviceInfo {
-        DeviceInfo::new(self.member.clone(), &self.token)
+        DeviceInfo::new(self.id, &self.token, self.key_package.clone())
     }
 
     pub fn id(&self) -> DeviceId {
-        self.member.id
+        self.id
     }
 
-    /// A copy of the device's secret (devices keep theirs; tests hand one to a keyring).
-    pub fn secret_copy(&self) -> DeviceSecret {
-        DeviceSecret::from_bytes(*self.secret.expose())
+    /// Joins the channel a completed pairing welcomed this device to (once).
+    pub fn join(&self, joined: &Joined) -> Channel {
+        self.join_welcome(&joined.welcome)
+    }
+
+    /// Joins the channel of `welcome` (once).
+    pub fn join_welcome(&self, welcome: &ChannelWelcome) -> Channel {
+        let joining = self.joining.borrow_mut().take().expect("joins once");
+        joining
+            .join(welcome.channel, &welcome.welcome, 0)
+            .expect("the Welcome admits this device")
+            .channel
     }
 }
 
@@ -56,19 +70,40 @@ pub fn sid() -> [u8; SID_LEN] {
 }
 
 /// A one-member channel for `device`.
-pub fn new_channel(device: &Device) -> Keyring {
-    Keyring::create(
-        ChannelId::random(&mut os_rng()),
-        device.member.clone(),
-        device.secret_copy(),
-        &mut os_rng(),
-    )
+pub fn new_channel(device: &Device) -> Channel {
+    Channel::create(ChannelId::random(&mut os_rng()), device.id, &device.name, 0).unwrap()
 }
 
-/// Runs a whole pairing between `inviter` (holding `keyring`) and `joiner`,
+/// A stand-in channel welcome, for pairing tests that never join.
+pub fn stand_in_welcome(channel: &Channel) -> ChannelWelcome {
+    ChannelWelcome {
+        channel: channel.channel(),
+        cursor: 1,
+        welcome: vec![0x5a; 64],
+    }
+}
+
+/// Commits the Add of `info`'s device in `channel` and takes the commit back
+/// in as the relay would order it. Returns the commit envelope and the welcome.
+pub fn add(channel: &mut Channel, info: &DeviceInfo) -> (Vec<u8>, ChannelWelcome) {
+    let (commit, welcome) = channel.commit_add(info.id, &info.key_package).unwrap();
+    let taken = channel.take_in(&commit.envelope, 0);
+    assert!(
+        matches!(taken.event, Some(Event::OwnCommit(_))),
+        "{taken:?}"
+    );
+    let welcome = ChannelWelcome {
+        channel: channel.channel(),
+        cursor: 1,
+        welcome,
+    };
+    (commit.envelope, welcome)
+}
+
+/// Runs a whole pairing between `inviter` (holding `channel`) and `joiner`,
 /// with the codes each side has. Returns both sides' outcomes.
 pub fn pair(
-    keyring: &mut Keyring,
+    channel: &mut Channel,
     inviter_code: &Code,
     joiner: &Device,
     joiner_code: &Code,
@@ -86,10 +121,8 @@ pub fn pair(
         };
     match awaiting.receive(&response) {
         Ok(admission) => {
-            keyring
-                .add_member(admission.joiner().member.clone())
-                .unwrap();
-            let (finish, paired) = admission.finish(&keyring.welcome(), &mut rng);
+            let (_, welcome) = add(channel, admission.joiner());
+            let (finish, paired) = admission.finish(&welcome, &mut rng);
             (Ok(paired), awaiting_finish.receive(&finish))
         }
         Err(e) => {
@@ -100,29 +133,31 @@ pub fn pair(
     }
 }
 
-/// A channel whose members are `devices`, all holding keyrings, built by real
-/// pairings from the first device.
-pub fn channel_of(devices: &[&Device]) -> Vec<Keyring> {
-    let mut first = new_channel(devices[0]);
-    let mut joined = Vec::new();
+/// A channel whose members are `devices`, every member's view of it, built
+/// by real pairings from the first device; earlier members take in each
+/// later Add as the relay would deliver it.
+pub fn channel_of(devices: &[&Device]) -> Vec<Channel> {
+    let mut all = vec![new_channel(devices[0])];
     for (i, device) in devices[1..].iter().enumerate() {
         let code = new_code(i as u32 + 1);
-        let (a, b) = pair(&mut first, &code, device, &code);
-        a.expect("inviter pairs");
-        let b = b.expect("joiner pairs");
-        joined.push(
-            Keyring::from_welcome(b.welcome, device.id(), device.secret_copy()).expect("member"),
-        );
-    }
-    // Earlier joiners learn of later members the way the SDK will tell them.
-    let members: Vec<Member> = first.members().cloned().collect();
-    for keyring in &mut joined {
-        for m in &members {
-            keyring.add_member(m.clone()).unwrap();
+        let mut rng = os_rng();
+        let sid = sid();
+        let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
+        let (awaiting_finish, response) =
+            Joiner::respond(&code, sid, &start, &device.info(), &mut rng).unwrap();
+        let admission = awaiting.receive(&response).unwrap();
+        let (commit, welcome) = add(&mut all[0], admission.joiner());
+        for member in &mut all[1..] {
+            let taken = member.take_in(&commit, 0);
+            assert!(
+                matches!(taken.event, Some(Event::Commit { .. })),
+                "{taken:?}"
+            );
         }
+        let (finish, _) = admission.finish(&welcome, &mut rng);
+        let joined = awaiting_finish.receive(&finish).unwrap();
+        all.push(device.join(&joined));
     }
-    let mut all = vec![first];
-    all.extend(joined);
     all
 }
 
@@ -158,4 +193,15 @@ pub async fn sdk_join(
         .await
         .unwrap()
         .0
+}
+
+/// Takes `envelope` in on `channel` and returns the application payload it
+/// carried; panics on anything else (a refusal, a commit, an own message).
+pub fn open(channel: &mut Channel, envelope: &[u8]) -> Vec<u8> {
+    let taken = channel.take_in(envelope, 0);
+    assert!(taken.refusals.is_empty(), "refused: {taken:?}");
+    match taken.event {
+        Some(Event::App { plaintext, .. }) => plaintext,
+        other => panic!("not an application message: {other:?}"),
+    }
 }

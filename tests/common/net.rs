@@ -185,7 +185,7 @@ impl Member {
 
     pub fn hello(&self, cursor: u64) -> String {
         ClientFrame::Hello {
-            v: 1,
+            v: khub::protocol::PROTOCOL_VERSION,
             channel: self.channel,
             device: self.device,
             token: self.token.duplicate(),

@@ -88,7 +88,7 @@ enum Command {
         #[command(flatten)]
         home: HomeArg,
     },
-    /// Remove a device: revoke it at the relay and rotate the channel key.
+    /// Remove a device: revoke it at the relay and commit its removal (MLS).
     Remove {
         #[command(flatten)]
         home: HomeArg,
@@ -448,7 +448,7 @@ mod device {
             Command::Devices { home } => {
                 let device = Device::open(&home.path()?)?;
                 let admitted = device.relay_devices().await.ok();
-                for member in device.members() {
+                for member in device.members()? {
                     let mut notes = Vec::new();
                     if member.id == device.id() {
                         notes.push("this device");
@@ -471,7 +471,7 @@ mod device {
                 let device = Device::open(&home.path()?)?;
                 let id = id.parse().context("not a device id: see `khub devices`")?;
                 device.remove(id).await?;
-                println!("removed {id}; the channel key was rotated");
+                println!("removed {id}; the channel moved to a new MLS epoch it cannot read");
             }
             Command::Peer(args) => super::peer::run(*args).await?,
             Command::Serve(_) | Command::Bench(_) | Command::Vectors { .. } => {

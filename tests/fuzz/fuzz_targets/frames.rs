@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(frame) = ClientFrame::decode(text, 64 * 1024) {
-        let again = ClientFrame::decode(&frame.to_text(), usize::MAX).expect("re-encoded frame decodes");
+        let again =
+            ClientFrame::decode(&frame.to_text(), usize::MAX).expect("re-encoded frame decodes");
         assert_eq!(again.to_text(), frame.to_text());
     }
     let _ = serde_json::from_str::<ServerFrame>(text);

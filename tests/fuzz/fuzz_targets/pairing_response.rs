@@ -12,5 +12,8 @@ fuzz_target!(|data: &[u8]| {
     let mut rng = StdRng::seed_from_u64(2);
     let code = Code::generate(Nameplate::new(1).unwrap(), &mut rng);
     let (inviter, _start) = Inviter::start(&code, [3; 16], &mut rng);
-    assert!(inviter.receive(data).is_err(), "a forged response was accepted");
+    assert!(
+        inviter.receive(data).is_err(),
+        "a forged response was accepted"
+    );
 });
