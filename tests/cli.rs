@@ -280,6 +280,89 @@ mod device_commands {
         );
     }
 
+    /// A child process killed when the test ends, however it ends.
+    struct Running(Child);
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn one_home_shared_by_listen_sends_and_an_invite_loses_nothing() {
+        let world = paired_world();
+        // `khub listen` holds the laptop's home while other processes use it.
+        let mut listen = Running(
+            Command::new(KHUB)
+                .args(["listen", "--json", "--home"])
+                .arg(world.home("a"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let (lines, heard) = std::sync::mpsc::channel();
+        let stdout = BufReader::new(listen.0.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        // Fifty sends from the laptop's home, while the phone writes to it too.
+        for i in 0..50 {
+            let sent = world.ok("a", &["send", &format!("send {i:02}")]);
+            assert!(sent.starts_with("sent"), "send {i}: {sent}");
+            if i % 10 == 0 {
+                world.ok("b", &["send", &format!("phone {i:02}")]);
+            }
+        }
+        // An invite from the same home while the listener runs.
+        let (invite, join) = world.pair("a", "c", "tablet", |code| code.to_owned());
+        assert!(
+            invite.status.success() && join.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&invite.stderr),
+            String::from_utf8_lossy(&join.stderr)
+        );
+        assert!(
+            world
+                .ok("a", &["send", "after the tablet"])
+                .starts_with("sent")
+        );
+
+        // The phone got every send once, in order; the tablet the last one.
+        let from_laptop: Vec<String> = json_lines(&world.ok("b", &["listen", "--json", "--drain"]))
+            .into_iter()
+            .filter(|m| m["from_name"] == "laptop")
+            .map(|m| m["text"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..50)
+            .map(|i| format!("send {i:02}"))
+            .chain(["after the tablet".to_owned()])
+            .collect();
+        assert_eq!(from_laptop, expected);
+        let tablet = json_lines(&world.ok("c", &["listen", "--json", "--drain"]));
+        assert_eq!(tablet.last().unwrap()["text"], "after the tablet");
+        // The listener heard each of the phone's five messages once.
+        let deadline = Instant::now() + LIMIT;
+        let mut phone = Vec::new();
+        while phone.len() < 5 && Instant::now() < deadline {
+            if let Ok(line) = heard.recv_timeout(Duration::from_millis(200)) {
+                let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+                phone.push(message["text"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(
+            phone,
+            ["phone 00", "phone 10", "phone 20", "phone 30", "phone 40"]
+        );
+        // And the phone's view of the channel has all three devices.
+        let devices = world.ok("b", &["devices"]);
+        assert!(devices.contains("tablet"), "{devices}");
+    }
+
     #[test]
     fn a_removed_device_can_no_longer_connect() {
         let world = paired_world();

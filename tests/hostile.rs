@@ -379,3 +379,151 @@ fn the_scanner_finds_a_secret_however_it_is_written() {
         }
     }
 }
+
+/// What the removed device injects into a remaining member's stream, each
+/// with the refusal it must cause.
+struct Injection {
+    what: &'static str,
+    envelope: Vec<u8>,
+    refused_as: IncidentKind,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_with_the_relay_reads_nothing_new_and_changes_nothing() {
+    capture_logs();
+    let relay = TestRelay::start(Limits::default()).await.unwrap();
+    let hostile = HostileRelay::start(relay.addr()).await.unwrap();
+    let home = TempDir::new("removed-attack");
+    // Alice and Dave talk to the relay; Bob's traffic goes through the hostile front.
+    let paired = step(paired_devices(
+        home.path(),
+        &[relay.url(), hostile.url(), relay.url()],
+    ))
+    .await
+    .unwrap();
+    let [alice, bob, dave] = &paired.devices[..] else {
+        panic!("three devices")
+    };
+    let channel = alice.channel();
+
+    // Dave keeps everything his device holds; then Alice removes him.
+    let mut dave_keys = dave.channel_for_testing_only().unwrap();
+    let forger = || dave.channel_for_testing_only().unwrap();
+    step(alice.remove(dave.id())).await.unwrap();
+    let secret = "TOP SECRET sent after dave-tablet was removed";
+    alice.queue(secret.as_bytes()).unwrap();
+    step(alice.sync()).await.unwrap();
+    step(bob.sync()).await.unwrap();
+    let got = bob
+        .next_unread()
+        .unwrap()
+        .expect("bob gets alice's message");
+    assert_eq!(got.body, secret.as_bytes());
+    bob.mark_read(got.seq).unwrap();
+
+    // Dave holds every envelope the relay ever stored: none opens for him.
+    let store = &relay.relay().unwrap().hub.store;
+    let log = store.read(channel, 0, 10_000).await.unwrap();
+    for stored in &log {
+        let taken = dave_keys.take_in(&stored.envelope, 0);
+        if let Some(khub::channel::Event::App { plaintext, .. }) = taken.event {
+            assert!(!String::from_utf8_lossy(&plaintext).contains("TOP SECRET"));
+        }
+    }
+    assert!(dave_keys.is_removed(), "dave saw his own removal");
+
+    // With the old epoch's keys, Dave makes every kind of envelope he can,
+    // and the relay slips them into Bob's stream.
+    let plant = DeviceId::random(&mut os_rng());
+    let (_, plant_key_package) = khub::channel::Joining::start(plant, "dave-plant").unwrap();
+    let replayed = log.last().unwrap().envelope.to_vec();
+    let injections = [
+        Injection {
+            what: "an old-epoch message of his own",
+            envelope: forger()
+                .seal(b"\x00member added: dave-plant")
+                .unwrap()
+                .envelope,
+            refused_as: IncidentKind::RemovedSender,
+        },
+        Injection {
+            what: "an old-epoch commit adding a device whose keys he holds",
+            envelope: forger()
+                .commit_add(plant, &plant_key_package)
+                .unwrap()
+                .0
+                .envelope,
+            refused_as: IncidentKind::RemovedSender,
+        },
+        Injection {
+            what: "an old-epoch commit removing Alice",
+            envelope: forger().commit_remove(&[alice.id()]).unwrap().envelope,
+            refused_as: IncidentKind::RemovedSender,
+        },
+        Injection {
+            what: "an old-epoch update to keys he chose",
+            envelope: forger().commit_update().unwrap().envelope,
+            refused_as: IncidentKind::RemovedSender,
+        },
+        Injection {
+            what: "an old-epoch message signed by him, claiming Alice",
+            envelope: forger()
+                .seal_as_for_testing_only(alice.id(), 1_000_000, b"\x00rekey to my key")
+                .unwrap()
+                .envelope,
+            refused_as: IncidentKind::Forged,
+        },
+        Injection {
+            what: "Alice's message after his removal, replayed",
+            envelope: replayed,
+            refused_as: IncidentKind::Replayed,
+        },
+    ];
+    let envelopes: Vec<Vec<u8>> = injections.iter().map(|i| i.envelope.clone()).collect();
+    let mut once = Some(envelopes);
+    hostile.on_sync(move |real: Vec<Delivery>| {
+        let mut out: Vec<Vec<u8>> = real.into_iter().map(|d| d.envelope).collect();
+        out.extend(once.take().unwrap_or_default());
+        out
+    });
+    let members_before = bob.members().unwrap();
+    step(bob.sync()).await.unwrap();
+
+    // Each attempt is an incident; none reached the inbox or the membership.
+    let incidents = bob.incidents().unwrap();
+    let kinds: Vec<IncidentKind> = incidents.iter().map(|i| i.kind).collect();
+    assert_eq!(
+        kinds,
+        injections.iter().map(|i| i.refused_as).collect::<Vec<_>>(),
+        "{:?}",
+        injections.iter().map(|i| i.what).collect::<Vec<_>>()
+    );
+    assert_eq!(bob.next_unread().unwrap(), None);
+    assert_eq!(bob.members().unwrap(), members_before);
+    assert!(
+        !bob.members()
+            .unwrap()
+            .iter()
+            .any(|m| m.id == dave.id() || m.id == plant)
+    );
+
+    // Bob and Alice go on; Dave reads none of it.
+    bob.queue(b"after the injections").unwrap();
+    step(bob.sync()).await.unwrap();
+    step(alice.sync()).await.unwrap();
+    let got = alice
+        .next_unread()
+        .unwrap()
+        .expect("alice gets bob's message");
+    assert_eq!(got.body, b"after the injections");
+    for stored in store.read(channel, 0, 10_000).await.unwrap() {
+        let taken = dave_keys.take_in(&stored.envelope, 0);
+        assert!(!matches!(
+            taken.event,
+            Some(khub::channel::Event::App { .. })
+        ));
+    }
+    let scanner = scanner_for(&paired.devices, &paired.codes, secret);
+    assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
+    assert_eq!(scanner.scan_logs(), []);
+}
