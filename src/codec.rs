@@ -1,5 +1,5 @@
 //! A bounds-checked reader for khub's small binary formats (pairing messages,
-//! sealed payloads, rekeys). Every read either returns exactly the bytes asked
+//! sealed payloads). Every read either returns exactly the bytes asked
 //! for or an error naming the field, so decoders never index out of range and
 //! never panic on hostile input.
 

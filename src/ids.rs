@@ -15,7 +15,8 @@ use crate::crypto::secret::random_array;
 /// Length in bytes of a channel or device id.
 pub const ID_LEN: usize = 16;
 
-/// A channel key generation. Epoch 0 is the channel's first key; each rekey adds one.
+/// An MLS epoch of a channel, as the envelope header carries it. Epoch 0 is
+/// the channel's creation; each commit adds one.
 pub type Epoch = u32;
 
 /// A text id that is not 22 characters of unpadded base64url encoding 16 bytes.
@@ -97,7 +98,7 @@ macro_rules! id_type {
 }
 
 id_type!(
-    /// Identifies a channel: the set of paired devices that share a channel key.
+    /// Identifies a channel: the set of paired devices of one MLS group (its group id).
     ChannelId,
     "channel"
 );

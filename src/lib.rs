@@ -6,9 +6,9 @@
 //!
 //! | module | job | I/O |
 //! |---|---|---|
-//! | [`crypto`] | CPace, KDF labels, AEAD, envelopes, replay windows, pairwise keys, rekeys, secret types | none |
+//! | [`crypto`] | CPace, KDF labels, AEAD, the envelope header and padding, secret types | none |
 //! | [`pairing`] | pairing codes and the pairing state machines | none |
-//! | [`channel`] | one device's view of its channel: members, keys per epoch, welcome | none |
+//! | [`channel`] | one device's channel: an MLS (RFC 9420) group with khub's ordering, fork and update rules | none |
 //! | [`ids`] | public channel and device ids | none |
 //! | [`protocol`] | the relay's wire protocol: frames, HTTP bodies, error and close codes | none |
 //! | [`relay`] | the relay server: routes, sessions, store, pairing mailbox, limits, metrics | network, disk |

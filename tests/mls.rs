@@ -386,3 +386,36 @@ fn each_device_updates_its_leaf_after_many_messages_or_a_week() {
     assert!(!ch[0].needs_update(week - 1));
     assert!(ch[0].needs_update(2 * week));
 }
+
+#[test]
+fn past_epochs_kept_for_late_messages_are_bounded_and_configurable() {
+    let devices: Vec<Device> = ["a", "b"].map(Device::new).into();
+    let mut ch = channel_of(&devices.iter().collect::<Vec<_>>());
+    let late = |ch: &mut Vec<Channel>, commits: usize| {
+        // B seals now; A then commits `commits` times before B's message arrives.
+        let note = ch[1].seal(b"late").unwrap();
+        for _ in 0..commits {
+            let update = ch[0].commit_update().unwrap();
+            deliver(&mut ch.iter_mut().collect::<Vec<_>>(), &update.envelope);
+        }
+        ch[0].take_in(&note.envelope, 0)
+    };
+    let default = khub::channel::PAST_EPOCHS;
+    assert!(
+        app(&late(&mut ch, default)).is_some(),
+        "within the kept epochs"
+    );
+    let too_late = late(&mut ch, default + 1);
+    assert_eq!(
+        kinds(&too_late),
+        [RefusalKind::UnknownEpoch],
+        "secrets deleted"
+    );
+    ch[0].set_past_epochs(0).unwrap();
+    assert_eq!(kinds(&late(&mut ch, 1)), [RefusalKind::UnknownEpoch]);
+    assert!(
+        ch[0]
+            .set_past_epochs(khub::channel::group::MAX_PAST_EPOCHS + 1)
+            .is_err()
+    );
+}

@@ -37,8 +37,11 @@ use crate::ids::{ChannelId, DeviceId, Epoch, ID_LEN};
 pub const CIPHERSUITE: Ciphersuite =
     Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519;
 /// How many past epochs' message secrets a device keeps for late application
-/// messages. Older ones are deleted: forward secrecy for everything before.
+/// messages, unless [`Channel::set_past_epochs`] says otherwise. Older ones
+/// are deleted: forward secrecy for everything before.
 pub const PAST_EPOCHS: usize = 3;
+/// The most past epochs a device may be set to keep.
+pub const MAX_PAST_EPOCHS: usize = 16;
 /// A device commits an update of its own leaf after this many messages…
 pub const UPDATE_AFTER_MESSAGES: u64 = 1000;
 /// …or once this many seconds have passed since its last one (a week).
@@ -287,11 +290,18 @@ struct Meta {
     /// Fingerprints of the epochs this device held, newest last.
     fingerprints: Vec<(u64, [u8; FINGERPRINT_LEN])>,
     pending: Option<Pending>,
+    /// How many past epochs' message secrets are kept.
+    #[serde(default = "default_past_epochs")]
+    past_epochs: usize,
     /// Messages sealed since this device last updated its leaf.
     sealed_since_update: u64,
     /// When it last did (seconds since the Unix epoch).
     updated_at: u64,
     removed: bool,
+}
+
+fn default_past_epochs() -> usize {
+    PAST_EPOCHS
 }
 
 /// The device's channel: its MLS group, signature key and khub's state.
@@ -333,10 +343,10 @@ fn member_of(credential: &Credential) -> Option<Member> {
     })
 }
 
-fn join_config() -> MlsGroupJoinConfig {
+fn join_config(past_epochs: usize) -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
-        .max_past_epochs(PAST_EPOCHS)
+        .max_past_epochs(past_epochs)
         .use_ratchet_tree_extension(true)
         .build()
 }
@@ -397,6 +407,7 @@ impl Channel {
                 stale: Vec::new(),
                 fingerprints: Vec::new(),
                 pending: None,
+                past_epochs: PAST_EPOCHS,
                 sealed_since_update: 0,
                 updated_at: now,
                 removed: false,
@@ -469,6 +480,22 @@ impl Channel {
     /// This device's id.
     pub fn me(&self) -> DeviceId {
         self.meta.me
+    }
+
+    /// Keeps the message secrets of the last `past_epochs` epochs (0 to
+    /// [`MAX_PAST_EPOCHS`]) for late messages, deleting older ones now: fewer
+    /// is more forward secrecy, more tolerates later messages.
+    pub fn set_past_epochs(&mut self, past_epochs: usize) -> Result<(), ChannelError> {
+        if past_epochs > MAX_PAST_EPOCHS {
+            return Err(ChannelError::Invalid(format!(
+                "keep at most {MAX_PAST_EPOCHS} past epochs, not {past_epochs}"
+            )));
+        }
+        self.group
+            .set_configuration(self.provider.storage(), &join_config(past_epochs))
+            .map_err(mls)?;
+        self.meta.past_epochs = past_epochs;
+        Ok(())
     }
 
     /// The current epoch.
@@ -836,6 +863,12 @@ impl Channel {
                 self.set_last_seq(header.sender, header.seq, taken);
                 return Ok(Event::Nothing);
             }
+            Some(_) if current - epoch > self.meta.past_epochs as u64 => {
+                return Err(refuse(
+                    RefusalKind::UnknownEpoch,
+                    "from an epoch whose secrets this device has deleted (forward secrecy): too late to read",
+                ));
+            }
             Some(_) => {}
             None if epoch < current => {
                 return Err(refuse(
@@ -1173,8 +1206,13 @@ impl Joining {
         let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
             return Err(peer("not a Welcome".into()));
         };
-        let staged = StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, None)
-            .map_err(|e| peer(e.to_string()))?;
+        let staged = StagedWelcome::new_from_welcome(
+            &self.provider,
+            &join_config(PAST_EPOCHS),
+            welcome,
+            None,
+        )
+        .map_err(|e| peer(e.to_string()))?;
         let inviter = staged
             .welcome_sender()
             .ok()

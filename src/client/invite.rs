@@ -300,7 +300,7 @@ async fn commit_add(
 }
 
 /// Waits for `joiner`'s "joined" message in the channel — sealed under the
-/// channel key, so only a joiner that took in the welcome can send it. Fails
+/// MLS group, so only a joiner that took in the Welcome can send it. Fails
 /// at once if the joiner aborts instead, and after [`CONFIRM_WAIT`] if
 /// nothing comes.
 async fn await_joined(

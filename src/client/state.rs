@@ -7,7 +7,7 @@
 //! Several processes may use one home at once (an app and the CLI, `listen`
 //! and `send`): every change runs in one `BEGIN IMMEDIATE` transaction that
 //! loads the channel as it is on disk, changes it, and writes back what
-//! changed ([`StateDb::change`]). A second writer waits for the first (up to
+//! changed (`StateDb::change`). A second writer waits for the first (up to
 //! the busy timeout), then sees its result: no sequence number is reused, no
 //! commit or message taken in by one process is missed by the other.
 //! `synchronous = FULL`, so a message `send` accepted survives a crash of the

@@ -2,7 +2,7 @@
 //!
 //! - [`cpace`]: CPace-ristretto255-SHA512 per draft-irtf-cfrg-cpace-21.
 //! - [`kdf`]: every HKDF and associated-data label.
-//! - [`aead`]: XChaCha20-Poly1305 sealed boxes with random nonces.
+//! - [`aead`]: XChaCha20-Poly1305 sealed boxes with random nonces (pairing payloads).
 //! - [`envelope`]: the envelope header the relay routes by, and padding.
 //! - [`secret`]: the secret-bytes type all keys are built on.
 //! - [`token`]: relay access tokens and the hashes the relay stores.

@@ -68,8 +68,8 @@ impl<const N: usize> fmt::Debug for SecretBytes<N> {
     }
 }
 
-/// Declares a named secret type over [`SecretBytes`], so that a channel key cannot
-/// be passed where a pairwise key is expected.
+/// Declares a named secret type over [`SecretBytes`], so that one kind of key
+/// cannot be passed where another is expected.
 macro_rules! secret_type {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*

@@ -1,4 +1,4 @@
-//! The relay's wire protocol, version 1: every frame, field, error code and close
+//! The relay's wire protocol, version 2: every frame, field, error code and close
 //! code. Pure types and encode/decode; no I/O.
 //!
 //! All binary values (ids, tokens, envelopes, pairing messages) are unpadded
@@ -27,20 +27,26 @@
 //!  "token":"ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8","cursor":0}
 //! ```
 //!
+//! `v` is the protocol version, 2 (MLS). A `hello` with another version is
+//! refused with `unsupported_version`; to version 1 the relay says "this device
+//! speaks protocol 1; update khub and pair it again".
+//!
 //! `cursor` is the last relay sequence number the device has (0 for none). The
 //! relay answers `{"type":"ready","v":2,"head":17}` (`head`: the channel's newest
 //! sequence number) and then delivers every envelope after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
 //! ```json
-//! {"type":"deliver","seq":18,"envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA..."}
+//! {"type":"deliver","seq":18,"envelope":"AgABAgMEBQYHCAkKCwwNDg8AAAAB..."}
 //! ```
 //!
-//! The device publishes envelopes it sealed itself (the envelope header's
-//! channel and sender must be the session's):
+//! An envelope is the 45-byte header of [`crate::crypto::envelope`] (version 2,
+//! channel, epoch, sender, sender sequence number) followed by an MLS message;
+//! the relay reads only the header. The device publishes envelopes it sealed
+//! itself (the envelope header's channel and sender must be the session's):
 //!
 //! ```json
-//! {"type":"publish","envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA..."}
+//! {"type":"publish","envelope":"AgABAgMEBQYHCAkKCwwNDg8AAAAB..."}
 //! ```
 //!
 //! and gets, only after the envelope is durably stored,
@@ -105,7 +111,7 @@
 //! POST /sync                      Authorization: Bearer <channel>.<device>.<token>
 //! {"cursor":17,"publish":["AQABAgMEBQYHCAkKCwwNDg8AAAAA…"],"limit":100}
 //! → 200 {"acks":[{"seq":18,"duplicate":false}],
-//!        "envelopes":[{"seq":18,"envelope":"AQABAgMEBQYHCAkKCwwNDg8AAAAA…"}],"head":18,"more":false}
+//!        "envelopes":[{"seq":18,"envelope":"AgABAgMEBQYHCAkKCwwNDg8AAAAB…"}],"head":18,"more":false}
 //!
 //! POST /pair/42/claim
 //! → 409 {"error":{"code":"already_claimed","message":"another device already entered this code: make a new code"}}

@@ -1,6 +1,6 @@
 //! The relay: routes and stores opaque envelopes between the devices of each
 //! channel, and carries pairing messages between an inviter and a joiner. It
-//! never sees plaintext, channel keys, code secrets or device names.
+//! never sees plaintext, MLS secrets, code secrets or device names.
 //!
 //! - [`config`]: limits and settings with their defaults.
 //! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite, memory).

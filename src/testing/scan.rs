@@ -51,7 +51,7 @@ impl Scanner {
     }
 
     /// Looks for every secret `device` holds: its relay token, private key
-    /// and channel keys.
+    /// and MLS secrets.
     pub fn add_device(&mut self, device: &crate::client::Device) -> &mut Self {
         for (name, bytes) in device.secrets_for_scan() {
             self.add(format!("{} of {}", name, device.name()), &bytes);

@@ -101,7 +101,7 @@ enum Command {
     /// Measure the relay against a bare baseline in the same run; prints a
     /// Markdown table (run it with --release).
     Bench(Box<BenchArgs>),
-    /// Write the published test vectors (pairing, envelopes, rekey) for checking
+    /// Write the published test vectors (pairing, envelope framing) for checking
     /// another implementation against this one.
     Vectors {
         /// Directory to write the JSON files into (created if missing).
