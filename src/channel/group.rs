@@ -1189,6 +1189,34 @@ impl Joining {
         ))
     }
 
+    /// This joiner's state: its signature public key and every storage row
+    /// (the KeyPackage's private keys among them). For tests and vectors only.
+    #[cfg(feature = "testing")]
+    pub fn state_for_testing_only(&self) -> (Vec<u8>, Vec<Row>) {
+        (self.signer.public().to_vec(), self.provider.rows())
+    }
+
+    /// A joiner from what [`state_for_testing_only`](Self::state_for_testing_only)
+    /// returned. For tests and vectors only.
+    #[cfg(feature = "testing")]
+    pub fn from_state_for_testing_only(
+        me: DeviceId,
+        signature_key: &[u8],
+        rows: Vec<Row>,
+    ) -> Option<Self> {
+        let provider = MlsProvider::load(rows);
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            signature_key,
+            CIPHERSUITE.signature_algorithm(),
+        )?;
+        Some(Self {
+            provider,
+            signer,
+            me,
+        })
+    }
+
     /// Joins `channel` from the Welcome (TLS-encoded `MLSMessage`) the inviter
     /// sent through pairing.
     pub fn join(
