@@ -364,6 +364,58 @@ mod device_commands {
     }
 
     #[test]
+    fn refused_envelopes_are_listed_by_khub_incidents_and_told_by_listen() {
+        let world = paired_world();
+        assert_eq!(world.ok("a", &["incidents"]), "no incidents recorded\n");
+        // The phone's own credentials publish an envelope whose header is
+        // right but whose body is no MLS message (a broken or hostile device).
+        let state = rusqlite::Connection::open(world.home("b").join("device.sqlite3")).unwrap();
+        let (channel, device, token): (Vec<u8>, Vec<u8>, Vec<u8>) = state
+            .query_row("SELECT channel, device, token FROM identity", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        let credentials = khub::protocol::Credentials {
+            channel: khub::ids::ChannelId::from_slice(&channel).unwrap(),
+            device: khub::ids::DeviceId::from_slice(&device).unwrap(),
+            token: khub::crypto::token::AccessToken::from_slice(&token).unwrap(),
+        };
+        let header = khub::crypto::envelope::EnvelopeHeader {
+            channel: credentials.channel,
+            epoch: 1,
+            sender: credentials.device,
+            seq: 1_000,
+        };
+        let envelope = [&header.encode()[..], &[0x5a; 100]].concat();
+        let addr: std::net::SocketAddr = world.url.trim_start_matches("http://").parse().unwrap();
+        let auth = credentials.to_header();
+        let published = tokio::runtime::Runtime::new().unwrap().block_on(crate::common::net::post_json(
+            addr,
+            "/sync",
+            &[("authorization", auth.as_str())],
+            &serde_json::json!({"cursor": 0, "publish": [khub::protocol::b64::encode(&envelope)]}),
+        ));
+        assert_eq!(published.status, 200);
+
+        let drained = world.run("a", &["listen", "--drain"], "");
+        assert!(drained.status.success());
+        let stderr = String::from_utf8_lossy(&drained.stderr);
+        assert!(
+            stderr.contains("incident (relay seq ") && stderr.contains("malformed"),
+            "{stderr}"
+        );
+        let listed = world.ok("a", &["incidents"]);
+        assert!(
+            listed.starts_with("relay seq ") && listed.contains("malformed from "),
+            "{listed}"
+        );
+        let json = json_lines(&world.ok("a", &["incidents", "--json"]));
+        assert_eq!(json.len(), 1);
+        assert_eq!(json[0]["kind"], "malformed");
+        assert_eq!(json[0]["sender"], credentials.device.to_string());
+    }
+
+    #[test]
     fn a_removed_device_can_no_longer_connect() {
         let world = paired_world();
         let (invite, join) = world.pair("a", "c", "tablet", |code| code.to_owned());

@@ -88,6 +88,15 @@ enum Command {
         #[command(flatten)]
         home: HomeArg,
     },
+    /// Show what this device refused — tampered, forged, replayed, from a
+    /// removed device, from a fork of the channel's history — and gaps.
+    Incidents {
+        #[command(flatten)]
+        home: HomeArg,
+        /// One JSON object per line: seq, kind, sender, detail.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a device: revoke it at the relay and commit its removal (MLS).
     Remove {
         #[command(flatten)]
@@ -430,18 +439,56 @@ mod device {
             }
             Command::Listen { home, json, drain } => {
                 let device = Device::open(&home.path()?)?;
+                let mut reported = device.incidents()?.len();
                 if drain {
-                    device.sync().await?;
+                    let synced = device.sync().await;
+                    report_incidents(&device, &mut reported)?;
+                    synced?;
                     while let Some(message) = device.next_unread()? {
                         print_message(&message, json)?;
                         device.mark_read(message.seq)?;
                     }
                 } else {
                     let session = device.connect();
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
                     loop {
-                        let message = session.recv().await?;
-                        print_message(&message, json)?;
-                        device.mark_read(message.seq)?;
+                        tokio::select! {
+                            message = session.recv() => {
+                                let message = message?;
+                                print_message(&message, json)?;
+                                device.mark_read(message.seq)?;
+                            }
+                            _ = tick.tick() => {}
+                        }
+                        report_incidents(&device, &mut reported)?;
+                    }
+                }
+            }
+            Command::Incidents { home, json } => {
+                let device = Device::open(&home.path()?)?;
+                if let Err(e) = device.sync().await {
+                    eprintln!(
+                        "could not catch up with the relay ({e}); these are the incidents recorded so far"
+                    );
+                }
+                let incidents = device.incidents()?;
+                if incidents.is_empty() && !json {
+                    println!("no incidents recorded");
+                }
+                for incident in incidents {
+                    if json {
+                        println!("{}", serde_json::to_string(&incident)?);
+                    } else {
+                        let sender = incident
+                            .sender
+                            .map(|s| format!(" from {s}"))
+                            .unwrap_or_default();
+                        println!(
+                            "relay seq {}  {}{sender}: {}",
+                            incident.seq,
+                            incident.kind.as_str(),
+                            incident.detail
+                        );
                     }
                 }
             }
@@ -494,6 +541,21 @@ mod device {
             bail!("no code given: type the code shown on the other device (like 42-7QK3-M9TZ)");
         }
         Ok(Code::parse(&line)?)
+    }
+
+    /// Tells stderr about incidents recorded since the first `reported`.
+    fn report_incidents(device: &Device, reported: &mut usize) -> anyhow::Result<()> {
+        let incidents = device.incidents()?;
+        for incident in incidents.iter().skip(*reported) {
+            eprintln!(
+                "incident (relay seq {}): {}: {}",
+                incident.seq,
+                incident.kind.as_str(),
+                incident.detail
+            );
+        }
+        *reported = incidents.len();
+        Ok(())
     }
 
     fn print_message(message: &Message, json: bool) -> anyhow::Result<()> {
