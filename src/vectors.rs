@@ -225,18 +225,23 @@ fn pairing() -> Value {
 fn envelopes() -> Value {
     let channel = ChannelId::from_bytes(fixed("channel id"));
     let sender = DeviceId::from_bytes(fixed("inviter device id"));
+    // Application plaintexts: the content type byte (0x00 app, 0x03 joined),
+    // then the application's bytes.
     let texts: [(&str, Vec<u8>); 6] = [
-        ("empty", Vec::new()),
+        ("joined", vec![0x03]),
+        ("empty app message", vec![0x00]),
         ("hello", b"\x00hello".to_vec()),
-        ("31 bytes", vec![b'a'; 31]),
         (
             "note",
             "\u{0}A note with UTF-8: \u{00e9}t\u{00e9} \u{2603}"
                 .as_bytes()
                 .to_vec(),
         ),
-        ("200 bytes", (0..200u8).collect()),
-        ("5000 bytes", vec![0x42; 5000]),
+        (
+            "200 bytes",
+            [&[0x00][..], &(0..199u8).collect::<Vec<_>>()].concat(),
+        ),
+        ("5000 bytes", [&[0x00][..], &[0x42; 4999][..]].concat()),
     ];
     let cases: Vec<Value> = texts
         .iter()
@@ -265,6 +270,10 @@ fn envelopes() -> Value {
         .collect();
     json!({
         "description": "khub envelope framing, protocol 2: the 45-byte header (version 2, channel id, epoch u32 BE, sender id, sender seq u64 BE) that precedes the MLSMessage, and the Padme padding (plaintext || 0x80 || zeros up to padded_len) applied to an application plaintext (its first byte is the content type: 0x00 app, 0x03 joined) before MLS encrypts it. The MLS PrivateMessage's authenticated_data is the header followed by the 16-byte epoch fingerprint (the MLS exporter value for label \"khub/v2/epoch-fingerprint\", empty context).",
+        "random_names": {
+            "channel_id": "channel id",
+            "sender": "inviter device id",
+        },
         "channel_id": h(channel.as_bytes()),
         "sender": h(sender.as_bytes()),
         "cases": cases,

@@ -339,6 +339,21 @@ async fn errors_are_classified_and_state_files_are_private() {
         Device::open(&dir.join("nothing")),
         Err(ClientError::NotInitialized(_))
     ));
+    // A device of protocol 1 (its state file has no format) is told plainly.
+    let old = dir.join("protocol-1");
+    std::fs::create_dir_all(&old).unwrap();
+    rusqlite::Connection::open(old.join("device.sqlite3"))
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE identity (id INTEGER PRIMARY KEY, relay TEXT, name TEXT, token BLOB,
+             keyring BLOB, cursor INTEGER, read INTEGER);",
+        )
+        .unwrap();
+    let refused = Device::open(&old).unwrap_err().to_string();
+    assert!(
+        refused.contains("speaks protocol 1") && refused.contains("pair the device again"),
+        "{refused}"
+    );
     // A URL that is not a relay is refused with an example of one.
     let bad = khub::client::http::RelayAddr::parse("ftp://relay.example").unwrap_err();
     assert!(bad.to_string().contains("https://relay.example"), "{bad}");

@@ -28,8 +28,13 @@ async fn step<T>(future: impl std::future::Future<Output = T>) -> T {
 }
 
 /// An MLS group of one device that is not in the channel, with `channel`'s id.
+/// It is one commit in, like a channel whose second device just joined.
 fn outsider(channel: ChannelId) -> Channel {
-    Channel::create(channel, DeviceId::random(&mut os_rng()), "outsider", 0).unwrap()
+    let mut group =
+        Channel::create(channel, DeviceId::random(&mut os_rng()), "outsider", 0).unwrap();
+    let update = group.commit_update().unwrap();
+    group.take_in(&update.envelope, 0);
+    group
 }
 
 fn scanner_for(devices: &[Device], codes: &[Code], marker: &str) -> Scanner {
@@ -55,7 +60,7 @@ fn mischief(m: impl Fn(usize) -> Vec<u8>, foreign: &[u8], forged: &[u8]) -> Vec<
         m(3),                 // 3 late: below the highest taken in
         m(1),                 // replayed from earlier
         foreign.to_vec(),     // another channel's
-        forged.to_vec(),      // a non-member's (another group, same id)
+        forged.to_vec(),      // a non-member's (another group, same id and epoch)
         flip_byte(&m(5), 44), // header (sender sequence number) changed
         m(5),
         m(6),
@@ -73,16 +78,7 @@ const AUTHENTIC: [usize; 8] = [1, 2, 4, 5, 6, 8, 9, 10];
 const INCIDENTS: [IncidentKind; 10] = {
     use IncidentKind::*;
     [
-        Tampered,
-        Replayed,
-        Gap,
-        Replayed,
-        Replayed,
-        Foreign,
-        UnknownEpoch,
-        Tampered,
-        Gap,
-        Malformed,
+        Tampered, Replayed, Gap, Replayed, Replayed, Foreign, Fork, Tampered, Gap, Malformed,
     ]
 };
 

@@ -419,3 +419,32 @@ fn past_epochs_kept_for_late_messages_are_bounded_and_configurable() {
             .is_err()
     );
 }
+
+#[test]
+fn a_new_device_skips_what_was_sealed_before_it_joined_without_an_incident() {
+    let (a, b, c) = (
+        Device::new("alice"),
+        Device::new("bob"),
+        Device::new("carol"),
+    );
+    let mut ch = channel_of(&[&a, &b]);
+    // Bob writes; the relay orders it after the commit that adds Carol.
+    let before = ch[1].seal(b"before carol").unwrap();
+    let (commit, welcome) = common::add(&mut ch[0], &c.info());
+    ch[1].take_in(&commit, 0);
+    let mut carol = c.join_welcome(&welcome);
+    assert_eq!(
+        app(&ch[0].take_in(&before.envelope, 0)),
+        Some((b.id, b"before carol".to_vec()))
+    );
+    // Carol never had that epoch's secrets: nothing to read, nothing to report.
+    let taken = carol.take_in(&before.envelope, 0);
+    assert!(matches!(taken.event, Some(Event::Nothing)), "{taken:?}");
+    assert!(taken.refusals.is_empty(), "{taken:?}");
+    // What Bob writes next, she reads.
+    let after = ch[1].seal(b"after").unwrap();
+    assert_eq!(
+        app(&carol.take_in(&after.envelope, 0)),
+        Some((b.id, b"after".to_vec()))
+    );
+}

@@ -414,7 +414,7 @@ fn attacker_checks(view: &AttackerView, candidate: &Code) -> bool {
 }
 
 #[test]
-fn a_malicious_relay_gets_one_online_guess_per_pairing_and_nothing_offline() {
+fn a_malicious_relay_gets_one_online_guess_per_side_of_a_pairing_and_nothing_offline() {
     let (laptop, phone) = (Device::new("laptop"), Device::new("phone"));
     let channel = new_channel(&laptop);
     let code = Code::parse("42-7QK3-M9TZ").unwrap();

@@ -284,6 +284,10 @@ async fn oversized_pairing_messages_are_refused() {
     create_channel(relay.addr, &inviter).await;
     let auth = inviter.auth();
     let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
+    // The largest message passes (a full channel's Welcome fits), one byte more does not.
+    let largest = vec![1u8; khub::pairing::message::MAX_MESSAGE_LEN];
+    let stored = send_msg(relay.addr, nameplate, ("authorization", &auth), &largest).await;
+    assert_eq!(stored.status, 202);
     let big = vec![1u8; khub::pairing::message::MAX_MESSAGE_LEN + 1];
     let refused = send_msg(relay.addr, nameplate, ("authorization", &auth), &big).await;
     assert_eq!((refused.status, refused.code()), (413, "too_large".into()));

@@ -54,9 +54,17 @@ pub const LABEL_FINGERPRINT: &str = "khub/v2/epoch-fingerprint";
 const FINGERPRINTS_KEPT: usize = 64;
 /// Sequence numbers of at most this many stale commits are remembered.
 const STALE_KEPT: usize = 256;
-/// Storage key of the snapshot of the previous epoch's group state (khub's
-/// own row; OpenMLS's keys are JSON and never start with this).
-const PREVIOUS_EPOCH_KEY: &[u8] = b"khub/previous-epoch";
+/// Storage key prefix of the snapshots of past epochs' group state (khub's own
+/// rows, followed by the epoch as u64 BE; OpenMLS's keys are JSON and never
+/// start with this).
+const SNAPSHOT_PREFIX: &[u8] = b"khub/epoch-snapshot/";
+/// Snapshots of at most this many past epochs are kept, to check commits
+/// that lost a race but reached the relay after later commits.
+const SNAPSHOTS_KEPT: usize = 3;
+
+fn snapshot_key(epoch: u64) -> Vec<u8> {
+    [SNAPSHOT_PREFIX, &epoch.to_be_bytes()].concat()
+}
 
 /// Why the channel could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +256,8 @@ pub enum Event {
         by: DeviceId,
     },
     /// Nothing for this device: its own message coming back, a commit that lost
-    /// its epoch's race, or a message from before it joined.
+    /// its epoch's race (checked), or an envelope sealed before this device
+    /// joined (which it cannot read, and which can change nothing).
     Nothing,
 }
 
@@ -290,6 +299,10 @@ struct Meta {
     /// Fingerprints of the epochs this device held, newest last.
     fingerprints: Vec<(u64, [u8; FINGERPRINT_LEN])>,
     pending: Option<Pending>,
+    /// The epoch this device created or joined the channel in: it never had
+    /// the secrets of earlier ones.
+    #[serde(default)]
+    joined_epoch: u64,
     /// How many past epochs' message secrets are kept.
     #[serde(default = "default_past_epochs")]
     past_epochs: usize,
@@ -407,6 +420,7 @@ impl Channel {
                 stale: Vec::new(),
                 fingerprints: Vec::new(),
                 pending: None,
+                joined_epoch: group.epoch().as_u64(),
                 past_epochs: PAST_EPOCHS,
                 sealed_since_update: 0,
                 updated_at: now,
@@ -657,6 +671,19 @@ impl Channel {
         self.provider.rows()
     }
 
+    /// The relay refused this device's envelope `seq` for good: if it was the
+    /// pending commit, that change is dropped (and returned) so the device can
+    /// commit again.
+    pub fn abandon(&mut self, seq: u64) -> Result<Option<Intent>, ChannelError> {
+        if self.meta.pending.as_ref().is_none_or(|p| p.seq != seq) {
+            return Ok(None);
+        }
+        self.group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(mls)?;
+        Ok(self.meta.pending.take().map(|p| p.intent))
+    }
+
     /// Whether this device should commit an update of its own leaf now.
     pub fn needs_update(&self, now: u64) -> bool {
         !self.meta.removed
@@ -870,10 +897,17 @@ impl Channel {
                 ));
             }
             Some(_) => {}
+            None if epoch < self.meta.joined_epoch => {
+                // Sealed before this device joined (a late message, or a commit
+                // that lost the race with the one that added it): MLS never
+                // gave it those secrets, and nothing of it can be accepted.
+                tracing::debug!(epoch, "an envelope from before this device joined");
+                return Ok(Event::Nothing);
+            }
             None if epoch < current => {
                 return Err(refuse(
                     RefusalKind::UnknownEpoch,
-                    "from an epoch before this device joined, or older than it keeps: it cannot be read",
+                    "from an epoch older than this device keeps: it cannot be read",
                 ));
             }
             None => {
@@ -932,17 +966,25 @@ impl Channel {
     }
 
     /// Keeps the group's state as it is now, before a commit moves it on, so
-    /// that a commit that loses this epoch's race can still be checked.
+    /// that a commit that loses this epoch's race can still be checked; drops
+    /// all but the newest [`SNAPSHOTS_KEPT`] such snapshots.
     fn keep_previous_epoch(&mut self) {
-        let mut snapshot = self.epoch().to_be_bytes().to_vec();
-        snapshot.extend_from_slice(&self.provider.snapshot(PREVIOUS_EPOCH_KEY));
-        self.provider.set_extra(PREVIOUS_EPOCH_KEY, Some(snapshot));
+        let epoch = self.epoch();
+        let snapshot = self.provider.snapshot(SNAPSHOT_PREFIX);
+        self.provider
+            .set_extra(&snapshot_key(epoch), Some(snapshot));
+        let mut kept = self.provider.extra_keys(SNAPSHOT_PREFIX);
+        kept.sort();
+        let excess = kept.len().saturating_sub(SNAPSHOTS_KEPT);
+        for key in &kept[..excess] {
+            self.provider.set_extra(key, None);
+        }
     }
 
     /// A commit for an epoch already settled, from a current member: checked
-    /// against the previous epoch's state (kept for this), it is a lost race
-    /// and changes nothing; one that does not authenticate, or is for an
-    /// older epoch, is refused.
+    /// against that epoch's state (kept for this), it is a lost race and
+    /// changes nothing; one that does not authenticate, or is for an epoch
+    /// older than the snapshots kept, is refused.
     fn stale_commit(
         &mut self,
         header: &EnvelopeHeader,
@@ -950,20 +992,17 @@ impl Channel {
         private: PrivateMessageIn,
     ) -> Result<(), Refusal> {
         let refuse = |kind, detail: &str| Refusal::new(kind, Some(header.sender), detail);
-        let snapshot = self.provider.get_extra(PREVIOUS_EPOCH_KEY);
-        let previous = snapshot.as_deref().and_then(|s| {
-            let (epoch, rows) = s.split_first_chunk::<8>()?;
-            (u64::from_be_bytes(*epoch) == u64::from(header.epoch))
-                .then(|| MlsProvider::from_snapshot(rows))
-                .flatten()
-        });
+        let previous = self
+            .provider
+            .get_extra(&snapshot_key(u64::from(header.epoch)))
+            .and_then(|rows| MlsProvider::from_snapshot(&rows));
         let Some(provider) = previous else {
             self.meta.stale.push((header.sender, header.seq));
             let excess = self.meta.stale.len().saturating_sub(STALE_KEPT);
             self.meta.stale.drain(..excess);
             return Err(refuse(
                 RefusalKind::StaleCommit,
-                "a commit for an epoch settled long ago, which cannot be checked: a very late lost race, or an injection; ignored",
+                "a commit for an epoch settled long ago, which can no longer be checked: a very late lost race, or an injection; ignored",
             ));
         };
         let mut group = MlsGroup::load(
@@ -975,7 +1014,7 @@ impl Channel {
         .ok_or_else(|| {
             refuse(
                 RefusalKind::StaleCommit,
-                "the previous epoch's state is gone",
+                "that epoch's kept state is damaged",
             )
         })?;
         let processed = group
@@ -983,14 +1022,14 @@ impl Channel {
             .map_err(|e| {
                 refuse(
                     RefusalKind::Tampered,
-                    &format!("a commit for the previous epoch that does not authenticate ({e})"),
+                    &format!("a commit for a settled epoch that does not authenticate ({e})"),
                 )
             })?;
         let signer = member_of(processed.credential());
         if signer.map(|m| m.id) != Some(header.sender) || processed.aad() != aad {
             return Err(refuse(
                 RefusalKind::Forged,
-                "a commit for the previous epoch signed by one member while its header names another",
+                "a commit for a settled epoch signed by one member while its header names another",
             ));
         }
         tracing::debug!(sender = %header.sender, epoch = header.epoch, "a commit that lost its epoch's race");

@@ -76,8 +76,23 @@ impl MlsProvider {
         };
     }
 
-    /// Every row but `except`, encoded as `(u32 key length, key, u32 value
-    /// length, value)*`: a snapshot another provider can load.
+    /// The keys of khub's own rows that start with `prefix`.
+    pub fn extra_keys(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        let values = self
+            .storage
+            .values
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        values
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Every row but those whose key starts with `except`, encoded as `(u32
+    /// key length, key, u32 value length, value)*`: a snapshot another
+    /// provider can load.
     pub fn snapshot(&self, except: &[u8]) -> Vec<u8> {
         let values = self
             .storage
@@ -85,7 +100,7 @@ impl MlsProvider {
             .read()
             .unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for (key, value) in values.iter().filter(|(k, _)| k.as_slice() != except) {
+        for (key, value) in values.iter().filter(|(k, _)| !k.starts_with(except)) {
             for part in [key, value] {
                 let len = u32::try_from(part.len()).expect("storage rows are far below 4 GiB");
                 out.extend_from_slice(&len.to_be_bytes());

@@ -15,6 +15,7 @@ use super::http::{REQUEST_TIMEOUT, RelayAddr};
 use super::incident::{Incident, IncidentKind};
 use super::state::{Change, Identity, InboxMessage, StateDb};
 use crate::channel::{Channel, ChannelError, Event, Member, Outgoing, validate_name};
+use crate::crypto::envelope::EnvelopeHeader;
 use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
@@ -327,15 +328,18 @@ impl Device {
         Ok(())
     }
 
-    /// The relay sequence number envelope `sender_seq` was stored under, if
-    /// this process saw its ack.
-    pub(crate) fn ack_of(&self, sender_seq: u64) -> Option<u64> {
-        self.inner
-            .acks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&sender_seq)
-            .copied()
+    /// The relay sequence number of this device's commit `sender_seq`, once
+    /// it has won its epoch (taken in by this process or another on the home).
+    pub(crate) fn commit_seq(&self, sender_seq: u64) -> Result<Option<u64>, ClientError> {
+        self.db().commit_seq(sender_seq)
+    }
+
+    /// Keeps the message secrets of the last `past_epochs` epochs (0 to
+    /// [`MAX_PAST_EPOCHS`](crate::channel::group::MAX_PAST_EPOCHS); 3 unless
+    /// set) for messages that arrive late; older ones are deleted. Fewer is
+    /// more forward secrecy.
+    pub fn set_past_epochs(&self, past_epochs: usize) -> Result<(), ClientError> {
+        self.change(|change| Ok(change.channel.set_past_epochs(past_epochs)?))
     }
 
     /// The relay refused envelope `sender_seq` for good (not for quota, which
@@ -354,6 +358,12 @@ impl Device {
         );
         self.change(|change| {
             change.unqueue(sender_seq)?;
+            if let Some(intent) = change.channel.abandon(sender_seq)? {
+                warn!(
+                    ?intent,
+                    "the refused envelope was this device's change of membership; it was dropped"
+                );
+            }
             change.record(&Incident::other(
                 0,
                 IncidentKind::NotPublished,
@@ -422,6 +432,12 @@ impl Device {
                             format!("undecodable message skipped: {e}"),
                         )),
                     },
+                    Some(Event::OwnCommit(intent)) => {
+                        if let Ok(header) = EnvelopeHeader::decode(envelope) {
+                            change.committed(header.seq, seq)?;
+                        }
+                        tracing::debug!(seq, ?intent, "this device's commit holds");
+                    }
                     Some(event) => tracing::debug!(seq, ?event, "channel event"),
                     None => {}
                 }

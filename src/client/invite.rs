@@ -169,7 +169,11 @@ impl Device {
             Nameplate::new(opened.nameplate).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let code = Code::generate(nameplate, &mut rng);
         let (state, start) = Inviter::start(&code, sid, &mut rng);
-        inviter_mailbox(self, &code).post(&start).await?;
+        let mailbox = inviter_mailbox(self, &code);
+        if let Err(e) = mailbox.post(&start).await {
+            mailbox.end().await;
+            return Err(e);
+        }
         Ok(Invitation {
             device: self.clone(),
             code,
@@ -280,15 +284,9 @@ async fn commit_add(
         let (sender_seq, welcome) =
             device.queue_commit(|channel| channel.commit_add(joiner, key_package))?;
         device.settle(COMMIT_WAIT).await?;
-        let added = device.members()?.iter().any(|m| m.id == joiner);
-        match device.ack_of(sender_seq) {
-            Some(seq) if added => return Ok((seq, welcome)),
-            _ if added => {
-                return Err(ClientError::Protocol(
-                    "the relay ordered the new device's commit without acknowledging it".into(),
-                ));
-            }
-            _ => tracing::info!(
+        match device.commit_seq(sender_seq)? {
+            Some(seq) => return Ok((seq, welcome)),
+            None => tracing::info!(
                 ?joiner,
                 "another member's commit won the epoch; adding again"
             ),
@@ -382,22 +380,34 @@ pub async fn join(
             Zeroizing::new(b64::encode(claimed.claim.expose())),
         ),
     };
-    let start = mailbox.receive(0, deadline, timeout.as_secs()).await?;
     let info = DeviceInfo::new(id, token.expose(), key_package);
-    let (awaiting, response) = match Joiner::respond(code, claimed.sid, &start, &info, &mut rng) {
-        Ok(ok) => ok,
-        Err(e) => {
-            mailbox.abort(e.abort_reason()).await;
-            return Err(e.into());
-        }
+    let cancelled = |e: ClientError| (AbortReason::Cancelled, e);
+    let exchange = async {
+        let start = mailbox
+            .receive(0, deadline, timeout.as_secs())
+            .await
+            .map_err(cancelled)?;
+        let (awaiting, response) = Joiner::respond(code, claimed.sid, &start, &info, &mut rng)
+            .map_err(|e| (e.abort_reason(), e.into()))?;
+        mailbox.post(&response).await.map_err(cancelled)?;
+        let finish = mailbox
+            .receive(1, deadline, timeout.as_secs())
+            .await
+            .map_err(cancelled)?;
+        awaiting
+            .receive(&finish)
+            .map_err(|e| (e.abort_reason(), e.into()))
     };
-    mailbox.post(&response).await?;
-    let finish = mailbox.receive(1, deadline, timeout.as_secs()).await?;
-    let joined = match awaiting.receive(&finish) {
+    let joined = match exchange.await {
         Ok(joined) => joined,
-        Err(e) => {
-            mailbox.abort(e.abort_reason()).await;
-            return Err(e.into());
+        Err((reason, e)) => {
+            // Whatever went wrong here, the slot ends now, not at its TTL, and
+            // the other side hears why (unless it is the one that stopped).
+            match &e {
+                ClientError::Pairing(PairingError::PeerAborted(_)) => mailbox.end().await,
+                _ => mailbox.abort(reason).await,
+            }
+            return Err(e);
         }
     };
     mailbox.end().await;

@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS incidents (
 CREATE TABLE IF NOT EXISTS joined (
     device    BLOB PRIMARY KEY  -- devices whose 'joined' message was taken in
 );
+CREATE TABLE IF NOT EXISTS commits (
+    sender_seq INTEGER PRIMARY KEY,  -- this device's commit that won its epoch
+    seq        INTEGER NOT NULL      -- its relay sequence number
+);
 ";
 
 /// What the identity row holds that never changes.
@@ -180,6 +184,18 @@ impl Change<'_> {
             .map(drop)
     }
 
+    /// Records that this device's commit `sender_seq` won its epoch as relay
+    /// sequence number `seq` (whichever process took it in).
+    pub fn committed(&self, sender_seq: u64, seq: u64) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO commits (sender_seq, seq) VALUES (?1, ?2)",
+                params![i64_of(sender_seq), i64_of(seq)],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
     /// The relay acked (or finally refused) an envelope: it leaves the outbox.
     pub fn unqueue(&self, sender_seq: u64) -> Result<(), ClientError> {
         self.tx
@@ -252,6 +268,7 @@ impl StateDb {
         create_private_dir(home)?;
         create_private_file(&path)?;
         let mut db = Self::connect(&path)?;
+        db.conn.execute_batch(SCHEMA).map_err(err)?;
         let tx = db.conn.transaction().map_err(err)?;
         let (meta, changes) = channel.save();
         tx.execute(
@@ -287,21 +304,26 @@ impl StateDb {
             return Err(ClientError::NotInitialized(home.display().to_string()));
         }
         let db = Self::connect(&path)?;
-        let has_format: bool = db
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('identity') WHERE name = 'format'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(err)?
-            > 0;
+        let columns = |condition: &str| -> Result<i64, ClientError> {
+            db.conn
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM pragma_table_info('identity') {condition}"),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)
+        };
+        if columns("")? == 0 {
+            return Err(ClientError::NotInitialized(home.display().to_string()));
+        }
+        let has_format = columns("WHERE name = 'format'")? > 0;
         if !has_format {
             return Err(ClientError::State(format!(
                 "the device in {} speaks protocol 1; remove that directory and pair the device again",
                 home.display()
             )));
         }
+        db.conn.execute_batch(SCHEMA).map_err(err)?;
         let row = db
             .conn
             .query_row(
@@ -338,9 +360,12 @@ impl StateDb {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
+        // Deleted secrets (old epochs, consumed keys) are overwritten in the
+        // file, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Self { conn })
     }
 
@@ -401,6 +426,20 @@ impl StateDb {
             )
             .map_err(err)?;
         Ok(())
+    }
+
+    /// The relay sequence number of this device's commit `sender_seq`, once
+    /// it has won its epoch.
+    pub fn commit_seq(&self, sender_seq: u64) -> Result<Option<u64>, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT seq FROM commits WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|seq| seq.map(u64_of))
+            .map_err(err)
     }
 
     /// Whether `device`'s "joined" message was taken in.

@@ -372,7 +372,7 @@ fn check_message(message: &[u8]) -> Result<(), SlotError> {
     if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
         return Err(SlotError {
             code: ErrorCode::TooLarge,
-            message: "a pairing message must be between 1 byte and 32 KiB",
+            message: "a pairing message must be between 1 byte and 64 KiB",
         });
     }
     Ok(())

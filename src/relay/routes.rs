@@ -39,8 +39,9 @@ use crate::protocol::{
 
 /// Longest a pairing long-poll waits.
 pub const MAX_POLL: Duration = Duration::from_secs(25);
-/// Largest pairing mailbox request body.
-const MAX_PAIR_BODY: u64 = 64 * 1024;
+/// Largest pairing mailbox request body: the largest pairing message in
+/// base64 inside its JSON object.
+const MAX_PAIR_BODY: u64 = (crate::pairing::message::MAX_MESSAGE_LEN as u64).div_ceil(3) * 4 + 1024;
 /// Largest body of the small JSON requests.
 const MAX_SMALL_BODY: u64 = 4 * 1024;
 
