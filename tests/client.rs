@@ -501,3 +501,50 @@ async fn messages_refused_for_the_quota_go_out_in_order_once_it_frees() {
     .expect("the outbox empties");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_relay_refuses_is_an_error_and_an_incident_never_queued() {
+    let mut config = RelayConfig::default();
+    // Room for pairing's commit and small notes, not for a 20 KB one.
+    config.limits.max_envelope_bytes = 8_000;
+    let relay = TestRelay::start(config).await;
+    let dir = common::tempdir("client-refused");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let session = d[0].connect();
+    assert!(matches!(
+        session.send(b"first", STEP).await.unwrap(),
+        Sent::Acked { .. }
+    ));
+    let refused = session
+        .send(&[b'x'; 20_000], STEP)
+        .await
+        .expect_err("the relay refuses the envelope");
+    assert!(
+        matches!(&refused, ClientError::Relay { code, .. } if code == "too_large"),
+        "{refused:?}"
+    );
+    assert_eq!(d[0].pending().unwrap(), 0, "not left queued");
+    let incidents = d[0].incidents().unwrap();
+    assert_eq!(incidents.len(), 1, "{incidents:?}");
+    assert_eq!(incidents[0].kind, khub::client::IncidentKind::NotPublished);
+    // The next message goes through; the phone notices the number the refused
+    // envelope used as a gap.
+    assert!(matches!(
+        session.send(b"small", STEP).await.unwrap(),
+        Sent::Acked { .. }
+    ));
+    let phone = d[1].connect();
+    for expected in [&b"first"[..], b"small"] {
+        let message = tokio::time::timeout(STEP, phone.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(message.body, expected);
+        d[1].mark_read(message.seq).unwrap();
+    }
+    let gaps = d[1].incidents().unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].kind, khub::client::IncidentKind::Gap);
+    assert!(gaps[0].detail.contains("refused to store"), "{gaps:?}");
+    relay.stop().await;
+}

@@ -50,10 +50,10 @@ pub const UPDATE_AFTER_SECS: u64 = 7 * 24 * 3600;
 pub const FINGERPRINT_LEN: usize = 16;
 /// MLS exporter label of the epoch fingerprint.
 pub const LABEL_FINGERPRINT: &str = "khub/v2/epoch-fingerprint";
+/// A removal that loses this many races in a row is reported as blocked.
+const BLOCKED_AFTER: u32 = 3;
 /// Fingerprints of at most this many epochs are kept (for fork detection).
 const FINGERPRINTS_KEPT: usize = 64;
-/// Sequence numbers of at most this many stale commits are remembered.
-const STALE_KEPT: usize = 256;
 /// Storage key prefix of the snapshots of past epochs' group state (khub's own
 /// rows, followed by the epoch as u64 BE; OpenMLS's keys are JSON and never
 /// start with this).
@@ -129,6 +129,8 @@ pub enum RefusalKind {
     /// A commit for an epoch already settled by another commit: a lost race,
     /// or an injection; either way ignored.
     StaleCommit,
+    /// This device's removal of a member keeps losing to other commits.
+    Blocked,
 }
 
 impl RefusalKind {
@@ -148,6 +150,7 @@ impl RefusalKind {
             Self::Gap => "gap",
             Self::NotPublished => "not_published",
             Self::StaleCommit => "stale_commit",
+            Self::Blocked => "blocked",
         }
     }
 
@@ -166,6 +169,7 @@ impl RefusalKind {
             Self::Gap,
             Self::NotPublished,
             Self::StaleCommit,
+            Self::Blocked,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)
@@ -279,6 +283,9 @@ struct Pending {
     seq: u64,
     envelope: Vec<u8>,
     intent: Intent,
+    /// How many times in a row this intent lost its epoch's race.
+    #[serde(default)]
+    losses: u32,
 }
 
 /// khub's own state beside the MLS group, stored as JSON next to the MLS rows.
@@ -292,10 +299,6 @@ struct Meta {
     next_seq: u64,
     /// The highest sender sequence number taken in, per sender.
     last_seq: Vec<(DeviceId, u64)>,
-    /// Sender sequence numbers that arrived as stale commits (unverifiable,
-    /// so they move nothing), newest last: not counted as gaps.
-    #[serde(default)]
-    stale: Vec<(DeviceId, u64)>,
     /// Fingerprints of the epochs this device held, newest last.
     fingerprints: Vec<(u64, [u8; FINGERPRINT_LEN])>,
     pending: Option<Pending>,
@@ -417,7 +420,6 @@ impl Channel {
                 signature_key: signer.public().to_vec(),
                 next_seq: 1,
                 last_seq: Vec::new(),
-                stale: Vec::new(),
                 fingerprints: Vec::new(),
                 pending: None,
                 joined_epoch: group.epoch().as_u64(),
@@ -717,6 +719,7 @@ impl Channel {
             seq: outgoing.seq,
             envelope: outgoing.envelope.clone(),
             intent,
+            losses: 0,
         });
         Ok(outgoing)
     }
@@ -955,6 +958,7 @@ impl Channel {
                 })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                self.check_commit(signer.id, &staged)?;
                 self.set_last_seq(header.sender, header.seq, taken);
                 self.apply_commit(signer.id, *staged, taken)
             }
@@ -997,9 +1001,6 @@ impl Channel {
             .get_extra(&snapshot_key(u64::from(header.epoch)))
             .and_then(|rows| MlsProvider::from_snapshot(&rows));
         let Some(provider) = previous else {
-            self.meta.stale.push((header.sender, header.seq));
-            let excess = self.meta.stale.len().saturating_sub(STALE_KEPT);
-            self.meta.stale.drain(..excess);
             return Err(refuse(
                 RefusalKind::StaleCommit,
                 "a commit for an epoch settled long ago, which can no longer be checked: a very late lost race, or an injection; ignored",
@@ -1045,27 +1046,16 @@ impl Channel {
     }
 
     /// Records that `seq` of `sender` was taken in, and a gap if numbers were
-    /// skipped (not for the first one seen: a joiner starts mid-stream; not
-    /// for numbers that arrived as stale commits).
+    /// skipped (not for the first one seen: a joiner starts mid-stream).
     fn set_last_seq(&mut self, sender: DeviceId, seq: u64, taken: &mut TakenIn) {
         let last = self.last_seq(sender);
-        let missing = if last == 0 {
-            0
-        } else {
-            let stale = self
-                .meta
-                .stale
-                .iter()
-                .filter(|(d, s)| *d == sender && *s > last && *s < seq)
-                .count() as u64;
-            (seq - last - 1).saturating_sub(stale)
-        };
+        let missing = if last == 0 { 0 } else { seq - last - 1 };
         if missing > 0 {
             taken.refusals.push(Refusal::new(
                 RefusalKind::Gap,
                 Some(sender),
                 format!(
-                    "{missing} of this sender's messages {}..={} never arrived: the relay dropped them",
+                    "{missing} of this sender's messages {}..={} never arrived: the relay dropped them (or refused to store them)",
                     last + 1,
                     seq - 1
                 ),
@@ -1112,6 +1102,63 @@ impl Channel {
         self.remember_fingerprint()
             .map_err(|e| Refusal::new(RefusalKind::Malformed, None, e.to_string()))?;
         Ok(Event::OwnCommit(pending.intent))
+    }
+
+    /// What MLS leaves to the application: a commit may only add and remove
+    /// devices (with its author's own update path), every credential in it
+    /// must be a khub credential, its author's leaf must keep its credential,
+    /// and no device id may be held by two leaves afterwards. Without this, a
+    /// member could plant a leaf that no one sees or that speaks as another
+    /// member, and keep it after its own removal.
+    fn check_commit(&self, by: DeviceId, staged: &StagedCommit) -> Result<(), Refusal> {
+        let forged = |detail: String| Refusal::new(RefusalKind::Forged, Some(by), detail);
+        for queued in staged.queued_proposals() {
+            if !matches!(queued.proposal(), Proposal::Add(_) | Proposal::Remove(_)) {
+                return Err(Refusal::new(
+                    RefusalKind::Unexpected,
+                    Some(by),
+                    "a commit with proposals other than Add and Remove: khub members only add and remove devices",
+                ));
+            }
+        }
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            let author = self
+                .group
+                .members()
+                .find(|m| member_of(&m.credential).is_some_and(|m| m.id == by))
+                .map(|m| m.credential);
+            if author.as_ref() != Some(leaf.credential()) {
+                return Err(forged(
+                    "a commit that changes its author's credential (its id or name)".into(),
+                ));
+            }
+        }
+        let removed: Vec<LeafNodeIndex> = staged
+            .remove_proposals()
+            .map(|p| p.remove_proposal().removed())
+            .collect();
+        let mut ids: Vec<DeviceId> = self
+            .group
+            .members()
+            .filter(|m| !removed.contains(&m.index))
+            .filter_map(|m| member_of(&m.credential).map(|m| m.id))
+            .collect();
+        for add in staged.add_proposals() {
+            let credential = add.add_proposal().key_package().leaf_node().credential();
+            let Some(added) = member_of(credential) else {
+                return Err(forged(
+                    "a commit that adds a device whose credential is not a khub credential".into(),
+                ));
+            };
+            if ids.contains(&added.id) {
+                return Err(forged(format!(
+                    "a commit that adds a second leaf for device {}",
+                    added.id
+                )));
+            }
+            ids.push(added.id);
+        }
+        Ok(())
     }
 
     fn apply_commit(
@@ -1167,6 +1214,20 @@ impl Channel {
             // still calls for one (its count was not reset).
             Intent::Update | Intent::Add(_) => None,
         };
+        let losses = lost.losses + 1;
+        if let Some(pending) = self.meta.pending.as_mut() {
+            pending.losses = losses;
+        }
+        if losses >= BLOCKED_AFTER && matches!(lost.intent, Intent::Remove(_)) {
+            taken.refusals.push(Refusal::new(
+                RefusalKind::Blocked,
+                Some(by),
+                format!(
+                    "this device's removal ({:?}) lost its epoch's race {losses} times in a row: a device being removed may be working with the relay to block it; it is tried again",
+                    lost.intent
+                ),
+            ));
+        }
         match again {
             Some(Ok(outgoing)) => taken.outgoing.push(outgoing),
             Some(Err(e)) => taken.refusals.push(Refusal::new(
@@ -1290,6 +1351,15 @@ impl Joining {
             .map_err(|e| peer(e.to_string()))?;
         if group.group_id().as_slice() != channel.as_bytes() {
             return Err(peer("it is for another channel".into()));
+        }
+        let mut ids = Vec::new();
+        for leaf in group.members() {
+            let member = member_of(&leaf.credential)
+                .ok_or_else(|| peer("a member's credential is not a khub credential".into()))?;
+            if ids.contains(&member.id) {
+                return Err(peer(format!("device {} holds two leaves", member.id)));
+            }
+            ids.push(member.id);
         }
         let channel = Channel::assemble(self.provider, group, self.signer, channel, self.me, now)?;
         if channel.leaf_of(channel.meta.me).is_none() {

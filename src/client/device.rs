@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hyper::Method;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
-use warp::http::Method;
 
 use super::control::Control;
 use super::error::ClientError;
@@ -580,12 +580,14 @@ impl Device {
         }
         // Settle anything pending first: one change of membership at a time.
         self.settle(SETTLE_WAIT).await?;
+        if !self.members()?.iter().any(|m| m.id == device) {
+            return Err(ClientError::State(format!(
+                "device {device} is not a member of this channel (see `khub devices`)"
+            )));
+        }
         let path = format!("/channels/{}/devices/{}", self.inner.channel, device);
         let _: DeviceList = self.call(Method::DELETE, &path, None::<&()>).await?;
-        let is_member = self.members()?.iter().any(|m| m.id == device);
-        if is_member {
-            self.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))?;
-        }
+        self.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))?;
         self.settle(SETTLE_WAIT).await
     }
 }
