@@ -17,19 +17,24 @@
 //! | [`vectors`] | the published test vectors, generated from fixed randomness | none |
 //! | `testing` | (feature `testing`) a harness: in-process relay, fault proxy, hostile relay, secret scanner | network, disk |
 //!
-//! SECURITY.md states the threat model and the full construction.
+//! `relay` needs the `server` feature, `client` the `client` feature, `bench`
+//! the `bench` feature; the pure modules are always built. SECURITY.md states
+//! the threat model and the full construction.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod channel;
+#[cfg(feature = "client")]
 pub mod client;
 mod codec;
 pub mod crypto;
 pub mod ids;
 pub mod pairing;
 pub mod protocol;
+#[cfg(feature = "server")]
 pub mod relay;
 #[cfg(feature = "testing")]
 pub mod testing;

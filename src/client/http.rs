@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
-use warp::http::{Method, Request, Uri};
 
 use super::error::ClientError;
 use crate::protocol::ErrorResponse;

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use hyper::Method;
 use tokio::time::Instant;
-use warp::http::Method;
 use zeroize::Zeroizing;
 
 use super::control::Control;
