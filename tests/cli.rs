@@ -158,6 +158,37 @@ mod device_commands {
         }
     }
 
+    impl World {
+        /// Stops the relay, as if it went away.
+        fn stop_relay(&mut self) {
+            let _ = self.relay.kill();
+            let _ = self.relay.wait();
+        }
+    }
+
+    #[test]
+    fn empty_sends_empty_drains_and_an_unreachable_relay_are_said_plainly() {
+        let mut world = paired_world();
+        let empty = world.run("a", &["send"], "");
+        assert!(!empty.status.success());
+        let stderr = String::from_utf8_lossy(&empty.stderr);
+        assert!(stderr.contains("nothing to send"), "{stderr}");
+        let drained = world.run("b", &["listen", "--drain"], "");
+        assert!(drained.status.success());
+        assert!(drained.stdout.is_empty());
+        assert_eq!(String::from_utf8_lossy(&drained.stderr), "nothing new\n");
+        world.stop_relay();
+        let devices = world.run("a", &["devices"], "");
+        assert!(devices.status.success());
+        let stdout = String::from_utf8_lossy(&devices.stdout);
+        assert!(
+            stdout.contains("laptop  (this device)") && stdout.contains("phone"),
+            "{stdout}"
+        );
+        let stderr = String::from_utf8_lossy(&devices.stderr);
+        assert!(stderr.starts_with("could not ask the relay"), "{stderr}");
+    }
+
     impl Drop for World {
         fn drop(&mut self) {
             let _ = self.relay.kill();
@@ -420,20 +451,15 @@ mod device_commands {
         let world = paired_world();
         let (invite, join) = world.pair("a", "c", "tablet", |code| code.to_owned());
         assert!(invite.status.success() && join.status.success());
-        let devices = world.ok("a", &["devices"]);
-        let tablet = devices
-            .lines()
-            .find(|l| l.contains("tablet"))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned();
+        // Removed by its name (`khub devices` lists names and ids).
+        let removed = world.ok("a", &["remove", "tablet"]);
         assert!(
-            world
-                .ok("a", &["remove", &tablet])
-                .contains("new MLS epoch")
+            removed.starts_with("removed tablet (") && removed.contains("new MLS epoch"),
+            "{removed}"
         );
+        let unknown = world.run("a", &["remove", "nobody"], "");
+        assert!(!unknown.status.success());
+        assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device is named \"nobody\""));
         world.ok("a", &["send", "after the tablet left"]);
         for args in [&["listen", "--drain"][..], &["send", "still here?"][..]] {
             let refused = world.run("c", args, "");

@@ -101,7 +101,7 @@ enum Command {
     Remove {
         #[command(flatten)]
         home: HomeArg,
-        /// The device's id (see `khub devices`).
+        /// The device's name or id (see `khub devices`).
         device: String,
     },
     /// Be a scriptable reference device for testing another SDK: pair, then
@@ -346,7 +346,7 @@ mod device {
     use std::io::{BufRead, IsTerminal, Read, Write};
     use std::time::Duration;
 
-    use anyhow::{Context, bail};
+    use anyhow::bail;
     use khub::client::{Device, Message, Sent, join};
     use khub::pairing::Code;
 
@@ -419,6 +419,9 @@ mod device {
                 let body = match text {
                     Some(text) => text.into_bytes(),
                     None => {
+                        if std::io::stdin().is_terminal() {
+                            eprintln!("Type the message; end it with Ctrl-D on a line of its own:");
+                        }
                         let mut body = Vec::new();
                         std::io::stdin().read_to_end(&mut body)?;
                         // `echo note | khub send` adds one newline; the note does not have it.
@@ -428,6 +431,9 @@ mod device {
                         body
                     }
                 };
+                if body.is_empty() {
+                    bail!("nothing to send: give the message as an argument, or on stdin");
+                }
                 let session = device.connect();
                 match session.send(&body, Duration::from_secs(wait)).await? {
                     Sent::Acked { seq } => println!("sent (relay seq {seq})"),
@@ -444,13 +450,19 @@ mod device {
                     let synced = device.sync().await;
                     report_incidents(&device, &mut reported)?;
                     synced?;
+                    let mut printed = 0;
                     while let Some(message) = device.next_unread()? {
                         print_message(&message, json)?;
                         device.mark_read(message.seq)?;
+                        printed += 1;
+                    }
+                    if printed == 0 {
+                        eprintln!("nothing new");
                     }
                 } else {
                     let session = device.connect();
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    let mut told = None;
                     loop {
                         tokio::select! {
                             message = session.recv() => {
@@ -461,6 +473,7 @@ mod device {
                             _ = tick.tick() => {}
                         }
                         report_incidents(&device, &mut reported)?;
+                        report_status(&session.status(), &mut told);
                     }
                 }
             }
@@ -494,7 +507,15 @@ mod device {
             }
             Command::Devices { home } => {
                 let device = Device::open(&home.path()?)?;
-                let admitted = device.relay_devices().await.ok();
+                let admitted = match device.relay_devices().await {
+                    Ok(admitted) => Some(admitted),
+                    Err(e) => {
+                        eprintln!(
+                            "could not ask the relay which devices it lets in ({e}); this is this device's own view"
+                        );
+                        None
+                    }
+                };
                 for member in device.members()? {
                     let mut notes = Vec::new();
                     if member.id == device.id() {
@@ -504,7 +525,7 @@ mod device {
                         .as_ref()
                         .is_some_and(|ids| !ids.contains(&member.id))
                     {
-                        notes.push("not admitted at the relay");
+                        notes.push("no longer let in by the relay");
                     }
                     let notes = if notes.is_empty() {
                         String::new()
@@ -516,9 +537,29 @@ mod device {
             }
             Command::Remove { home, device: id } => {
                 let device = Device::open(&home.path()?)?;
-                let id = id.parse().context("not a device id: see `khub devices`")?;
+                let members = device.members()?;
+                let id = match id.parse::<khub::ids::DeviceId>() {
+                    Ok(id) => id,
+                    Err(_) => {
+                        let named: Vec<_> = members.iter().filter(|m| m.name == id).collect();
+                        match named.as_slice() {
+                            [one] => one.id,
+                            [] => bail!("no device is named {id:?}: see `khub devices`"),
+                            _ => bail!(
+                                "{} devices are named {id:?}; remove one by its id (see `khub devices`)",
+                                named.len()
+                            ),
+                        }
+                    }
+                };
+                let name = members
+                    .iter()
+                    .find(|m| m.id == id)
+                    .map_or_else(String::new, |m| format!("{} ", m.name));
                 device.remove(id).await?;
-                println!("removed {id}; the channel moved to a new MLS epoch it cannot read");
+                println!(
+                    "removed {name}({id}); the channel moved to a new MLS epoch it cannot read"
+                );
             }
             Command::Peer(args) => super::peer::run(*args).await?,
             Command::Serve(_) | Command::Bench(_) | Command::Vectors { .. } => {
@@ -541,6 +582,26 @@ mod device {
             bail!("no code given: type the code shown on the other device (like 42-7QK3-M9TZ)");
         }
         Ok(Code::parse(&line)?)
+    }
+
+    /// Tells stderr when the session's connection changes.
+    fn report_status(status: &khub::client::Status, told: &mut Option<bool>) {
+        use khub::client::Status;
+        let live = match status {
+            Status::Live { .. } => true,
+            Status::Connecting { .. } => false,
+            Status::Failed(_) | Status::Closed => return,
+        };
+        if *told != Some(live) {
+            match status {
+                Status::Connecting { attempt } if told.is_some() || *attempt > 0 => {
+                    eprintln!("reconnecting to the relay (attempt {})", attempt + 1)
+                }
+                Status::Live { .. } => eprintln!("live: waiting for messages"),
+                _ => {}
+            }
+            *told = Some(live);
+        }
     }
 
     /// Tells stderr about incidents recorded since the first `reported`.
