@@ -316,14 +316,16 @@ impl Device {
         self.db().outbox()
     }
 
-    /// The relay stored envelope `sender_seq` as `seq`.
-    pub(crate) fn acked(&self, sender_seq: u64, seq: u64) -> Result<(), ClientError> {
-        self.db().acked(sender_seq)?;
+    /// The relay stored each envelope `sender_seq` as `seq`: they leave the
+    /// outbox, in one transaction.
+    pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
+        self.db()
+            .acked(acks.iter().map(|(sender_seq, _)| *sender_seq))?;
         self.inner
             .acks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(sender_seq, seq);
+            .extend(acks.iter().copied());
         self.inner.changed.notify_waiters();
         Ok(())
     }
@@ -394,6 +396,18 @@ impl Device {
             .unwrap_or_else(|e| e.into_inner())
             .get(&sender_seq)
             .cloned()
+    }
+
+    /// Runs `f` on this device on tokio's blocking pool: state changes sync
+    /// the disk and run MLS, which must not stall the async workers.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Device) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, ClientError> {
+        let device = self.clone();
+        tokio::task::spawn_blocking(move || f(&device))
+            .await
+            .map_err(|e| ClientError::State(format!("a state task failed: {e}")))?
     }
 
     /// Takes in envelopes from the relay, in relay order: each goes through the
@@ -473,25 +487,41 @@ impl Device {
                 limit: None,
             };
             let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
+            let mut acked = Vec::new();
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
                 match (&ack.seq, &ack.error) {
-                    (Some(seq), _) => self.acked(*sender_seq, *seq)?,
+                    (Some(seq), _) => acked.push((*sender_seq, *seq)),
                     // Kept, and sent again once the channel has room.
                     (None, Some(e)) if e.code == ErrorCode::OverQuota => {}
-                    (None, Some(e)) => self.refused(*sender_seq, e.code, &e.message)?,
+                    (None, Some(e)) => {
+                        let (sender_seq, code, message) = (*sender_seq, e.code, e.message.clone());
+                        self.blocking(move |device| device.refused(sender_seq, code, &message))
+                            .await?;
+                    }
                     (None, None) => {}
                 }
             }
+            if !acked.is_empty() {
+                self.blocking(move |device| device.acked_all(&acked))
+                    .await?;
+            }
             published_up_to = outbox.last().map_or(published_up_to, |(s, _)| *s);
-            let batch: Vec<(u64, &[u8])> = response
+            let more = response.more;
+            let batch: Vec<(u64, Vec<u8>)> = response
                 .envelopes
-                .iter()
-                .map(|d| (d.seq, d.envelope.as_slice()))
+                .into_iter()
+                .map(|d| (d.seq, d.envelope))
                 .collect();
-            self.ingest(&batch)?;
-            taken += batch.len();
+            let count = batch.len();
+            self.blocking(move |device| {
+                let batch: Vec<(u64, &[u8])> =
+                    batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
+                device.ingest(&batch)
+            })
+            .await?;
+            taken += count;
             let queued_more = self.outbox()?.iter().any(|(s, _)| *s > published_up_to);
-            if (!response.more || response.envelopes.is_empty()) && !queued_more {
+            if (!more || count == 0) && !queued_more {
                 break;
             }
         }

@@ -90,7 +90,11 @@ impl Session {
 
     /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
     pub async fn send(&self, body: &[u8], wait: Duration) -> Result<Sent, ClientError> {
-        let sender_seq = self.device.queue(body)?;
+        let body = body.to_vec();
+        let sender_seq = self
+            .device
+            .blocking(move |device| device.queue(&body))
+            .await?;
         let _ = self.wake.send(());
         let deadline = tokio::time::Instant::now() + wait;
         let mut status = self.status.clone();
@@ -316,6 +320,7 @@ async fn connection(
                     }
                 }
                 let mut deliveries: Vec<(u64, Vec<u8>)> = Vec::new();
+                let mut acks: Vec<(u64, u64)> = Vec::new();
                 let mut frames = frames.into_iter();
                 while let Some(incoming) = frames.next() {
                     let text = match incoming {
@@ -328,7 +333,7 @@ async fn connection(
                     match serde_json::from_str::<ServerFrame>(&text) {
                         Ok(ServerFrame::Deliver { seq, envelope }) => deliveries.push((seq, envelope)),
                         Ok(ServerFrame::Ack { sender_seq, seq, .. }) => {
-                            device.acked(sender_seq, seq)?;
+                            acks.push((sender_seq, seq));
                             quota_refusals = 0;
                         }
                         Ok(ServerFrame::Error { code: ErrorCode::OverQuota, message, fatal: false, .. }) => {
@@ -343,7 +348,11 @@ async fn connection(
                             // Anything but the quota will never be accepted: an
                             // incident, and an error for a `send` waiting on it.
                             match sender_seq {
-                                Some(sender_seq) => device.refused(sender_seq, code, &message)?,
+                                Some(sender_seq) => {
+                                    device
+                                        .blocking(move |device| device.refused(sender_seq, code, &message))
+                                        .await?
+                                }
                                 None => warn!(code = code.as_str(), %message, "the relay refused a frame"),
                             }
                         }
@@ -359,9 +368,17 @@ async fn connection(
                         Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
                     }
                 }
+                if !acks.is_empty() {
+                    device.blocking(move |device| device.acked_all(&acks)).await?;
+                }
                 if !deliveries.is_empty() {
-                    let batch: Vec<(u64, &[u8])> = deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
-                    device.ingest(&batch)?;
+                    device
+                        .blocking(move |device| {
+                            let batch: Vec<(u64, &[u8])> =
+                                deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
+                            device.ingest(&batch)
+                        })
+                        .await?;
                     if device.is_removed() {
                         return Err(ClientError::Revoked);
                     }

@@ -417,15 +417,17 @@ impl StateDb {
         rows.collect::<Result<_, _>>().map_err(err)
     }
 
-    /// The relay acked an envelope: it leaves the outbox.
-    pub fn acked(&mut self, sender_seq: u64) -> Result<(), ClientError> {
-        self.conn
-            .execute(
+    /// The relay acked these envelopes: they leave the outbox, in one transaction.
+    pub fn acked(&mut self, sender_seqs: impl IntoIterator<Item = u64>) -> Result<(), ClientError> {
+        let tx = self.conn.transaction().map_err(err)?;
+        for sender_seq in sender_seqs {
+            tx.execute(
                 "DELETE FROM outbox WHERE sender_seq = ?1",
                 params![i64_of(sender_seq)],
             )
             .map_err(err)?;
-        Ok(())
+        }
+        tx.commit().map_err(err)
     }
 
     /// The relay sequence number of this device's commit `sender_seq`, once
