@@ -178,6 +178,32 @@ mod device_commands {
         assert!(drained.stdout.is_empty());
         assert_eq!(String::from_utf8_lossy(&drained.stderr), "nothing new\n");
         world.stop_relay();
+        // Unreachable: a plain error with a hint, and no backtrace even when asked for.
+        let invite = Command::new(KHUB)
+            .args(["invite", "--home"])
+            .arg(world.home("a"))
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!invite.status.success());
+        let stderr = String::from_utf8_lossy(&invite.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(
+            lines[0].starts_with(&format!("Error: cannot reach the relay at {}", world.url)),
+            "{stderr}"
+        );
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .starts_with("  next: nothing answers at"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("backtrace") && lines.len() <= 3,
+            "{stderr}"
+        );
         let devices = world.run("a", &["devices"], "");
         assert!(devices.status.success());
         let stdout = String::from_utf8_lossy(&devices.stdout);
@@ -461,6 +487,7 @@ mod device_commands {
         assert!(!unknown.status.success());
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device is named \"nobody\""));
         world.ok("a", &["send", "after the tablet left"]);
+        // The removed device hears one plain message, and what to do next.
         for args in [&["listen", "--drain"][..], &["send", "still here?"][..]] {
             let refused = world.run("c", args, "");
             assert!(
@@ -468,9 +495,14 @@ mod device_commands {
                 "{args:?} should fail for a removed device"
             );
             let stderr = String::from_utf8_lossy(&refused.stderr);
-            assert!(
-                stderr.contains("removed") || stderr.contains("does not recognise"),
-                "{stderr}"
+            let lines: Vec<&str> = stderr.lines().collect();
+            assert_eq!(
+                lines,
+                [
+                    "Error: this device was removed from the channel; pair it again to rejoin",
+                    "  next: this home holds a removed device: `khub leave` forgets it, then `khub join` pairs it again",
+                ],
+                "{args:?}"
             );
         }
         assert_eq!(
@@ -478,6 +510,69 @@ mod device_commands {
             "laptop: after the tablet left\n"
         );
         assert!(!world.ok("b", &["devices"]).contains("tablet"));
+        // `khub leave` forgets it; the same home pairs again.
+        let refused = world.run("c", &["leave"], "");
+        assert!(
+            !refused.status.success(),
+            "leave wants --yes without a terminal"
+        );
+        let left = world.ok("c", &["leave", "--yes"]);
+        assert!(left.starts_with("forgot tablet ("), "{left}");
+        let (invite, join) = world.pair("a", "c", "tablet", |code| code.to_owned());
+        assert!(
+            invite.status.success() && join.status.success(),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+    }
+
+    #[test]
+    fn ctrl_c_during_invite_ends_the_code_at_once() {
+        let world = paired_world();
+        let mut invite = Command::new(KHUB)
+            .args(["invite", "--timeout", "60", "--home"])
+            .arg(world.home("a"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(invite.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
+        let interrupted = Command::new("kill")
+            .args(["-INT", &invite.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(interrupted.success());
+        let output = wait(invite);
+        assert!(!output.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&output.stderr).lines().last(),
+            Some("Error: cancelled: the code no longer works, and the other device was told")
+        );
+        // The code is dead: a device that types it now is told at once.
+        let started = Instant::now();
+        let join = world.run(
+            "c",
+            &[
+                "join",
+                "--relay",
+                &world.url,
+                "--name",
+                "late",
+                "--timeout",
+                "30",
+            ],
+            &format!("{code}\n"),
+        );
+        assert!(!join.status.success());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not left waiting"
+        );
+        let stderr = String::from_utf8_lossy(&join.stderr);
+        assert!(stderr.contains("Error: "), "{stderr}");
     }
 
     #[test]

@@ -166,6 +166,7 @@ impl RelayAddr {
         };
         Err(match code.as_str() {
             "unauthorized" => ClientError::Unauthorized,
+            "revoked" => ClientError::Revoked,
             _ => ClientError::Relay {
                 code,
                 message,

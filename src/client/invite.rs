@@ -139,6 +139,28 @@ pub struct Invitation {
     device: Device,
     code: Code,
     state: AwaitingResponse,
+    /// How long the relay keeps the slot.
+    expires_in: Duration,
+}
+
+/// Ends a pairing that is still waiting, from outside it (on Ctrl-C, say):
+/// the slot closes at once and the other device hears that this one stopped.
+#[derive(Clone)]
+pub struct CancelInvitation {
+    device: Device,
+    nameplate: u32,
+}
+
+impl CancelInvitation {
+    /// Tells the other side and ends the slot (best effort).
+    pub async fn cancel(&self) {
+        let mailbox = Mailbox {
+            relay: &self.device.inner.relay,
+            nameplate: self.nameplate,
+            header: ("authorization", self.device.auth_header()),
+        };
+        mailbox.abort(AbortReason::Cancelled).await;
+    }
 }
 
 /// The device that joined.
@@ -178,6 +200,7 @@ impl Device {
             device: self.clone(),
             code,
             state,
+            expires_in: Duration::from_secs(opened.expires_in),
         })
     }
 }
@@ -188,6 +211,19 @@ impl Invitation {
         self.code.display()
     }
 
+    /// How long the relay keeps the code's slot open.
+    pub fn expires_in(&self) -> Duration {
+        self.expires_in
+    }
+
+    /// A handle that ends this pairing from outside [`complete`](Self::complete).
+    pub fn canceller(&self) -> CancelInvitation {
+        CancelInvitation {
+            device: self.device.clone(),
+            nameplate: self.code.nameplate().get(),
+        }
+    }
+
     /// Waits up to `timeout` for the other device, confirms the code, admits the
     /// device at the relay, tells the other members, and sends the welcome.
     pub async fn complete(self, timeout: Duration) -> Result<NewMember, ClientError> {
@@ -195,6 +231,7 @@ impl Invitation {
             device,
             code,
             state,
+            ..
         } = self;
         let device = &device;
         let mailbox = inviter_mailbox(device, &code);
@@ -428,10 +465,7 @@ pub async fn join(
     };
     if let Err(e) = said {
         drop(device);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ =
-                std::fs::remove_file(home.join(format!("{}{suffix}", super::state::STATE_FILE)));
-        }
+        let _ = super::state::forget(home);
         return Err(e);
     }
     Ok((device, JoinedChannel { inviter, sas }))

@@ -54,5 +54,6 @@ pub mod tls;
 pub use device::{Device, Message};
 pub use error::ClientError;
 pub use incident::{Incident, IncidentKind};
-pub use invite::{Invitation, JoinedChannel, NewMember, join};
+pub use invite::{CancelInvitation, Invitation, JoinedChannel, NewMember, join};
 pub use session::{Sent, Session, Status};
+pub use state::forget;

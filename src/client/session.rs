@@ -436,6 +436,7 @@ fn refusal(code: ErrorCode, message: String, close: Option<u16>) -> ClientError 
     }
     match code {
         ErrorCode::Unauthorized => ClientError::Unauthorized,
+        ErrorCode::Revoked => ClientError::Revoked,
         other => ClientError::Relay {
             code: other.as_str().to_owned(),
             message,

@@ -515,6 +515,23 @@ impl StateDb {
     }
 }
 
+/// Deletes the device state kept in `home` (the database and its WAL files);
+/// the directory stays. Nothing else may have the state open.
+pub fn forget(home: &Path) -> Result<(), ClientError> {
+    if !home.join(STATE_FILE).exists() {
+        return Err(ClientError::NotInitialized(home.display().to_string()));
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let path = home.join(format!("{STATE_FILE}{suffix}"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ClientError::state(e)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(unix)]
 fn create_private_dir(dir: &Path) -> Result<(), ClientError> {
     use std::os::unix::fs::DirBuilderExt;

@@ -37,7 +37,7 @@ pub enum AbortReason {
     #[error("the new device could not be admitted to the channel")]
     Refused,
     /// The person cancelled, or the pairing timed out.
-    #[error("the pairing was cancelled")]
+    #[error("it stopped waiting (cancelled, or out of time)")]
     Cancelled,
     /// A reason this build does not know.
     #[error("an unknown reason ({0})")]

@@ -19,6 +19,9 @@ pub enum ErrorCode {
     InvalidBase64,
     /// Unknown channel or device, or a wrong token.
     Unauthorized,
+    /// The device's own (correct) token, but the device was removed from the
+    /// channel. Told only to the holder of the token.
+    Revoked,
     /// The operator secret is required and was missing or wrong.
     Forbidden,
     /// An envelope whose header names another sender than the session's device.
@@ -66,7 +69,7 @@ impl ErrorCode {
             | Self::BadRequest
             | Self::WrongChannel => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden | Self::ForbiddenSender => 403,
+            Self::Forbidden | Self::ForbiddenSender | Self::Revoked => 403,
             Self::NotFound => 404,
             Self::Conflict
             | Self::OutOfOrder
@@ -90,6 +93,7 @@ impl ErrorCode {
             | Self::UnsupportedVersion
             | Self::InvalidBase64 => Some(CloseCode::Protocol),
             Self::Unauthorized => Some(CloseCode::Unauthorized),
+            Self::Revoked => Some(CloseCode::Revoked),
             Self::TooLarge => Some(CloseCode::TooLarge),
             Self::Internal => Some(CloseCode::Internal),
             _ => None,
@@ -105,6 +109,7 @@ impl ErrorCode {
             Self::TooLarge => "too_large",
             Self::InvalidBase64 => "invalid_base64",
             Self::Unauthorized => "unauthorized",
+            Self::Revoked => "revoked",
             Self::Forbidden => "forbidden",
             Self::ForbiddenSender => "forbidden_sender",
             Self::WrongChannel => "wrong_channel",

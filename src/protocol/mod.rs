@@ -79,7 +79,9 @@
 //! # Error codes
 //!
 //! See [`ErrorCode`]: each has a stable snake_case name, an HTTP status, and
-//! whether it ends a WebSocket session.
+//! whether it ends a WebSocket session. A removed device presenting its own
+//! (correct) token gets `revoked` (HTTP 403, close 4003); an unknown device or
+//! a wrong token gets `unauthorized` (401, close 4001).
 //!
 //! # HTTP routes
 //!
@@ -109,7 +111,7 @@
 //! → 201 {"channel":"AAECAwQFBgcICQoLDA0ODw"}
 //!
 //! POST /sync                      Authorization: Bearer <channel>.<device>.<token>
-//! {"cursor":17,"publish":["AQABAgMEBQYHCAkKCwwNDg8AAAAA…"],"limit":100}
+//! {"cursor":17,"publish":["AgABAgMEBQYHCAkKCwwNDg8AAAAB…"],"limit":100}
 //! → 200 {"acks":[{"seq":18,"duplicate":false}],
 //!        "envelopes":[{"seq":18,"envelope":"AgABAgMEBQYHCAkKCwwNDg8AAAAB…"}],"head":18,"more":false}
 //!
@@ -124,7 +126,9 @@
 //! 2. joiner: `POST /pair/42/claim` → `{"sid":…,"claim":…}`, then polls and posts
 //!    with `X-Khub-Claim: <claim>`: it reads Start, posts Response;
 //! 3. inviter: reads Response, admits the joiner (`POST /channels/…/devices`),
-//!    posts Finish (or Abort) and ends the slot (`DELETE /pair/42`);
+//!    commits the MLS Add in the channel and waits until the relay has ordered
+//!    it, posts Finish (or Abort), waits for the joiner's first message in the
+//!    channel and ends the slot (`DELETE /pair/42`);
 //! 4. joiner: reads Finish; the slot is gone once it has read everything.
 //!
 //! The mailbox carries the opaque pairing messages of

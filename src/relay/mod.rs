@@ -101,6 +101,11 @@ impl Relay {
             .map_err(store_error)?;
         match record {
             Some(r) if !r.revoked && r.token_hash.verify(&credentials.token) => Ok(()),
+            // Only the holder of the device's token learns that it was removed.
+            Some(r) if r.token_hash.verify(&credentials.token) => Err((
+                ErrorCode::Revoked,
+                "this device was removed from the channel".into(),
+            )),
             _ => {
                 Metrics::inc(&self.metrics().auth_failures);
                 tracing::warn!(channel = %credentials.channel, device = %credentials.device, "request refused: unknown device, revoked, or wrong token");

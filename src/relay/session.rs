@@ -195,7 +195,7 @@ where
         Some(r) if r.token_hash.verify(&token) => Err(End::Close(
             CloseCode::Revoked,
             Some(ServerFrame::error(
-                ErrorCode::Unauthorized,
+                ErrorCode::Revoked,
                 "this device was removed from the channel",
             )),
         )),
@@ -281,7 +281,7 @@ where
                         Ok(Some(record)) if !record.revoked => {}
                         _ => return End::Close(
                             CloseCode::Revoked,
-                            Some(ServerFrame::error(ErrorCode::Unauthorized, "this device was removed from the channel")),
+                            Some(ServerFrame::error(ErrorCode::Revoked, "this device was removed from the channel")),
                         ),
                     }
                 }

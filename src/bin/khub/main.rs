@@ -97,6 +97,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forget the device kept in this home (its keys, messages and state),
+    /// so that the home can pair again. Remove it from another device first
+    /// if it is still a member.
+    Leave {
+        #[command(flatten)]
+        home: HomeArg,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Remove a device: revoke it at the relay and commit its removal (MLS).
     Remove {
         #[command(flatten)]
@@ -270,7 +280,65 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints an error as people read it: `Error: …`, each cause that adds
+/// something on its own line, and what to do next — never a backtrace.
+fn report(error: &anyhow::Error) {
+    let mut said = error.to_string();
+    eprintln!("Error: {said}");
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            eprintln!("  because: {cause}");
+            said.push_str(&cause);
+        }
+    }
+    if let Some(hint) = hint(error) {
+        eprintln!("  next: {hint}");
+    }
+}
+
+/// What a person can do about `error`, when there is something to say.
+fn hint(error: &anyhow::Error) -> Option<String> {
+    use khub::client::ClientError;
+    let client = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<ClientError>())?;
+    Some(match client {
+        ClientError::Unreachable { relay, detail } if detail.contains("refused") => format!(
+            "nothing answers at {relay}: is the relay running (`khub serve`), and is the address right?"
+        ),
+        ClientError::Unreachable { relay, detail }
+            if detail.contains("InvalidContentType") || detail.contains("corrupt message") =>
+        {
+            format!("{relay} does not speak TLS: use http:// for a relay without TLS, or put it behind a TLS proxy")
+        }
+        ClientError::Unreachable { .. } | ClientError::Timeout(_) => {
+            "check the network and the relay's address, then try again".into()
+        }
+        ClientError::Revoked => {
+            "this home holds a removed device: `khub leave` forgets it, then `khub join` pairs it again".into()
+        }
+        ClientError::Unauthorized => {
+            "the relay does not know this device: check --relay, or `khub leave` and pair again".into()
+        }
+        ClientError::AlreadyInitialized(_) => {
+            "use another --home, or `khub leave` to forget the device kept there".into()
+        }
+        _ => return None,
+    })
+}
+
+fn run() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     if let Command::Serve(args) = command {
         return serve(*args);
@@ -281,12 +349,14 @@ fn main() -> anyhow::Result<()> {
     if let Command::Vectors { out } = &command {
         return write_vectors(out);
     }
-    // Device commands log warnings only, to stderr, unless KHUB_LOG says otherwise.
+    // Device commands say what happened themselves (errors, incidents); their
+    // logs show only with KHUB_LOG (e.g. `warn`, `debug`).
     let filter = tracing_subscriber::EnvFilter::try_from_env("KHUB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -371,13 +441,22 @@ mod device {
             }
             Command::Invite { home, timeout } => {
                 let device = Device::open(&home.path()?)?;
+                // Listening before the code is shown: a Ctrl-C at any moment after
+                // that ends the slot instead of killing the process.
+                let mut interrupted = Interrupt::listen()?;
                 let invitation = device.invite().await?;
                 println!("code: {}", invitation.code().as_str());
                 std::io::stdout().flush()?;
-                eprintln!(
-                    "type this code on the other device with `khub join` (valid {timeout} s)"
-                );
-                let member = invitation.complete(Duration::from_secs(timeout)).await?;
+                let valid = invitation.expires_in().as_secs().min(timeout);
+                eprintln!("type this code on the other device with `khub join` (valid {valid} s)");
+                let cancel = invitation.canceller();
+                let member = tokio::select! {
+                    member = invitation.complete(Duration::from_secs(timeout)) => member?,
+                    _ = interrupted.recv() => {
+                        cancel.cancel().await;
+                        bail!("cancelled: the code no longer works, and the other device was told");
+                    }
+                };
                 println!("paired with {} ({})", member.name, member.id);
                 println!(
                     "authentication string: {} (check the other screen shows the same)",
@@ -535,6 +614,38 @@ mod device {
                     println!("{}  {}{notes}", member.id, member.name);
                 }
             }
+            Command::Leave { home, yes } => {
+                let home = home.path()?;
+                let device = Device::open(&home)?;
+                let (name, id) = (device.name().to_owned(), device.id());
+                if !yes {
+                    if !std::io::stdin().is_terminal() {
+                        bail!("`khub leave` forgets this device for good: confirm with --yes");
+                    }
+                    eprint!(
+                        "Forget the device {name} ({id}) kept in {}? Type its name to confirm: ",
+                        home.display()
+                    );
+                    std::io::stderr().flush()?;
+                    let mut line = String::new();
+                    std::io::stdin().lock().read_line(&mut line)?;
+                    if line.trim() != name {
+                        bail!("not confirmed: nothing was forgotten");
+                    }
+                }
+                let removed = device.is_removed();
+                drop(device);
+                khub::client::forget(&home)?;
+                println!(
+                    "forgot {name} ({id}); {} can pair again with `khub join`",
+                    home.display()
+                );
+                if !removed {
+                    eprintln!(
+                        "if {name} is still a member, remove it from another device: `khub remove {name}`"
+                    );
+                }
+            }
             Command::Remove { home, device: id } => {
                 let device = Device::open(&home.path()?)?;
                 let members = device.members()?;
@@ -582,6 +693,27 @@ mod device {
             bail!("no code given: type the code shown on the other device (like 42-7QK3-M9TZ)");
         }
         Ok(Code::parse(&line)?)
+    }
+
+    /// Ctrl-C, listened for from the moment it is made.
+    struct Interrupt(#[cfg(unix)] tokio::signal::unix::Signal);
+
+    impl Interrupt {
+        fn listen() -> anyhow::Result<Self> {
+            #[cfg(unix)]
+            return Ok(Self(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::interrupt(),
+            )?));
+            #[cfg(not(unix))]
+            return Ok(Self());
+        }
+
+        async fn recv(&mut self) {
+            #[cfg(unix)]
+            self.0.recv().await;
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 
     /// Tells stderr when the session's connection changes.
