@@ -169,6 +169,13 @@ mod device_commands {
     #[test]
     fn empty_sends_empty_drains_and_an_unreachable_relay_are_said_plainly() {
         let mut world = paired_world();
+        // A typo in the relay's URL is the caller's, said as such.
+        let typo = world.run("x", &["init", "--relay", "htp://nope", "--name", "x"], "");
+        assert!(!typo.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&typo.stderr),
+            "Error: \"htp://nope\" is not a relay URL like https://relay.example or http://127.0.0.1:3000\n"
+        );
         let empty = world.run("a", &["send"], "");
         assert!(!empty.status.success());
         let stderr = String::from_utf8_lossy(&empty.stderr);

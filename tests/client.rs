@@ -548,3 +548,69 @@ async fn a_message_the_relay_refuses_is_an_error_and_an_incident_never_queued() 
     assert!(gaps[0].detail.contains("refused to store"), "{gaps:?}");
     relay.stop().await;
 }
+
+/// A reverse proxy that serves the relay under `/khub`: it strips the prefix
+/// from each connection's request line and passes the bytes on. A request
+/// outside the prefix gets 404, as a real proxy would answer it.
+async fn prefix_proxy(relay: SocketAddr) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n") {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head).into_owned();
+                let mut parts = line.splitn(3, ' ');
+                let (method, path, rest) = (parts.next(), parts.next(), parts.next());
+                let Some(path) = path.and_then(|p| p.strip_prefix("/khub")) else {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                let mut upstream = tokio::net::TcpStream::connect(relay).await.unwrap();
+                let line = format!("{} {path} {}", method.unwrap_or("GET"), rest.unwrap_or(""));
+                upstream.write_all(line.as_bytes()).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_under_a_reverse_proxy_path_is_used_with_its_path() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let proxy = prefix_proxy(relay.addr).await;
+    let base = format!("http://{proxy}/khub/");
+    let dir = common::tempdir("client-prefix");
+    let laptop = Device::create(&dir.join("laptop"), &base, "laptop")
+        .await
+        .unwrap();
+    assert_eq!(laptop.relay_url(), format!("http://{proxy}/khub"));
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &base, "phone").await;
+    // Live sessions go through the path too.
+    let (sa, sb) = (laptop.connect(), phone.connect());
+    assert!(matches!(
+        sa.send(b"through the proxy", STEP).await.unwrap(),
+        Sent::Acked { .. }
+    ));
+    assert_eq!(recv(&sb, &phone).await.1, "through the proxy");
+    // Without the path, the proxy's 404 says so.
+    let bare = Device::create(&dir.join("bare"), &format!("http://{proxy}"), "bare")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&bare, ClientError::Relay { status: 404, .. }),
+        "{bare:?}"
+    );
+    relay.stop().await;
+}

@@ -444,7 +444,8 @@ async fn a_removed_device_is_disconnected_and_refused() {
     assert_eq!(removed.status, 200);
     assert_eq!(removed.json()["devices"].as_array().unwrap().len(), 1);
     expect_close(&mut wb, 4003).await;
-    // Reconnecting is refused with the same code; HTTP with 401.
+    // Reconnecting is refused with the same code; HTTP with 403 `revoked` (its
+    // own token: only it learns it was removed), and a wrong token still 401.
     let mut again = connect(relay.addr).await;
     send_text(&mut again, mb.hello(0)).await;
     expect_close(&mut again, 4003).await;
@@ -456,7 +457,19 @@ async fn a_removed_device_is_disconnected_and_refused() {
         b"",
     )
     .await;
-    assert_eq!(list.status, 401);
+    assert_eq!((list.status, list.code()), (403, "revoked".into()));
+    let wrong = http(
+        relay.addr,
+        "GET",
+        &format!("/channels/{}/devices", ma.channel),
+        &[(
+            "authorization",
+            &Member::with_device(mb.channel, mb.device).auth(),
+        )],
+        b"",
+    )
+    .await;
+    assert_eq!((wrong.status, wrong.code()), (401, "unauthorized".into()));
     relay.stop().await;
 }
 

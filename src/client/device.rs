@@ -66,7 +66,7 @@ impl NewIdentity {
     /// Checks the name and that `home` is free, parses the relay URL, and draws
     /// the device's id and relay token.
     pub(crate) fn draw(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
-        validate_name(name).map_err(|e| ClientError::State(e.to_string()))?;
+        validate_name(name).map_err(|e| ClientError::Invalid(e.to_string()))?;
         if home.join(super::state::STATE_FILE).exists() {
             return Err(ClientError::AlreadyInitialized(home.display().to_string()));
         }
@@ -84,7 +84,7 @@ impl From<ChannelError> for ClientError {
     fn from(e: ChannelError) -> Self {
         match e {
             ChannelError::Removed => Self::Revoked,
-            ChannelError::Invalid(message) => Self::TooLarge(message),
+            ChannelError::Invalid(message) => Self::Invalid(message),
             e => Self::State(e.to_string()),
         }
     }
@@ -604,14 +604,14 @@ impl Device {
     /// re-issued in the next one).
     pub async fn remove(&self, device: DeviceId) -> Result<(), ClientError> {
         if device == self.inner.me {
-            return Err(ClientError::State(
+            return Err(ClientError::Invalid(
                 "a device cannot remove itself; remove it from another device".into(),
             ));
         }
         // Settle anything pending first: one change of membership at a time.
         self.settle(SETTLE_WAIT).await?;
         if !self.members()?.iter().any(|m| m.id == device) {
-            return Err(ClientError::State(format!(
+            return Err(ClientError::Invalid(format!(
                 "device {device} is not a member of this channel (see `khub devices`)"
             )));
         }

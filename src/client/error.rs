@@ -63,9 +63,11 @@ pub enum ClientError {
     /// The relay answered something this client does not understand.
     #[error("unexpected answer from the relay: {0}")]
     Protocol(String),
-    /// The message is too large to send.
+    /// The caller asked for something that cannot be done as asked (a relay
+    /// URL that is not one, a device name that cannot be shown, a device that
+    /// is not a member): the message says what to change.
     #[error("{0}")]
-    TooLarge(String),
+    Invalid(String),
 }
 
 impl ClientError {

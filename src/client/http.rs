@@ -18,11 +18,14 @@ use crate::protocol::ErrorResponse;
 /// How long one request may take, unless the caller says otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The relay's address: `http://host:port` or `https://host:port`.
+/// The relay's address: `http://host:port` or `https://host:port`, with an
+/// optional path under which a reverse proxy serves it (`https://host/khub`).
 #[derive(Debug, Clone)]
 pub struct RelayAddr {
     /// `host:port`.
     authority: String,
+    /// The path prefix, empty or like `/khub` (no trailing slash).
+    base: String,
     /// The host, for TLS server-name checks.
     host: String,
     /// Whether to speak TLS.
@@ -36,10 +39,11 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 impl RelayAddr {
-    /// Parses `http://host[:port]` or `https://host[:port]` (`ws://`, `wss://` too).
+    /// Parses `http://host[:port][/path]` or `https://host[:port][/path]`
+    /// (`ws://`, `wss://` too).
     pub fn parse(url: &str) -> Result<Self, ClientError> {
         let invalid = || {
-            ClientError::Protocol(format!(
+            ClientError::Invalid(format!(
                 "{url:?} is not a relay URL like https://relay.example or http://127.0.0.1:3000"
             ))
         };
@@ -61,10 +65,17 @@ impl RelayAddr {
         } else {
             host.clone()
         };
+        if uri.query().is_some() {
+            return Err(ClientError::Invalid(format!(
+                "{url:?} has a query (?…); a relay URL is only scheme, host, port and path"
+            )));
+        }
+        let base = uri.path().trim_end_matches('/').to_owned();
         let scheme = if tls { "https" } else { "http" };
         Ok(Self {
             authority: format!("{bracketed}:{port}"),
-            url: format!("{scheme}://{bracketed}:{port}"),
+            url: format!("{scheme}://{bracketed}:{port}{base}"),
+            base,
             host,
             tls,
         })
@@ -73,9 +84,10 @@ impl RelayAddr {
     /// The WebSocket session URL.
     pub fn ws_url(&self) -> String {
         format!(
-            "{}://{}/ws",
+            "{}://{}{}/ws",
             if self.tls { "wss" } else { "ws" },
-            self.authority
+            self.authority,
+            self.base
         )
     }
 
@@ -94,7 +106,7 @@ impl RelayAddr {
             return Ok(Box::new(stream));
         }
         let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|_| {
-            ClientError::Protocol(format!("{:?} is not a valid TLS server name", self.host))
+            ClientError::Invalid(format!("{:?} is not a valid TLS server name", self.host))
         })?;
         let tls = tokio_rustls::TlsConnector::from(super::tls::config()?)
             .connect(name, stream)
@@ -128,7 +140,7 @@ impl RelayAddr {
             tokio::spawn(connection);
             let mut builder = Request::builder()
                 .method(method)
-                .uri(path)
+                .uri(format!("{}{path}", self.base))
                 .header("host", &self.authority);
             for (name, value) in headers {
                 builder = builder.header(*name, *value);
