@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Device, channel_of};
+use common::{Device, Three, alice_bob_dave, channel_of};
 use khub::channel::{Channel, Event, Intent, RefusalKind, TakenIn};
 use khub::ids::DeviceId;
 
@@ -58,15 +58,14 @@ fn reload(channel: &mut Channel) -> Channel {
 
 #[test]
 fn a_relay_that_forks_the_channel_is_detected_when_the_histories_meet() {
-    let (a, b, d) = (
-        Device::new("alice"),
-        Device::new("bob"),
-        Device::new("dave"),
-    );
-    let mut ch = channel_of(&[&a, &b, &d]);
-    let mut dave = ch.pop().unwrap();
-    let mut bob = ch.pop().unwrap();
-    let mut alice = ch.pop().unwrap();
+    let Three {
+        a: _,
+        b: _,
+        d,
+        mut alice,
+        mut bob,
+        mut dave,
+    } = alice_bob_dave();
     let epoch = alice.epoch();
 
     // Alice removes Dave; Dave, at the same epoch, commits an update of his own.
@@ -172,15 +171,14 @@ fn three_hundred_commits_for_one_epoch_converge_and_the_state_stays_loadable() {
 
 #[test]
 fn no_forged_or_old_epoch_envelope_locks_a_sender_out() {
-    let (a, b, d) = (
-        Device::new("alice"),
-        Device::new("bob"),
-        Device::new("dave"),
-    );
-    let mut ch = channel_of(&[&a, &b, &d]);
-    let mut dave = ch.pop().unwrap();
-    let mut bob = ch.pop().unwrap();
-    let mut alice = ch.pop().unwrap();
+    let Three {
+        a: _,
+        b,
+        d,
+        mut alice,
+        mut bob,
+        mut dave,
+    } = alice_bob_dave();
     let first = bob.seal(b"bob 1").unwrap();
     assert!(app(&alice.take_in(&first.envelope, 0)).is_some());
 

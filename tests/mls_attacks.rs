@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Device, channel_of};
+use common::{Three, alice_bob_dave};
 use khub::channel::provider::MlsProvider;
 use khub::channel::{CIPHERSUITE, Channel, Event, Intent, RefusalKind};
 use khub::crypto::envelope::{EnvelopeHeader, HEADER_LEN, pad, unpad};
@@ -190,15 +190,14 @@ fn remove_dave(alice: &mut Channel, bob: &mut Channel, dave: DeviceId) -> Vec<u8
 
 #[test]
 fn a_lost_member_cannot_plant_a_leaf_no_one_sees() {
-    let (a, b, d) = (
-        Device::new("alice"),
-        Device::new("bob"),
-        Device::new("dave"),
-    );
-    let mut ch = channel_of(&[&a, &b, &d]);
-    let mut dave = ch.pop().unwrap();
-    let mut bob = ch.pop().unwrap();
-    let mut alice = ch.pop().unwrap();
+    let Three {
+        a: _,
+        b: _,
+        d,
+        mut alice,
+        mut bob,
+        mut dave,
+    } = alice_bob_dave();
 
     // Dave, still a member, adds a leaf whose identity names no device.
     let mut raw_dave = raw(&mut dave);
@@ -215,15 +214,14 @@ fn a_lost_member_cannot_plant_a_leaf_no_one_sees() {
 
 #[test]
 fn a_lost_member_cannot_add_a_second_leaf_that_speaks_as_another_member() {
-    let (a, b, d) = (
-        Device::new("alice"),
-        Device::new("bob"),
-        Device::new("dave"),
-    );
-    let mut ch = channel_of(&[&a, &b, &d]);
-    let mut dave = ch.pop().unwrap();
-    let mut bob = ch.pop().unwrap();
-    let mut alice = ch.pop().unwrap();
+    let Three {
+        a: _,
+        b,
+        d,
+        mut alice,
+        mut bob,
+        mut dave,
+    } = alice_bob_dave();
 
     let mut raw_dave = raw(&mut dave);
     let g = ghost([b.id.as_bytes().as_slice(), b"bob"].concat());
@@ -257,15 +255,14 @@ fn a_lost_member_cannot_add_a_second_leaf_that_speaks_as_another_member() {
 
 #[test]
 fn a_member_cannot_rename_its_own_leaf_to_escape_removal() {
-    let (a, b, d) = (
-        Device::new("alice"),
-        Device::new("bob"),
-        Device::new("dave"),
-    );
-    let mut ch = channel_of(&[&a, &b, &d]);
-    let mut dave = ch.pop().unwrap();
-    let mut bob = ch.pop().unwrap();
-    let mut alice = ch.pop().unwrap();
+    let Three {
+        a: _,
+        b,
+        d,
+        mut alice,
+        mut bob,
+        mut dave,
+    } = alice_bob_dave();
 
     let mut r = raw(&mut dave);
     let (header, aad) = header_and_aad(&r.provider, &r.group, r.me, r.next_seq);

@@ -161,6 +161,34 @@ pub fn channel_of(devices: &[&Device]) -> Vec<Channel> {
     all
 }
 
+/// Alice, Bob and Dave in one channel: their devices, and each one's view of it.
+pub struct Three {
+    pub a: Device,
+    pub b: Device,
+    pub d: Device,
+    pub alice: Channel,
+    pub bob: Channel,
+    pub dave: Channel,
+}
+
+pub fn alice_bob_dave() -> Three {
+    let (a, b, d) = (
+        Device::new("alice"),
+        Device::new("bob"),
+        Device::new("dave"),
+    );
+    let mut ch = channel_of(&[&a, &b, &d]);
+    let (dave, bob, alice) = (ch.pop().unwrap(), ch.pop().unwrap(), ch.pop().unwrap());
+    Three {
+        a,
+        b,
+        d,
+        alice,
+        bob,
+        dave,
+    }
+}
+
 pub mod net;
 
 /// A fresh, empty directory under the system temp dir, named for `purpose`.
