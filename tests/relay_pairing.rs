@@ -36,7 +36,10 @@ async fn two_devices_pair_through_the_relay_and_then_sync() {
     // A opens a slot, makes the code for its nameplate, posts Start.
     let sid = common::sid();
     let nameplate = open_slot(addr, &inviter, sid).await;
-    assert_eq!(nameplate, 1, "the smallest free nameplate");
+    assert!(
+        (1..=100).contains(&nameplate),
+        "a short nameplate: {nameplate}"
+    );
     let code = Code::generate(Nameplate::new(nameplate).unwrap(), &mut rng);
     let (awaiting, start) = Inviter::start(&code, sid, &mut rng);
     assert_eq!(send_msg(addr, nameplate, a, &start).await.status, 202);
@@ -222,9 +225,9 @@ async fn claims_of_unknown_used_expired_or_taken_slots_are_refused() {
     .await;
     assert_eq!(snoop.status, 401);
 
-    // A new slot while the first is open gets the next nameplate.
+    // A new slot while the first is open gets another nameplate.
     let other = open_slot(addr, &inviter, common::sid()).await;
-    assert_eq!(other, 2);
+    assert_ne!(other, first);
     // Ended: the inviter cancels before anyone claims.
     assert_eq!(
         http(addr, "DELETE", &format!("/pair/{other}"), &[a], b"")

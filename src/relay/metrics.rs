@@ -12,7 +12,7 @@ const COMMIT_BUCKETS: [f64; 10] = [
 ];
 
 /// Limits whose breaches are counted, as they appear in the `limit` label.
-pub const LIMITS: [&str; 9] = [
+pub const LIMITS: [&str; 12] = [
     "frame_size",
     "envelope_size",
     "connections_per_ip",
@@ -22,6 +22,9 @@ pub const LIMITS: [&str; 9] = [
     "idle_timeout",
     "slow_reader",
     "channel_quota",
+    "pairing_messages",
+    "slots_per_device",
+    "slots_per_channel",
 ];
 
 /// The relay's metrics. One instance per relay, shared by reference.

@@ -1,6 +1,8 @@
 //! Pairing slots: the mailbox through which the two sides' pairing messages pass.
 //!
-//! The inviter opens a slot and gets the smallest free **nameplate**; the joiner
+//! The inviter opens a slot and gets a **nameplate** drawn at random among the
+//! free ones of a short range (which grows only when many slots are open, so
+//! codes stay short and a racing claimer cannot predict the next one); the joiner
 //! claims it (once — a second claimant is refused) and gets the session id and a
 //! claim token for the rest of the exchange. Each side posts messages for the
 //! other and long-polls for the other's. The relay reads only the first byte of
@@ -25,6 +27,16 @@ use crate::ids::{ChannelId, DeviceId};
 use crate::pairing::code::MAX_NAMEPLATE;
 use crate::pairing::message::MAX_MESSAGE_LEN;
 use crate::protocol::ErrorCode;
+
+/// Most messages one side may post into a slot: the protocol needs two
+/// (Start and Finish, or Response) and an Abort; anything beyond is abuse.
+pub const MAX_MESSAGES_PER_SIDE: usize = 4;
+/// Most slots one device may hold open at once.
+pub const MAX_SLOTS_PER_DEVICE: usize = 4;
+/// Most slots one channel's devices may hold open at once.
+pub const MAX_SLOTS_PER_CHANNEL: usize = 16;
+/// Nameplates are drawn from 1..=max(this, 10 × open slots).
+const NAMEPLATE_RANGE: u32 = 100;
 
 /// Type byte of a pairing Finish (the inviter's last message).
 const TYPE_FINISH: u8 = 0x03;
@@ -158,12 +170,14 @@ impl Slots {
         drop(self.lock());
     }
 
-    /// Opens a slot for `inviter` of `channel`; returns its nameplate.
-    pub fn open(
+    /// Opens a slot for `inviter` of `channel`; returns its nameplate, drawn
+    /// with `rng`.
+    pub fn open<R: rand::Rng + ?Sized>(
         &self,
         channel: ChannelId,
         inviter: DeviceId,
         sid: [u8; 16],
+        rng: &mut R,
     ) -> Result<u32, SlotError> {
         let mut inner = self.lock();
         if inner.slots.len() >= self.max {
@@ -172,12 +186,36 @@ impl Slots {
                 message: "the relay has too many pairings in progress: try again in a minute",
             });
         }
-        let nameplate = (1..=MAX_NAMEPLATE)
-            .find(|n| !inner.slots.contains_key(n) && !inner.resting.contains_key(n))
-            .ok_or(SlotError {
-                code: ErrorCode::Unavailable,
-                message: "no free pairing number: try again in a minute",
-            })?;
+        if inner
+            .slots
+            .values()
+            .filter(|s| s.inviter == inviter)
+            .count()
+            >= MAX_SLOTS_PER_DEVICE
+        {
+            self.metrics.breach("slots_per_device");
+            return Err(SlotError {
+                code: ErrorCode::RateLimited,
+                message: "this device already has its most pairings open: finish or cancel one first",
+            });
+        }
+        if inner
+            .slots
+            .values()
+            .filter(|s| s.channel == channel)
+            .count()
+            >= MAX_SLOTS_PER_CHANNEL
+        {
+            self.metrics.breach("slots_per_channel");
+            return Err(SlotError {
+                code: ErrorCode::RateLimited,
+                message: "this channel already has its most pairings open: finish or cancel some first",
+            });
+        }
+        let nameplate = free_nameplate(&inner, rng).ok_or(SlotError {
+            code: ErrorCode::Unavailable,
+            message: "no free pairing number: try again in a minute",
+        })?;
         inner.slots.insert(
             nameplate,
             Slot {
@@ -255,6 +293,17 @@ impl Slots {
         let slot = inner.slots.get_mut(&nameplate).ok_or(GONE)?;
         if slot.ended_by.is_some() {
             return Err(GONE);
+        }
+        let posted = match side {
+            Side::Inviter => slot.to_joiner.len(),
+            Side::Joiner => slot.to_inviter.len(),
+        };
+        if posted >= MAX_MESSAGES_PER_SIDE {
+            self.metrics.breach("pairing_messages");
+            return Err(SlotError {
+                code: ErrorCode::TooLarge,
+                message: "this side has posted all the messages a pairing needs: make a new code",
+            });
         }
         match message.first() {
             Some(&TYPE_FINISH) if side == Side::Inviter => slot.finished = true,
@@ -366,6 +415,28 @@ pub enum SlotAuth {
     },
     /// The joiner's claim token.
     Claim(AccessToken),
+}
+
+/// A free nameplate (neither open nor resting), drawn at random from a range
+/// of at least [`NAMEPLATE_RANGE`] numbers and ten per open slot, so that
+/// random draws mostly hit; a full scan of the range decides when they miss.
+fn free_nameplate<R: rand::Rng + ?Sized>(inner: &Inner, rng: &mut R) -> Option<u32> {
+    use rand::RngExt;
+    let busy = inner.slots.len() + inner.resting.len();
+    let wanted = u32::try_from(busy.saturating_mul(10)).unwrap_or(MAX_NAMEPLATE);
+    let range = wanted.clamp(NAMEPLATE_RANGE, MAX_NAMEPLATE);
+    let free = |n: &u32| !inner.slots.contains_key(n) && !inner.resting.contains_key(n);
+    for _ in 0..32 {
+        let n = rng.random_range(1..=range);
+        if free(&n) {
+            return Some(n);
+        }
+    }
+    let start = rng.random_range(1..=range);
+    (start..=range)
+        .chain(1..start)
+        .chain(range + 1..=MAX_NAMEPLATE)
+        .find(free)
 }
 
 fn check_message(message: &[u8]) -> Result<(), SlotError> {

@@ -607,10 +607,12 @@ async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Resp
         Ok(r) => r,
         Err(response) => return response,
     };
-    match relay
-        .slots
-        .open(credentials.channel, credentials.device, request.sid)
-    {
+    match relay.slots.open(
+        credentials.channel,
+        credentials.device,
+        request.sid,
+        &mut crate::crypto::os_rng(),
+    ) {
         Ok(nameplate) => {
             tracing::info!(channel = %credentials.channel, device = %credentials.device, nameplate, "pairing opened");
             let expires_in = relay.config.limits.pairing_ttl.as_secs();

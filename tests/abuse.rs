@@ -1,0 +1,165 @@
+//! The relay under abuse, as a real `khub serve` child from one address: each
+//! scenario is bounded in count and time, asserts that the attack is refused
+//! at its bound (and counted), and that a legitimate device still pairs
+//! during it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::net::*;
+use khub::ids::ChannelId;
+use khub::relay::pairing::{MAX_MESSAGES_PER_SIDE, MAX_SLOTS_PER_DEVICE};
+
+/// `khub serve --memory` on an ephemeral port, killed when dropped.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Serve {
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
+            .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("khub serve starts");
+        let line = common::first_line(child.stdout.take().unwrap());
+        let addr = line
+            .split_whitespace()
+            .find_map(|word| word.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self { child, addr }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    async fn breaches(&self, limit: &str) -> u64 {
+        let metrics = http(self.addr, "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8(metrics.body).unwrap();
+        let prefix = format!("khub_limit_breaches_total{{limit=\"{limit}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {limit} in the metrics"))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A channel with one device, created on `relay`.
+async fn channel(relay: SocketAddr) -> Member {
+    let member = Member::new(ChannelId::random(&mut khub::crypto::os_rng()));
+    assert_eq!(create_channel(relay, &member).await.status, 201);
+    member
+}
+
+/// A legitimate inviter still opens a slot, posts its Start, and a joiner
+/// still claims it.
+async fn a_pairing_still_opens(relay: SocketAddr) {
+    let inviter = channel(relay).await;
+    let nameplate = open_slot(relay, &inviter, common::sid()).await;
+    let posted = send_msg(
+        relay,
+        nameplate,
+        ("authorization", &inviter.auth()),
+        &[0x01; 33],
+    )
+    .await;
+    assert_eq!(posted.status, 202);
+    assert_eq!(claim(relay, nameplate).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_mailbox_posts_into_one_slot_stop_at_its_cap() {
+    let relay = Serve::start();
+    let inviter = channel(relay.addr).await;
+    let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
+    let auth = inviter.auth();
+    let before = relay.rss_kib();
+    let big = vec![0x01; khub::pairing::message::MAX_MESSAGE_LEN];
+    let mut stored = 0;
+    for _ in 0..2_000 {
+        let posted = send_msg(relay.addr, nameplate, ("authorization", &auth), &big).await;
+        match posted.status {
+            202 => stored += 1,
+            413 => assert_eq!(posted.code(), "too_large"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        stored, MAX_MESSAGES_PER_SIDE,
+        "posts past the cap are refused"
+    );
+    assert_eq!(
+        relay.breaches("pairing_messages").await,
+        2_000 - stored as u64
+    );
+    let grown = relay.rss_kib().saturating_sub(before);
+    assert!(grown < 20 * 1024, "relay RSS grew {grown} KiB");
+    a_pairing_still_opens(relay.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_opening_1500_slots_gets_a_few_and_others_still_pair() {
+    let relay = Serve::start();
+    let greedy = channel(relay.addr).await;
+    let mut opened = 0;
+    for _ in 0..1_500 {
+        let response = post_json(
+            relay.addr,
+            "/pair",
+            &[("authorization", &greedy.auth())],
+            &serde_json::json!({"sid": khub::protocol::b64::encode(common::sid())}),
+        )
+        .await;
+        match response.status {
+            201 => opened += 1,
+            429 => assert_eq!(response.code(), "rate_limited"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(opened, MAX_SLOTS_PER_DEVICE);
+    assert_eq!(
+        relay.breaches("slots_per_device").await,
+        1_500 - opened as u64
+    );
+    a_pairing_still_opens(relay.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nameplates_are_short_and_not_handed_out_in_order() {
+    let relay = Serve::start();
+    let mut nameplates = Vec::new();
+    for _ in 0..5 {
+        let inviter = channel(relay.addr).await;
+        for _ in 0..MAX_SLOTS_PER_DEVICE {
+            nameplates.push(open_slot(relay.addr, &inviter, common::sid()).await);
+        }
+    }
+    // Drawn from 1..=max(100, 10 × open slots): short codes, room to spare.
+    for (open, n) in nameplates.iter().enumerate() {
+        assert!(*n >= 1 && *n <= 100.max(10 * open as u32), "{nameplates:?}");
+    }
+    let in_order: Vec<u32> = (1..=nameplates.len() as u32).collect();
+    assert_ne!(nameplates, in_order, "a racing claimer could predict them");
+    let mut distinct = nameplates.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), nameplates.len());
+}
