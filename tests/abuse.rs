@@ -20,8 +20,13 @@ struct Serve {
 
 impl Serve {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(flags: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
             .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -162,4 +167,70 @@ async fn nameplates_are_short_and_not_handed_out_in_order() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), nameplates.len());
+}
+
+/// Whether the relay has closed `stream` (end of stream or reset), waiting at most `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, tokio::io::AsyncReadExt::read(stream, &mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_idle_connections_are_closed_and_healthz_answers_throughout() {
+    let relay = Serve::start_with(&[
+        "--header-timeout-secs",
+        "1",
+        "--max-connections-per-ip",
+        "250",
+    ]);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(relay.addr).await.unwrap());
+    }
+    // Those over the per-address limit are closed at accept, and the others
+    // hold nothing for long: another client is served meanwhile.
+    assert_eq!(healthz_from("127.0.0.2", relay.addr).await, 200);
+    // …and every idle one is closed within the header timeout (plus slack).
+    let started = std::time::Instant::now();
+    for stream in &mut idle {
+        assert!(closed_within(stream, std::time::Duration::from_secs(5)).await);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let breaches = relay.breaches("connections_per_ip").await;
+    assert!(breaches >= 50, "{breaches} breaches");
+    assert_eq!(
+        http(relay.addr, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+}
+
+/// The status of `GET /healthz` from a socket bound to `source`.
+async fn healthz_from(source: &str, relay: SocketAddr) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = tokio::time::timeout(STEP, socket.connect(relay))
+        .await
+        .unwrap()
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }

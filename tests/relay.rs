@@ -523,8 +523,14 @@ async fn connections_per_address_are_limited() {
     let relay = TestRelay::start(config(limits)).await;
     let _first = connect(relay.addr).await;
     let _second = connect(relay.addr).await;
-    let third = http(relay.addr, "GET", "/healthz", &[], b"").await;
-    assert_eq!((third.status, third.code()), (429, "rate_limited".into()));
+    // The third is closed at accept: it gets no answer, just the end of the stream.
+    let mut third = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut third, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read(&mut third, &mut buf))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(relay.relay.metrics().breaches("connections_per_ip") >= 1);
     drop(_first);
     tokio::time::sleep(Duration::from_millis(200)).await;

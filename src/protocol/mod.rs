@@ -73,8 +73,9 @@
 //! | 4004 | idle | no frame or pong within the idle timeout | reconnect |
 //! | 4008 | slow | the device did not read its deliveries in time | reconnect; it resumes from its cursor |
 //!
-//! A connection over the per-address limit is refused before any upgrade, with
-//! HTTP 429 and `rate_limited`.
+//! A connection over the per-address limit is closed at accept, before any
+//! request; one that sends no request headers within the header timeout
+//! (default 10 s) is closed too.
 //!
 //! # Error codes
 //!

@@ -14,8 +14,13 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Largest envelope (`too_large`).
     pub max_envelope_bytes: usize,
-    /// Open connections per client address (close 4029 / HTTP 429).
+    /// Open connections per client address; one more is closed at accept.
     pub max_connections_per_ip: usize,
+    /// Open connections in all; the relay stops accepting at this many.
+    pub max_connections: usize,
+    /// Time a connection has to send a request's headers, whether it is new
+    /// or idle between requests; then it is closed.
+    pub header_timeout: Duration,
     /// Pairing claims per client address per minute (`rate_limited`).
     pub claims_per_minute: u32,
     /// Channels created per client address per hour (`rate_limited`).
@@ -49,6 +54,8 @@ impl Default for Limits {
             max_frame_bytes: MAX_ENVELOPE_LEN.div_ceil(3) * 4 + 4096,
             max_envelope_bytes: MAX_ENVELOPE_LEN,
             max_connections_per_ip: 64,
+            max_connections: 20_000,
+            header_timeout: Duration::from_secs(10),
             claims_per_minute: 10,
             channels_per_hour: 30,
             max_devices_per_channel: 32,

@@ -1,7 +1,9 @@
 //! The accept loop: warp's filters served on our own listener, so that every
 //! accepted socket gets TCP_NODELAY (warp 0.4 sets none, and small frames then
 //! wait ~40 ms for delayed ACKs), counts against its address's connection
-//! limit, and can be upgraded to a WebSocket with small buffers.
+//! limit (one over it is closed at accept) and the relay's (taken before
+//! accept), has a deadline for its request headers, and can be upgraded to a
+//! WebSocket with small buffers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,8 +20,7 @@ use tracing::{debug, info};
 
 use super::Relay;
 use super::metrics::Metrics;
-use super::routes::{ConnInfo, error, routes};
-use crate::protocol::ErrorCode;
+use super::routes::{ConnInfo, routes};
 
 /// How long shutdown waits for sessions and requests to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -80,40 +81,59 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
         info!(%addr, "relay listening");
     }
     tokio::pin!(shutdown);
+    // Taken before accept (as mini-redis does): at the cap, the relay stops
+    // accepting until a connection closes, instead of holding ever more sockets.
+    let capacity = Arc::new(tokio::sync::Semaphore::new(
+        relay.config.limits.max_connections.max(1),
+    ));
+    let header_timeout = relay.config.limits.header_timeout;
+    let mut backoff = Duration::from_millis(5);
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&capacity).acquire_owned() => permit.expect("never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
                     debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let guard = relay.connections.try_acquire(peer.ip()).map(Arc::new);
-        if guard.is_none() {
+        backoff = Duration::from_millis(5);
+        // Over its address's limit, a connection is closed at once: it holds
+        // nothing of the relay's, not even a socket.
+        let Some(guard) = relay.connections.try_acquire(peer.ip()).map(Arc::new) else {
             relay.metrics().breach("connections_per_ip");
-        }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         let relay = Arc::clone(&relay);
         let filter = filter.clone();
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             Metrics::inc(&relay.metrics().connections);
             let for_requests = stopped.clone();
             let service = service_fn(move |req| {
                 handle(
                     req,
                     peer,
-                    guard.clone(),
+                    Arc::clone(&guard),
                     for_requests.clone(),
                     filter.clone(),
                 )
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
@@ -145,12 +165,11 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
     info!("relay stopped");
 }
 
-/// One HTTP request: refused if its connection is over the per-address limit,
-/// otherwise handed to warp with the connection's facts in its extensions.
+/// One HTTP request, handed to warp with the connection's facts in its extensions.
 async fn handle<F>(
     mut req: hyper::Request<Incoming>,
     peer: SocketAddr,
-    guard: Option<Arc<super::limits::ConnectionGuard>>,
+    guard: Arc<super::limits::ConnectionGuard>,
     shutdown: watch::Receiver<bool>,
     filter: F,
 ) -> Result<warp::reply::Response, std::convert::Infallible>
@@ -161,12 +180,6 @@ where
         + Sync
         + 'static,
 {
-    let Some(guard) = guard else {
-        return Ok(error(
-            ErrorCode::RateLimited,
-            "too many connections from this address",
-        ));
-    };
     let upgrade = if req.uri().path() == "/ws" {
         Some(hyper::upgrade::on(&mut req))
     } else {

@@ -243,9 +243,15 @@ struct ServeArgs {
     /// Largest WebSocket frame or request body, in bytes.
     #[arg(long, env = "KHUB_MAX_FRAME_BYTES", default_value_t = Limits::default().max_frame_bytes)]
     max_frame_bytes: usize,
-    /// Open connections per client address.
+    /// Open connections per client address; one more is closed at accept.
     #[arg(long, env = "KHUB_MAX_CONNECTIONS_PER_IP", default_value_t = Limits::default().max_connections_per_ip)]
     max_connections_per_ip: usize,
+    /// Open connections in all; at this many the relay stops accepting until one closes.
+    #[arg(long, env = "KHUB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a connection has to send a request's headers (new, or idle between requests).
+    #[arg(long, env = "KHUB_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_timeout.as_secs())]
+    header_timeout_secs: u64,
     /// Pairing claims per client address per minute.
     #[arg(long, env = "KHUB_CLAIMS_PER_MINUTE", default_value_t = Limits::default().claims_per_minute)]
     claims_per_minute: u32,
@@ -815,6 +821,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_frame_bytes: args.max_frame_bytes,
         max_envelope_bytes: args.max_envelope_bytes,
         max_connections_per_ip: args.max_connections_per_ip,
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
         claims_per_minute: args.claims_per_minute,
         channels_per_hour: args.channels_per_hour,
         max_devices_per_channel: args.max_devices_per_channel,
