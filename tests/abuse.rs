@@ -234,3 +234,75 @@ async fn healthz_from(source: &str, relay: SocketAddr) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_near_limit_sync_bodies_are_refused_before_they_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = Serve::start();
+    let before = relay.rss_kib();
+    let stranger = Member::new(ChannelId::random(&mut khub::crypto::os_rng()));
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        let head = format!(
+            "POST /sync HTTP/1.1\r\nhost: relay\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: 20000000\r\n\r\n",
+            stranger.auth()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // A first megabyte of the body; the relay should not wait for the rest.
+        let _ = stream.write_all(&vec![b' '; 1 << 20]).await;
+        let mut answer = [0u8; 12];
+        let read = tokio::time::timeout(STEP, stream.read_exact(&mut answer)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "an answer before the body: {read:?}"
+        );
+        assert_eq!(&answer, b"HTTP/1.1 401");
+        held.push(stream);
+    }
+    let grown = relay.rss_kib().saturating_sub(before);
+    assert!(grown < 20 * 1024, "relay RSS grew {grown} KiB");
+    a_pairing_still_opens(relay.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_answer_pages_a_large_backlog_by_bytes() {
+    let relay = Serve::start();
+    let device = channel(relay.addr).await;
+    let envelopes: Vec<String> = (1..=12u64)
+        .map(|seq| {
+            let header = khub::crypto::envelope::EnvelopeHeader {
+                channel: device.channel,
+                epoch: 0,
+                sender: device.device,
+                seq,
+            };
+            khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; 1 << 20]].concat())
+        })
+        .collect();
+    let published = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &device.auth())],
+        &serde_json::json!({"cursor": 0, "publish": envelopes}),
+    )
+    .await;
+    assert_eq!(
+        published.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&published.body)
+    );
+    let page = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &device.auth())],
+        &serde_json::json!({"cursor": 0}),
+    )
+    .await
+    .json();
+    let got = page["envelopes"].as_array().unwrap().len();
+    assert!((1..12).contains(&got), "{got} envelopes in one page");
+    assert!(got * (1 << 20) <= khub::relay::routes::MAX_SYNC_RESPONSE_BYTES);
+    assert_eq!(page["more"], true);
+}

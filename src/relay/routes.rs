@@ -42,6 +42,8 @@ pub const MAX_POLL: Duration = Duration::from_secs(25);
 /// Largest pairing mailbox request body: the largest pairing message in
 /// base64 inside its JSON object.
 const MAX_PAIR_BODY: u64 = (crate::pairing::message::MAX_MESSAGE_LEN as u64).div_ceil(3) * 4 + 1024;
+/// Most envelope bytes in one `/sync` answer (besides its count limit).
+pub const MAX_SYNC_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest body of the small JSON requests.
 const MAX_SMALL_BODY: u64 = 4 * 1024;
 
@@ -98,24 +100,51 @@ fn slot_failure(e: SlotError) -> Response {
 
 /// Resolves to the credentials in `Authorization`, checked against the store.
 async fn authenticate(relay: &Relay, header: Option<String>) -> Result<Credentials, Response> {
-    let header = header.ok_or_else(|| {
-        error(
-            ErrorCode::Unauthorized,
-            "missing Authorization: Bearer <channel>.<device>.<token>",
-        )
+    check_credentials(relay, header)
+        .await
+        .map_err(|refused| error(refused.code, refused.message))
+}
+
+async fn check_credentials(relay: &Relay, header: Option<String>) -> Result<Credentials, Refused> {
+    let header = header.ok_or_else(|| Refused {
+        code: ErrorCode::Unauthorized,
+        message: "missing Authorization: Bearer <channel>.<device>.<token>".into(),
     })?;
     let credentials = Credentials::from_header(&header).map_err(|code| {
         crate::relay::metrics::Metrics::inc(&relay.metrics().auth_failures);
-        error(
+        Refused {
             code,
-            "malformed credentials: expected Bearer <channel>.<device>.<token>",
-        )
+            message: "malformed credentials: expected Bearer <channel>.<device>.<token>".into(),
+        }
     })?;
     relay
         .authenticate(&credentials)
         .await
-        .map_err(|(code, message)| error(code, message))?;
+        .map_err(|(code, message)| Refused { code, message })?;
     Ok(credentials)
+}
+
+/// A request refused before its body was read.
+#[derive(Debug)]
+struct Refused {
+    code: ErrorCode,
+    message: String,
+}
+
+impl warp::reject::Reject for Refused {}
+
+/// The device's credentials, checked before anything reads the body: a
+/// client that cannot authenticate cannot make the relay buffer one.
+fn authenticated(
+    relay: Arc<Relay>,
+) -> impl Filter<Extract = (Credentials,), Error = warp::Rejection> + Clone {
+    auth_header()
+        .and(with_relay(relay))
+        .and_then(|header, relay: Arc<Relay>| async move {
+            check_credentials(&relay, header)
+                .await
+                .map_err(warp::reject::custom)
+        })
 }
 
 fn with_relay(
@@ -185,7 +214,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
         .then(remove_device);
     let sync = warp::path!("sync")
         .and(warp::post())
-        .and(auth_header())
+        .and(authenticated(Arc::clone(&relay)))
         .and(body(sync_limit))
         .and(with_relay(Arc::clone(&relay)))
         .then(sync);
@@ -251,7 +280,9 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
 }
 
 async fn recover(relay: Arc<Relay>, rejection: warp::Rejection) -> Result<Response, Infallible> {
-    Ok(if rejection.is_not_found() {
+    Ok(if let Some(refused) = rejection.find::<Refused>() {
+        error(refused.code, refused.message.clone())
+    } else if rejection.is_not_found() {
         error(ErrorCode::NotFound, "no such route")
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         relay.metrics().breach("frame_size");
@@ -522,11 +553,7 @@ async fn remove_device(
     }
 }
 
-async fn sync(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Response {
-    let credentials = match authenticate(&relay, auth).await {
-        Ok(c) => c,
-        Err(response) => return response,
-    };
+async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Response {
     let request: SyncRequest = match parse(&body) {
         Ok(r) => r,
         Err(response) => return response,
@@ -575,9 +602,21 @@ async fn sync(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Response 
         Ok(head) => head,
         Err(e) => return store_failure(e),
     };
-    let more = stored.last().is_some_and(|last| last.seq < head);
+    // A page holds at most MAX_SYNC_RESPONSE_BYTES of envelopes (at least
+    // one), whatever the count: large backlogs come in bounded pieces.
+    let mut bytes = 0usize;
+    let fits = stored
+        .iter()
+        .take_while(|s| {
+            let first = bytes == 0;
+            bytes = bytes.saturating_add(s.envelope.len());
+            first || bytes <= MAX_SYNC_RESPONSE_BYTES
+        })
+        .count();
+    let more = stored[..fits].last().is_some_and(|last| last.seq < head);
     let envelopes: Vec<Delivered> = stored
         .into_iter()
+        .take(fits)
         .map(|s| Delivered {
             seq: s.seq,
             envelope: s.envelope.to_vec(),
