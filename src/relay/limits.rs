@@ -30,6 +30,7 @@ impl ConnectionLimiter {
 
     /// A slot for `ip`, or `None` if it has `max` open already.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionGuard> {
+        let ip = client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(ip).or_insert(0);
         if *count >= self.max {
@@ -75,6 +76,7 @@ impl RateLimiter {
 
     /// Records an event for `ip`; false if it is over the limit.
     pub fn allow(&self, ip: IpAddr) -> bool {
+        let ip = client_key(ip);
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() > 10_000 {
@@ -90,5 +92,44 @@ impl RateLimiter {
         }
         entry.1 += 1;
         true
+    }
+}
+
+/// The address a limit counts against: an IPv4 address as it is, an IPv6
+/// address by its /64 prefix (one subscriber's network usually gets a whole
+/// /64, so counting /128s would hand each client billions of budgets).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(other));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(mapped), v4);
+        // One /64 shares one connection budget.
+        let limits = ConnectionLimiter::new(1);
+        let _held = limits.try_acquire(a).expect("the first");
+        assert!(limits.try_acquire(b).is_none(), "same /64");
+        assert!(limits.try_acquire(other).is_some(), "another /64");
     }
 }
