@@ -16,6 +16,8 @@ use khub::relay::pairing::{MAX_MESSAGES_PER_SIDE, MAX_SLOTS_PER_DEVICE};
 struct Serve {
     child: Child,
     addr: SocketAddr,
+    /// The operator's metrics listener, if one was asked for.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Serve {
@@ -31,12 +33,25 @@ impl Serve {
             .stderr(Stdio::null())
             .spawn()
             .expect("khub serve starts");
-        let line = common::first_line(child.stdout.take().unwrap());
-        let addr = line
-            .split_whitespace()
-            .find_map(|word| word.trim_end_matches(',').parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Self { child, addr }
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let address = |line: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|word| word.trim_end_matches(',').parse().ok())
+                .unwrap_or_else(|| panic!("no address in {line:?}"))
+        };
+        let addr = address(&line);
+        let metrics_addr = flags.contains(&"--metrics-listen").then(|| {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+            address(&line)
+        });
+        Self {
+            child,
+            addr,
+            metrics_addr,
+        }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -305,4 +320,21 @@ async fn a_sync_answer_pages_a_large_backlog_by_bytes() {
     assert!((1..12).contains(&got), "{got} envelopes in one page");
     assert!(got * (1 << 20) <= khub::relay::routes::MAX_SYNC_RESPONSE_BYTES);
     assert_eq!(page["more"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_the_operators_listener_not_the_public_one() {
+    let relay = Serve::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let public = http(relay.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(public.status, 404);
+    let metrics = relay.metrics_addr.expect("a metrics listener");
+    let served = http(metrics, "GET", "/metrics", &[], b"").await;
+    assert_eq!(served.status, 200);
+    assert!(
+        String::from_utf8(served.body)
+            .unwrap()
+            .contains("khub_sessions")
+    );
+    assert_eq!(http(metrics, "GET", "/healthz", &[], b"").await.status, 200);
+    assert_eq!(http(metrics, "GET", "/sync", &[], b"").await.status, 404);
 }

@@ -38,7 +38,17 @@ fn config(limits: Limits) -> RelayConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_and_unknown_routes() {
-    let relay = TestRelay::start(RelayConfig::default()).await;
+    // Without public metrics (the default for a relay not on loopback), the
+    // public listener does not serve them.
+    let private = TestRelay::start(RelayConfig::default()).await;
+    let hidden = http(private.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(hidden.status, 404);
+    private.stop().await;
+    let relay = TestRelay::start(RelayConfig {
+        public_metrics: true,
+        ..RelayConfig::default()
+    })
+    .await;
     let health = http(relay.addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(
         (health.status, health.json()["status"].as_str()),

@@ -82,6 +82,11 @@ pub struct RelayConfig {
     pub allowed_origins: Vec<String>,
     /// If set, `POST /channels` needs this secret in `X-Khub-Operator`.
     pub operator_secret: Option<SecretBytes<32>>,
+    /// Whether `GET /metrics` is served on the public listener too. `khub
+    /// serve` turns it on only for a loopback listener without a separate
+    /// metrics listener: counts of sessions, pairings and refusals are for
+    /// the operator, not for anyone who can reach the relay.
+    pub public_metrics: bool,
 }
 
 impl RelayConfig {

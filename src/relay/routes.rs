@@ -163,6 +163,38 @@ fn auth_header() -> impl Filter<Extract = (Option<String>,), Error = Infallible>
         .unify()
 }
 
+/// `GET /metrics`: the Prometheus text.
+fn metrics_route(
+    relay: Arc<Relay>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_relay(relay))
+        .map(|relay: Arc<Relay>| {
+            warp::reply::with_header(
+                relay.metrics().render(),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        })
+}
+
+/// What the operator's metrics listener serves: `/metrics` and `/healthz`.
+pub fn metrics_routes(
+    relay: Arc<Relay>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .and(with_relay(Arc::clone(&relay)))
+        .then(healthz);
+    metrics_route(Arc::clone(&relay))
+        .or(health)
+        .unify()
+        .recover(move |rejection| recover(Arc::clone(&relay), rejection))
+        .unify()
+}
+
 /// All routes, with errors mapped to JSON.
 pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let conn = warp::ext::get::<ConnInfo>();
@@ -172,17 +204,14 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
         .and(warp::get())
         .and(with_relay(Arc::clone(&relay)))
         .then(healthz);
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_relay(Arc::clone(&relay)))
-        .map(|relay: Arc<Relay>| {
-            warp::reply::with_header(
-                relay.metrics().render(),
-                "content-type",
-                "text/plain; version=0.0.4",
-            )
-            .into_response()
-        });
+    let public_metrics = relay.config.public_metrics;
+    let metrics = metrics_route(Arc::clone(&relay)).and_then(move |response| async move {
+        if public_metrics {
+            Ok(response)
+        } else {
+            Err(warp::reject::not_found())
+        }
+    });
     let ws = warp::path!("ws")
         .and(warp::get())
         .and(warp::header::headers_cloned())

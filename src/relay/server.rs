@@ -165,6 +165,27 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
     info!("relay stopped");
 }
 
+/// Serves the operator's metrics (`/metrics`, `/healthz`) on its own
+/// listener, until the task is dropped or aborted.
+pub async fn serve_metrics(relay: Arc<Relay>, listener: TcpListener) {
+    let filter = super::routes::metrics_routes(Arc::clone(&relay));
+    let header_timeout = relay.config.limits.header_timeout;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let service = TowerToHyperService::new(warp::service(filter.clone()));
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// One HTTP request, handed to warp with the connection's facts in its extensions.
 async fn handle<F>(
     mut req: hyper::Request<Incoming>,

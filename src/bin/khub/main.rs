@@ -220,6 +220,10 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KHUB_LISTEN", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
+    /// Address to serve `/metrics` (and `/healthz`) on for the operator. Without
+    /// it, `/metrics` is served on --listen only if that is a loopback address.
+    #[arg(long, env = "KHUB_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// SQLite database file (created if missing).
     #[arg(long, env = "KHUB_DB", default_value = "khub.sqlite3")]
     db: PathBuf,
@@ -837,6 +841,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         allowed_origins: args.allowed_origins.clone(),
         operator_secret: operator_secret(args.operator_secret_file.as_ref())?,
+        public_metrics: args.metrics_listen.is_none() && args.listen.ip().is_loopback(),
     };
     let store: Arc<dyn Store> = if args.memory {
         Arc::new(MemoryStore::new())
@@ -861,7 +866,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         println!("khub relay listening on {addr}, storing in {where_}");
         let relay = Relay::new(store, config);
+        let metrics = match args.metrics_listen {
+            Some(at) => {
+                let listener = tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen on {at} for metrics"))?;
+                println!("metrics on {}", listener.local_addr()?);
+                Some(tokio::spawn(khub::relay::server::serve_metrics(
+                    Arc::clone(&relay),
+                    listener,
+                )))
+            }
+            None => None,
+        };
         khub::relay::server::serve(relay, listener, shutdown_signal()).await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         anyhow::Ok(())
     })
 }
