@@ -55,13 +55,7 @@ impl Serve {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
+        common::rss_kib(self.child.id())
     }
 
     async fn breaches(&self, limit: &str) -> u64 {
@@ -337,4 +331,25 @@ async fn metrics_are_served_on_the_operators_listener_not_the_public_one() {
     );
     assert_eq!(http(metrics, "GET", "/healthz", &[], b"").await.status, 200);
     assert_eq!(http(metrics, "GET", "/sync", &[], b"").await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = Serve::start_with(&["--request-timeout-secs", "1"]);
+    let device = channel(relay.addr).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let head = format!(
+        "POST /sync HTTP/1.1\r\nhost: relay\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"cursor\":",
+        device.auth()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(STEP, stream.read_exact(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 408");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }

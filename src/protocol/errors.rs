@@ -22,6 +22,8 @@ pub enum ErrorCode {
     /// The device's own (correct) token, but the device was removed from the
     /// channel. Told only to the holder of the token.
     Revoked,
+    /// The request (its body, say) did not arrive within the relay's deadline.
+    Timeout,
     /// The operator secret is required and was missing or wrong.
     Forbidden,
     /// An envelope whose header names another sender than the session's device.
@@ -77,6 +79,7 @@ impl ErrorCode {
             | Self::AlreadyClaimed
             | Self::ChannelFull => 409,
             Self::Gone => 410,
+            Self::Timeout => 408,
             Self::TooLarge => 413,
             Self::OverQuota => 507,
             Self::RateLimited => 429,
@@ -110,6 +113,7 @@ impl ErrorCode {
             Self::InvalidBase64 => "invalid_base64",
             Self::Unauthorized => "unauthorized",
             Self::Revoked => "revoked",
+            Self::Timeout => "timeout",
             Self::Forbidden => "forbidden",
             Self::ForbiddenSender => "forbidden_sender",
             Self::WrongChannel => "wrong_channel",

@@ -21,6 +21,9 @@ pub struct Limits {
     /// Time a connection has to send a request's headers, whether it is new
     /// or idle between requests; then it is closed.
     pub header_timeout: Duration,
+    /// Time a request has from its headers to the relay's answer, body
+    /// included (`timeout`, HTTP 408); long-polls wait at most 25 s within it.
+    pub request_timeout: Duration,
     /// Pairing claims per client address per minute (`rate_limited`).
     pub claims_per_minute: u32,
     /// Channels created per client address per hour (`rate_limited`).
@@ -56,6 +59,7 @@ impl Default for Limits {
             max_connections_per_ip: 64,
             max_connections: 20_000,
             header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
             claims_per_minute: 10,
             channels_per_hour: 30,
             max_devices_per_channel: 32,

@@ -87,6 +87,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
         relay.config.limits.max_connections.max(1),
     ));
     let header_timeout = relay.config.limits.header_timeout;
+    let request_timeout = relay.config.limits.request_timeout;
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -129,6 +130,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
                     Arc::clone(&guard),
                     for_requests.clone(),
                     filter.clone(),
+                    request_timeout,
                 )
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -193,6 +195,7 @@ async fn handle<F>(
     guard: Arc<super::limits::ConnectionGuard>,
     shutdown: watch::Receiver<bool>,
     filter: F,
+    deadline: Duration,
 ) -> Result<warp::reply::Response, std::convert::Infallible>
 where
     F: warp::Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
@@ -213,7 +216,13 @@ where
         shutdown,
     });
     let service = TowerToHyperService::new(warp::service(filter));
-    hyper::service::Service::call(&service, req).await
+    match tokio::time::timeout(deadline, hyper::service::Service::call(&service, req)).await {
+        Ok(answer) => answer,
+        Err(_) => Ok(super::routes::error(
+            crate::protocol::ErrorCode::Timeout,
+            "the request did not arrive in time",
+        )),
+    }
 }
 
 /// Retention and pairing-slot expiry, until shutdown.

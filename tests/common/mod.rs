@@ -189,6 +189,17 @@ pub fn alice_bob_dave() -> Three {
     }
 }
 
+/// Resident memory of process `pid`, in KiB (Linux `/proc`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 pub mod net;
 
 /// A fresh, empty directory under the system temp dir, named for `purpose`.

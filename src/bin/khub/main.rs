@@ -256,6 +256,9 @@ struct ServeArgs {
     /// Seconds a connection has to send a request's headers (new, or idle between requests).
     #[arg(long, env = "KHUB_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_timeout.as_secs())]
     header_timeout_secs: u64,
+    /// Seconds a request has from its headers to the answer, body included.
+    #[arg(long, env = "KHUB_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout.as_secs())]
+    request_timeout_secs: u64,
     /// Pairing claims per client address per minute.
     #[arg(long, env = "KHUB_CLAIMS_PER_MINUTE", default_value_t = Limits::default().claims_per_minute)]
     claims_per_minute: u32,
@@ -827,6 +830,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_ip: args.max_connections_per_ip,
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
         claims_per_minute: args.claims_per_minute,
         channels_per_hour: args.channels_per_hour,
         max_devices_per_channel: args.max_devices_per_channel,
