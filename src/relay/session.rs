@@ -302,8 +302,8 @@ where
                         ServerFrame::Error { code: e.code, message: e.message, fatal: false, sender_seq }
                     }
                 };
-                if ws.send(text(&reply)).await.is_err() {
-                    return End::Gone;
+                if let Err(end) = send_within(ws, text(&reply), limits.slow_reader_timeout, &hub.metrics).await {
+                    return end;
                 }
             }
             incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT => {
@@ -330,8 +330,8 @@ where
                     }
                     Message::Binary(_) => return fatal(ErrorCode::Malformed, "frames are JSON text, not binary"),
                     Message::Ping(payload) => {
-                        if ws.send(Message::Pong(payload)).await.is_err() {
-                            return End::Gone;
+                        if let Err(end) = send_within(ws, Message::Pong(payload), limits.slow_reader_timeout, &hub.metrics).await {
+                            return end;
                         }
                     }
                     Message::Pong(_) | Message::Frame(_) => {}
@@ -343,8 +343,8 @@ where
                     hub.metrics.breach("idle_timeout");
                     return End::Close(CloseCode::Idle, None);
                 }
-                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return End::Gone;
+                if let Err(end) = send_within(ws, Message::Ping(Bytes::new()), limits.slow_reader_timeout, &hub.metrics).await {
+                    return end;
                 }
             }
             batch = hub.fetch(channel, cursor, DELIVERY_BATCH), if behind => {
@@ -375,6 +375,27 @@ where
                 hub.metrics.bytes_out.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
                 cursor = batch.last().map_or(cursor, |r| r.seq);
             }
+        }
+    }
+}
+
+/// Writes one frame (an ack, a pong, a ping) within `patience`: a peer that
+/// stops reading cannot hold the session's task forever; it is closed as slow.
+async fn send_within<S>(
+    ws: &mut WebSocketStream<S>,
+    message: Message,
+    patience: std::time::Duration,
+    metrics: &Metrics,
+) -> Result<(), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match timeout(patience, ws.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => {
+            metrics.breach("slow_reader");
+            Err(End::Close(CloseCode::Slow, None))
         }
     }
 }
