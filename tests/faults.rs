@@ -267,3 +267,56 @@ async fn split_delayed_and_stalled_traffic_still_arrives_once_in_order() {
     outgoing.close().await;
     session.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_behind_a_proxy_that_blackholes_notices_and_reconnects() {
+    // The relay pings every second, so a device hearing nothing for three
+    // seconds treats the connection as dead.
+    let limits = Limits {
+        ping_interval: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(limits).await.unwrap();
+    let proxy = FaultProxy::start(relay.addr()).await.unwrap();
+    let home = TempDir::new("blackhole");
+    let paired = tokio::time::timeout(
+        Duration::from_secs(30),
+        paired_devices(home.path(), &[relay.url(), proxy.url()]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (sender, behind) = (&paired.devices[0], &paired.devices[1]);
+    let session = behind.connect();
+    let live = |session: &Session| matches!(session.status(), khub::client::Status::Live { .. });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !live(&session) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("live");
+    let before = proxy.connections();
+    // The proxy keeps the connection open but passes nothing: half-open.
+    proxy.stall(true);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while live(&session) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the session noticed the dead connection");
+    proxy.stall(false);
+    // It reconnects, and what was sent meanwhile arrives.
+    sender.queue(b"while the link was dead").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), sender.sync())
+        .await
+        .unwrap()
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(20), session.recv())
+        .await
+        .expect("delivered after the reconnect")
+        .unwrap();
+    assert_eq!(message.body, b"while the link was dead");
+    assert!(proxy.connections() > before, "a new connection was made");
+}

@@ -21,6 +21,10 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Time allowed to connect and get `ready`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relay's ping interval when its `ready` does not say.
+const DEFAULT_PING_SECS: u64 = 30;
+/// Pings missed before a session counts its connection as dead.
+const LIVENESS_PINGS: u64 = 3;
 /// Most frames taken off the connection before they are acted on together.
 const MAX_BATCH: usize = 256;
 
@@ -283,9 +287,11 @@ async fn connection(
     let first = tokio::time::timeout(CONNECT_TIMEOUT, ws.next())
         .await
         .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
-    let head = match first {
+    let (head, ping_secs) = match first {
         Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
-            Ok(ServerFrame::Ready { head, .. }) => head,
+            Ok(ServerFrame::Ready {
+                head, ping_secs, ..
+            }) => (head, ping_secs.unwrap_or(DEFAULT_PING_SECS).max(1)),
             Ok(ServerFrame::Error { code, message, .. }) => {
                 return Err(refusal(code, message, closing_code(&mut ws).await));
             }
@@ -307,9 +313,21 @@ async fn connection(
     // connection, backing off while the quota stays full.
     let mut quota_retry: Option<tokio::time::Instant> = None;
     let mut quota_refusals = 0u32;
+    // The relay pings every `ping_secs`: hearing nothing for several of them
+    // means a half-open connection (a proxy that blackholes, a dead link), so
+    // the session reconnects instead of waiting forever.
+    let liveness = Duration::from_secs(ping_secs.saturating_mul(LIVENESS_PINGS));
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(last_heard + liveness) => {
+                return Err(unreachable(
+                    device,
+                    format!("no word from the relay for {} s; reconnecting", liveness.as_secs()),
+                ));
+            }
             incoming = ws.next() => {
+                last_heard = tokio::time::Instant::now();
                 // Take every frame already here too, so a burst of deliveries
                 // is taken in with one transaction (one disk sync).
                 let mut frames = vec![incoming];

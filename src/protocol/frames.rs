@@ -58,6 +58,11 @@ pub enum ServerFrame {
         v: u32,
         /// The channel's newest sequence number.
         head: u64,
+        /// Seconds between the relay's pings to a quiet session: a device
+        /// that hears nothing for several of them treats the connection as
+        /// dead and reconnects.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ping_secs: Option<u64>,
     },
     /// An envelope, in channel order.
     Deliver {

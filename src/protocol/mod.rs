@@ -32,8 +32,11 @@
 //! speaks protocol 1; update khub and pair it again".
 //!
 //! `cursor` is the last relay sequence number the device has (0 for none). The
-//! relay answers `{"type":"ready","v":2,"head":17}` (`head`: the channel's newest
-//! sequence number) and then delivers every envelope after the cursor, in order,
+//! relay answers `{"type":"ready","v":2,"head":17,"ping_secs":30}` (`head`: the
+//! channel's newest sequence number; `ping_secs`: how often the relay pings a
+//! quiet session, so that a device hearing nothing for three intervals treats
+//! the connection as dead and reconnects) and then delivers every envelope
+//! after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
 //! ```json

@@ -254,6 +254,7 @@ where
         .send(text(&ServerFrame::Ready {
             v: PROTOCOL_VERSION,
             head,
+            ping_secs: Some(relay.config.limits.ping_interval.as_secs().max(1)),
         }))
         .await
         .is_err()
