@@ -107,6 +107,54 @@
 //! | `GET /healthz` | none | → `{"status":"ok"}` |
 //! | `GET /metrics` | none | Prometheus text format |
 //!
+//! The bodies, as JSON (`b64(n)`: unpadded base64url of `n` bytes; ids are
+//! 16 bytes, tokens, token hashes and claims 32):
+//!
+//! | type | JSON |
+//! |---|---|
+//! | [`CreateChannel`] | `{"channel": b64(16), "device": b64(16), "token_hash": b64(32)}` |
+//! | [`ChannelCreated`] | `{"channel": b64(16)}` |
+//! | [`AdmitDevice`] | `{"device": b64(16), "token_hash": b64(32)}` |
+//! | [`DeviceList`] | `{"devices": [b64(16), …]}` — the devices the relay lets in |
+//! | [`SyncRequest`] | `{"cursor": u64, "publish": [b64(envelope), …], "limit": u32}` (`publish` and `limit` optional; `limit` defaults to, and is capped at, the relay's batch size, 1,000) |
+//! | [`SyncResponse`] | `{"acks": [SyncAck, …], "envelopes": [{"seq": u64, "envelope": b64}, …], "head": u64, "more": bool}` |
+//! | [`SyncAck`] | `{"seq": u64, "duplicate": bool}` when stored, or `{"duplicate": false, "error": {"code": …, "message": …}}`; `acks[i]` answers `publish[i]`, each envelope on its own, in order |
+//! | [`OpenSlot`] | `{"sid": b64(16)}` |
+//! | [`SlotOpened`] | `{"nameplate": u32, "expires_in": seconds}` |
+//! | [`SlotClaimed`] | `{"sid": b64(16), "claim": b64(32), "expires_in": seconds}` |
+//! | [`PairMessage`] | `{"message": b64}` (a pairing message, at most 64 KiB) |
+//! | [`PairMessages`] | `{"messages": [b64, …], "next": index, "closed": bool}` — messages from the other side from `after` on; `closed`: the other side ended the slot |
+//!
+//! Over the WebSocket, an `error` that refuses a `publish` carries the
+//! refused envelope's `"sender_seq"`. A refusal for the quota (`over_quota`)
+//! is not final: the relay refuses that envelope and every later one of the
+//! same device until it is stored, and the device sends them again later, in
+//! order. Any other refusal of a `publish` is final for that envelope.
+//! Keepalive is the WebSocket protocol's own: the relay sends control Pings
+//! every `ping_secs`; a client answers with Pongs (libraries do) and need send
+//! nothing else. The session URL is the relay URL with `http`→`ws` (`https`→
+//! `wss`) and `/ws` appended to its path (`https://example.org/khub` →
+//! `wss://example.org/khub/ws`); HTTP routes likewise hang below that path.
+//!
+//! Error codes (`{"error":{"code":…}}`, or `error` frames):
+//!
+//! | code | HTTP | ends a session (close) | client should |
+//! |---|---|---|---|
+//! | `malformed`, `unknown_type`, `unsupported_version`, `invalid_base64` | 400 | yes (4002) | fix the client |
+//! | `bad_request`, `wrong_channel`, `invalid_envelope` | 400 | no | fix the client |
+//! | `unauthorized` | 401 | yes (4001) | stop; the device is unknown or its token wrong |
+//! | `revoked` | 403 | yes (4003) | stop; this device was removed |
+//! | `forbidden` (operator secret), `forbidden_sender` | 403 | no | fix the request |
+//! | `not_found` | 404 | no | check the nameplate or route |
+//! | `timeout` | 408 | no | send the whole request faster |
+//! | `conflict`, `out_of_order`, `exists`, `already_claimed`, `channel_full` | 409 | no | final for that request |
+//! | `gone` | 410 | no | the pairing ended: make a new code |
+//! | `too_large` | 413 | yes (1009) for frames | make it smaller |
+//! | `rate_limited` | 429 | no | wait and retry |
+//! | `internal` | 500 | yes (1011) | retry with backoff |
+//! | `unavailable` | 503 | no | retry with backoff |
+//! | `over_quota` | 507 | no | keep it queued; send again later |
+//!
 //! Examples:
 //!
 //! ```text
@@ -133,7 +181,10 @@
 //!    commits the MLS Add in the channel and waits until the relay has ordered
 //!    it, posts Finish (or Abort), waits for the joiner's first message in the
 //!    channel and ends the slot (`DELETE /pair/42`);
-//! 4. joiner: reads Finish; the slot is gone once it has read everything.
+//! 4. joiner: reads Finish, then ends the slot (`DELETE /pair/42`). An Abort
+//!    ends the slot for the side that sent it (no DELETE needed after it).
+//!    `GET /pair/{n}/messages` takes `after` (index of the first message
+//!    wanted) and `wait` (seconds to wait for one, at most 25; 0 for none).
 //!
 //! The mailbox carries the opaque pairing messages of
 //! [`crate::pairing::message`]; the relay reads only their first (type) byte,
