@@ -353,3 +353,40 @@ async fn a_body_that_never_arrives_times_out() {
     assert_eq!(&answer, b"HTTP/1.1 408");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailbox_bounds_are_the_operators_to_set() {
+    let relay = Serve::start_with(&["--max-slots-per-device", "2", "--max-pairing-messages", "3"]);
+    let device = channel(relay.addr).await;
+    let auth = device.auth();
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        let response = post_json(
+            relay.addr,
+            "/pair",
+            &[("authorization", &auth)],
+            &serde_json::json!({"sid": khub::protocol::b64::encode(common::sid())}),
+        )
+        .await;
+        opened.push((response.status, response.json()["nameplate"].as_u64()));
+    }
+    assert_eq!(
+        opened.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [201, 201, 429]
+    );
+    let nameplate = opened[0].1.unwrap() as u32;
+    let mut posted = Vec::new();
+    for _ in 0..4 {
+        posted.push(
+            send_msg(
+                relay.addr,
+                nameplate,
+                ("authorization", &device.auth()),
+                &[0x01; 33],
+            )
+            .await
+            .status,
+        );
+    }
+    assert_eq!(posted, [202, 202, 202, 413]);
+}

@@ -42,6 +42,12 @@ pub struct Limits {
     pub pairing_ttl: Duration,
     /// Open pairing slots across the relay (`unavailable`).
     pub max_pairing_slots: usize,
+    /// Open pairing slots per device (`rate_limited`).
+    pub max_slots_per_device: usize,
+    /// Open pairing slots per channel (`rate_limited`).
+    pub max_slots_per_channel: usize,
+    /// Messages one side may post into a pairing slot (`too_large`).
+    pub max_pairing_messages: usize,
     /// Bytes of envelopes stored per channel (`over_quota`).
     pub channel_quota_bytes: u64,
     /// Envelopes older than this are deleted.
@@ -69,6 +75,9 @@ impl Default for Limits {
             slow_reader_timeout: Duration::from_secs(30),
             pairing_ttl: Duration::from_secs(300),
             max_pairing_slots: 10_000,
+            max_slots_per_device: crate::relay::pairing::MAX_SLOTS_PER_DEVICE,
+            max_slots_per_channel: crate::relay::pairing::MAX_SLOTS_PER_CHANNEL,
+            max_pairing_messages: crate::relay::pairing::MAX_MESSAGES_PER_SIDE,
             channel_quota_bytes: 256 * 1024 * 1024,
             retention: Duration::from_secs(90 * 24 * 3600),
             max_batch: 1000,

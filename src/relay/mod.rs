@@ -75,7 +75,12 @@ impl Relay {
             ),
             slots: Slots::new(
                 limits.pairing_ttl,
-                limits.max_pairing_slots,
+                pairing::SlotBounds {
+                    total: limits.max_pairing_slots,
+                    per_device: limits.max_slots_per_device,
+                    per_channel: limits.max_slots_per_channel,
+                    messages_per_side: limits.max_pairing_messages,
+                },
                 Arc::clone(&metrics),
             ),
             connections: ConnectionLimiter::new(limits.max_connections_per_ip),

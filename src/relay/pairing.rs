@@ -28,13 +28,26 @@ use crate::pairing::code::MAX_NAMEPLATE;
 use crate::pairing::message::MAX_MESSAGE_LEN;
 use crate::protocol::ErrorCode;
 
-/// Most messages one side may post into a slot: the protocol needs two
-/// (Start and Finish, or Response) and an Abort; anything beyond is abuse.
+/// Default most messages one side may post into a slot: the protocol needs
+/// two (Start and Finish, or Response) and an Abort; anything beyond is abuse.
 pub const MAX_MESSAGES_PER_SIDE: usize = 4;
-/// Most slots one device may hold open at once.
+/// Default most slots one device may hold open at once.
 pub const MAX_SLOTS_PER_DEVICE: usize = 4;
-/// Most slots one channel's devices may hold open at once.
+/// Default most slots one channel's devices may hold open at once.
 pub const MAX_SLOTS_PER_CHANNEL: usize = 16;
+
+/// How much of the mailbox one pairing, device and channel may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotBounds {
+    /// Slots open across the relay.
+    pub total: usize,
+    /// Slots one device may hold open.
+    pub per_device: usize,
+    /// Slots one channel's devices may hold open.
+    pub per_channel: usize,
+    /// Messages one side may post into a slot.
+    pub messages_per_side: usize,
+}
 /// Nameplates are drawn from 1..=max(this, 10 × open slots).
 const NAMEPLATE_RANGE: u32 = 100;
 
@@ -96,7 +109,7 @@ struct Inner {
 pub struct Slots {
     inner: Mutex<Inner>,
     ttl: Duration,
-    max: usize,
+    bounds: SlotBounds,
     metrics: Arc<Metrics>,
 }
 
@@ -121,12 +134,12 @@ pub struct Received {
 }
 
 impl Slots {
-    /// Slots living `ttl`, at most `max` at once.
-    pub fn new(ttl: Duration, max: usize, metrics: Arc<Metrics>) -> Self {
+    /// Slots living `ttl`, within `bounds`.
+    pub fn new(ttl: Duration, bounds: SlotBounds, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             ttl,
-            max,
+            bounds,
             metrics,
         }
     }
@@ -180,7 +193,7 @@ impl Slots {
         rng: &mut R,
     ) -> Result<u32, SlotError> {
         let mut inner = self.lock();
-        if inner.slots.len() >= self.max {
+        if inner.slots.len() >= self.bounds.total {
             return Err(SlotError {
                 code: ErrorCode::Unavailable,
                 message: "the relay has too many pairings in progress: try again in a minute",
@@ -191,7 +204,7 @@ impl Slots {
             .values()
             .filter(|s| s.inviter == inviter)
             .count()
-            >= MAX_SLOTS_PER_DEVICE
+            >= self.bounds.per_device
         {
             self.metrics.breach("slots_per_device");
             return Err(SlotError {
@@ -204,7 +217,7 @@ impl Slots {
             .values()
             .filter(|s| s.channel == channel)
             .count()
-            >= MAX_SLOTS_PER_CHANNEL
+            >= self.bounds.per_channel
         {
             self.metrics.breach("slots_per_channel");
             return Err(SlotError {
@@ -298,7 +311,7 @@ impl Slots {
             Side::Inviter => slot.to_joiner.len(),
             Side::Joiner => slot.to_inviter.len(),
         };
-        if posted >= MAX_MESSAGES_PER_SIDE {
+        if posted >= self.bounds.messages_per_side {
             self.metrics.breach("pairing_messages");
             return Err(SlotError {
                 code: ErrorCode::TooLarge,

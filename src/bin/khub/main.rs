@@ -256,6 +256,15 @@ struct ServeArgs {
     /// Seconds a connection has to send a request's headers (new, or idle between requests).
     #[arg(long, env = "KHUB_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_timeout.as_secs())]
     header_timeout_secs: u64,
+    /// Pairing slots one device may hold open at once.
+    #[arg(long, env = "KHUB_MAX_SLOTS_PER_DEVICE", default_value_t = Limits::default().max_slots_per_device)]
+    max_slots_per_device: usize,
+    /// Pairing slots one channel's devices may hold open at once.
+    #[arg(long, env = "KHUB_MAX_SLOTS_PER_CHANNEL", default_value_t = Limits::default().max_slots_per_channel)]
+    max_slots_per_channel: usize,
+    /// Messages one side may post into a pairing slot.
+    #[arg(long, env = "KHUB_MAX_PAIRING_MESSAGES", default_value_t = Limits::default().max_pairing_messages)]
+    max_pairing_messages: usize,
     /// Seconds a request has from its headers to the answer, body included.
     #[arg(long, env = "KHUB_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout.as_secs())]
     request_timeout_secs: u64,
@@ -831,6 +840,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        max_slots_per_device: args.max_slots_per_device.max(1),
+        max_slots_per_channel: args.max_slots_per_channel.max(1),
+        max_pairing_messages: args.max_pairing_messages.max(3),
         claims_per_minute: args.claims_per_minute,
         channels_per_hour: args.channels_per_hour,
         max_devices_per_channel: args.max_devices_per_channel,
