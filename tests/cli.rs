@@ -114,16 +114,15 @@ mod device_commands {
             self.ok(home, &["init", "--relay", &self.url, "--name", name]);
         }
 
-        /// `khub invite` on `inviter`, `khub join` on `joiner` with the code piped in.
-        fn pair(
+        /// Starts `khub invite` on `inviter`, waiting `timeout` seconds; returns
+        /// it with its stdout and the first line (`code: …`) already read.
+        fn start_invite(
             &self,
             inviter: &str,
-            joiner: &str,
-            name: &str,
-            typed: impl Fn(&str) -> String,
-        ) -> (Output, Output) {
+            timeout: u32,
+        ) -> (Child, BufReader<std::process::ChildStdout>, String) {
             let mut invite = Command::new(KHUB)
-                .args(["invite", "--timeout", "30", "--home"])
+                .args(["invite", "--timeout", &timeout.to_string(), "--home"])
                 .arg(self.home(inviter))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -132,6 +131,18 @@ mod device_commands {
             let mut stdout = BufReader::new(invite.stdout.take().unwrap());
             let mut first = String::new();
             stdout.read_line(&mut first).unwrap();
+            (invite, stdout, first)
+        }
+
+        /// `khub invite` on `inviter`, `khub join` on `joiner` with the code piped in.
+        fn pair(
+            &self,
+            inviter: &str,
+            joiner: &str,
+            name: &str,
+            typed: impl Fn(&str) -> String,
+        ) -> (Output, Output) {
+            let (invite, mut stdout, first) = self.start_invite(inviter, 30);
             let code = first
                 .strip_prefix("code: ")
                 .unwrap_or_else(|| panic!("first line {first:?}"))
@@ -536,16 +547,7 @@ mod device_commands {
     #[test]
     fn ctrl_c_during_invite_ends_the_code_at_once() {
         let world = paired_world();
-        let mut invite = Command::new(KHUB)
-            .args(["invite", "--timeout", "60", "--home"])
-            .arg(world.home("a"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(invite.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
+        let (invite, _stdout, first) = world.start_invite("a", 60);
         let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
         let interrupted = Command::new("kill")
             .args(["-INT", &invite.id().to_string()])

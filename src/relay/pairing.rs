@@ -199,31 +199,28 @@ impl Slots {
                 message: "the relay has too many pairings in progress: try again in a minute",
             });
         }
-        if inner
-            .slots
-            .values()
-            .filter(|s| s.inviter == inviter)
-            .count()
-            >= self.bounds.per_device
-        {
-            self.metrics.breach("slots_per_device");
-            return Err(SlotError {
-                code: ErrorCode::RateLimited,
-                message: "this device already has its most pairings open: finish or cancel one first",
-            });
-        }
-        if inner
-            .slots
-            .values()
-            .filter(|s| s.channel == channel)
-            .count()
-            >= self.bounds.per_channel
-        {
-            self.metrics.breach("slots_per_channel");
-            return Err(SlotError {
-                code: ErrorCode::RateLimited,
-                message: "this channel already has its most pairings open: finish or cancel some first",
-            });
+        let open = |of: &dyn Fn(&Slot) -> bool| inner.slots.values().filter(|s| of(s)).count();
+        for (held, bound, limit, message) in [
+            (
+                open(&|s| s.inviter == inviter),
+                self.bounds.per_device,
+                "slots_per_device",
+                "this device already has its most pairings open: finish or cancel one first",
+            ),
+            (
+                open(&|s| s.channel == channel),
+                self.bounds.per_channel,
+                "slots_per_channel",
+                "this channel already has its most pairings open: finish or cancel some first",
+            ),
+        ] {
+            if held >= bound {
+                self.metrics.breach(limit);
+                return Err(SlotError {
+                    code: ErrorCode::RateLimited,
+                    message,
+                });
+            }
         }
         let nameplate = free_nameplate(&inner, rng).ok_or(SlotError {
             code: ErrorCode::Unavailable,
