@@ -32,6 +32,8 @@ pub mod client;
 mod codec;
 pub mod crypto;
 pub mod ids;
+#[cfg(feature = "client")]
+pub mod notes;
 pub mod pairing;
 pub mod protocol;
 #[cfg(feature = "server")]

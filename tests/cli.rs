@@ -57,8 +57,19 @@ mod device_commands {
     impl World {
         fn new() -> Self {
             let dir = crate::common::tempdir("cli");
+            let (relay, addr) = Self::serve(&["--memory", "--listen", "127.0.0.1:0"]);
+            Self {
+                relay,
+                url: format!("http://{addr}"),
+                dir,
+            }
+        }
+
+        /// `khub serve ARGS`, and the address it listens on.
+        fn serve(args: &[&str]) -> (Child, String) {
             let mut relay = Command::new(KHUB)
-                .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+                .arg("serve")
+                .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -68,12 +79,31 @@ mod device_commands {
                 .split_whitespace()
                 .find(|w| w.starts_with("127.0.0.1:"))
                 .unwrap()
-                .trim_end_matches(',');
+                .trim_end_matches(',')
+                .to_owned();
+            (relay, addr)
+        }
+
+        /// A world whose relay stores in a SQLite file, so that it can be
+        /// stopped and started again on the same address.
+        fn persistent() -> Self {
+            let dir = crate::common::tempdir("cli");
+            let db = dir.join("relay.sqlite3");
+            let (relay, addr) =
+                Self::serve(&["--db", db.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
             Self {
                 relay,
                 url: format!("http://{addr}"),
                 dir,
             }
+        }
+
+        /// Starts the persistent relay again where it was.
+        fn restart_relay(&mut self) {
+            let db = self.dir.join("relay.sqlite3");
+            let addr = self.url.trim_start_matches("http://").to_owned();
+            let (relay, _) = Self::serve(&["--db", db.to_str().unwrap(), "--listen", &addr]);
+            self.relay = relay;
         }
 
         fn home(&self, name: &str) -> PathBuf {
@@ -267,7 +297,10 @@ mod device_commands {
     }
 
     fn paired_world() -> World {
-        let world = World::new();
+        pair_in(World::new())
+    }
+
+    fn pair_in(world: World) -> World {
         world.init("a", "laptop");
         let (invite, join) = world.pair("a", "b", "phone", |code| code.to_owned());
         assert!(
@@ -745,5 +778,127 @@ mod device_commands {
             let output = wait(peer.child);
             assert!(output.status.success());
         }
+    }
+
+    /// `khub note …` and what it printed: (exit ok, stdout, stderr).
+    fn note(world: &World, home: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+        let mut all = vec!["note"];
+        all.extend_from_slice(args);
+        let output = world.run(home, &all, stdin);
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    }
+
+    #[test]
+    fn notes_written_offline_on_two_devices_merge_and_say_so() {
+        let mut world = pair_in(World::persistent());
+        let (ok, id, err) = note(
+            &world,
+            "a",
+            &["new", "--title", "Groceries", "--tags", "home,food"],
+            "milk\neggs\nbread\n",
+        );
+        assert!(ok, "{err}");
+        let id = id.trim().to_owned();
+        assert_eq!(id.len(), 32, "the new note's id: {id}");
+        assert_eq!(err, "saved and sent to the relay\n");
+        let short = &id[..8];
+        let (ok, list, _) = note(&world, "b", &["list"], "");
+        assert!(ok);
+        assert!(
+            list.starts_with(short) && list.trim_end().ends_with("Groceries  [food, home]"),
+            "{list}"
+        );
+
+        // The relay goes away; both devices edit the note anyway.
+        world.stop_relay();
+        let (ok, _, err) = note(&world, "a", &["edit", short], "oat milk\neggs\nbread\n");
+        assert!(ok, "{err}");
+        assert!(
+            err.starts_with("offline: the relay did not answer"),
+            "{err}"
+        );
+        assert!(err.ends_with("saved on this device; it goes out with the next `khub note` command, `khub listen` or sync\n"), "{err}");
+        let (ok, _, err) = note(
+            &world,
+            "b",
+            &["edit", &id[..6], "--title", "Shopping"],
+            "milk\neggs\nbread\nbutter\n",
+        );
+        assert!(ok, "{err}");
+        let (ok, shown, _) = note(&world, "b", &["show", short], "");
+        assert!(ok);
+        assert!(
+            shown.contains("status:  saved on this device only"),
+            "{shown}"
+        );
+
+        world.restart_relay();
+        for home in ["a", "b", "a"] {
+            let (ok, _, err) = note(&world, home, &["list"], "");
+            assert!(ok, "{err}");
+        }
+        let (_, on_a, _) = note(&world, "a", &["show", short], "");
+        let (_, on_b, _) = note(&world, "b", &["show", short], "");
+        assert_eq!(on_a, on_b, "both devices show the same note");
+        assert!(
+            on_a.starts_with("title:   Shopping\ntags:    food, home\n"),
+            "{on_a}"
+        );
+        assert!(
+            on_a.contains(
+                "by laptop, phone; merged 1 set of edits made at once on different devices"
+            ),
+            "{on_a}"
+        );
+        assert!(
+            on_a.ends_with("\noat milk\neggs\nbread\nbutter\n"),
+            "{on_a}"
+        );
+
+        // Deleting hides it from the list; restoring brings it back.
+        let (ok, out, _) = note(&world, "b", &["rm", short], "");
+        assert!(ok && out.starts_with("deleted "), "{out}");
+        let (_, list, err) = note(&world, "a", &["list"], "");
+        assert_eq!(
+            (list.as_str(), err.as_str()),
+            ("", "no notes yet: `khub note new --title …` writes one\n")
+        );
+        let (_, list, _) = note(&world, "a", &["list", "--deleted"], "");
+        assert!(list.trim_end().ends_with("(deleted)"), "{list}");
+        let (ok, _, _) = note(&world, "a", &["restore", short], "");
+        assert!(ok);
+        let (_, json, _) = note(&world, "b", &["list", "--json"], "");
+        let notes = json_lines(&json);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0]["id"], id);
+        assert_eq!(notes[0]["deleted"], false);
+        assert_eq!(notes[0]["body"], "oat milk\neggs\nbread\nbutter\n");
+    }
+
+    #[test]
+    fn note_commands_refuse_unknown_ids_and_bad_tags_plainly() {
+        let world = World::new();
+        world.init("a", "laptop");
+        let (ok, _, err) = note(&world, "a", &["show", "abcd"], "");
+        assert!(!ok);
+        assert_eq!(
+            err,
+            "Error: no note on this device has an id starting with abcd (see `khub note list`)\n"
+        );
+        let (ok, _, err) = note(&world, "a", &["show", "xy"], "");
+        assert!(!ok);
+        assert!(err.starts_with("Error: \"xy\" is not a note id"), "{err}");
+        let (ok, _, err) = note(&world, "a", &["new", "--tags", " spaced"], "text");
+        assert!(!ok);
+        assert!(
+            err.starts_with("Error: tag \" spaced\" cannot be used"),
+            "{err}"
+        );
+        let (_, list, _) = note(&world, "a", &["list", "--json"], "");
+        assert_eq!(list, "", "nothing was saved");
     }
 }

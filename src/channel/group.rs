@@ -131,6 +131,10 @@ pub enum RefusalKind {
     StaleCommit,
     /// This device's removal of a member keeps losing to other commits.
     Blocked,
+    /// Note changes that build on history this device has not seen (a note
+    /// it never had, with no snapshot covering it): kept aside until a
+    /// snapshot or the missing changes arrive.
+    MissingHistory,
 }
 
 impl RefusalKind {
@@ -151,6 +155,7 @@ impl RefusalKind {
             Self::NotPublished => "not_published",
             Self::StaleCommit => "stale_commit",
             Self::Blocked => "blocked",
+            Self::MissingHistory => "missing_history",
         }
     }
 
@@ -170,6 +175,7 @@ impl RefusalKind {
             Self::NotPublished,
             Self::StaleCommit,
             Self::Blocked,
+            Self::MissingHistory,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)

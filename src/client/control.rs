@@ -4,6 +4,7 @@
 //! ```text
 //! 0x00 || application bytes
 //! 0x03                         the sender (a new device) took in the Welcome
+//! 0x04 || notes message        notes that sync (see `khub::notes::wire`)
 //! ```
 //!
 //! Membership changes are MLS commits, not application messages; protocol 1's
@@ -17,6 +18,7 @@ use crate::codec::DecodeError;
 
 const APP: u8 = 0x00;
 const JOINED: u8 = 0x03;
+const NOTES: u8 = 0x04;
 
 /// The plaintext of an application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Control {
     App(Vec<u8>),
     /// The sender, just paired, took in the Welcome.
     Joined,
+    /// Notes: changes or a snapshot part.
+    Notes(Vec<u8>),
 }
 
 impl Control {
@@ -33,6 +37,7 @@ impl Control {
         match self {
             Self::App(body) => [&[APP][..], body].concat(),
             Self::Joined => vec![JOINED],
+            Self::Notes(message) => [&[NOTES][..], message].concat(),
         }
     }
 
@@ -45,6 +50,7 @@ impl Control {
             APP => Ok(Self::App(rest.to_vec())),
             JOINED if rest.is_empty() => Ok(Self::Joined),
             JOINED => Err(DecodeError("trailing bytes after joined")),
+            NOTES => Ok(Self::Notes(rest.to_vec())),
             _ => Err(DecodeError("unknown message kind: update khub")),
         }
     }

@@ -46,6 +46,11 @@ pub(crate) struct Inner {
     pub(crate) acks: Mutex<std::collections::HashMap<u64, u64>>,
     /// Envelopes of this device the relay refused for good, by sender sequence number.
     pub(crate) refused: Mutex<std::collections::HashMap<u64, ClientError>>,
+    /// Woken (one permit) whenever a change may have queued an envelope: the
+    /// live session publishes it.
+    pub(crate) queued: Notify,
+    /// The relay's retention in seconds, as it last said (0: not heard yet).
+    pub(crate) retention_secs: std::sync::atomic::AtomicU64,
 }
 
 /// Seconds since the Unix epoch (the channel's update schedule).
@@ -88,6 +93,28 @@ impl From<ChannelError> for ClientError {
             e => Self::State(e.to_string()),
         }
     }
+}
+
+/// Seals a control or app message into the outbox of `change`. When the
+/// channel's schedule calls for it, an update of this device's leaf goes
+/// first. Returns the message's sender sequence number.
+pub(crate) fn seal_into(change: &mut Change<'_>, control: &Control) -> Result<u64, ClientError> {
+    if change.channel.needs_update(now_secs()) {
+        let update = change.channel.commit_update()?;
+        change.queue(&update)?;
+    }
+    let outgoing = change.channel.seal(&control.encode())?;
+    change.queue(&outgoing)?;
+    Ok(outgoing.seq)
+}
+
+/// How far a [`Device::sync_with_progress`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Envelopes taken in so far.
+    pub taken: usize,
+    /// Envelopes the relay holds after this device's cursor.
+    pub remaining: u64,
 }
 
 /// A paired device. Cheap to clone; clones share state.
@@ -176,6 +203,8 @@ impl Device {
                 changed: Notify::new(),
                 acks: Mutex::new(std::collections::HashMap::new()),
                 refused: Mutex::new(std::collections::HashMap::new()),
+                queued: Notify::new(),
+                retention_secs: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -191,6 +220,7 @@ impl Device {
     ) -> Result<T, ClientError> {
         let out = self.db().change(f)?;
         self.inner.changed.notify_waiters();
+        self.inner.queued.notify_one();
         Ok(out)
     }
 
@@ -283,15 +313,7 @@ impl Device {
     /// Seals a control or app message into the outbox. When the channel's
     /// schedule calls for it, an update of this device's leaf goes first.
     pub(crate) fn queue_control(&self, control: &Control) -> Result<u64, ClientError> {
-        self.change(|change| {
-            if change.channel.needs_update(now_secs()) {
-                let update = change.channel.commit_update()?;
-                change.queue(&update)?;
-            }
-            let outgoing = change.channel.seal(&control.encode())?;
-            change.queue(&outgoing)?;
-            Ok(outgoing.seq)
-        })
+        self.change(|change| seal_into(change, control))
     }
 
     /// Commits a change of membership (built by `commit` on the channel) into
@@ -418,6 +440,11 @@ impl Device {
     /// home took in already, is never seen twice.
     pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<(), ClientError> {
         let now = now_secs();
+        let me = self.inner.me;
+        let retention = self
+            .inner
+            .retention_secs
+            .load(std::sync::atomic::Ordering::Relaxed);
         let incidents = self.change(|change| {
             let mut incidents = Vec::new();
             for &(seq, envelope) in batch {
@@ -440,6 +467,16 @@ impl Device {
                             body,
                         })?,
                         Ok(Control::Joined) => change.joined(sender.id)?,
+                        Ok(Control::Notes(message)) => {
+                            incidents.extend(crate::notes::store::take_in(
+                                change.conn(),
+                                me,
+                                seq,
+                                sender.id,
+                                &message,
+                                now,
+                            )?);
+                        }
                         Err(e) => incidents.push(Incident::other(
                             seq,
                             IncidentKind::Malformed,
@@ -457,6 +494,14 @@ impl Device {
                 }
                 change.cursor = seq;
             }
+            if retention > 0 {
+                crate::notes::store::set_retention(change.conn(), retention)?;
+            }
+            if !change.channel.is_removed()
+                && crate::notes::store::snapshot_due(change.conn(), me, now)?
+            {
+                crate::notes::vault::queue_snapshot(change)?;
+            }
             for incident in &incidents {
                 change.record(incident)?;
             }
@@ -473,6 +518,15 @@ impl Device {
     /// (a re-issued commit). For apps that wake briefly. Returns how many
     /// envelopes were taken in.
     pub async fn sync(&self) -> Result<usize, ClientError> {
+        self.sync_with_progress(|_| {}).await
+    }
+
+    /// [`sync`](Self::sync), calling `progress` after each page it takes in
+    /// (a long first sync can tell the person how far it is).
+    pub async fn sync_with_progress(
+        &self,
+        mut progress: impl FnMut(SyncProgress),
+    ) -> Result<usize, ClientError> {
         let mut taken = 0;
         let mut published_up_to = 0;
         loop {
@@ -487,6 +541,11 @@ impl Device {
                 limit: None,
             };
             let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
+            if let Some(secs) = response.retention_secs {
+                self.inner
+                    .retention_secs
+                    .store(secs, std::sync::atomic::Ordering::Relaxed);
+            }
             let mut acked = Vec::new();
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
                 match (&ack.seq, &ack.error) {
@@ -507,6 +566,7 @@ impl Device {
             }
             published_up_to = outbox.last().map_or(published_up_to, |(s, _)| *s);
             let more = response.more;
+            let head = response.head;
             let batch: Vec<(u64, Vec<u8>)> = response
                 .envelopes
                 .into_iter()
@@ -520,6 +580,10 @@ impl Device {
             })
             .await?;
             taken += count;
+            progress(SyncProgress {
+                taken,
+                remaining: head.saturating_sub(self.cursor()),
+            });
             let queued_more = self.outbox()?.iter().any(|(s, _)| *s > published_up_to);
             if (!more || count == 0) && !queued_more {
                 break;
@@ -559,6 +623,17 @@ impl Device {
             secrets.extend(channel.secrets_for_scan());
         }
         secrets
+    }
+
+    /// Seals `plaintext` as it is (no content type added) into the outbox:
+    /// what a member with a modified SDK can send. For attack tests only.
+    #[cfg(feature = "testing")]
+    pub fn queue_raw_for_testing_only(&self, plaintext: &[u8]) -> Result<u64, ClientError> {
+        self.change(|change| {
+            let outgoing = change.channel.seal(plaintext)?;
+            change.queue(&outgoing)?;
+            Ok(outgoing.seq)
+        })
     }
 
     /// The device's channel as it is on disk, to drive by hand: what a

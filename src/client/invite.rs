@@ -269,6 +269,9 @@ impl Invitation {
                 return Err(e);
             }
         };
+        // The new device can read nothing sealed before the Add: a snapshot
+        // of the notes, ordered after the commit, gives it every note.
+        publish_snapshot_for_joiner(device).await;
         let welcome = ChannelWelcome {
             channel: device.channel(),
             cursor,
@@ -296,6 +299,24 @@ impl Invitation {
             name,
             sas: paired.keys.sas,
         })
+    }
+}
+
+/// Queues a snapshot of the vault and publishes it (best effort: if the
+/// relay cannot take it now, it goes out with the next sync, still before
+/// anything the joiner writes).
+async fn publish_snapshot_for_joiner(device: &Device) {
+    let queued = device
+        .blocking(|device| device.change(crate::notes::vault::queue_snapshot))
+        .await;
+    match queued {
+        Ok(0) => {}
+        Ok(parts) => {
+            if let Err(e) = device.sync().await {
+                tracing::warn!(error = %e, parts, "the notes snapshot for the new device is queued but not yet published");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not make a notes snapshot for the new device"),
     }
 }
 

@@ -51,7 +51,7 @@ pub mod session;
 pub mod state;
 pub mod tls;
 
-pub use device::{Device, Message};
+pub use device::{Device, Message, SyncProgress};
 pub use error::ClientError;
 pub use incident::{Incident, IncidentKind};
 pub use invite::{CancelInvitation, Invitation, JoinedChannel, NewMember, join};

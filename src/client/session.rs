@@ -290,8 +290,19 @@ async fn connection(
     let (head, ping_secs) = match first {
         Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
             Ok(ServerFrame::Ready {
-                head, ping_secs, ..
-            }) => (head, ping_secs.unwrap_or(DEFAULT_PING_SECS).max(1)),
+                head,
+                ping_secs,
+                retention_secs,
+                ..
+            }) => {
+                if let Some(secs) = retention_secs {
+                    device
+                        .inner
+                        .retention_secs
+                        .store(secs, std::sync::atomic::Ordering::Relaxed);
+                }
+                (head, ping_secs.unwrap_or(DEFAULT_PING_SECS).max(1))
+            }
             Ok(ServerFrame::Error { code, message, .. }) => {
                 return Err(refusal(code, message, closing_code(&mut ws).await));
             }
@@ -405,6 +416,9 @@ async fn connection(
                 }
             }
             Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
+            // Something was queued outside `send` (a notes edit, another
+            // process on the same home).
+            () = device.inner.queued.notified() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
             _ = tokio::time::sleep_until(quota_retry.unwrap_or_else(tokio::time::Instant::now)), if quota_retry.is_some() => {
                 quota_retry = None;
                 // The whole outbox again, oldest first (the relay stores each once).
@@ -425,7 +439,10 @@ where
     S: futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let from = *sent_up_to;
-    for (sender_seq, envelope) in device.outbox()?.into_iter().filter(|(s, _)| *s > from) {
+    let outbox = device
+        .blocking(move |device| device.db().outbox_after(from))
+        .await?;
+    for (sender_seq, envelope) in outbox {
         let frame = ClientFrame::Publish { envelope };
         ws.send(WsMessage::Text(frame.to_text().into()))
             .await

@@ -129,6 +129,11 @@ pub(crate) struct Change<'a> {
 }
 
 impl Change<'_> {
+    /// The transaction, for the vault's tables.
+    pub fn conn(&self) -> &Connection {
+        &self.tx
+    }
+
     /// Adds an envelope to the outbox.
     pub fn queue(&self, outgoing: &Outgoing) -> Result<(), ClientError> {
         self.tx
@@ -269,6 +274,9 @@ impl StateDb {
         create_private_file(&path)?;
         let mut db = Self::connect(&path)?;
         db.conn.execute_batch(SCHEMA).map_err(err)?;
+        db.conn
+            .execute_batch(crate::notes::store::SCHEMA)
+            .map_err(err)?;
         let tx = db.conn.transaction().map_err(err)?;
         let (meta, changes) = channel.save();
         tx.execute(
@@ -324,6 +332,9 @@ impl StateDb {
             )));
         }
         db.conn.execute_batch(SCHEMA).map_err(err)?;
+        db.conn
+            .execute_batch(crate::notes::store::SCHEMA)
+            .map_err(err)?;
         let row = db
             .conn
             .query_row(
@@ -390,6 +401,14 @@ impl StateDb {
         Ok(out)
     }
 
+    /// Reads the state as it is on disk.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        f(&self.conn)
+    }
+
     /// The channel and cursor as they are on disk, to read.
     pub fn channel(&self) -> Result<(Channel, u64), ClientError> {
         load_channel(&self.conn)
@@ -407,12 +426,22 @@ impl StateDb {
 
     /// Envelopes waiting for an ack, oldest first.
     pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        self.outbox_after(0)
+    }
+
+    /// Envelopes waiting for an ack after sender sequence number `after`,
+    /// oldest first.
+    pub fn outbox_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT sender_seq, envelope FROM outbox ORDER BY sender_seq")
+            .prepare_cached(
+                "SELECT sender_seq, envelope FROM outbox WHERE sender_seq > ?1 ORDER BY sender_seq",
+            )
             .map_err(err)?;
         let rows = stmt
-            .query_map([], |r| Ok((u64_of(r.get(0)?), r.get::<_, Vec<u8>>(1)?)))
+            .query_map(params![i64_of(after)], |r| {
+                Ok((u64_of(r.get(0)?), r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }

@@ -63,6 +63,9 @@ pub enum ServerFrame {
         /// dead and reconnects.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ping_secs: Option<u64>,
+        /// How long the relay keeps an envelope, in seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retention_secs: Option<u64>,
     },
     /// An envelope, in channel order.
     Deliver {

@@ -137,6 +137,10 @@ pub struct SyncResponse {
     pub head: u64,
     /// More envelopes remain after the last one returned.
     pub more: bool,
+    /// How long the relay keeps an envelope, in seconds: devices publish a
+    /// snapshot of their notes before changes no snapshot covers expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
 }
 
 /// The outcome of one published envelope in a sync.

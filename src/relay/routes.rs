@@ -662,6 +662,7 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
             envelopes,
             head,
             more,
+            retention_secs: Some(relay.config.limits.retention.as_secs()),
         },
     )
 }

@@ -24,7 +24,8 @@ use super::routes::{ConnInfo, routes};
 
 /// How long shutdown waits for sessions and requests to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How often retention runs.
+/// How often retention runs at most: every hour, or a tenth of the
+/// retention if that is shorter (at least every second).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A relay served by a background task (tests, the bench, the harness).
@@ -227,7 +228,8 @@ where
 
 /// Retention and pairing-slot expiry, until shutdown.
 async fn housekeeping(relay: Arc<Relay>, mut stopped: watch::Receiver<bool>) {
-    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let every = (relay.config.limits.retention / 10).clamp(Duration::from_secs(1), PRUNE_EVERY);
+    let mut prune = tokio::time::interval(every);
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {

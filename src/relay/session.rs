@@ -255,6 +255,7 @@ where
             v: PROTOCOL_VERSION,
             head,
             ping_secs: Some(relay.config.limits.ping_interval.as_secs().max(1)),
+            retention_secs: Some(relay.config.limits.retention.as_secs()),
         }))
         .await
         .is_err()

@@ -25,6 +25,8 @@ struct Faults {
     refusing: AtomicBool,
     /// Connections accepted so far.
     accepted: AtomicU64,
+    /// Bytes passed from the relay to devices so far.
+    downstream: AtomicU64,
 }
 
 /// A TCP proxy on an ephemeral port in front of `upstream`. Point a device
@@ -89,6 +91,12 @@ impl FaultProxy {
     pub fn connections(&self) -> u64 {
         self.faults.accepted.load(Ordering::Relaxed)
     }
+
+    /// Bytes passed from the relay towards the device so far (HTTP and
+    /// WebSocket framing included).
+    pub fn bytes_down(&self) -> u64 {
+        self.faults.downstream.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -118,8 +126,8 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, faults: Arc<Faults>
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             tokio::select! {
-                _ = pump(client_read, server_write, &faults) => {}
-                _ = pump(server_read, client_write, &faults) => {}
+                _ = pump(client_read, server_write, &faults, None) => {}
+                _ = pump(server_read, client_write, &faults, Some(&faults.downstream)) => {}
                 _ = cuts.changed() => {}
             }
         });
@@ -131,6 +139,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     faults: &Faults,
+    counted: Option<&AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut stalled = faults.stalled.subscribe();
@@ -155,6 +164,9 @@ async fn pump(
         for chunk in buf[..n].chunks(piece) {
             if to.write_all(chunk).await.is_err() || to.flush().await.is_err() {
                 return;
+            }
+            if let Some(counted) = counted {
+                counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }
     }

@@ -14,6 +14,7 @@ use khub::relay::store::Store;
 use khub::relay::store::memory::MemoryStore;
 use khub::relay::store::sqlite::SqliteStore;
 
+mod note;
 mod peer;
 
 /// khub: end-to-end encrypted sync relay and reference device.
@@ -113,6 +114,12 @@ enum Command {
         home: HomeArg,
         /// The device's name or id (see `khub devices`).
         device: String,
+    },
+    /// Notes that sync between the channel's devices, merged when edited
+    /// offline: new, edit, show, list, rm, restore.
+    Note {
+        #[command(subcommand)]
+        command: note::NoteCommand,
     },
     /// Be a scriptable reference device for testing another SDK: pair, then
     /// send stdin's lines, and report everything as JSON lines on stdout.
@@ -695,6 +702,7 @@ mod device {
                 );
             }
             Command::Peer(args) => super::peer::run(*args).await?,
+            Command::Note { command } => super::note::run(command).await?,
             Command::Serve(_) | Command::Bench(_) | Command::Vectors { .. } => {
                 unreachable!("handled before the runtime starts")
             }
