@@ -97,8 +97,16 @@ async fn offline_edits_to_the_same_note_merge_into_identical_documents() {
     assert_eq!(on_laptop.delivery(trip).unwrap(), Delivery::LocalOnly);
     sync(laptop).await;
     assert_eq!(on_laptop.delivery(trip).unwrap(), Delivery::Acked);
+    let mut changes = on_phone.subscribe().unwrap();
     sync(phone).await;
     assert_eq!(on_phone.get(trip).unwrap().unwrap().tags, ["travel"]);
+    let changed: BTreeSet<NoteId> = tokio::time::timeout(STEP, changes.next())
+        .await
+        .expect("told in time")
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(changed, [trip, meeting, draft, ideas].into());
 
     // Both devices lose the network, and edit the same notes.
     for proxy in &proxies {

@@ -12,12 +12,15 @@
 //! - **idle**: relay RSS per idle authenticated session (a `khub serve` child).
 //! - **pairing**: complete pairings per second through one relay.
 //! - **crypto**: envelope seal+open throughput.
+//! - **notes**: merge throughput, bytes per small edit, snapshot size against
+//!   the plain text, and a new device receiving a 1,000-note vault.
 //! - **soak** (only when named): thousands of sessions of a `khub serve` child
 //!   exchanging envelopes for a while; errors, loss, peak and per-session RSS.
 
 pub mod baseline;
 mod child;
 pub mod fanout;
+mod notes;
 mod scenarios;
 mod soak;
 

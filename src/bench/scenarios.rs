@@ -78,6 +78,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, String> {
     if wants(options, "idle") {
         rows.extend(idle(&options.khub, &options.idle).await?);
     }
+    if wants(options, "notes") {
+        rows.extend(super::notes::run().await?);
+    }
     if wants(options, "soak") {
         rows.extend(super::soak::run(&options.khub, &options.soak).await?);
     }
@@ -100,13 +103,13 @@ fn bench_config() -> RelayConfig {
 }
 
 /// A relay in this process; stops when dropped.
-struct InProcess {
-    addr: SocketAddr,
+pub(super) struct InProcess {
+    pub(super) addr: SocketAddr,
     relay: Arc<Relay>,
     _running: crate::relay::server::Running,
 }
 
-async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
+pub(super) async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
@@ -119,7 +122,7 @@ async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
     })
 }
 
-fn temp_db() -> PathBuf {
+pub(super) fn temp_db() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "khub-bench-{}-{}",
         std::process::id(),
@@ -649,7 +652,7 @@ pub(super) async fn open_sessions(
 }
 
 /// A channel of `size` devices, every member's view of it, in memory.
-fn mls_channel(size: usize) -> Vec<Channel> {
+pub(super) fn mls_channel(size: usize) -> Vec<Channel> {
     let mut rng = os_rng();
     let mut members = vec![
         Channel::create(

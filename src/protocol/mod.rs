@@ -32,10 +32,12 @@
 //! speaks protocol 1; update khub and pair it again".
 //!
 //! `cursor` is the last relay sequence number the device has (0 for none). The
-//! relay answers `{"type":"ready","v":2,"head":17,"ping_secs":30}` (`head`: the
-//! channel's newest sequence number; `ping_secs`: how often the relay pings a
-//! quiet session, so that a device hearing nothing for three intervals treats
-//! the connection as dead and reconnects) and then delivers every envelope
+//! relay answers `{"type":"ready","v":2,"head":17,"ping_secs":30,"retention_secs":7776000}`
+//! (`head`: the channel's newest sequence number; `ping_secs`: how often the
+//! relay pings a quiet session, so that a device hearing nothing for three
+//! intervals treats the connection as dead and reconnects; `retention_secs`:
+//! how long the relay keeps an envelope, so that devices publish a notes
+//! snapshot before changes no snapshot covers expire — both optional) and then delivers every envelope
 //! after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
@@ -117,7 +119,7 @@
 //! | [`AdmitDevice`] | `{"device": b64(16), "token_hash": b64(32)}` |
 //! | [`DeviceList`] | `{"devices": [b64(16), …]}` — the devices the relay lets in |
 //! | [`SyncRequest`] | `{"cursor": u64, "publish": [b64(envelope), …], "limit": u32}` (`publish` and `limit` optional; `limit` defaults to, and is capped at, the relay's batch size, 1,000) |
-//! | [`SyncResponse`] | `{"acks": [SyncAck, …], "envelopes": [{"seq": u64, "envelope": b64}, …], "head": u64, "more": bool}` |
+//! | [`SyncResponse`] | `{"acks": [SyncAck, …], "envelopes": [{"seq": u64, "envelope": b64}, …], "head": u64, "more": bool, "retention_secs": u64 (optional)}` |
 //! | [`SyncAck`] | `{"seq": u64, "duplicate": bool}` when stored, or `{"duplicate": false, "error": {"code": …, "message": …}}`; `acks[i]` answers `publish[i]`, each envelope on its own, in order |
 //! | [`OpenSlot`] | `{"sid": b64(16)}` |
 //! | [`SlotOpened`] | `{"nameplate": u32, "expires_in": seconds}` |

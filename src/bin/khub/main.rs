@@ -138,7 +138,7 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: all, fanout, catchup, idle, pairing, crypto, and soak (not in
+    /// Scenarios: all, fanout, catchup, idle, pairing, crypto, notes, and soak (not in
     /// all; see tests/soak/run) — repeat or comma-separate.
     #[arg(long = "scenario", value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
