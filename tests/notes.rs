@@ -572,3 +572,41 @@ async fn bad_notes_messages_from_a_member_are_incidents_and_missing_history_wait
         .unwrap();
     sync(victim).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sync_reports_its_progress_page_by_page() {
+    // Pages of 5 envelopes stand in for the relay's 1,000 (or 4 MiB).
+    let limits = Limits {
+        max_batch: 5,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(limits).await.unwrap();
+    let home = TempDir::new("notes-progress");
+    let urls = vec![relay.url(); 2];
+    let paired = tokio::time::timeout(SCENARIO, paired_devices(home.path(), &urls))
+        .await
+        .expect("pairing in time")
+        .expect("pairs");
+    let (laptop, phone) = (&paired.devices[0], &paired.devices[1]);
+    for n in 0..24 {
+        laptop.vault().create(body(&format!("note {n}\n"))).unwrap();
+    }
+    sync(laptop).await;
+    let mut seen = Vec::new();
+    let taken = tokio::time::timeout(STEP, phone.sync_with_progress(|p| seen.push(p)))
+        .await
+        .expect("sync in time")
+        .unwrap();
+    assert!(seen.len() >= 5, "one report per page: {seen:?}");
+    assert!(
+        seen[0].remaining >= 19,
+        "the first page says what is left: {seen:?}"
+    );
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].taken < w[1].taken || w[1].remaining == 0)
+    );
+    assert_eq!(seen.last().unwrap().remaining, 0);
+    assert_eq!(seen.last().unwrap().taken, taken);
+    assert_eq!(phone.vault().list().unwrap().len(), 24);
+}
