@@ -194,9 +194,9 @@ async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Du
 async fn three_hundred_idle_connections_are_closed_and_healthz_answers_throughout() {
     let relay = Serve::start_with(&[
         "--header-timeout-secs",
-        "1",
+        "2",
         "--max-connections-per-ip",
-        "250",
+        "100",
     ]);
     let mut idle = Vec::new();
     for _ in 0..300 {
@@ -212,7 +212,10 @@ async fn three_hundred_idle_connections_are_closed_and_healthz_answers_throughou
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     let breaches = relay.breaches("connections_per_ip").await;
-    assert!(breaches >= 50, "{breaches} breaches");
+    assert!(
+        breaches >= 50,
+        "{breaches} breaches (on a loaded machine the relay may accept slowly enough that early connections time out first)"
+    );
     assert_eq!(
         http(relay.addr, "GET", "/healthz", &[], b"").await.status,
         200
@@ -389,4 +392,105 @@ async fn the_mailbox_bounds_are_the_operators_to_set() {
         );
     }
     assert_eq!(posted, [202, 202, 202, 413]);
+}
+
+/// `POST /pair/N/claim` from this process with `headers`; its status.
+async fn claim_with(relay: SocketAddr, headers: &[(&str, &str)]) -> u16 {
+    http(relay, "POST", "/pair/999999/claim", headers, b"")
+        .await
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_through_a_trusted_proxy_are_limited_per_real_client() {
+    let behind_proxy =
+        Serve::start_with(&["--trusted-proxy", "127.0.0.0/8", "--claims-per-minute", "3"]);
+    let alice = [("x-forwarded-for", "203.0.113.1")];
+    let bob = [("forwarded", "for=\"[2001:db8::7]:4711\";proto=https")];
+    for _ in 0..3 {
+        // No such slot, but the claim counts.
+        assert_eq!(claim_with(behind_proxy.addr, &alice).await, 404);
+    }
+    assert_eq!(
+        claim_with(behind_proxy.addr, &alice).await,
+        429,
+        "alice is over her limit"
+    );
+    assert_eq!(
+        claim_with(behind_proxy.addr, &bob).await,
+        404,
+        "bob, behind the same proxy, is not"
+    );
+    assert_eq!(behind_proxy.breaches("claims_per_ip").await, 1);
+
+    // From a peer that is not a trusted proxy the header is ignored: every
+    // claim counts against the peer itself, whatever it claims to forward.
+    let direct = Serve::start_with(&["--claims-per-minute", "3"]);
+    for n in 0..3 {
+        let forged = format!("198.51.100.{n}");
+        assert_eq!(
+            claim_with(direct.addr, &[("x-forwarded-for", &forged)]).await,
+            404
+        );
+    }
+    assert_eq!(
+        claim_with(direct.addr, &[("x-forwarded-for", "198.51.100.99")]).await,
+        429
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full() {
+    let relay = Serve::start_with(&["--max-db-mib", "1"]);
+    let device = channel(relay.addr).await;
+    let auth = device.auth();
+    let publish = |seq: u64| {
+        let header = khub::crypto::envelope::EnvelopeHeader {
+            channel: device.channel,
+            epoch: 0,
+            sender: device.device,
+            seq,
+        };
+        let envelope = [&header.encode()[..], &vec![0x5a; 1_100_000]].concat();
+        // The cursor past what is there: the answers carry no envelopes.
+        serde_json::json!({"cursor": 1000, "publish": [khub::protocol::b64::encode(envelope)]})
+    };
+    let ack = |answer: serde_json::Value| answer["acks"][0].clone();
+    let sync = |body: serde_json::Value| {
+        let auth = auth.clone();
+        async move {
+            post_json(relay.addr, "/sync", &[("authorization", &auth)], &body)
+                .await
+                .json()
+        }
+    };
+    assert!(
+        ack(sync(publish(1)).await)["seq"].is_u64(),
+        "stored under the budget"
+    );
+    // The relay measures its store every 5 s; until then it stores (or acks
+    // again, as a duplicate).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let refusal = loop {
+        let answer = ack(sync(publish(2)).await);
+        if answer["error"]["code"] == "storage_full" {
+            break answer;
+        }
+        assert!(answer["seq"].is_u64(), "{answer}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.contains("storage is full"), "{message}");
+    let other = Member::new(ChannelId::random(&mut khub::crypto::os_rng()));
+    let created = create_channel(relay.addr, &other).await;
+    assert_eq!(created.status, 507);
+    assert_eq!(created.json()["error"]["code"], "storage_full");
+    assert!(relay.breaches("storage_budget").await >= 2);
+    // Reading still works.
+    let read = sync(serde_json::json!({"cursor": 1})).await;
+    assert!(read["head"].as_u64().unwrap() >= 1, "reading still works");
 }

@@ -365,11 +365,11 @@ async fn connection(
                             acks.push((sender_seq, seq));
                             quota_refusals = 0;
                         }
-                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota, message, fatal: false, .. }) => {
+                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota | ErrorCode::StorageFull, message, fatal: false, .. }) => {
                             if quota_retry.is_none() {
                                 quota_refusals = quota_refusals.saturating_add(1);
                                 let wait = backoff(quota_refusals);
-                                warn!(%message, retry_in_ms = wait.as_millis() as u64, "the channel is over its quota; will send again");
+                                warn!(%message, retry_in_ms = wait.as_millis() as u64, "the channel is over its quota or the relay's storage is full; will send again");
                                 quota_retry = Some(tokio::time::Instant::now() + wait);
                             }
                         }

@@ -39,6 +39,8 @@ pub enum ErrorCode {
     OutOfOrder,
     /// The channel's byte quota is used up.
     OverQuota,
+    /// The relay's storage budget is used up (all channels together).
+    StorageFull,
     /// Too many requests from this address; retry later.
     RateLimited,
     /// The channel already has the maximum number of devices.
@@ -81,7 +83,7 @@ impl ErrorCode {
             Self::Gone => 410,
             Self::Timeout => 408,
             Self::TooLarge => 413,
-            Self::OverQuota => 507,
+            Self::OverQuota | Self::StorageFull => 507,
             Self::RateLimited => 429,
             Self::Unavailable => 503,
             Self::Internal => 500,
@@ -121,6 +123,7 @@ impl ErrorCode {
             Self::Conflict => "conflict",
             Self::OutOfOrder => "out_of_order",
             Self::OverQuota => "over_quota",
+            Self::StorageFull => "storage_full",
             Self::RateLimited => "rate_limited",
             Self::ChannelFull => "channel_full",
             Self::Exists => "exists",

@@ -156,6 +156,7 @@
 //! | `internal` | 500 | yes (1011) | retry with backoff |
 //! | `unavailable` | 503 | no | retry with backoff |
 //! | `over_quota` | 507 | no | keep it queued; send again later |
+//! | `storage_full` | 507 | no | the relay's storage budget is used up: keep it queued; send again later (also refuses `POST /channels`) |
 //!
 //! Examples:
 //!

@@ -90,9 +90,19 @@ impl Default for Limits {
 pub struct RelayConfig {
     /// Limits and timeouts.
     pub limits: Limits,
-    /// Browser origins allowed to open `/ws` (exact `scheme://host[:port]`).
-    /// Requests without an `Origin` header (native clients) are always allowed.
+    /// Browser origins allowed to use the relay (`/ws` and the HTTP routes,
+    /// with CORS), normalised by [`edge::normalize_origin`](super::edge::normalize_origin).
+    /// Requests without an `Origin` header (native clients) are always
+    /// allowed; a page of any other origin is refused with 403.
     pub allowed_origins: Vec<String>,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` headers name the client
+    /// the per-address limits count against (see
+    /// [`edge::client_ip`](super::edge::client_ip)); their own connections
+    /// are not limited per address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Bytes the store may hold in all (0: no limit): past it, publishes and
+    /// new channels are refused with `storage_full` until retention frees room.
+    pub max_store_bytes: u64,
     /// If set, `POST /channels` needs this secret in `X-Khub-Operator`.
     pub operator_secret: Option<SecretBytes<32>>,
     /// Whether `GET /metrics` is served on the public listener too. `khub

@@ -204,6 +204,9 @@ pub struct Hub {
     cache: Arc<Mutex<Cache>>,
     max_envelope_bytes: usize,
     quota: u64,
+    /// The store holds its whole budget: publishes are refused until
+    /// retention frees room (set by the relay's housekeeping).
+    storage_full: std::sync::atomic::AtomicBool,
 }
 
 /// Unix time in seconds.
@@ -229,7 +232,21 @@ impl Hub {
             cache: Arc::new(Mutex::new(Cache::default())),
             max_envelope_bytes,
             quota,
+            storage_full: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the store holds its whole budget.
+    pub fn storage_full(&self) -> bool {
+        self.storage_full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records whether the store holds its whole budget; returns whether
+    /// that changed.
+    pub fn set_storage_full(&self, full: bool) -> bool {
+        self.storage_full
+            .swap(full, std::sync::atomic::Ordering::Relaxed)
+            != full
     }
 
     /// Validates an envelope from `sender` in `channel` and hands it to the
@@ -300,6 +317,13 @@ impl Hub {
         sender: DeviceId,
         envelope: &[u8],
     ) -> Result<EnvelopeHeader, PublishError> {
+        if self.storage_full() {
+            self.metrics.breach("storage_budget");
+            return Err(PublishError::new(
+                ErrorCode::StorageFull,
+                "the relay's storage is full (--max-db-mib); keep the message and send it again later",
+            ));
+        }
         if envelope.len() > self.max_envelope_bytes {
             self.metrics.breach("envelope_size");
             return Err(PublishError::new(

@@ -12,7 +12,7 @@ const COMMIT_BUCKETS: [f64; 10] = [
 ];
 
 /// Limits whose breaches are counted, as they appear in the `limit` label.
-pub const LIMITS: [&str; 12] = [
+pub const LIMITS: [&str; 14] = [
     "frame_size",
     "envelope_size",
     "connections_per_ip",
@@ -25,6 +25,8 @@ pub const LIMITS: [&str; 12] = [
     "pairing_messages",
     "slots_per_device",
     "slots_per_channel",
+    "storage_budget",
+    "origin",
 ];
 
 /// The relay's metrics. One instance per relay, shared by reference.

@@ -15,6 +15,7 @@
 //! The wire protocol is documented in [`crate::protocol`].
 
 pub mod config;
+pub mod edge;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

@@ -50,11 +50,13 @@ const MAX_SMALL_BODY: u64 = 4 * 1024;
 /// Per-connection facts the accept loop puts in each request's extensions.
 #[derive(Clone)]
 pub struct ConnInfo {
-    /// The client's address.
+    /// The TCP peer's address.
     pub peer: SocketAddr,
-    /// The connection's slot under the per-address limit; kept alive by the
-    /// WebSocket session after an upgrade.
-    pub guard: Arc<ConnectionGuard>,
+    /// The client's address: the peer's, or the one a trusted proxy named.
+    pub client: std::net::IpAddr,
+    /// The connection's slot under the per-address limit (none through a
+    /// trusted proxy); kept alive by the WebSocket session after an upgrade.
+    pub guard: Option<Arc<ConnectionGuard>>,
     /// The connection's upgrade handle, taken by the `/ws` route.
     pub upgrade: Arc<Mutex<Option<OnUpgrade>>>,
     /// Relay shutdown, for sessions.
@@ -356,18 +358,7 @@ fn upgrade(headers: HeaderMap, conn: ConnInfo, relay: Arc<Relay>) -> Response {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     };
-    if let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok())
-        && !relay
-            .config
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed == origin)
-    {
-        return error(
-            ErrorCode::Forbidden,
-            "this browser origin is not allowed to connect",
-        );
-    }
+    // Browser origins were checked before routing (`edge::check_origin`).
     let is_upgrade = header("connection")
         .split(',')
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
@@ -401,13 +392,7 @@ fn upgrade(headers: HeaderMap, conn: ConnInfo, relay: Arc<Relay>) -> Response {
             Some(ws_config(max_frame)),
         )
         .await;
-        session::run(
-            ws,
-            Arc::clone(&relay),
-            conn.peer.ip(),
-            conn.shutdown.clone(),
-        )
-        .await;
+        session::run(ws, Arc::clone(&relay), conn.client, conn.shutdown.clone()).await;
         drop(conn);
     });
     let mut response = warp::reply().into_response();
@@ -440,7 +425,14 @@ async fn create_channel(
             );
         }
     }
-    if !relay.creations.allow(conn.peer.ip()) {
+    if relay.hub.storage_full() {
+        relay.metrics().breach("storage_budget");
+        return error(
+            ErrorCode::StorageFull,
+            "the relay's storage is full; it takes no new channels until retention frees room",
+        );
+    }
+    if !relay.creations.allow(conn.client) {
         relay.metrics().breach("channels_per_ip");
         return error(
             ErrorCode::RateLimited,
@@ -698,7 +690,7 @@ async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Resp
 }
 
 async fn claim_slot(nameplate: u32, conn: ConnInfo, relay: Arc<Relay>) -> Response {
-    if !relay.claims.allow(conn.peer.ip()) {
+    if !relay.claims.allow(conn.client) {
         relay.metrics().breach("claims_per_ip");
         return error(
             ErrorCode::RateLimited,

@@ -111,10 +111,21 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
         backoff = Duration::from_millis(5);
         // Over its address's limit, a connection is closed at once: it holds
         // nothing of the relay's, not even a socket.
-        let Some(guard) = relay.connections.try_acquire(peer.ip()).map(Arc::new) else {
-            relay.metrics().breach("connections_per_ip");
-            drop(stream);
-            continue;
+        // A trusted proxy carries many clients: it is not limited per address.
+        let proxied = relay
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let guard = if proxied {
+            None
+        } else {
+            let Some(guard) = relay.connections.try_acquire(peer.ip()).map(Arc::new) else {
+                relay.metrics().breach("connections_per_ip");
+                drop(stream);
+                continue;
+            };
+            Some(guard)
         };
         let _ = stream.set_nodelay(true);
         let relay = Arc::clone(&relay);
@@ -124,11 +135,13 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
             let _permit = permit;
             Metrics::inc(&relay.metrics().connections);
             let for_requests = stopped.clone();
+            let for_service = Arc::clone(&relay);
             let service = service_fn(move |req| {
                 handle(
                     req,
                     peer,
-                    Arc::clone(&guard),
+                    guard.clone(),
+                    Arc::clone(&for_service),
                     for_requests.clone(),
                     filter.clone(),
                     request_timeout,
@@ -193,7 +206,8 @@ pub async fn serve_metrics(relay: Arc<Relay>, listener: TcpListener) {
 async fn handle<F>(
     mut req: hyper::Request<Incoming>,
     peer: SocketAddr,
-    guard: Arc<super::limits::ConnectionGuard>,
+    guard: Option<Arc<super::limits::ConnectionGuard>>,
+    relay: Arc<Relay>,
     shutdown: watch::Receiver<bool>,
     filter: F,
     deadline: Duration,
@@ -205,6 +219,23 @@ where
         + Sync
         + 'static,
 {
+    use super::edge::{self, OriginCheck};
+    let client = edge::client_ip(peer.ip(), req.headers(), &relay.config.trusted_proxies);
+    let origin = match edge::check_origin(req.headers(), &relay.config.allowed_origins) {
+        OriginCheck::Native => None,
+        OriginCheck::Allowed(origin) if edge::is_preflight(req.method(), req.headers()) => {
+            return Ok(edge::preflight(origin));
+        }
+        OriginCheck::Allowed(origin) => Some(origin),
+        OriginCheck::Refused(origin) => {
+            info!(%origin, %client, path = req.uri().path(), "refused a browser origin that is not allowed (--allowed-origin)");
+            relay.metrics().breach("origin");
+            return Ok(super::routes::error(
+                crate::protocol::ErrorCode::Forbidden,
+                "this browser origin is not allowed by the relay (its operator lists allowed ones with --allowed-origin)",
+            ));
+        }
+    };
     let upgrade = if req.uri().path() == "/ws" {
         Some(hyper::upgrade::on(&mut req))
     } else {
@@ -212,17 +243,52 @@ where
     };
     req.extensions_mut().insert(ConnInfo {
         peer,
+        client,
         guard,
         upgrade: Arc::new(Mutex::new(upgrade)),
         shutdown,
     });
     let service = TowerToHyperService::new(warp::service(filter));
-    match tokio::time::timeout(deadline, hyper::service::Service::call(&service, req)).await {
-        Ok(answer) => answer,
-        Err(_) => Ok(super::routes::error(
-            crate::protocol::ErrorCode::Timeout,
-            "the request did not arrive in time",
-        )),
+    let mut answer =
+        match tokio::time::timeout(deadline, hyper::service::Service::call(&service, req)).await {
+            Ok(answer) => answer?,
+            Err(_) => super::routes::error(
+                crate::protocol::ErrorCode::Timeout,
+                "the request did not arrive in time",
+            ),
+        };
+    if let Some(origin) = origin {
+        edge::allow(&mut answer, origin);
+    }
+    Ok(answer)
+}
+
+/// Compares what the store holds with `--max-db-mib`, and refuses or
+/// accepts publishes accordingly.
+async fn check_budget(relay: &Relay) {
+    let budget = relay.config.max_store_bytes;
+    if budget == 0 {
+        return;
+    }
+    match relay.hub.store.stored_bytes().await {
+        Ok(bytes) => {
+            let full = bytes >= budget;
+            if relay.hub.set_storage_full(full) {
+                if full {
+                    tracing::warn!(
+                        bytes,
+                        budget,
+                        "the store holds its whole budget (--max-db-mib): publishes and new channels are refused until retention frees room"
+                    );
+                } else {
+                    info!(
+                        bytes,
+                        budget, "the store is under its budget again: publishes are accepted"
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot measure the store"),
     }
 }
 
@@ -242,7 +308,10 @@ async fn housekeeping(relay: Arc<Relay>, mut stopped: watch::Receiver<bool>) {
                     Err(e) => tracing::error!(error = %e, "retention failed"),
                 }
             }
-            _ = sweep.tick() => relay.slots.tick(),
+            _ = sweep.tick() => {
+                relay.slots.tick();
+                check_budget(&relay).await;
+            }
         }
     }
 }

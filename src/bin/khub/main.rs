@@ -293,7 +293,22 @@ struct ServeArgs {
     /// Seconds a pairing code stays valid.
     #[arg(long, env = "KHUB_PAIRING_TTL_SECS", default_value_t = Limits::default().pairing_ttl.as_secs())]
     pairing_ttl_secs: u64,
-    /// Browser origin allowed to open /ws (repeat, or comma-separate in KHUB_ALLOWED_ORIGINS).
+    /// Proxy (CIDR, or one address) whose Forwarded / X-Forwarded-For header
+    /// names the client for the per-address limits (repeat, or comma-separate
+    /// in KHUB_TRUSTED_PROXIES). Without one, those headers are ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "KHUB_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<String>,
+    /// Megabytes the store may hold in all (0: no limit); past it publishes
+    /// and new channels are refused with `storage_full` until retention frees room.
+    #[arg(long, env = "KHUB_MAX_DB_MIB", default_value_t = 10240)]
+    max_db_mib: u64,
+    /// Browser origin allowed to use the relay, /ws and the HTTP routes with
+    /// CORS, like https://app.example.org (repeat, or comma-separate in
+    /// KHUB_ALLOWED_ORIGINS).
     #[arg(
         long = "allowed-origin",
         env = "KHUB_ALLOWED_ORIGINS",
@@ -861,9 +876,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention: Duration::from_secs(args.retention_days.saturating_mul(24 * 3600)),
         ..Limits::default()
     };
+    let allowed_origins = args
+        .allowed_origins
+        .iter()
+        .map(|o| khub::relay::edge::normalize_origin(o).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let trusted_proxies = args
+        .trusted_proxies
+        .iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--trusted-proxy {text:?} is not an address or a network like 10.0.0.0/8"
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let config = RelayConfig {
         limits,
-        allowed_origins: args.allowed_origins.clone(),
+        allowed_origins,
+        trusted_proxies,
+        max_store_bytes: args.max_db_mib.saturating_mul(1024 * 1024),
         operator_secret: operator_secret(args.operator_secret_file.as_ref())?,
         public_metrics: args.metrics_listen.is_none() && args.listen.ip().is_loopback(),
     };

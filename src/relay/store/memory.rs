@@ -267,4 +267,10 @@ impl Store for MemoryStore {
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         ready(Ok(()))
     }
+
+    fn stored_bytes(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        ready(Ok(
+            self.with(|channels| channels.values().map(|c| c.bytes).sum())
+        ))
+    }
 }

@@ -202,4 +202,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the backend answers.
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Bytes of envelopes stored, over all channels (the storage budget).
+    fn stored_bytes(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 }

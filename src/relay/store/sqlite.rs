@@ -648,4 +648,14 @@ impl Store for SqliteStore {
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         self.read_with(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
     }
+
+    fn stored_bytes(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.read_with(|conn| {
+            conn.query_row("SELECT COALESCE(SUM(bytes), 0) FROM channels", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(backend)
+        })
+    }
 }
