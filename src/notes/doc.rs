@@ -190,6 +190,11 @@ impl NoteDoc {
         edit: &NoteEdit,
         now_ms: i64,
     ) -> Result<bool, NoteError> {
+        if base.0.is_empty() {
+            return Err(NoteError(
+                "an edit needs the version it started from (the version of a note read from the vault)".into(),
+            ));
+        }
         if let Some(unknown) = base
             .0
             .iter()
@@ -301,10 +306,10 @@ impl NoteDoc {
         )
     }
 
-    /// Whether the document holds a note (a `created` time): a document
-    /// known only from changes whose history is missing holds none.
-    pub fn exists(&self) -> bool {
-        self.scalar_time("created") != 0
+    /// Whether the document holds a note: at least one change applied (a
+    /// document known only from changes whose history is missing holds none).
+    pub fn exists(&mut self) -> bool {
+        !self.doc.get_heads().is_empty()
     }
 
     /// The note as an app shows it. Fields of an unexpected type (a member's
@@ -396,6 +401,12 @@ impl NoteDoc {
     pub fn merge_saved(&mut self, saved: &[u8]) -> Result<(), NoteError> {
         self.doc.load_incremental(saved)?;
         Ok(())
+    }
+
+    /// The whole document without compressed columns: what a snapshot
+    /// carries (receivers refuse to inflate anything a member sends).
+    pub fn save_uncompressed(&mut self) -> Vec<u8> {
+        self.doc.save_nocompress()
     }
 
     /// Whether a change is in this document.
@@ -570,6 +581,7 @@ mod tests {
         assert_eq!(a.view(id).body, "zero\none\ntwo\n");
         let unknown = NoteVersion(vec![ChangeHash([9; 32])]);
         assert!(a.edit_from(&unknown, &body("x"), 4).is_err());
+        assert!(a.edit_from(&NoteVersion::default(), &body("x"), 4).is_err());
         assert_eq!(a.view(id).body, "zero\none\ntwo\n");
     }
 

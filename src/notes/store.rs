@@ -51,8 +51,9 @@ INSERT OR IGNORE INTO vault (id, version, uncovered, since, retention) VALUES (1
 pub const SNAPSHOT_AFTER_CHANGES: u64 = 2000;
 /// Most changes kept aside for missing history, over all notes.
 const MAX_PENDING: i64 = 10_000;
-/// Most bytes of incomplete snapshots kept.
-const MAX_PARTS_BYTES: i64 = 64 * 1024 * 1024;
+/// Most bytes of incomplete snapshots kept per sender (the largest a
+/// snapshot may be: [`wire::MAX_PARTS`] × [`wire::MAX_PART`]).
+const MAX_PARTS_BYTES: i64 = wire::MAX_PARTS as i64 * wire::MAX_PART as i64;
 
 fn err(e: rusqlite::Error) -> ClientError {
     ClientError::state(e)
@@ -130,7 +131,7 @@ pub(crate) fn edit(
         )
     } else {
         let mut doc = load(conn, me, id)?
-            .filter(NoteDoc::exists)
+            .and_then(|mut doc| doc.exists().then_some(doc))
             .ok_or_else(|| ClientError::Invalid(format!("no note {id} on this device")))?;
         let heads = doc.heads();
         let changed = match op {
@@ -181,6 +182,9 @@ pub(crate) fn unsent(conn: &Connection, id: NoteId) -> Result<bool, ClientError>
 
 /// Counts changes not covered by a snapshot (`count` more, seen at `now`).
 pub(crate) fn uncovered(conn: &Connection, count: usize, now: u64) -> Result<(), ClientError> {
+    if count == 0 {
+        return Ok(());
+    }
     conn.execute(
         "UPDATE vault SET uncovered = uncovered + ?1,
                           since = CASE WHEN since = 0 THEN ?2 ELSE since END WHERE id = 1",
@@ -207,9 +211,9 @@ pub(crate) fn set_retention(conn: &Connection, secs: u64) -> Result<(), ClientEr
 }
 
 /// Whether this device should publish a snapshot now: enough changes since
-/// the last one, or the oldest uncovered change is half way to the relay's
-/// retention (plus up to a quarter, drawn from the device id, so members do
-/// not all publish at once).
+/// the last one (2,000, plus up to as many again), or the oldest uncovered
+/// change is half way to the relay's retention (plus up to a quarter) — the
+/// extra drawn from the device id, so members do not all publish at once.
 pub(crate) fn snapshot_due(conn: &Connection, me: DeviceId, now: u64) -> Result<bool, ClientError> {
     let (uncovered, since, retention): (i64, i64, i64) = conn
         .query_row(
@@ -221,7 +225,10 @@ pub(crate) fn snapshot_due(conn: &Connection, me: DeviceId, now: u64) -> Result<
     if uncovered <= 0 {
         return Ok(false);
     }
-    if uncovered as u64 >= SNAPSHOT_AFTER_CHANGES {
+    // Up to twice the threshold, drawn from the device id, so that one
+    // burst of changes does not make every member publish at once.
+    let jitter = u64::from(me.as_bytes()[1]);
+    if uncovered as u64 >= SNAPSHOT_AFTER_CHANGES + SNAPSHOT_AFTER_CHANGES * jitter / 256 {
         return Ok(true);
     }
     let retention = retention.max(0) as u64;
@@ -234,26 +241,30 @@ pub(crate) fn snapshot_due(conn: &Connection, me: DeviceId, now: u64) -> Result<
 
 /// The snapshot of the whole vault, in parts; resets the uncovered count.
 /// Empty if the vault holds no note.
-pub(crate) fn snapshot(conn: &Connection) -> Result<Vec<NotesMessage>, ClientError> {
-    let mut stmt = conn
-        .prepare("SELECT id, doc FROM notes ORDER BY id")
-        .map_err(err)?;
-    let records = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })
-        .map_err(err)?
-        .filter_map(|row| match row {
-            Ok((id, doc)) => NoteId::from_slice(&id).map(|id| Ok((id, doc))),
-            Err(e) => Some(Err(err(e))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+pub(crate) fn snapshot(conn: &Connection, me: DeviceId) -> Result<Vec<NotesMessage>, ClientError> {
+    let mut records = Vec::new();
+    for (id, bytes, _) in all(conn)? {
+        let mut doc = NoteDoc::load(&bytes, me)
+            .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}")))?;
+        records.push((id, doc.save_uncompressed()));
+    }
     covered(conn)?;
     if records.is_empty() {
         return Ok(Vec::new());
     }
+    records.sort_by_key(|(id, _)| *id);
     let id = crate::crypto::secret::random_array(&mut crate::crypto::os_rng());
     Ok(wire::split_snapshot(id, &records))
+}
+
+/// One change from a member: an uncompressed change chunk only (nothing a
+/// sender sends is ever inflated), parsed with Automerge's panics contained.
+fn parse_change(bytes: &[u8]) -> Result<Change, String> {
+    wire::check_change(bytes).map_err(|e| e.to_string())?;
+    let owned = bytes.to_vec();
+    std::panic::catch_unwind(move || Change::from_bytes(owned))
+        .map_err(|_| "Automerge could not parse it".to_owned())?
+        .map_err(|e| e.to_string())
 }
 
 /// Takes in one notes message that `sender` sent under relay sequence
@@ -284,8 +295,8 @@ pub(crate) fn take_in(
             for (id, raw) in notes {
                 let mut changes = Vec::with_capacity(raw.len());
                 let mut refusal = None;
-                for bytes in raw {
-                    match Change::from_bytes(bytes) {
+                for bytes in &raw {
+                    match parse_change(bytes) {
                         Ok(change) if change.actor_id().to_bytes() == sender.as_bytes() => {
                             changes.push(change);
                         }
@@ -334,9 +345,11 @@ pub(crate) fn take_in(
     }
 }
 
-/// Applies changes (and, if given, a saved document) to note `id`, with the
-/// changes set aside for it earlier. Returns an incident if history is still
-/// missing or the input would not apply.
+/// Applies changes to note `id`, with the changes set aside for it earlier.
+/// A batch Automerge refuses is applied change by change, skipping those
+/// that do not apply (a reused actor and sequence number with other
+/// content, say), so one bad change cannot keep the others out. Returns an
+/// incident if history is still missing or a change was skipped.
 fn apply(
     conn: &Connection,
     me: DeviceId,
@@ -347,13 +360,22 @@ fn apply(
     let existing = load(conn, me, id)?;
     let known = existing.is_some();
     let mut doc = existing.unwrap_or_else(|| NoteDoc::empty(me));
-    if let Some(saved_doc) = saved_doc
-        && let Err(e) = doc.merge_saved(saved_doc)
-    {
-        return Ok(Some((
-            IncidentKind::Malformed,
-            format!("note {id} in a snapshot would not load and was skipped: {e}"),
-        )));
+    if let Some(saved_doc) = saved_doc {
+        let merged = wire::check_document(saved_doc)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    doc.merge_saved(saved_doc)
+                }))
+                .map_err(|_| "Automerge could not load it".to_owned())?
+                .map_err(|e| e.0)
+            });
+        if let Err(e) = merged {
+            return Ok(Some((
+                IncidentKind::Malformed,
+                format!("note {id} in a snapshot was skipped: {e}"),
+            )));
+        }
     }
     let mut set_aside = pending(conn, id)?;
     let incoming: Vec<(ChangeHash, Vec<u8>)> = changes
@@ -361,16 +383,21 @@ fn apply(
         .map(|c| (c.hash(), c.raw_bytes().to_vec()))
         .collect();
     let mut all = changes;
-    all.extend(
-        set_aside
-            .iter()
-            .filter_map(|(_, b)| Change::from_bytes(b.clone()).ok()),
-    );
-    if let Err(e) = doc.apply(all) {
-        return Ok(Some((
-            IncidentKind::Malformed,
-            format!("changes to note {id} would not apply and were skipped: {e}"),
-        )));
+    all.extend(set_aside.iter().filter_map(|(_, b)| parse_change(b).ok()));
+    let mut skipped = 0;
+    if !apply_contained(&mut doc, all.clone()) {
+        // Start again from what is stored plus the snapshot, one change at a time.
+        doc = load(conn, me, id)?.unwrap_or_else(|| NoteDoc::empty(me));
+        if let Some(saved_doc) = saved_doc {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                doc.merge_saved(saved_doc)
+            }));
+        }
+        for change in all {
+            if !apply_contained(&mut doc, vec![change]) {
+                skipped += 1;
+            }
+        }
     }
     set_aside.extend(incoming);
     let mut waiting = 0;
@@ -378,42 +405,56 @@ fn apply(
         if doc.has(hash) {
             conn.execute("DELETE FROM note_pending WHERE hash = ?1", params![hash.0])
                 .map_err(err)?;
-        } else {
+        } else if !doc.missing().is_empty() {
             waiting += 1;
             conn.execute(
                 "INSERT OR IGNORE INTO note_pending (hash, note, change) VALUES (?1, ?2, ?3)",
                 params![hash.0, id.0, bytes],
             )
             .map_err(err)?;
+        } else {
+            // Neither applied nor waiting: Automerge refused it.
+            conn.execute("DELETE FROM note_pending WHERE hash = ?1", params![hash.0])
+                .map_err(err)?;
         }
     }
     let mut incident = None;
+    if skipped > 0 {
+        incident = Some((
+            IncidentKind::Malformed,
+            format!("{skipped} change(s) to note {id} would not apply and were skipped"),
+        ));
+    }
     if waiting > 0 {
         let total: i64 = conn
             .query_row("SELECT COUNT(*) FROM note_pending", [], |r| r.get(0))
             .map_err(err)?;
-        incident = Some(if total > MAX_PENDING {
-            conn.execute("DELETE FROM note_pending WHERE note = ?1", params![id.0])
-                .map_err(err)?;
-            (
-                IncidentKind::MissingHistory,
-                format!(
-                    "changes to note {id} build on history this device has not seen, and too many such changes wait already: they were dropped"
-                ),
+        let mut detail = format!(
+            "{waiting} change(s) to note {id} build on history this device has not seen (written before it joined, or lost); they wait for that history or a snapshot"
+        );
+        if total > MAX_PENDING {
+            // The oldest set-aside changes go first, whoever sent them.
+            conn.execute(
+                "DELETE FROM note_pending WHERE rowid IN
+                 (SELECT rowid FROM note_pending ORDER BY rowid LIMIT ?1)",
+                params![total - MAX_PENDING],
             )
-        } else {
-            (
-                IncidentKind::MissingHistory,
-                format!(
-                    "{waiting} change(s) to note {id} build on history this device has not seen (it was written before this device joined, and no snapshot covered it yet); they wait for a snapshot"
-                ),
-            )
-        });
+            .map_err(err)?;
+            detail.push_str("; too many changes wait, so the oldest were dropped");
+        }
+        incident = incident.or(Some((IncidentKind::MissingHistory, detail)));
     }
     if doc.exists() || known {
         store(conn, id, &mut doc)?;
     }
     Ok(incident)
+}
+
+/// Applies changes, containing a panic of Automerge's; false if they did
+/// not apply (the document may then be half-changed: reload it).
+fn apply_contained(doc: &mut NoteDoc, changes: Vec<Change>) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply(changes).is_ok()))
+        .unwrap_or(false)
 }
 
 fn pending(conn: &Connection, id: NoteId) -> Result<Vec<(ChangeHash, Vec<u8>)>, ClientError> {
@@ -474,7 +515,7 @@ fn snapshot_part(
         )
         .map_err(err)?;
     if have < parts {
-        return trim_parts(conn, snapshot);
+        return trim_parts(conn, sender, snapshot);
     }
     let mut whole = Vec::new();
     {
@@ -503,25 +544,30 @@ fn snapshot_part(
         }
     };
     let mut first = None;
+    let covers = !records.is_empty();
     for (id, saved_doc) in records {
         let found = apply(conn, me, id, Vec::new(), Some(saved_doc))?;
         first = first.or(found);
     }
-    // Everything before this snapshot in the channel's order is covered.
-    covered(conn)?;
+    if covers {
+        // Everything before this snapshot in the channel's order is covered.
+        covered(conn)?;
+    }
     Ok(first)
 }
 
-/// Keeps incomplete snapshots under [`MAX_PARTS_BYTES`], dropping the
-/// oldest other than `current`.
+/// Keeps each sender's incomplete snapshots under [`MAX_PARTS_BYTES`]
+/// (the largest a snapshot may be), dropping that sender's oldest other than
+/// `current`: one member cannot push out another's snapshot.
 fn trim_parts(
     conn: &Connection,
+    sender: DeviceId,
     current: [u8; 16],
 ) -> Result<Option<(IncidentKind, String)>, ClientError> {
     let bytes: i64 = conn
         .query_row(
-            "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM snapshot_parts",
-            [],
+            "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM snapshot_parts WHERE sender = ?1",
+            params![sender.as_bytes()],
             |r| r.get(0),
         )
         .map_err(err)?;
@@ -530,8 +576,8 @@ fn trim_parts(
     }
     let oldest: Option<Vec<u8>> = conn
         .query_row(
-            "SELECT snapshot FROM snapshot_parts WHERE snapshot != ?1 ORDER BY rowid LIMIT 1",
-            params![current],
+            "SELECT snapshot FROM snapshot_parts WHERE sender = ?1 AND snapshot != ?2 ORDER BY rowid LIMIT 1",
+            params![sender.as_bytes(), current],
             |r| r.get(0),
         )
         .optional()
@@ -544,7 +590,7 @@ fn trim_parts(
     .map_err(err)?;
     Ok(Some((
         IncidentKind::Malformed,
-        "incomplete snapshots grew past 64 MiB; the oldest was dropped".into(),
+        "a member's incomplete snapshots grew past 64 MiB; its oldest was dropped".into(),
     )))
 }
 
@@ -572,21 +618,34 @@ pub(crate) fn all(conn: &Connection) -> Result<Vec<(NoteId, Vec<u8>, i64)>, Clie
     Ok(out)
 }
 
-/// Ids of notes changed after vault version `after`, and the newest version.
+/// Ids of notes changed after vault version `after`, and the newest
+/// version among them (`after` if none).
 pub(crate) fn changed_since(
     conn: &Connection,
     after: i64,
 ) -> Result<(Vec<NoteId>, i64), ClientError> {
     let mut stmt = conn
-        .prepare_cached("SELECT id FROM notes WHERE version > ?1 ORDER BY version")
+        .prepare_cached("SELECT id, version FROM notes WHERE version > ?1 ORDER BY version")
         .map_err(err)?;
-    let ids = stmt
-        .query_map(params![after], |r| r.get::<_, Vec<u8>>(0))
-        .map_err(err)?
-        .filter_map(|r| r.ok().and_then(|id| NoteId::from_slice(&id)))
-        .collect();
-    let version = conn
-        .query_row("SELECT version FROM vault WHERE id = 1", [], |r| r.get(0))
+    let rows = stmt
+        .query_map(params![after], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+        })
         .map_err(err)?;
-    Ok((ids, version))
+    let mut ids = Vec::new();
+    let mut newest = after;
+    for row in rows {
+        let (id, version) = row.map_err(err)?;
+        newest = newest.max(version);
+        if let Some(id) = NoteId::from_slice(&id) {
+            ids.push(id);
+        }
+    }
+    Ok((ids, newest))
+}
+
+/// The vault's newest version.
+pub(crate) fn version(conn: &Connection) -> Result<i64, ClientError> {
+    conn.query_row("SELECT version FROM vault WHERE id = 1", [], |r| r.get(0))
+        .map_err(err)
 }

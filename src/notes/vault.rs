@@ -115,7 +115,8 @@ pub(crate) fn seal_all(
 
 /// Queues a snapshot of the whole vault (nothing if it holds no note).
 pub(crate) fn queue_snapshot(change: &mut Change<'_>) -> Result<usize, ClientError> {
-    let parts = store::snapshot(change.conn())?;
+    let me = change.channel.me();
+    let parts = store::snapshot(change.conn(), me)?;
     let count = parts.len();
     seal_all(change, parts)?;
     Ok(count)
@@ -222,18 +223,19 @@ impl Vault {
         change: &mut Change<'_>,
         notes: Vec<(NoteId, Vec<Vec<u8>>)>,
     ) -> Result<Vec<Saved>, ClientError> {
-        let saved: Vec<Saved> = notes
-            .iter()
-            .map(|(id, changes)| Saved {
+        let mut saved = Vec::with_capacity(notes.len());
+        for (id, changes) in &notes {
+            let unsent = !changes.is_empty() || store::unsent(change.conn(), *id)?;
+            saved.push(Saved {
                 id: *id,
                 changed: !changes.is_empty(),
-                delivery: if changes.is_empty() {
-                    Delivery::Acked
-                } else {
+                delivery: if unsent {
                     Delivery::LocalOnly
+                } else {
+                    Delivery::Acked
                 },
-            })
-            .collect();
+            });
+        }
         let count: usize = notes.iter().map(|(_, c)| c.len()).sum();
         let notes: Vec<_> = notes.into_iter().filter(|(_, c)| !c.is_empty()).collect();
         if notes.is_empty() {
@@ -275,7 +277,7 @@ impl Vault {
         let me = self.device.id();
         match self.document(id)? {
             Some(bytes) => NoteDoc::load(&bytes, me)
-                .map(|doc| doc.exists().then_some(doc))
+                .map(|mut doc| doc.exists().then_some(doc))
                 .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}"))),
             None => Ok(None),
         }
@@ -346,10 +348,7 @@ impl Vault {
     /// Notes changed from now on, by this process, another process on the
     /// same home, or other devices (through a sync or session).
     pub fn subscribe(&self) -> Result<Subscription, ClientError> {
-        let (_, version) = self
-            .device
-            .db()
-            .read(|conn| store::changed_since(conn, i64::MAX))?;
+        let version = self.device.db().read(store::version)?;
         Ok(Subscription {
             device: self.device.clone(),
             version,

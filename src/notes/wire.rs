@@ -25,8 +25,8 @@ const SNAPSHOT: u8 = 0x02;
 pub const MAX_MESSAGE: usize = 768 * 1024;
 /// Largest snapshot part's data.
 pub const MAX_PART: usize = 512 * 1024;
-/// Most parts a snapshot may have (256 MiB, a relay's default channel quota).
-pub const MAX_PARTS: u32 = 512;
+/// Most parts a snapshot may have (64 MiB).
+pub const MAX_PARTS: u32 = 128;
 
 /// One notes message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +186,80 @@ pub fn snapshot_records(data: &[u8]) -> Result<Vec<(NoteId, &[u8])>, DecodeError
     Ok(records)
 }
 
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const DOCUMENT_CHUNK: u8 = 0;
+const CHANGE_CHUNK: u8 = 1;
+/// The column specification bit that marks a DEFLATE-compressed column.
+const DEFLATE_BIT: u64 = 0b1000;
+
+fn uleb(r: &mut Reader<'_>, field: &'static str) -> Result<u64, DecodeError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = r.u8(field)?;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError("LEB128 number too long"))
+}
+
+/// The chunk type and body of one Automerge chunk that is all of `bytes`.
+fn chunk(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+    let mut r = Reader::new(bytes);
+    if r.array::<4>("chunk magic")? != CHUNK_MAGIC {
+        return Err(DecodeError("not an Automerge chunk"));
+    }
+    r.take(4, "chunk checksum")?;
+    let kind = r.u8("chunk type")?;
+    let len = usize::try_from(uleb(&mut r, "chunk length")?)
+        .map_err(|_| DecodeError("chunk too long"))?;
+    let body = r.take(len, "chunk body")?;
+    r.finish("bytes after the chunk")?;
+    Ok((kind, body))
+}
+
+/// Checks that `bytes` is one uncompressed Automerge change chunk.
+pub fn check_change(bytes: &[u8]) -> Result<(), DecodeError> {
+    match chunk(bytes)?.0 {
+        CHANGE_CHUNK => Ok(()),
+        _ => Err(DecodeError("not an uncompressed change chunk")),
+    }
+}
+
+/// Checks that `bytes` is one Automerge document chunk none of whose columns
+/// is DEFLATE-compressed.
+pub fn check_document(bytes: &[u8]) -> Result<(), DecodeError> {
+    let (kind, body) = chunk(bytes)?;
+    if kind != DOCUMENT_CHUNK {
+        return Err(DecodeError("not a document chunk"));
+    }
+    let mut r = Reader::new(body);
+    for _ in 0..uleb(&mut r, "actor count")? {
+        let len = uleb(&mut r, "actor length")?;
+        r.take(
+            usize::try_from(len).map_err(|_| DecodeError("actor too long"))?,
+            "actor",
+        )?;
+    }
+    let heads = uleb(&mut r, "head count")?;
+    r.take(
+        usize::try_from(heads.saturating_mul(32)).map_err(|_| DecodeError("too many heads"))?,
+        "heads",
+    )?;
+    for section in ["change columns", "operation columns"] {
+        for _ in 0..uleb(&mut r, section)? {
+            if uleb(&mut r, "column specification")? & DEFLATE_BIT != 0 {
+                return Err(DecodeError(
+                    "a compressed column (save snapshots without compression)",
+                ));
+            }
+            uleb(&mut r, "column length")?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +325,34 @@ mod tests {
             .map(|(id, d)| (id, d.to_vec()))
             .collect();
         assert_eq!(back, records);
+    }
+
+    #[test]
+    fn only_uncompressed_chunks_pass() {
+        use crate::ids::DeviceId;
+        use crate::notes::doc::{NoteDoc, NoteEdit};
+        let me = DeviceId::from_slice(&[1; 16]).unwrap();
+        let edit = NoteEdit {
+            body: Some("x".repeat(5000)),
+            ..NoteEdit::default()
+        };
+        let mut doc = NoteDoc::create(me, &edit, 1).unwrap();
+        assert!(check_document(&doc.save_uncompressed()).is_ok());
+        assert!(
+            check_document(&doc.save()).is_err(),
+            "a compressed save is refused"
+        );
+        let changes = doc.changes_since(&[]);
+        assert!(check_change(&changes[0]).is_ok());
+        assert!(check_document(&changes[0]).is_err());
+        assert!(check_change(&doc.save_uncompressed()).is_err());
+        let mut compressed = automerge::Change::from_bytes(changes[0].clone()).unwrap();
+        let packed = compressed.bytes().to_vec();
+        assert_ne!(packed, changes[0], "a 5 KB change compresses");
+        assert!(
+            check_change(&packed).is_err(),
+            "a compressed change is refused"
+        );
+        assert!(check_change(b"garbage").is_err());
     }
 }
