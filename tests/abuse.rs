@@ -494,3 +494,65 @@ async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full(
     let read = sync(serde_json::json!({"cursor": 1})).await;
     assert!(read["head"].as_u64().unwrap() >= 1, "reading still works");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let relay = Serve::start_with(&["--slow-reader-timeout-secs", "2"]);
+    let device = channel(relay.addr).await;
+    // A client with a tiny receive window that says hello, then only writes:
+    // pings, whose pongs it never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = tokio::time::timeout(STEP, socket.connect(relay.addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async(format!("ws://{}/ws", relay.addr), stream),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ws.send(Message::Text(device.hello(0).into()))
+        .await
+        .unwrap();
+    let ready = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(ready.to_text().unwrap().contains("ready"));
+    let started = std::time::Instant::now();
+    let mut pings = 0u64;
+    // Writes stop going through once the relay, blocked on its pongs, stops
+    // reading; the relay must then close the session on its own.
+    while pings < 200_000 {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            ws.send(Message::Ping(vec![0u8; 125].into())),
+        )
+        .await
+        {
+            Ok(Ok(())) => pings += 1,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let deadline = started + std::time::Duration::from_secs(30);
+    while relay.breaches("slow_reader").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never closed the session that stopped reading ({pings} pings sent)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after < std::time::Duration::from_secs(20),
+        "closed {closed_after:?} after the flood began"
+    );
+    // Others are still served.
+    a_pairing_still_opens(relay.addr).await;
+}
