@@ -126,6 +126,7 @@ async fn two_thousand_mailbox_posts_into_one_slot_stop_at_its_cap() {
     );
     let grown = relay.rss_kib().saturating_sub(before);
     assert!(grown < 20 * 1024, "relay RSS grew {grown} KiB");
+    println!("abuse: 2,000 posts into one pairing slot: relay RSS grew {grown} KiB");
     a_pairing_still_opens(relay.addr).await;
 }
 
@@ -211,6 +212,10 @@ async fn three_hundred_idle_connections_are_closed_and_healthz_answers_throughou
         assert!(closed_within(stream, std::time::Duration::from_secs(5)).await);
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    println!(
+        "abuse: 300 idle connections: all closed {:?} after the first check",
+        started.elapsed()
+    );
     let breaches = relay.breaches("connections_per_ip").await;
     assert!(
         breaches >= 50,
@@ -274,6 +279,7 @@ async fn unauthenticated_near_limit_sync_bodies_are_refused_before_they_are_read
     }
     let grown = relay.rss_kib().saturating_sub(before);
     assert!(grown < 20 * 1024, "relay RSS grew {grown} KiB");
+    println!("abuse: 10 unauthenticated near-limit /sync bodies: relay RSS grew {grown} KiB");
     a_pairing_still_opens(relay.addr).await;
 }
 
@@ -468,6 +474,7 @@ async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full(
         ack(sync(publish(1)).await)["seq"].is_u64(),
         "stored under the budget"
     );
+    let started = std::time::Instant::now();
     // The relay measures its store every 5 s; until then it stores (or acks
     // again, as a duplicate).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -483,6 +490,10 @@ async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full(
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
+    println!(
+        "abuse: a full storage budget: storage_full after {:?}",
+        started.elapsed()
+    );
     let message = refusal["error"]["message"].as_str().unwrap();
     assert!(message.contains("storage is full"), "{message}");
     let other = Member::new(ChannelId::random(&mut khub::crypto::os_rng()));
@@ -549,6 +560,9 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let closed_after = started.elapsed();
+    println!(
+        "abuse: a session that stops reading its pongs: closed {closed_after:?} after its flood began ({pings} pings went through)"
+    );
     assert!(
         closed_after < std::time::Duration::from_secs(20),
         "closed {closed_after:?} after the flood began"
