@@ -570,3 +570,89 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
     // Others are still served.
     a_pairing_still_opens(relay.addr).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
+    let relay = Serve::start();
+    let device = channel(relay.addr).await;
+    let envelope = |seq: u64| {
+        let header = khub::crypto::envelope::EnvelopeHeader {
+            channel: device.channel,
+            epoch: 0,
+            sender: device.device,
+            seq,
+        };
+        khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; 1 << 20]].concat())
+    };
+    // 65 envelopes of 1 MiB, four per request.
+    for first in (1..=65u64).step_by(4) {
+        let batch: Vec<String> = (first..(first + 4).min(66)).map(envelope).collect();
+        let published = post_json(
+            relay.addr,
+            "/sync",
+            &[("authorization", &device.auth())],
+            &serde_json::json!({"cursor": 1000, "publish": batch}),
+        )
+        .await;
+        assert_eq!(published.status, 200);
+    }
+    let before = relay.rss_kib();
+    let started = std::time::Instant::now();
+    // The peak, sampled while the readers run.
+    let pid = relay.child.id();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = std::sync::Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(common::rss_kib(pid));
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            peak
+        })
+    };
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let auth = device.auth();
+        let addr = relay.addr;
+        readers.spawn(async move {
+            // Each reader pages through the whole backlog.
+            let (mut cursor, mut pages) = (0u64, 0);
+            loop {
+                let page = post_json(
+                    addr,
+                    "/sync",
+                    &[("authorization", &auth)],
+                    &serde_json::json!({"cursor": cursor}),
+                )
+                .await
+                .json();
+                let envelopes = page["envelopes"].as_array().unwrap();
+                assert!(envelopes.len() <= 4, "a page holds at most 4 MiB");
+                pages += 1;
+                cursor = envelopes
+                    .last()
+                    .map_or(cursor, |e| e["seq"].as_u64().unwrap());
+                if page["more"] != true {
+                    break;
+                }
+            }
+            (cursor, pages)
+        });
+    }
+    while let Some(done) = readers.join_next().await {
+        let (cursor, pages) = done.unwrap();
+        assert_eq!(cursor, 65, "every reader got the whole backlog");
+        assert!(pages >= 17, "in pages of at most 4 MiB ({pages} pages)");
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let grown = sampler.await.unwrap().saturating_sub(before);
+    println!(
+        "abuse: 6 concurrent syncs of a 65 MB backlog: relay peak RSS {grown} KiB above its start, {:?}",
+        started.elapsed()
+    );
+    // Six pages of 4 MiB in flight, each as envelopes, base64 and JSON
+    // (before the byte cap, six such reads took 740 MB).
+    assert!(grown < 100 * 1024, "relay RSS peaked {grown} KiB higher");
+}
