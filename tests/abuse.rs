@@ -656,3 +656,39 @@ async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
     // (before the byte cap, six such reads took 740 MB).
     assert!(grown < 100 * 1024, "relay RSS peaked {grown} KiB higher");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_through_a_trusted_proxy_count_against_the_client_it_names() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let relay = Serve::start_with(&[
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--max-connections-per-ip",
+        "2",
+    ]);
+    let open = |client: &'static str| {
+        let mut request = format!("ws://{}/ws", relay.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", client.parse().unwrap());
+        async move {
+            tokio::time::timeout(STEP, tokio_tungstenite::connect_async(request))
+                .await
+                .unwrap()
+        }
+    };
+    let first = open("203.0.113.9").await.expect("first session");
+    let second = open("203.0.113.9").await.expect("second session");
+    let third = open("203.0.113.9").await;
+    assert!(
+        matches!(&third, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 429),
+        "a third session of the same client is refused: {third:?}"
+    );
+    // Another client behind the same proxy is not affected.
+    let other = open("203.0.113.10")
+        .await
+        .expect("another client's session");
+    drop((first, second, other));
+}

@@ -40,12 +40,14 @@ fn the_javascript_automerge_package_reads_a_note_and_its_edit_merges_back() {
     .unwrap();
     let input = dir.join("note.automerge");
     let output = dir.join("js.changes");
+    let snapshot = dir.join("js.snapshot");
     std::fs::write(&input, doc.save()).unwrap();
 
     let mut child = Command::new("node")
         .arg(js.join("interop.mjs"))
         .arg(&input)
         .arg(&output)
+        .arg(&snapshot)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -73,13 +75,27 @@ fn the_javascript_automerge_package_reads_a_note_and_its_edit_merges_back() {
         })
     );
 
-    let changes: Vec<automerge::Change> = std::fs::read_to_string(&output)
+    let raw: Vec<Vec<u8>> = std::fs::read_to_string(&output)
         .unwrap()
         .lines()
-        .map(|line| automerge::Change::from_bytes(hex::decode(line).unwrap()).unwrap())
+        .map(|line| hex::decode(line).unwrap())
         .collect();
-    assert_eq!(changes.len(), 1);
+    assert_eq!(raw.len(), 1);
+    // What a JavaScript client sends passes the checks every device applies.
+    khub::notes::wire::check_change(&raw[0]).expect("an uncompressed change chunk");
+    let js_snapshot = std::fs::read(&snapshot).unwrap();
+    khub::notes::wire::check_document(&js_snapshot).expect("a document without compressed columns");
+    let changes: Vec<automerge::Change> = raw
+        .into_iter()
+        .map(|bytes| automerge::Change::from_bytes(bytes).unwrap())
+        .collect();
     doc.apply(changes).unwrap();
+    let mut from_snapshot = NoteDoc::empty(DeviceId::from_slice(&[2; 16]).unwrap());
+    from_snapshot.merge_saved(&js_snapshot).unwrap();
+    assert_eq!(
+        from_snapshot.view(NoteId([0; 16])).body,
+        "from js: milk\neggs\n"
+    );
     let note = doc.view(NoteId([0; 16]));
     assert_eq!(note.body, "from js: milk\neggs\n");
     assert_eq!(note.tags, ["food", "home", "js"]);

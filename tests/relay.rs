@@ -797,3 +797,49 @@ async fn browser_origins_must_be_allowed_and_hello_must_come_in_time() {
     ));
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_holds_back_a_senders_later_envelopes_so_none_is_stored_out_of_order() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let member = Member::new(ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(relay.addr, &member).await.status, 201);
+    let envelope = |seq: u64| {
+        let header = khub::crypto::envelope::EnvelopeHeader {
+            channel: member.channel,
+            epoch: 0,
+            sender: member.device,
+            seq,
+        };
+        khub::protocol::b64::encode([&header.encode()[..], &[0x5a; 100][..]].concat())
+    };
+    let publish = |seqs: &[u64]| {
+        let body = serde_json::json!({
+            "cursor": 1000,
+            "publish": seqs.iter().map(|s| envelope(*s)).collect::<Vec<_>>(),
+        });
+        let auth = member.auth();
+        async move {
+            let answer = post_json(relay.addr, "/sync", &[("authorization", &auth)], &body)
+                .await
+                .json();
+            answer["acks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    a["seq"].as_u64().map_or_else(
+                        || a["error"]["code"].as_str().unwrap().to_owned(),
+                        |s| s.to_string(),
+                    )
+                })
+                .collect::<Vec<String>>()
+        }
+    };
+    relay.relay.hub.set_storage_full(true);
+    assert_eq!(publish(&[1]).await, ["storage_full"]);
+    // Room again: envelope 2 alone would jump ahead of 1, and is held back.
+    relay.relay.hub.set_storage_full(false);
+    assert_eq!(publish(&[2]).await, ["storage_full"]);
+    // The device sends its outbox again, in order: both are stored, in order.
+    assert_eq!(publish(&[1, 2]).await, ["1", "2"]);
+}

@@ -552,7 +552,10 @@ impl Device {
                     (Some(seq), _) => acked.push((*sender_seq, *seq)),
                     // Kept, and sent again once the channel has room.
                     (None, Some(e))
-                        if matches!(e.code, ErrorCode::OverQuota | ErrorCode::StorageFull) => {}
+                        if matches!(
+                            e.code,
+                            ErrorCode::OverQuota | ErrorCode::StorageFull | ErrorCode::Unknown
+                        ) => {}
                     (None, Some(e)) => {
                         let (sender_seq, code, message) = (*sender_seq, e.code, e.message.clone());
                         self.blocking(move |device| device.refused(sender_seq, code, &message))

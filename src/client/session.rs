@@ -365,7 +365,7 @@ async fn connection(
                             acks.push((sender_seq, seq));
                             quota_refusals = 0;
                         }
-                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota | ErrorCode::StorageFull, message, fatal: false, .. }) => {
+                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota | ErrorCode::StorageFull | ErrorCode::Unknown, message, fatal: false, .. }) => {
                             if quota_retry.is_none() {
                                 quota_refusals = quota_refusals.saturating_add(1);
                                 let wait = backoff(quota_refusals);

@@ -59,6 +59,10 @@ pub enum ErrorCode {
     BadRequest,
     /// A failure inside the relay.
     Internal,
+    /// A code this build does not know (a newer relay's): read as a refusal
+    /// of that one request, worth retrying later. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -86,7 +90,7 @@ impl ErrorCode {
             Self::OverQuota | Self::StorageFull => 507,
             Self::RateLimited => 429,
             Self::Unavailable => 503,
-            Self::Internal => 500,
+            Self::Internal | Self::Unknown => 500,
         }
     }
 
@@ -133,6 +137,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::BadRequest => "bad_request",
             Self::Internal => "internal",
+            Self::Unknown => "unknown",
         }
     }
 }

@@ -37,7 +37,11 @@
 //! relay pings a quiet session, so that a device hearing nothing for three
 //! intervals treats the connection as dead and reconnects; `retention_secs`:
 //! how long the relay keeps an envelope, so that devices publish a notes
-//! snapshot before changes no snapshot covers expire — both optional) and then delivers every envelope
+//! snapshot before changes no snapshot covers expire — counted from when the
+//! relay stored the envelope). `ping_secs` and `retention_secs` may be absent
+//! (older relays): a device then assumes 30 s pings and does not know the
+//! retention (its retention-driven notes snapshots stay off until it hears
+//! one; `0` means the same). and then delivers every envelope
 //! after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
@@ -128,10 +132,13 @@
 //! | [`PairMessages`] | `{"messages": [b64, …], "next": index, "closed": bool}` — messages from the other side from `after` on; `closed`: the other side ended the slot |
 //!
 //! Over the WebSocket, an `error` that refuses a `publish` carries the
-//! refused envelope's `"sender_seq"`. A refusal for the quota (`over_quota`)
-//! is not final: the relay refuses that envelope and every later one of the
-//! same device until it is stored, and the device sends them again later, in
-//! order. Any other refusal of a `publish` is final for that envelope.
+//! refused envelope's `"sender_seq"`. A refusal for the channel's quota
+//! (`over_quota`) or the relay's storage budget (`storage_full`) is not
+//! final: the relay refuses that envelope and every later one of the same
+//! device until it is stored, and the device sends them again later, in
+//! order. Any other refusal of a `publish` is final for that envelope. A code
+//! a client does not know (a newer relay's) refuses that one request and is
+//! worth retrying later; it never ends a session by itself.
 //! Keepalive is the WebSocket protocol's own: the relay sends control Pings
 //! every `ping_secs`; a client answers with Pongs (libraries do) and need send
 //! nothing else. The session URL is the relay URL with `http`→`ws` (`https`→
@@ -154,6 +161,7 @@
 //! | `too_large` | 413 | yes (1009) for frames | make it smaller |
 //! | `rate_limited` | 429 | no | wait and retry |
 //! | `internal` | 500 | yes (1011) | retry with backoff |
+//! | any other | — | as `fatal` says | a newer relay's code: treat as a refusal of that request; retry later |
 //! | `unavailable` | 503 | no | retry with backoff |
 //! | `over_quota` | 507 | no | keep it queued; send again later |
 //! | `storage_full` | 507 | no | the relay's storage budget is used up: keep it queued; send again later (also refuses `POST /channels`) |

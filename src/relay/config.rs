@@ -100,6 +100,8 @@ pub struct RelayConfig {
     /// [`edge::client_ip`](super::edge::client_ip)); their own connections
     /// are not limited per address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header trusted proxies write the client's address into.
+    pub forwarded_header: super::edge::ForwardedHeader,
     /// Bytes the store may hold in all (0: no limit): past it, publishes and
     /// new channels are refused with `storage_full` until retention frees room.
     pub max_store_bytes: u64,

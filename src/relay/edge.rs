@@ -9,13 +9,31 @@ use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::protocol::{CLAIM_HEADER, OPERATOR_HEADER};
 
+/// Which header a trusted proxy writes the client's address into. The
+/// operator names one: a proxy passes the other through as the client sent
+/// it, so believing both would let a client choose its own address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx, HAProxy and Caddy by default).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
 /// The client's address. A request straight from a client is counted against
 /// its TCP peer. A request through a peer in `trusted` is counted against the
-/// nearest address, walking `Forwarded` (RFC 7239; preferred) or else
-/// `X-Forwarded-For` from the right, that is not itself a trusted proxy; a
-/// header that names nobody else leaves the peer. An untrusted peer's headers
-/// are ignored: anyone can write them.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+/// nearest address in `header`, walking from the right, that is not itself
+/// a trusted proxy; a header that names nobody else leaves the peer. An
+/// untrusted peer's headers are ignored: anyone can write them. IPv4 addresses
+/// written as IPv6 (`::ffff:a.b.c.d`) count as IPv4.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -28,15 +46,13 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
             .map(str::to_owned)
             .collect()
     };
-    let forwarded = values("forwarded");
-    let chain: Vec<Option<IpAddr>> = if forwarded.is_empty() {
-        values("x-forwarded-for")
+    let chain: Vec<Option<IpAddr>> = match header {
+        ForwardedHeader::XForwardedFor => values("x-forwarded-for")
             .iter()
             .flat_map(|v| v.split(','))
             .map(|entry| parse_node(entry.trim()))
-            .collect()
-    } else {
-        forwarded
+            .collect(),
+        ForwardedHeader::Forwarded => values("forwarded")
             .iter()
             .flat_map(|v| v.split(','))
             .map(|element| {
@@ -46,12 +62,12 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
                     .find(|(key, _)| key.trim().eq_ignore_ascii_case("for"))
                     .and_then(|(_, value)| parse_node(value.trim()))
             })
-            .collect()
+            .collect(),
     };
     for hop in chain.iter().rev() {
-        match hop {
-            Some(ip) if is_trusted(ip) => {}
-            Some(ip) => return *ip,
+        match hop.map(|ip| ip.to_canonical()) {
+            Some(ip) if is_trusted(&ip) => {}
+            Some(ip) => return ip,
             // An entry we cannot read ("unknown", a hidden name): stop, and
             // count against the proxy rather than believe anything further left.
             None => return peer,
@@ -160,6 +176,14 @@ pub fn allow(response: &mut warp::reply::Response, origin: HeaderValue) {
     h.insert("vary", HeaderValue::from_static("origin"));
 }
 
+/// Marks an answer as depending on `Origin` (so that no cache in front of
+/// the relay serves one origin's answer to another).
+pub fn vary(response: &mut warp::reply::Response) {
+    response
+        .headers_mut()
+        .insert("vary", HeaderValue::from_static("origin"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,14 +201,15 @@ mod tests {
         let proxy: IpAddr = "10.0.0.5".parse().unwrap();
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let client: IpAddr = "203.0.113.7".parse().unwrap();
-        let xff = headers(&[("x-forwarded-for", "198.51.100.1, 203.0.113.7, 10.0.0.9")]);
+        let xff = ForwardedHeader::XForwardedFor;
+        let list = headers(&[("x-forwarded-for", "198.51.100.1, 203.0.113.7, 10.0.0.9")]);
         assert_eq!(
-            client_ip(proxy, &xff, &trusted),
+            client_ip(proxy, &list, &trusted, xff),
             client,
             "rightmost untrusted hop"
         );
         assert_eq!(
-            client_ip(client, &xff, &trusted),
+            client_ip(client, &list, &trusted, xff),
             client,
             "an untrusted peer's header is ignored"
         );
@@ -193,14 +218,24 @@ mod tests {
             "for=198.51.100.1, for=\"[2001:db8::1]:4711\";proto=https",
         )]);
         assert_eq!(
-            client_ip(proxy, &fwd, &trusted),
+            client_ip(proxy, &fwd, &trusted, ForwardedHeader::Forwarded),
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
+        // A client's own Forwarded header, passed through by a proxy that
+        // writes X-Forwarded-For, is not believed.
+        let both = headers(&[
+            ("forwarded", "for=192.0.2.66"),
+            ("x-forwarded-for", "203.0.113.7"),
+        ]);
+        assert_eq!(client_ip(proxy, &both, &trusted, xff), client);
         let unknown = headers(&[("x-forwarded-for", "203.0.113.7, unknown")]);
-        assert_eq!(client_ip(proxy, &unknown, &trusted), proxy);
-        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &unknown, &trusted, xff), proxy);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted, xff), proxy);
         let ported = headers(&[("x-forwarded-for", "203.0.113.7:5555")]);
-        assert_eq!(client_ip(proxy, &ported, &trusted), client);
+        assert_eq!(client_ip(proxy, &ported, &trusted, xff), client);
+        // A proxy reaching a dual-stack listener as ::ffff:10.0.0.5 is trusted.
+        let mapped: IpAddr = "::ffff:10.0.0.5".parse().unwrap();
+        assert_eq!(client_ip(mapped, &list, &trusted, xff), client);
     }
 
     #[test]

@@ -207,6 +207,10 @@ pub struct Hub {
     /// The store holds its whole budget: publishes are refused until
     /// retention frees room (set by the relay's housekeeping).
     storage_full: std::sync::atomic::AtomicBool,
+    /// Per sender, its oldest envelope refused because the storage was full:
+    /// its later ones are refused too until that one is stored, so that the
+    /// sender's envelopes are stored in order (as for the channel quota).
+    held_back: Mutex<HashMap<(ChannelId, DeviceId), u64>>,
 }
 
 /// Unix time in seconds.
@@ -233,6 +237,7 @@ impl Hub {
             max_envelope_bytes,
             quota,
             storage_full: std::sync::atomic::AtomicBool::new(false),
+            held_back: Mutex::new(HashMap::new()),
         }
     }
 
@@ -310,6 +315,50 @@ impl Hub {
         }
     }
 
+    /// Refuses while the storage is full, and holds back a sender's later
+    /// envelopes behind its oldest refused one until that one gets through.
+    fn check_budget(
+        &self,
+        channel: ChannelId,
+        sender: DeviceId,
+        seq: u64,
+    ) -> Result<(), PublishError> {
+        let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (channel, sender);
+        let full = self.storage_full();
+        match held.get(&key).copied() {
+            Some(first) if seq <= first && !full => {
+                held.remove(&key);
+                return Ok(());
+            }
+            Some(first) if seq > first => {
+                self.metrics.breach("storage_budget");
+                return Err(PublishError::new(
+                    ErrorCode::StorageFull,
+                    format!(
+                        "held back behind envelope #{first} of this device, which the full storage refused; send that one again first"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if full {
+            let first = held.get(&key).map_or(seq, |first| (*first).min(seq));
+            held.insert(key, first);
+            if held.len() > 100_000 {
+                // Bounded: past 100,000 held senders all are forgotten
+                // (those senders then risk an `out_of_order` refusal).
+                held.clear();
+            }
+            self.metrics.breach("storage_budget");
+            return Err(PublishError::new(
+                ErrorCode::StorageFull,
+                "the relay's storage is full (--max-db-mib); keep the message and send it again later",
+            ));
+        }
+        Ok(())
+    }
+
     /// The checks before storing: size, shape, channel, sender.
     fn check(
         &self,
@@ -317,13 +366,6 @@ impl Hub {
         sender: DeviceId,
         envelope: &[u8],
     ) -> Result<EnvelopeHeader, PublishError> {
-        if self.storage_full() {
-            self.metrics.breach("storage_budget");
-            return Err(PublishError::new(
-                ErrorCode::StorageFull,
-                "the relay's storage is full (--max-db-mib); keep the message and send it again later",
-            ));
-        }
         if envelope.len() > self.max_envelope_bytes {
             self.metrics.breach("envelope_size");
             return Err(PublishError::new(
@@ -353,6 +395,7 @@ impl Hub {
                 "a device can only publish envelopes it sent itself",
             ));
         }
+        self.check_budget(channel, sender, header.seq)?;
         Ok(header)
     }
 

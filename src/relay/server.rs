@@ -116,7 +116,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
             .config
             .trusted_proxies
             .iter()
-            .any(|net| net.contains(&peer.ip()));
+            .any(|net| net.contains(&peer.ip().to_canonical()));
         let guard = if proxied {
             None
         } else {
@@ -220,7 +220,13 @@ where
         + 'static,
 {
     use super::edge::{self, OriginCheck};
-    let client = edge::client_ip(peer.ip(), req.headers(), &relay.config.trusted_proxies);
+    let client = edge::client_ip(
+        peer.ip(),
+        req.headers(),
+        &relay.config.trusted_proxies,
+        relay.config.forwarded_header,
+    );
+    let origins_checked = !relay.config.allowed_origins.is_empty();
     let origin = match edge::check_origin(req.headers(), &relay.config.allowed_origins) {
         OriginCheck::Native => None,
         OriginCheck::Allowed(origin) if edge::is_preflight(req.method(), req.headers()) => {
@@ -230,16 +236,34 @@ where
         OriginCheck::Refused(origin) => {
             info!(%origin, %client, path = req.uri().path(), "refused a browser origin that is not allowed (--allowed-origin)");
             relay.metrics().breach("origin");
-            return Ok(super::routes::error(
+            let mut refused = super::routes::error(
                 crate::protocol::ErrorCode::Forbidden,
                 "this browser origin is not allowed by the relay (its operator lists allowed ones with --allowed-origin)",
-            ));
+            );
+            edge::vary(&mut refused);
+            return Ok(refused);
         }
     };
     let upgrade = if req.uri().path() == "/ws" {
         Some(hyper::upgrade::on(&mut req))
     } else {
         None
+    };
+    // Through a trusted proxy the connection took no per-address slot: a
+    // session takes one for the client the proxy named, for its lifetime.
+    let guard = match guard {
+        Some(guard) => Some(guard),
+        None if upgrade.is_some() => match relay.connections.try_acquire(client) {
+            Some(slot) => Some(Arc::new(slot)),
+            None => {
+                relay.metrics().breach("connections_per_ip");
+                return Ok(super::routes::error(
+                    crate::protocol::ErrorCode::RateLimited,
+                    "too many connections from this address",
+                ));
+            }
+        },
+        None => None,
     };
     req.extensions_mut().insert(ConnInfo {
         peer,
@@ -259,6 +283,8 @@ where
         };
     if let Some(origin) = origin {
         edge::allow(&mut answer, origin);
+    } else if origins_checked {
+        edge::vary(&mut answer);
     }
     Ok(answer)
 }

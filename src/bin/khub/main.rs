@@ -208,6 +208,15 @@ impl HomeArg {
     }
 }
 
+/// `--forwarded-header`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ForwardedHeaderArg {
+    /// `X-Forwarded-For`.
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum DurabilityArg {
     Full,
@@ -302,6 +311,15 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     trusted_proxies: Vec<String>,
+    /// The header trusted proxies write the client's address into; the other
+    /// one is ignored (a proxy passes it through as the client wrote it).
+    #[arg(
+        long,
+        env = "KHUB_FORWARDED_HEADER",
+        value_enum,
+        default_value = "x-forwarded-for"
+    )]
+    forwarded_header: ForwardedHeaderArg,
     /// Megabytes the store may hold in all (0: no limit); past it publishes
     /// and new channels are refused with `storage_full` until retention frees room.
     #[arg(long, env = "KHUB_MAX_DB_MIB", default_value_t = 10240)]
@@ -898,6 +916,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         allowed_origins,
         trusted_proxies,
+        forwarded_header: match args.forwarded_header {
+            ForwardedHeaderArg::XForwardedFor => khub::relay::edge::ForwardedHeader::XForwardedFor,
+            ForwardedHeaderArg::Forwarded => khub::relay::edge::ForwardedHeader::Forwarded,
+        },
         max_store_bytes: args.max_db_mib.saturating_mul(1024 * 1024),
         operator_secret: operator_secret(args.operator_secret_file.as_ref())?,
         public_metrics: args.metrics_listen.is_none() && args.listen.ip().is_loopback(),
