@@ -288,15 +288,7 @@ async fn a_sync_answer_pages_a_large_backlog_by_bytes() {
     let relay = Serve::start();
     let device = channel(relay.addr).await;
     let envelopes: Vec<String> = (1..=12u64)
-        .map(|seq| {
-            let header = khub::crypto::envelope::EnvelopeHeader {
-                channel: device.channel,
-                epoch: 0,
-                sender: device.device,
-                seq,
-            };
-            khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; 1 << 20]].concat())
-        })
+        .map(|seq| device.stand_in_envelope(seq, 1 << 20))
         .collect();
     let published = post_json(
         relay.addr,
@@ -451,15 +443,8 @@ async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full(
     let device = channel(relay.addr).await;
     let auth = device.auth();
     let publish = |seq: u64| {
-        let header = khub::crypto::envelope::EnvelopeHeader {
-            channel: device.channel,
-            epoch: 0,
-            sender: device.device,
-            seq,
-        };
-        let envelope = [&header.encode()[..], &vec![0x5a; 1_100_000]].concat();
         // The cursor past what is there: the answers carry no envelopes.
-        serde_json::json!({"cursor": 1000, "publish": [khub::protocol::b64::encode(envelope)]})
+        serde_json::json!({"cursor": 1000, "publish": [device.stand_in_envelope(seq, 1_100_000)]})
     };
     let ack = |answer: serde_json::Value| answer["acks"][0].clone();
     let sync = |body: serde_json::Value| {
@@ -575,15 +560,7 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
 async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
     let relay = Serve::start();
     let device = channel(relay.addr).await;
-    let envelope = |seq: u64| {
-        let header = khub::crypto::envelope::EnvelopeHeader {
-            channel: device.channel,
-            epoch: 0,
-            sender: device.device,
-            seq,
-        };
-        khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; 1 << 20]].concat())
-    };
+    let envelope = |seq: u64| device.stand_in_envelope(seq, 1 << 20);
     // 65 envelopes of 1 MiB, four per request.
     for first in (1..=65u64).step_by(4) {
         let batch: Vec<String> = (first..(first + 4).min(66)).map(envelope).collect();

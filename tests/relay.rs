@@ -803,15 +803,7 @@ async fn a_full_storage_holds_back_a_senders_later_envelopes_so_none_is_stored_o
     let relay = TestRelay::start(RelayConfig::default()).await;
     let member = Member::new(ChannelId::random(&mut os_rng()));
     assert_eq!(create_channel(relay.addr, &member).await.status, 201);
-    let envelope = |seq: u64| {
-        let header = khub::crypto::envelope::EnvelopeHeader {
-            channel: member.channel,
-            epoch: 0,
-            sender: member.device,
-            seq,
-        };
-        khub::protocol::b64::encode([&header.encode()[..], &[0x5a; 100][..]].concat())
-    };
+    let envelope = |seq: u64| member.stand_in_envelope(seq, 100);
     let publish = |seqs: &[u64]| {
         let body = serde_json::json!({
             "cursor": 1000,

@@ -183,6 +183,18 @@ impl Member {
         .to_string()
     }
 
+    /// A stand-in envelope of this member (a valid header, then `len` filler
+    /// bytes; the relay reads only the header), base64url for a `/sync` publish.
+    pub fn stand_in_envelope(&self, seq: u64, len: usize) -> String {
+        let header = khub::crypto::envelope::EnvelopeHeader {
+            channel: self.channel,
+            epoch: 0,
+            sender: self.device,
+            seq,
+        };
+        khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; len]].concat())
+    }
+
     pub fn hello(&self, cursor: u64) -> String {
         ClientFrame::Hello {
             v: khub::protocol::PROTOCOL_VERSION,

@@ -222,31 +222,36 @@ pub async fn run(command: NoteCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        NoteCommand::Rm { home, id } => {
-            let device = Device::open(&home.path()?)?;
-            let online = catch_up(&device).await;
-            let vault = device.vault();
-            let id = vault.resolve(&id)?;
-            if !vault.delete(id)?.changed {
-                eprintln!("already deleted");
-                return Ok(());
-            }
-            println!("deleted {id}");
-            publish(&device, &vault, id, online).await;
-        }
-        NoteCommand::Restore { home, id } => {
-            let device = Device::open(&home.path()?)?;
-            let online = catch_up(&device).await;
-            let vault = device.vault();
-            let id = vault.resolve(&id)?;
-            if !vault.restore(id)?.changed {
-                eprintln!("not deleted");
-                return Ok(());
-            }
-            println!("restored {id}");
-            publish(&device, &vault, id, online).await;
-        }
+        NoteCommand::Rm { home, id } => set_deleted(&home, &id, true).await?,
+        NoteCommand::Restore { home, id } => set_deleted(&home, &id, false).await?,
     }
+    Ok(())
+}
+
+/// `note rm` (`deleted`) and `note restore`.
+async fn set_deleted(home: &HomeArg, id: &str, deleted: bool) -> anyhow::Result<()> {
+    let device = Device::open(&home.path()?)?;
+    let online = catch_up(&device).await;
+    let vault = device.vault();
+    let id = vault.resolve(id)?;
+    let saved = if deleted {
+        vault.delete(id)?
+    } else {
+        vault.restore(id)?
+    };
+    if !saved.changed {
+        eprintln!(
+            "{}",
+            if deleted {
+                "already deleted"
+            } else {
+                "not deleted"
+            }
+        );
+        return Ok(());
+    }
+    println!("{} {id}", if deleted { "deleted" } else { "restored" });
+    publish(&device, &vault, id, online).await;
     Ok(())
 }
 
