@@ -225,6 +225,26 @@ mod device_commands {
         assert!(drained.status.success());
         assert!(drained.stdout.is_empty());
         assert_eq!(String::from_utf8_lossy(&drained.stderr), "nothing new\n");
+        // https:// to a relay served over plain HTTP.
+        let tls_url = world.url.replacen("http://", "https://", 1);
+        let plain = world.run("y", &["init", "--relay", &tls_url, "--name", "y"], "");
+        assert!(!plain.status.success());
+        let stderr = String::from_utf8_lossy(&plain.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("Error: cannot reach the relay at {tls_url}")
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some(
+                format!(
+                    "  next: {tls_url} does not speak TLS: use http:// for a relay without TLS, or put it behind a TLS proxy"
+                )
+                .as_str()
+            ),
+            "{stderr}"
+        );
         world.stop_relay();
         // Unreachable: a plain error with a hint, and no backtrace even when asked for.
         let invite = Command::new(KHUB)

@@ -278,8 +278,9 @@ async fn a_removed_device_is_cut_off_and_cannot_read_what_follows() {
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(error, ClientError::Revoked);
+    assert!(matches!(error, ClientError::Revoked), "{error:?}");
     assert!(!error.is_transient());
+    assert_eq!(error.fault(), khub::client::Fault::Peer);
     assert!(matches!(
         d[2].sync().await,
         Err(ClientError::Unauthorized | ClientError::Revoked)
@@ -355,7 +356,7 @@ async fn errors_are_classified_and_state_files_are_private() {
         "{refused}"
     );
     // A URL that is not a relay is refused with an example of one.
-    let bad = khub::client::http::RelayAddr::parse("ftp://relay.example").unwrap_err();
+    let bad = khub::client::RelayAddr::parse("ftp://relay.example").unwrap_err();
     assert!(bad.to_string().contains("https://relay.example"), "{bad}");
     assert!(!bad.is_transient());
 
@@ -520,7 +521,13 @@ async fn a_message_the_relay_refuses_is_an_error_and_an_incident_never_queued() 
         .await
         .expect_err("the relay refuses the envelope");
     assert!(
-        matches!(&refused, ClientError::Relay { code, .. } if code == "too_large"),
+        matches!(
+            &refused,
+            ClientError::Relay {
+                code: khub::protocol::ErrorCode::TooLarge,
+                ..
+            }
+        ),
         "{refused:?}"
     );
     assert_eq!(d[0].pending().unwrap(), 0, "not left queued");
@@ -609,8 +616,16 @@ async fn a_relay_under_a_reverse_proxy_path_is_used_with_its_path() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&bare, ClientError::Relay { status: 404, .. }),
+        matches!(
+            &bare,
+            ClientError::Relay {
+                status: 404,
+                code: khub::protocol::ErrorCode::NotFound,
+                ..
+            }
+        ),
         "{bare:?}"
     );
+    assert_eq!(bare.fault(), khub::client::Fault::Relay);
     relay.stop().await;
 }

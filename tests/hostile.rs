@@ -235,7 +235,7 @@ async fn pair_through(inviter: &Device, hostile: &HostileRelay, home: &TempDir) 
         joiner: joined.map(drop),
         relay_devices: step(inviter.relay_devices()).await.unwrap().len(),
         inviter_members: inviter.members().unwrap().len(),
-        joiner_has_state: joiner_home.join(khub::client::state::STATE_FILE).exists(),
+        joiner_has_state: joiner_home.join(khub::client::STATE_FILE).exists(),
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use warp::http::Method;
 
 use super::Percentiles;
-use crate::client::http::RelayAddr;
+use crate::client::RelayAddr;
 use crate::crypto::envelope::{EnvelopeHeader, padded_len};
 use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;

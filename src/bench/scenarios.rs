@@ -14,7 +14,7 @@ use super::child::RelayChild;
 use super::fanout::{self, Server, Workload};
 use super::{Percentiles, Row, baseline};
 use crate::channel::{Channel, Event, Joining};
-use crate::client::http::RelayAddr;
+use crate::client::RelayAddr;
 use crate::crypto::envelope::{EnvelopeHeader, padded_len};
 use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;

@@ -20,7 +20,7 @@ use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{
-    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, ErrorCode, SyncRequest,
+    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, ErrorCode, Refusal, SyncRequest,
     SyncResponse,
 };
 
@@ -51,6 +51,12 @@ pub(crate) struct Inner {
     pub(crate) queued: Notify,
     /// The relay's retention in seconds, as it last said (0: not heard yet).
     pub(crate) retention_secs: std::sync::atomic::AtomicU64,
+    /// The cursor as of the last change this process committed (or the
+    /// open): read on async paths without touching the state file. Another
+    /// process on the same home may be ahead; a lower cursor only refetches.
+    pub(crate) cursor: std::sync::atomic::AtomicU64,
+    /// Whether a change saw this device removed from its channel.
+    pub(crate) removed: std::sync::atomic::AtomicBool,
 }
 
 /// Seconds since the Unix epoch (the channel's update schedule).
@@ -90,7 +96,9 @@ impl From<ChannelError> for ClientError {
         match e {
             ChannelError::Removed => Self::Revoked,
             ChannelError::Invalid(message) => Self::Invalid(message),
-            e => Self::State(e.to_string()),
+            e @ ChannelError::Corrupt(_) => Self::disk("the channel's MLS state cannot be used", e),
+            e @ ChannelError::Peer { .. } => Self::Peer(e.to_string()),
+            e => Self::Bug(e.to_string()),
         }
     }
 }
@@ -191,6 +199,9 @@ impl Device {
     }
 
     fn from_parts(home: &Path, db: StateDb, identity: Identity, relay: RelayAddr) -> Self {
+        let (cursor, removed) = db.channel().map_or((0, false), |(channel, cursor)| {
+            (cursor, channel.is_removed())
+        });
         Self {
             inner: Arc::new(Inner {
                 home: home.to_owned(),
@@ -205,6 +216,8 @@ impl Device {
                 refused: Mutex::new(std::collections::HashMap::new()),
                 queued: Notify::new(),
                 retention_secs: std::sync::atomic::AtomicU64::new(0),
+                cursor: std::sync::atomic::AtomicU64::new(cursor),
+                removed: std::sync::atomic::AtomicBool::new(removed),
             }),
         }
     }
@@ -218,7 +231,17 @@ impl Device {
         &self,
         f: impl FnOnce(&mut Change<'_>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let out = self.db().change(f)?;
+        use std::sync::atomic::Ordering;
+        let mut seen = (0, false);
+        let out = self.db().change(|change| {
+            let out = f(change)?;
+            seen = (change.cursor, change.channel.is_removed());
+            Ok(out)
+        })?;
+        self.inner.cursor.fetch_max(seen.0, Ordering::Relaxed);
+        if seen.1 {
+            self.inner.removed.store(true, Ordering::Relaxed);
+        }
         self.inner.changed.notify_waiters();
         self.inner.queued.notify_one();
         Ok(out)
@@ -249,9 +272,10 @@ impl Device {
         &self.inner.relay.url
     }
 
-    /// The last relay sequence number this device has taken in.
+    /// The last relay sequence number this device has taken in (as of this
+    /// process's last change: no disk read).
     pub fn cursor(&self) -> u64 {
-        self.db().cursor().unwrap_or(0)
+        self.inner.cursor.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The channel's current MLS epoch.
@@ -334,10 +358,6 @@ impl Device {
         Ok(self.db().outbox()?.len())
     }
 
-    pub(crate) fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        self.db().outbox()
-    }
-
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
     /// outbox, in one transaction.
     pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
@@ -400,11 +420,7 @@ impl Device {
             .unwrap_or_else(|e| e.into_inner())
             .insert(
                 sender_seq,
-                ClientError::Relay {
-                    code: code.as_str().to_owned(),
-                    message: message.to_owned(),
-                    status: 0,
-                },
+                ClientError::refused(Refusal::new(code, message), 0),
             );
         self.inner.changed.notify_waiters();
         Ok(())
@@ -429,7 +445,7 @@ impl Device {
         let device = self.clone();
         tokio::task::spawn_blocking(move || f(&device))
             .await
-            .map_err(|e| ClientError::State(format!("a state task failed: {e}")))?
+            .map_err(|e| ClientError::Bug(format!("a state task failed: {e}")))?
     }
 
     /// Takes in envelopes from the relay, in relay order: each goes through the
@@ -531,10 +547,8 @@ impl Device {
         let mut published_up_to = 0;
         loop {
             let outbox: Vec<(u64, Vec<u8>)> = self
-                .outbox()?
-                .into_iter()
-                .filter(|(s, _)| *s > published_up_to)
-                .collect();
+                .blocking(move |device| device.db().outbox_after(published_up_to))
+                .await?;
             let request = SyncRequest {
                 cursor: self.cursor(),
                 publish: outbox.iter().map(|(_, e)| B64(e.clone())).collect(),
@@ -588,12 +602,15 @@ impl Device {
                 taken,
                 remaining: head.saturating_sub(self.cursor()),
             });
-            let queued_more = self.outbox()?.iter().any(|(s, _)| *s > published_up_to);
+            let queued_more = !self
+                .blocking(move |device| device.db().outbox_after(published_up_to))
+                .await?
+                .is_empty();
             if (!more || count == 0) && !queued_more {
                 break;
             }
         }
-        if self.is_removed() {
+        if self.removed_seen() {
             return Err(ClientError::Revoked);
         }
         Ok(taken)
@@ -647,12 +664,22 @@ impl Device {
         Ok(self.db().channel()?.0)
     }
 
-    /// Whether a commit removed this device.
+    /// Whether a commit removed this device (read from the state file, so a
+    /// removal another process took in is seen too).
     pub fn is_removed(&self) -> bool {
-        self.db()
-            .channel()
-            .map(|(c, _)| c.is_removed())
-            .unwrap_or(false)
+        self.removed_seen()
+            || self
+                .db()
+                .channel()
+                .map(|(c, _)| c.is_removed())
+                .unwrap_or(false)
+    }
+
+    /// Whether a change in this process saw this device removed: no disk read.
+    pub(crate) fn removed_seen(&self) -> bool {
+        self.inner
+            .removed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Syncs until this device's own commit has been ordered by the relay
@@ -666,7 +693,10 @@ impl Device {
                 Err(e) if e.is_transient() && Instant::now() < deadline => {}
                 Err(e) => return Err(e),
             }
-            if self.db().channel()?.0.pending().is_none() {
+            let settled = self
+                .blocking(|device| Ok(device.db().channel()?.0.pending().is_none()))
+                .await?;
+            if settled {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -689,14 +719,18 @@ impl Device {
         }
         // Settle anything pending first: one change of membership at a time.
         self.settle(SETTLE_WAIT).await?;
-        if !self.members()?.iter().any(|m| m.id == device) {
+        let members = self.blocking(|device| device.members()).await?;
+        if !members.iter().any(|m| m.id == device) {
             return Err(ClientError::Invalid(format!(
                 "device {device} is not a member of this channel (see `khub devices`)"
             )));
         }
         let path = format!("/channels/{}/devices/{}", self.inner.channel, device);
         let _: DeviceList = self.call(Method::DELETE, &path, None::<&()>).await?;
-        self.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))?;
+        self.blocking(move |me| {
+            me.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))
+        })
+        .await?;
         self.settle(SETTLE_WAIT).await
     }
 }

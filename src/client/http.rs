@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
 use super::error::ClientError;
-use crate::protocol::ErrorResponse;
+use crate::protocol::{ErrorCode, ErrorResponse, Refusal};
 
 /// How long one request may take, unless the caller says otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,15 +111,15 @@ impl RelayAddr {
         let tls = tokio_rustls::TlsConnector::from(super::tls::config()?)
             .connect(name, stream)
             .await
-            .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
+            .map_err(|e| self.unreachable(e))?;
         Ok(Box::new(tls))
     }
 
-    fn unreachable(&self, detail: impl std::fmt::Display) -> ClientError {
-        ClientError::Unreachable {
-            relay: self.url.clone(),
-            detail: detail.to_string(),
-        }
+    fn unreachable(
+        &self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> ClientError {
+        ClientError::unreachable(self.url.clone(), source)
     }
 
     /// Sends one request; non-2xx answers become [`ClientError::Relay`].
@@ -172,19 +172,22 @@ impl RelayAddr {
         if (200..300).contains(&status) {
             return Ok((status, bytes));
         }
-        let (code, message) = match serde_json::from_slice::<ErrorResponse>(&bytes) {
-            Ok(e) => (e.error.code.as_str().to_owned(), e.error.message),
-            Err(_) => ("http".into(), format!("HTTP status {status}")),
-        };
-        Err(match code.as_str() {
-            "unauthorized" => ClientError::Unauthorized,
-            "revoked" => ClientError::Revoked,
-            _ => ClientError::Relay {
-                code,
-                message,
-                status,
-            },
-        })
+        // An answer without a khub error body (a proxy's 502 page, a 404 from
+        // a wrong path) keeps its status, under the code that status means.
+        let refusal = serde_json::from_slice::<ErrorResponse>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| {
+                let code = match status {
+                    404 => ErrorCode::NotFound,
+                    408 => ErrorCode::Timeout,
+                    413 => ErrorCode::TooLarge,
+                    429 => ErrorCode::RateLimited,
+                    502..=504 => ErrorCode::Unavailable,
+                    _ => ErrorCode::Unknown,
+                };
+                Refusal::new(code, format!("HTTP status {status} without a khub error"))
+            });
+        Err(ClientError::refused(refusal, status))
     }
 
     /// A JSON request and answer.

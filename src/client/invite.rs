@@ -290,7 +290,8 @@ impl Invitation {
             return Err(e);
         }
         let name = device
-            .members()?
+            .blocking(|device| device.members())
+            .await?
             .into_iter()
             .find(|m| m.id == joiner.id)
             .map_or_else(|| "new device".to_owned(), |m| m.name);
@@ -339,10 +340,17 @@ async fn commit_add(
 ) -> Result<(u64, Vec<u8>), ClientError> {
     device.settle(COMMIT_WAIT).await?;
     for _ in 0..COMMIT_TRIES {
-        let (sender_seq, welcome) =
-            device.queue_commit(|channel| channel.commit_add(joiner, key_package))?;
+        let key_package = key_package.to_vec();
+        let (sender_seq, welcome) = device
+            .blocking(move |device| {
+                device.queue_commit(|channel| channel.commit_add(joiner, &key_package))
+            })
+            .await?;
         device.settle(COMMIT_WAIT).await?;
-        match device.commit_seq(sender_seq)? {
+        let won = device
+            .blocking(move |device| device.commit_seq(sender_seq))
+            .await?;
+        match won {
             Some(seq) => return Ok((seq, welcome)),
             None => tracing::info!(
                 ?joiner,
@@ -372,7 +380,10 @@ async fn await_joined(
             Err(e) if e.is_transient() => {}
             Err(e) => return Err(e),
         }
-        if device.db().has_joined(joiner)? {
+        if device
+            .blocking(move |device| device.db().has_joined(joiner))
+            .await?
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -480,7 +491,10 @@ pub async fn join(
     // The first word in the channel tells the inviter the pairing completed
     // here too. Without it the inviter removes this device again, so a
     // device that cannot say it is not kept.
-    let said = match device.queue_control(&Control::Joined) {
+    let said = match device
+        .blocking(|device| device.queue_control(&Control::Joined))
+        .await
+    {
         Ok(_) => device.sync().await.map(drop),
         Err(e) => Err(e),
     };

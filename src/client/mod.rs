@@ -41,19 +41,24 @@
 //! # Ok(()) }
 //! ```
 
+/// The plaintext inside app envelopes (app messages, "joined", notes):
+/// public so other SDKs' tests and fuzzers can build and read it.
 pub mod control;
-pub mod device;
-pub mod error;
-pub mod http;
-pub mod incident;
-pub mod invite;
-pub mod session;
-pub mod state;
-pub mod tls;
+pub(crate) mod device;
+mod error;
+mod http;
+pub(crate) mod incident;
+mod invite;
+mod session;
+pub(crate) mod state;
+mod tls;
 
+pub use crate::channel::Member;
 pub use device::{Device, Message, SyncProgress};
-pub use error::ClientError;
+pub use error::{ClientError, Fault, Reach, Source};
+pub use http::RelayAddr;
 pub use incident::{Incident, IncidentKind};
 pub use invite::{CancelInvitation, Invitation, JoinedChannel, NewMember, join};
 pub use session::{Sent, Session, Status};
-pub use state::forget;
+pub use state::{STATE_FILE, forget};
+pub use tls::trust_pem_file;

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::device::{Device, Message};
 use super::error::ClientError;
 use crate::crypto::os_rng;
-use crate::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame};
+use crate::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, Refusal, ServerFrame};
 
 /// First retry delay; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -29,7 +29,7 @@ const LIVENESS_PINGS: u64 = 3;
 const MAX_BATCH: usize = 256;
 
 /// Where a session stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Status {
     /// Connecting, or waiting to retry (attempt 0 is the first).
     Connecting {
@@ -139,7 +139,7 @@ impl Session {
             let notified = self.device.inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(message) = self.device.next_unread()? {
+            if let Some(message) = self.device.blocking(|device| device.next_unread()).await? {
                 return Ok(message);
             }
             if let Status::Failed(e) = &*status.borrow() {
@@ -246,11 +246,11 @@ async fn run(
     }
 }
 
-fn unreachable(device: &Device, detail: impl std::fmt::Display) -> ClientError {
-    ClientError::Unreachable {
-        relay: device.relay_url().to_owned(),
-        detail: detail.to_string(),
-    }
+fn unreachable(
+    device: &Device,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> ClientError {
+    ClientError::unreachable(device.relay_url(), source)
 }
 
 /// One connection: hello, resend the outbox, then deliveries and acks until
@@ -408,7 +408,7 @@ async fn connection(
                             device.ingest(&batch)
                         })
                         .await?;
-                    if device.is_removed() {
+                    if device.removed_seen() {
                         return Err(ClientError::Revoked);
                     }
                     // Taking in may have queued a re-issued commit.
@@ -469,15 +469,7 @@ fn refusal(code: ErrorCode, message: String, close: Option<u16>) -> ClientError 
     if close == Some(4003) {
         return ClientError::Revoked;
     }
-    match code {
-        ErrorCode::Unauthorized => ClientError::Unauthorized,
-        ErrorCode::Revoked => ClientError::Revoked,
-        other => ClientError::Relay {
-            code: other.as_str().to_owned(),
-            message,
-            status: 0,
-        },
-    }
+    ClientError::refused(Refusal::new(code, message), 0)
 }
 
 /// Maps a close code onto an error: removal and bad credentials are fatal,

@@ -106,7 +106,7 @@ pub(crate) struct StateDb {
 }
 
 fn err(e: rusqlite::Error) -> ClientError {
-    ClientError::state(e)
+    ClientError::disk("the state file could not be read or written", e)
 }
 
 fn u64_of(v: i64) -> u64 {
@@ -254,7 +254,12 @@ fn load_channel(conn: &Connection) -> Result<(Channel, u64), ClientError> {
         .map_err(err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
-    let channel = Channel::load(&meta, rows).map_err(ClientError::state)?;
+    let channel = Channel::load(&meta, rows).map_err(|e| {
+        ClientError::disk(
+            "the channel's MLS state in the state file cannot be loaded",
+            e,
+        )
+    })?;
     Ok((channel, u64_of(cursor)))
 }
 
@@ -326,7 +331,7 @@ impl StateDb {
         }
         let has_format = columns("WHERE name = 'format'")? > 0;
         if !has_format {
-            return Err(ClientError::State(format!(
+            return Err(ClientError::corrupt(format!(
                 "the device in {} speaks protocol 1; remove that directory and pair the device again",
                 home.display()
             )));
@@ -354,7 +359,8 @@ impl StateDb {
             .map_err(err)?
             .ok_or_else(|| ClientError::NotInitialized(home.display().to_string()))?;
         let (relay, name, token, device, channel) = row;
-        let corrupt = |what: &str| ClientError::state(format!("corrupt {what} in the state file"));
+        let corrupt =
+            |what: &str| ClientError::corrupt(format!("corrupt {what} in the state file"));
         let identity = Identity {
             relay,
             name,
@@ -412,16 +418,6 @@ impl StateDb {
     /// The channel and cursor as they are on disk, to read.
     pub fn channel(&self) -> Result<(Channel, u64), ClientError> {
         load_channel(&self.conn)
-    }
-
-    /// The cursor as it is on disk.
-    pub fn cursor(&self) -> Result<u64, ClientError> {
-        self.conn
-            .query_row("SELECT cursor FROM identity WHERE id = 1", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(u64_of)
-            .map_err(err)
     }
 
     /// Envelopes waiting for an ack, oldest first.
@@ -522,7 +518,7 @@ impl StateDb {
             .map(|(seq, sender, from_name, body)| {
                 Ok(InboxMessage {
                     seq: u64_of(seq),
-                    from: DeviceId::from_slice(&sender).ok_or_else(|| ClientError::state("corrupt sender id"))?,
+                    from: DeviceId::from_slice(&sender).ok_or_else(|| ClientError::corrupt("corrupt sender id in the state file"))?,
                     from_name,
                     body,
                 })
@@ -555,7 +551,12 @@ pub fn forget(home: &Path) -> Result<(), ClientError> {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ClientError::state(e)),
+            Err(e) => {
+                return Err(ClientError::disk(
+                    format!("cannot remove {}", path.display()),
+                    e,
+                ));
+            }
         }
     }
     Ok(())
@@ -569,14 +570,15 @@ fn create_private_dir(dir: &Path) -> Result<(), ClientError> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(ClientError::state)?;
+            .map_err(|e| ClientError::disk(format!("cannot create {}", dir.display()), e))?;
     }
     Ok(())
 }
 
 #[cfg(not(unix))]
 fn create_private_dir(dir: &Path) -> Result<(), ClientError> {
-    std::fs::create_dir_all(dir).map_err(ClientError::state)
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ClientError::disk(format!("cannot create {}", dir.display()), e))
 }
 
 #[cfg(unix)]
@@ -588,12 +590,12 @@ fn create_private_file(path: &Path) -> Result<(), ClientError> {
         .mode(0o600)
         .open(path)
         .map(drop)
-        .map_err(ClientError::state)
+        .map_err(|e| ClientError::disk(format!("cannot create {}", path.display()), e))
 }
 
 #[cfg(not(unix))]
 fn create_private_file(path: &Path) -> Result<(), ClientError> {
     std::fs::File::create(path)
         .map(drop)
-        .map_err(ClientError::state)
+        .map_err(|e| ClientError::disk(format!("cannot create {}", path.display()), e))
 }

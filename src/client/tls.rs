@@ -22,19 +22,19 @@ pub fn trust_pem_file(path: &Path) -> Result<(), ClientError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
-            ClientError::State(format!(
-                "cannot read CA certificates from {}: {e}",
-                path.display()
-            ))
+            ClientError::config(
+                format!("cannot read CA certificates from {}", path.display()),
+                Some(std::sync::Arc::new(e)),
+            )
         })?;
     if certs.is_empty() {
-        return Err(ClientError::State(format!(
-            "{} holds no PEM certificate",
-            path.display()
-        )));
+        return Err(ClientError::config(
+            format!("{} holds no PEM certificate", path.display()),
+            None,
+        ));
     }
     if CONFIG.get().is_some() {
-        return Err(ClientError::State(
+        return Err(ClientError::Invalid(
             "trust_pem_file must be called before the first TLS connection".into(),
         ));
     }
@@ -55,13 +55,16 @@ pub fn config() -> Result<Arc<ClientConfig>, ClientError> {
     };
     for cert in EXTRA_ROOTS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         roots.add(cert.clone()).map_err(|e| {
-            ClientError::State(format!("an added CA certificate is not usable: {e}"))
+            ClientError::config(
+                "an added CA certificate is not usable",
+                Some(std::sync::Arc::new(e)),
+            )
         })?;
     }
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::State(e.to_string()))?
+            .map_err(|e| ClientError::config("TLS cannot be set up", Some(std::sync::Arc::new(e))))?
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(Arc::clone(CONFIG.get_or_init(|| Arc::new(config))))

@@ -38,9 +38,11 @@
 
 pub mod doc;
 pub(crate) mod store;
-pub mod vault;
+pub(crate) mod vault;
 pub mod wire;
 
 pub use doc::{History, Note, NoteEdit, NoteId, NoteVersion};
 pub use store::SNAPSHOT_AFTER_CHANGES;
-pub use vault::{Delivery, Saved, Subscription, Vault};
+pub use vault::{
+    Delivery, MAX_BODY_BYTES, MAX_TAG_CHARS, MAX_TITLE_CHARS, Saved, Subscription, Vault,
+};

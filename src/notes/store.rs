@@ -56,7 +56,10 @@ const MAX_PENDING: i64 = 10_000;
 const MAX_PARTS_BYTES: i64 = wire::MAX_PARTS as i64 * wire::MAX_PART as i64;
 
 fn err(e: rusqlite::Error) -> ClientError {
-    ClientError::state(e)
+    ClientError::disk(
+        "the notes in the state file could not be read or written",
+        e,
+    )
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -83,9 +86,9 @@ pub(crate) fn saved(conn: &Connection, id: NoteId) -> Result<Option<Vec<u8>>, Cl
 
 fn load(conn: &Connection, me: DeviceId, id: NoteId) -> Result<Option<NoteDoc>, ClientError> {
     match saved(conn, id)? {
-        Some(bytes) => NoteDoc::load(&bytes, me)
-            .map(Some)
-            .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}"))),
+        Some(bytes) => NoteDoc::load(&bytes, me).map(Some).map_err(|e| {
+            ClientError::disk(format!("note {id} in the state file cannot be read"), e)
+        }),
         None => Ok(None),
     }
 }
@@ -244,8 +247,9 @@ pub(crate) fn snapshot_due(conn: &Connection, me: DeviceId, now: u64) -> Result<
 pub(crate) fn snapshot(conn: &Connection, me: DeviceId) -> Result<Vec<NotesMessage>, ClientError> {
     let mut records = Vec::new();
     for (id, bytes, _) in all(conn)? {
-        let mut doc = NoteDoc::load(&bytes, me)
-            .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}")))?;
+        let mut doc = NoteDoc::load(&bytes, me).map_err(|e| {
+            ClientError::disk(format!("note {id} in the state file cannot be read"), e)
+        })?;
         records.push((id, doc.save_uncompressed()));
     }
     covered(conn)?;

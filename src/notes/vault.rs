@@ -278,7 +278,9 @@ impl Vault {
         match self.document(id)? {
             Some(bytes) => NoteDoc::load(&bytes, me)
                 .map(|mut doc| doc.exists().then_some(doc))
-                .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}"))),
+                .map_err(|e| {
+                    ClientError::disk(format!("note {id} in the state file cannot be read"), e)
+                }),
             None => Ok(None),
         }
     }
@@ -290,8 +292,9 @@ impl Vault {
         let rows = self.device.db().read(store::all)?;
         let mut notes = Vec::with_capacity(rows.len());
         for (id, bytes, _) in rows {
-            let mut doc = NoteDoc::load(&bytes, me)
-                .map_err(|e| ClientError::state(format!("note {id} in the state file: {e}")))?;
+            let mut doc = NoteDoc::load(&bytes, me).map_err(|e| {
+                ClientError::disk(format!("note {id} in the state file cannot be read"), e)
+            })?;
             if doc.exists() {
                 notes.push(doc.view(id));
             }

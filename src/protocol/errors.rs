@@ -2,6 +2,29 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A refusal: an error code and a message for people. The relay's one shape
+/// for "code plus message" — inside the relay, in HTTP error bodies
+/// (`{"error": Refusal}`), in `/sync` acks and in WebSocket `error` frames —
+/// and what the SDK reports as `ClientError::Relay`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct Refusal {
+    /// Stable code, for programs.
+    pub code: ErrorCode,
+    /// What happened and what to do, for people.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// Every error the relay reports, in WebSocket `error` frames and HTTP bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,6 +162,12 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::b64;
-use super::errors::ErrorCode;
+use super::errors::{ErrorCode, Refusal};
 use crate::crypto::token::{AccessToken, TokenHash};
 use crate::ids::{ChannelId, DeviceId};
 
@@ -64,16 +64,7 @@ impl Credentials {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
     /// The error.
-    pub error: ErrorBody,
-}
-
-/// An error's code and message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// Stable code.
-    pub code: ErrorCode,
-    /// For people.
-    pub message: String,
+    pub error: Refusal,
 }
 
 /// `POST /channels`: create a channel with its first device.
@@ -154,7 +145,7 @@ pub struct SyncAck {
     pub duplicate: bool,
     /// Refused: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorBody>,
+    pub error: Option<Refusal>,
 }
 
 /// A stored envelope with its relay sequence number.

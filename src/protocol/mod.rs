@@ -206,6 +206,6 @@ pub mod errors;
 pub mod frames;
 pub mod http;
 
-pub use errors::{CloseCode, ErrorCode};
+pub use errors::{CloseCode, ErrorCode, Refusal};
 pub use frames::{ClientFrame, FrameError, PROTOCOL_VERSION, ServerFrame};
 pub use http::*;

@@ -19,7 +19,7 @@ use super::metrics::Metrics;
 use super::store::{Append, Appended, OnCommit, Store, StoreError};
 use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, Refusal};
 
 /// Recent envelopes kept in memory per channel: enough that sessions keeping
 /// up with a busy channel never fall back to the store.
@@ -152,27 +152,8 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// Why a publish was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct PublishError {
-    /// The error code to report.
-    pub code: ErrorCode,
-    /// For people.
-    pub message: String,
-}
-
-impl PublishError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
 /// Maps a store failure onto the protocol's error codes.
-pub fn store_error(e: StoreError) -> (ErrorCode, String) {
+pub fn store_error(e: StoreError) -> Refusal {
     let code = match e {
         StoreError::Exists => ErrorCode::Exists,
         StoreError::NotFound => ErrorCode::NotFound,
@@ -190,7 +171,7 @@ pub fn store_error(e: StoreError) -> (ErrorCode, String) {
         }
         other => other.to_string(),
     };
-    (code, message)
+    Refusal::new(code, message)
 }
 
 /// State shared by every session and route.
@@ -264,7 +245,7 @@ impl Hub {
         channel: ChannelId,
         sender: DeviceId,
         envelope: Bytes,
-    ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + '_ {
+    ) -> impl std::future::Future<Output = Result<Published, Refusal>> + Send + '_ {
         let pending = self.check(channel, sender, &envelope).map(|header| {
             // Cache and wake-up run on commit, in commit order, so the cache
             // never has a hole that would send readers to the store.
@@ -303,8 +284,7 @@ impl Hub {
                 if matches!(e, StoreError::OverQuota { .. }) {
                     self.metrics.breach("channel_quota");
                 }
-                let (code, message) = store_error(e);
-                PublishError::new(code, message)
+                store_error(e)
             })?;
             self.metrics.observe_commit(started.elapsed());
             Ok(Published {
@@ -317,12 +297,7 @@ impl Hub {
 
     /// Refuses while the storage is full, and holds back a sender's later
     /// envelopes behind its oldest refused one until that one gets through.
-    fn check_budget(
-        &self,
-        channel: ChannelId,
-        sender: DeviceId,
-        seq: u64,
-    ) -> Result<(), PublishError> {
+    fn check_budget(&self, channel: ChannelId, sender: DeviceId, seq: u64) -> Result<(), Refusal> {
         let mut held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
         let key = (channel, sender);
         let full = self.storage_full();
@@ -333,7 +308,7 @@ impl Hub {
             }
             Some(first) if seq > first => {
                 self.metrics.breach("storage_budget");
-                return Err(PublishError::new(
+                return Err(Refusal::new(
                     ErrorCode::StorageFull,
                     format!(
                         "held back behind envelope #{first} of this device, which the full storage refused; send that one again first"
@@ -351,7 +326,7 @@ impl Hub {
                 held.clear();
             }
             self.metrics.breach("storage_budget");
-            return Err(PublishError::new(
+            return Err(Refusal::new(
                 ErrorCode::StorageFull,
                 "the relay's storage is full (--max-db-mib); keep the message and send it again later",
             ));
@@ -365,10 +340,10 @@ impl Hub {
         channel: ChannelId,
         sender: DeviceId,
         envelope: &[u8],
-    ) -> Result<EnvelopeHeader, PublishError> {
+    ) -> Result<EnvelopeHeader, Refusal> {
         if envelope.len() > self.max_envelope_bytes {
             self.metrics.breach("envelope_size");
-            return Err(PublishError::new(
+            return Err(Refusal::new(
                 ErrorCode::TooLarge,
                 format!(
                     "envelope of {} bytes exceeds the {}-byte limit",
@@ -378,19 +353,19 @@ impl Hub {
             ));
         }
         let header = EnvelopeHeader::decode(envelope).map_err(|e| {
-            PublishError::new(
+            Refusal::new(
                 ErrorCode::InvalidEnvelope,
                 format!("not a valid envelope: {e}"),
             )
         })?;
         if header.channel != channel {
-            return Err(PublishError::new(
+            return Err(Refusal::new(
                 ErrorCode::WrongChannel,
                 "the envelope belongs to another channel",
             ));
         }
         if header.sender != sender {
-            return Err(PublishError::new(
+            return Err(Refusal::new(
                 ErrorCode::ForbiddenSender,
                 "a device can only publish envelopes it sent itself",
             ));

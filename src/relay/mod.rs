@@ -34,7 +34,7 @@ use self::limits::{ConnectionLimiter, RateLimiter};
 use self::metrics::Metrics;
 use self::pairing::Slots;
 use self::store::Store;
-use crate::protocol::{Credentials, ErrorCode};
+use crate::protocol::{Credentials, ErrorCode, Refusal};
 
 /// Everything a running relay shares across connections.
 pub struct Relay {
@@ -98,7 +98,7 @@ impl Relay {
 
     /// Checks device credentials against the store: known device, not revoked,
     /// token hash equal in constant time.
-    pub async fn authenticate(&self, credentials: &Credentials) -> Result<(), (ErrorCode, String)> {
+    pub async fn authenticate(&self, credentials: &Credentials) -> Result<(), Refusal> {
         let record = self
             .hub
             .store
@@ -108,16 +108,16 @@ impl Relay {
         match record {
             Some(r) if !r.revoked && r.token_hash.verify(&credentials.token) => Ok(()),
             // Only the holder of the device's token learns that it was removed.
-            Some(r) if r.token_hash.verify(&credentials.token) => Err((
+            Some(r) if r.token_hash.verify(&credentials.token) => Err(Refusal::new(
                 ErrorCode::Revoked,
-                "this device was removed from the channel".into(),
+                "this device was removed from the channel",
             )),
             _ => {
                 Metrics::inc(&self.metrics().auth_failures);
                 tracing::warn!(channel = %credentials.channel, device = %credentials.device, "request refused: unknown device, revoked, or wrong token");
-                Err((
+                Err(Refusal::new(
                     ErrorCode::Unauthorized,
-                    "unknown channel or device, revoked device, or wrong token".into(),
+                    "unknown channel or device, revoked device, or wrong token",
                 ))
             }
         }

@@ -26,7 +26,7 @@ use crate::crypto::token::{AccessToken, TokenHash};
 use crate::ids::{ChannelId, DeviceId};
 use crate::pairing::code::MAX_NAMEPLATE;
 use crate::pairing::message::MAX_MESSAGE_LEN;
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, Refusal};
 
 /// Default most messages one side may post into a slot: the protocol needs
 /// two (Start and Finish, or Response) and an Abort; anything beyond is abuse.
@@ -65,23 +65,16 @@ pub enum Side {
     Joiner,
 }
 
-/// A refused slot operation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotError {
-    /// Error code for the client.
-    pub code: ErrorCode,
-    /// What the person should do.
-    pub message: &'static str,
+fn not_found() -> Refusal {
+    Refusal::new(
+        ErrorCode::NotFound,
+        "no pairing is waiting under this number: check the code, or make a new one",
+    )
 }
 
-const NOT_FOUND: SlotError = SlotError {
-    code: ErrorCode::NotFound,
-    message: "no pairing is waiting under this number: check the code, or make a new one",
-};
-const GONE: SlotError = SlotError {
-    code: ErrorCode::Gone,
-    message: "this pairing has ended: make a new code",
-};
+fn gone() -> Refusal {
+    Refusal::new(ErrorCode::Gone, "this pairing has ended: make a new code")
+}
 
 struct Slot {
     channel: ChannelId,
@@ -191,13 +184,13 @@ impl Slots {
         inviter: DeviceId,
         sid: [u8; 16],
         rng: &mut R,
-    ) -> Result<u32, SlotError> {
+    ) -> Result<u32, Refusal> {
         let mut inner = self.lock();
         if inner.slots.len() >= self.bounds.total {
-            return Err(SlotError {
-                code: ErrorCode::Unavailable,
-                message: "the relay has too many pairings in progress: try again in a minute",
-            });
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "the relay has too many pairings in progress: try again in a minute",
+            ));
         }
         let open = |of: &dyn Fn(&Slot) -> bool| inner.slots.values().filter(|s| of(s)).count();
         for (held, bound, limit, message) in [
@@ -216,15 +209,14 @@ impl Slots {
         ] {
             if held >= bound {
                 self.metrics.breach(limit);
-                return Err(SlotError {
-                    code: ErrorCode::RateLimited,
-                    message,
-                });
+                return Err(Refusal::new(ErrorCode::RateLimited, message));
             }
         }
-        let nameplate = free_nameplate(&inner, rng).ok_or(SlotError {
-            code: ErrorCode::Unavailable,
-            message: "no free pairing number: try again in a minute",
+        let nameplate = free_nameplate(&inner, rng).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Unavailable,
+                "no free pairing number: try again in a minute",
+            )
         })?;
         inner.slots.insert(
             nameplate,
@@ -251,20 +243,20 @@ impl Slots {
         &self,
         nameplate: u32,
         rng: &mut R,
-    ) -> Result<Claimed, SlotError> {
+    ) -> Result<Claimed, Refusal> {
         let mut inner = self.lock();
         let resting = inner.resting.contains_key(&nameplate);
         let Some(slot) = inner.slots.get_mut(&nameplate) else {
-            return Err(if resting { GONE } else { NOT_FOUND });
+            return Err(if resting { gone() } else { not_found() });
         };
         if slot.ended_by.is_some() {
-            return Err(GONE);
+            return Err(gone());
         }
         if slot.claim.is_some() {
-            return Err(SlotError {
-                code: ErrorCode::AlreadyClaimed,
-                message: "another device already entered this code: make a new code",
-            });
+            return Err(Refusal::new(
+                ErrorCode::AlreadyClaimed,
+                "another device already entered this code: make a new code",
+            ));
         }
         let claim = AccessToken::generate(rng);
         slot.claim = Some(claim.hash());
@@ -276,13 +268,13 @@ impl Slots {
     }
 
     /// Which side `auth` speaks for, if any: the inviter by device, the joiner by claim token.
-    pub fn side(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, SlotError> {
+    pub fn side(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, Refusal> {
         let inner = self.lock();
-        let slot = inner.slots.get(&nameplate).ok_or(GONE)?;
-        let unauthorized = SlotError {
-            code: ErrorCode::Unauthorized,
-            message: "these credentials do not belong to this pairing",
-        };
+        let slot = inner.slots.get(&nameplate).ok_or_else(gone)?;
+        let unauthorized = Refusal::new(
+            ErrorCode::Unauthorized,
+            "these credentials do not belong to this pairing",
+        );
         match auth {
             SlotAuth::Device { channel, device }
                 if *channel == slot.channel && *device == slot.inviter =>
@@ -297,12 +289,12 @@ impl Slots {
     }
 
     /// Posts a message from `side` for the other side.
-    pub fn send(&self, nameplate: u32, side: Side, message: Vec<u8>) -> Result<(), SlotError> {
+    pub fn send(&self, nameplate: u32, side: Side, message: Vec<u8>) -> Result<(), Refusal> {
         check_message(&message)?;
         let mut inner = self.lock();
-        let slot = inner.slots.get_mut(&nameplate).ok_or(GONE)?;
+        let slot = inner.slots.get_mut(&nameplate).ok_or_else(gone)?;
         if slot.ended_by.is_some() {
-            return Err(GONE);
+            return Err(gone());
         }
         let posted = match side {
             Side::Inviter => slot.to_joiner.len(),
@@ -310,10 +302,10 @@ impl Slots {
         };
         if posted >= self.bounds.messages_per_side {
             self.metrics.breach("pairing_messages");
-            return Err(SlotError {
-                code: ErrorCode::TooLarge,
-                message: "this side has posted all the messages a pairing needs: make a new code",
-            });
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                "this side has posted all the messages a pairing needs: make a new code",
+            ));
         }
         match message.first() {
             Some(&TYPE_FINISH) if side == Side::Inviter => slot.finished = true,
@@ -340,10 +332,10 @@ impl Slots {
         side: Side,
         after: usize,
         wait: Duration,
-    ) -> Result<Received, SlotError> {
+    ) -> Result<Received, Refusal> {
         let deadline = Instant::now() + wait;
         loop {
-            let wake = Arc::clone(&self.lock().slots.get(&nameplate).ok_or(GONE)?.wake);
+            let wake = Arc::clone(&self.lock().slots.get(&nameplate).ok_or_else(gone)?.wake);
             // Register before checking, so a message posted in between still wakes us.
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -366,9 +358,9 @@ impl Slots {
         nameplate: u32,
         side: Side,
         after: usize,
-    ) -> Result<Option<Received>, SlotError> {
+    ) -> Result<Option<Received>, Refusal> {
         let mut inner = self.lock();
-        let slot = inner.slots.get(&nameplate).ok_or(GONE)?;
+        let slot = inner.slots.get(&nameplate).ok_or_else(gone)?;
         let queue = match side {
             Side::Inviter => &slot.to_inviter,
             Side::Joiner => &slot.to_joiner,
@@ -391,9 +383,9 @@ impl Slots {
 
     /// Ends the slot from `side`. The other side can still read what is queued
     /// for it, then sees `closed`.
-    pub fn end(&self, nameplate: u32, side: Side) -> Result<(), SlotError> {
+    pub fn end(&self, nameplate: u32, side: Side) -> Result<(), Refusal> {
         let mut inner = self.lock();
-        let slot = inner.slots.get_mut(&nameplate).ok_or(GONE)?;
+        let slot = inner.slots.get_mut(&nameplate).ok_or_else(gone)?;
         match slot.ended_by {
             Some(first) if first != side => self.bury(&mut inner, nameplate, Instant::now()),
             _ => {
@@ -449,12 +441,12 @@ fn free_nameplate<R: rand::Rng + ?Sized>(inner: &Inner, rng: &mut R) -> Option<u
         .find(free)
 }
 
-fn check_message(message: &[u8]) -> Result<(), SlotError> {
+fn check_message(message: &[u8]) -> Result<(), Refusal> {
     if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
-        return Err(SlotError {
-            code: ErrorCode::TooLarge,
-            message: "a pairing message must be between 1 byte and 64 KiB",
-        });
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            "a pairing message must be between 1 byte and 64 KiB",
+        ));
     }
     Ok(())
 }

@@ -27,14 +27,14 @@ use warp::reply::{Reply, Response};
 use super::Relay;
 use super::hub::store_error;
 use super::limits::ConnectionGuard;
-use super::pairing::{SlotAuth, SlotError};
+use super::pairing::SlotAuth;
 use super::session;
 use super::store::StoreError;
 use crate::crypto::token::AccessToken;
 use crate::protocol::{
     AdmitDevice, B64, CLAIM_HEADER, ChannelCreated, CreateChannel, Credentials, Delivered,
-    DeviceList, ErrorBody, ErrorCode, ErrorResponse, OPERATOR_HEADER, OpenSlot, PairMessage,
-    PairMessages, SlotClaimed, SlotOpened, SyncAck, SyncRequest, SyncResponse,
+    DeviceList, ErrorCode, ErrorResponse, OPERATOR_HEADER, OpenSlot, PairMessage, PairMessages,
+    Refusal, SlotClaimed, SlotOpened, SyncAck, SyncRequest, SyncResponse,
 };
 
 /// Longest a pairing long-poll waits.
@@ -66,10 +66,7 @@ pub struct ConnInfo {
 /// A JSON error response.
 pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     let body = ErrorResponse {
-        error: ErrorBody {
-            code,
-            message: message.into(),
-        },
+        error: Refusal::new(code, message),
     };
     let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
@@ -91,47 +88,40 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     })
 }
 
-fn store_failure(e: StoreError) -> Response {
-    let (code, message) = store_error(e);
-    error(code, message)
+fn refused(refusal: Refusal) -> Response {
+    error(refusal.code, refusal.message)
 }
 
-fn slot_failure(e: SlotError) -> Response {
-    error(e.code, e.message)
+fn store_failure(e: StoreError) -> Response {
+    refused(store_error(e))
 }
 
 /// Resolves to the credentials in `Authorization`, checked against the store.
 async fn authenticate(relay: &Relay, header: Option<String>) -> Result<Credentials, Response> {
-    check_credentials(relay, header)
-        .await
-        .map_err(|refused| error(refused.code, refused.message))
+    check_credentials(relay, header).await.map_err(refused)
 }
 
-async fn check_credentials(relay: &Relay, header: Option<String>) -> Result<Credentials, Refused> {
-    let header = header.ok_or_else(|| Refused {
-        code: ErrorCode::Unauthorized,
-        message: "missing Authorization: Bearer <channel>.<device>.<token>".into(),
+async fn check_credentials(relay: &Relay, header: Option<String>) -> Result<Credentials, Refusal> {
+    let header = header.ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::Unauthorized,
+            "missing Authorization: Bearer <channel>.<device>.<token>",
+        )
     })?;
     let credentials = Credentials::from_header(&header).map_err(|code| {
         crate::relay::metrics::Metrics::inc(&relay.metrics().auth_failures);
-        Refused {
+        Refusal::new(
             code,
-            message: "malformed credentials: expected Bearer <channel>.<device>.<token>".into(),
-        }
+            "malformed credentials: expected Bearer <channel>.<device>.<token>",
+        )
     })?;
-    relay
-        .authenticate(&credentials)
-        .await
-        .map_err(|(code, message)| Refused { code, message })?;
+    relay.authenticate(&credentials).await?;
     Ok(credentials)
 }
 
 /// A request refused before its body was read.
 #[derive(Debug)]
-struct Refused {
-    code: ErrorCode,
-    message: String,
-}
+struct Refused(Refusal);
 
 impl warp::reject::Reject for Refused {}
 
@@ -145,7 +135,7 @@ fn authenticated(
         .and_then(|header, relay: Arc<Relay>| async move {
             check_credentials(&relay, header)
                 .await
-                .map_err(warp::reject::custom)
+                .map_err(|refusal| warp::reject::custom(Refused(refusal)))
         })
 }
 
@@ -311,23 +301,25 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
 }
 
 async fn recover(relay: Arc<Relay>, rejection: warp::Rejection) -> Result<Response, Infallible> {
-    Ok(if let Some(refused) = rejection.find::<Refused>() {
-        error(refused.code, refused.message.clone())
-    } else if rejection.is_not_found() {
-        error(ErrorCode::NotFound, "no such route")
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        relay.metrics().breach("frame_size");
-        error(
-            ErrorCode::TooLarge,
-            "the request body exceeds the relay's limit",
-        )
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        error(ErrorCode::NotFound, "no such route for this method")
-    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
-        error(ErrorCode::Malformed, "invalid query string")
-    } else {
-        error(ErrorCode::Malformed, "the request is malformed")
-    })
+    Ok(
+        if let Some(Refused(refusal)) = rejection.find::<Refused>() {
+            refused(refusal.clone())
+        } else if rejection.is_not_found() {
+            error(ErrorCode::NotFound, "no such route")
+        } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+            relay.metrics().breach("frame_size");
+            error(
+                ErrorCode::TooLarge,
+                "the request body exceeds the relay's limit",
+            )
+        } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+            error(ErrorCode::NotFound, "no such route for this method")
+        } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+            error(ErrorCode::Malformed, "invalid query string")
+        } else {
+            error(ErrorCode::Malformed, "the request is malformed")
+        },
+    )
 }
 
 async fn healthz(relay: Arc<Relay>) -> Response {
@@ -598,10 +590,7 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
             Err(e) => SyncAck {
                 seq: None,
                 duplicate: false,
-                error: Some(ErrorBody {
-                    code: e.code,
-                    message: e.message,
-                }),
+                error: Some(e),
             },
         };
         acks.push(ack);
@@ -685,7 +674,7 @@ async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Resp
                 },
             )
         }
-        Err(e) => slot_failure(e),
+        Err(e) => refused(e),
     }
 }
 
@@ -708,7 +697,7 @@ async fn claim_slot(nameplate: u32, conn: ConnInfo, relay: Arc<Relay>) -> Respon
         ),
         Err(e) => {
             tracing::info!(nameplate, code = e.code.as_str(), "pairing claim refused");
-            slot_failure(e)
+            refused(e)
         }
     }
 }
@@ -755,7 +744,7 @@ async fn post_message(
         .and_then(|side| relay.slots.send(nameplate, side, request.message.0));
     match result {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response(),
-        Err(e) => slot_failure(e),
+        Err(e) => refused(e),
     }
 }
 
@@ -783,7 +772,7 @@ async fn poll_messages(
     };
     let side = match relay.slots.side(nameplate, &who) {
         Ok(side) => side,
-        Err(e) => return slot_failure(e),
+        Err(e) => return refused(e),
     };
     let wait = query
         .wait
@@ -802,7 +791,7 @@ async fn poll_messages(
                 closed: received.closed,
             },
         ),
-        Err(e) => slot_failure(e),
+        Err(e) => refused(e),
     }
 }
 
@@ -822,6 +811,6 @@ async fn end_slot(
         .and_then(|side| relay.slots.end(nameplate, side))
     {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
-        Err(e) => slot_failure(e),
+        Err(e) => refused(e),
     }
 }

@@ -50,7 +50,7 @@ type Pending<'a> = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = (
-                    Result<super::hub::Published, super::hub::PublishError>,
+                    Result<super::hub::Published, crate::protocol::Refusal>,
                     Option<u64>,
                 ),
             > + Send
@@ -187,8 +187,8 @@ where
         ));
     }
     let record = relay.hub.store.device(channel, device).await.map_err(|e| {
-        let (code, message) = store_error(e);
-        fatal(code, message)
+        let refused = store_error(e);
+        fatal(refused.code, refused.message)
     })?;
     match record {
         Some(r) if r.token_hash.verify(&token) && !r.revoked => Ok((channel, device, cursor)),
@@ -245,8 +245,8 @@ where
     let head = match hub.store.head(channel).await {
         Ok(head) => head,
         Err(e) => {
-            let (code, message) = store_error(e);
-            return fatal(code, message);
+            let refused = store_error(e);
+            return fatal(refused.code, refused.message);
         }
     };
     let mut known_head = head.max(seen.head);
@@ -353,8 +353,8 @@ where
                 let batch = match batch {
                     Ok(batch) => batch,
                     Err(e) => {
-                        let (code, message) = store_error(e);
-                        return fatal(code, message);
+                        let refused = store_error(e);
+                        return fatal(refused.code, refused.message);
                     }
                 };
                 if batch.is_empty() {

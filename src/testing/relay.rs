@@ -135,7 +135,7 @@ impl TestRelay {
 pub async fn paired_devices(home: &Path, urls: &[String]) -> Result<PairedDevices, ClientError> {
     let first_url = urls
         .first()
-        .ok_or_else(|| ClientError::State("no device to make".into()))?;
+        .ok_or_else(|| ClientError::Invalid("no device to make".into()))?;
     let first = Device::create(&home.join("device-0"), first_url, "device-0").await?;
     let mut devices = vec![first];
     let mut codes = Vec::new();
@@ -171,9 +171,9 @@ pub async fn pair_device(
     let (device, joined) = join(home, url, name, &code, timeout).await?;
     let member = completing
         .await
-        .map_err(|e| ClientError::State(e.to_string()))??;
+        .map_err(|e| ClientError::Bug(e.to_string()))??;
     if member.sas != joined.sas {
-        return Err(ClientError::State(format!(
+        return Err(ClientError::Protocol(format!(
             "the two sides show different SAS: {} and {}",
             member.sas, joined.sas
         )));

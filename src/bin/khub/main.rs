@@ -371,19 +371,29 @@ fn report(error: &anyhow::Error) {
 
 /// What a person can do about `error`, when there is something to say.
 fn hint(error: &anyhow::Error) -> Option<String> {
-    use khub::client::ClientError;
+    use khub::client::{ClientError, Reach};
     let client = error
         .chain()
         .find_map(|e| e.downcast_ref::<ClientError>())?;
     Some(match client {
-        ClientError::Unreachable { relay, detail } if detail.contains("refused") => format!(
+        ClientError::Unreachable {
+            relay,
+            reason: Reach::Refused,
+            ..
+        } => format!(
             "nothing answers at {relay}: is the relay running (`khub serve`), and is the address right?"
         ),
-        ClientError::Unreachable { relay, detail }
-            if detail.contains("InvalidContentType") || detail.contains("corrupt message") =>
-        {
+        ClientError::Unreachable {
+            relay,
+            reason: Reach::NotTls,
+            ..
+        } => {
             format!("{relay} does not speak TLS: use http:// for a relay without TLS, or put it behind a TLS proxy")
         }
+        ClientError::Unreachable {
+            reason: Reach::Certificate,
+            ..
+        } => "the relay's TLS certificate is not trusted for this address: check the host name, or set KHUB_CA_FILE to the PEM file of the CA that signed it".into(),
         ClientError::Unreachable { .. } | ClientError::Timeout(_) => {
             "check the network and the relay's address, then try again".into()
         }
@@ -487,7 +497,7 @@ mod device {
     pub async fn run(command: Command) -> anyhow::Result<()> {
         // A private CA for a self-hosted https:// relay.
         if let Some(path) = std::env::var_os("KHUB_CA_FILE").filter(|p| !p.is_empty()) {
-            khub::client::tls::trust_pem_file(std::path::Path::new(&path))?;
+            khub::client::trust_pem_file(std::path::Path::new(&path))?;
         }
         match command {
             Command::Init { home, relay, name } => {

@@ -82,7 +82,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
 async fn peer(args: PeerArgs) -> anyhow::Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let pairing_wait = Duration::from_secs(args.timeout);
-    let state = args.home.join(khub::client::state::STATE_FILE);
+    let state = args.home.join(khub::client::STATE_FILE);
     let device = if state.exists() {
         Device::open(&args.home)?
     } else {
