@@ -212,7 +212,7 @@ mod device_commands {
         let mut world = paired_world();
         // A typo in the relay's URL is the caller's, said as such.
         let typo = world.run("x", &["init", "--relay", "htp://nope", "--name", "x"], "");
-        assert!(!typo.status.success());
+        assert_eq!(typo.status.code(), Some(1));
         assert_eq!(
             String::from_utf8_lossy(&typo.stderr),
             "Error: \"htp://nope\" is not a relay URL like https://relay.example or http://127.0.0.1:3000\n"
@@ -225,10 +225,20 @@ mod device_commands {
         assert!(drained.status.success());
         assert!(drained.stdout.is_empty());
         assert_eq!(String::from_utf8_lossy(&drained.stderr), "nothing new\n");
+        // A relay URL whose path serves no relay.
+        let wrong_path = format!("{}/khub", world.url);
+        let nothing = world.run("z", &["init", "--relay", &wrong_path, "--name", "z"], "");
+        assert_eq!(nothing.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&nothing.stderr),
+            format!(
+                "Error: nothing at {wrong_path} answers as a khub relay (HTTP 404): check the relay's address, with its path if it is served under one\n"
+            )
+        );
         // https:// to a relay served over plain HTTP.
         let tls_url = world.url.replacen("http://", "https://", 1);
         let plain = world.run("y", &["init", "--relay", &tls_url, "--name", "y"], "");
-        assert!(!plain.status.success());
+        assert_eq!(plain.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&plain.stderr);
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(
@@ -269,7 +279,7 @@ mod device_commands {
             "{stderr}"
         );
         assert!(
-            !stderr.contains("backtrace") && lines.len() <= 3,
+            !stderr.contains("backtrace") && !stderr.contains('\x1b') && lines.len() <= 3,
             "{stderr}"
         );
         let devices = world.run("a", &["devices"], "");
@@ -559,10 +569,16 @@ mod device_commands {
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device is named \"nobody\""));
         world.ok("a", &["send", "after the tablet left"]);
         // The removed device hears one plain message, and what to do next.
-        for args in [&["listen", "--drain"][..], &["send", "still here?"][..]] {
+        for args in [
+            &["listen", "--drain"][..],
+            &["send", "still here?"][..],
+            &["devices"][..],
+            &["incidents"][..],
+        ] {
             let refused = world.run("c", args, "");
-            assert!(
-                !refused.status.success(),
+            assert_eq!(
+                refused.status.code(),
+                Some(1),
                 "{args:?} should fail for a removed device"
             );
             let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -633,8 +649,10 @@ mod device_commands {
             started.elapsed() < Duration::from_secs(10),
             "not left waiting"
         );
-        let stderr = String::from_utf8_lossy(&join.stderr);
-        assert!(stderr.contains("Error: "), "{stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&join.stderr),
+            "Error: the other device stopped the pairing: it stopped waiting (cancelled, or out of time); make a new code\n"
+        );
     }
 
     #[test]
@@ -663,6 +681,53 @@ mod device_commands {
     }
 
     #[test]
+    fn listen_says_on_stderr_when_it_is_live_and_when_it_reconnects() {
+        let mut world = pair_in(World::persistent());
+        let mut listener = Command::new(KHUB)
+            .args(["listen", "--home"])
+            .arg(world.home("b"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = listener.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let next = || {
+            lines
+                .recv_timeout(LIMIT)
+                .expect("listen said nothing in time")
+        };
+        assert_eq!(next(), "live: waiting for messages");
+        world.stop_relay();
+        let reconnecting = next();
+        assert!(
+            reconnecting.starts_with("reconnecting to the relay (attempt "),
+            "{reconnecting}"
+        );
+        world.restart_relay();
+        // Later attempts are not repeated line by line; live again once back.
+        let live = loop {
+            let line = next();
+            if !line.starts_with("reconnecting") {
+                break line;
+            }
+        };
+        assert_eq!(live, "live: waiting for messages");
+        let _ = listener.kill();
+        let _ = listener.wait();
+        // Redirected stderr carries no colour codes.
+        assert!(!reconnecting.contains('\x1b') && !live.contains('\x1b'));
+    }
+
+    #[test]
     fn listen_prints_messages_as_they_arrive() {
         let world = paired_world();
         let mut listener = Command::new(KHUB)
@@ -688,7 +753,16 @@ mod device_commands {
         let invite = world.run("a", &["invite", "--timeout", "1"], "");
         assert!(!invite.status.success());
         assert!(String::from_utf8_lossy(&invite.stdout).starts_with("code: "));
-        assert!(String::from_utf8_lossy(&invite.stderr).contains("nobody entered the code"));
+        let stderr = String::from_utf8_lossy(&invite.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "type this code on the other device with `khub join` (valid 1 s)",
+                "Error: nobody entered the code within 1 seconds; make a new code",
+            ],
+            "{stderr}"
+        );
     }
 
     /// A `khub peer` process: its stdin, and its JSON events as they come.

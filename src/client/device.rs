@@ -166,7 +166,16 @@ impl Device {
                 Some(&request),
                 REQUEST_TIMEOUT,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // `POST /channels` is always there on a relay: a 404 means
+                // this address (its path, say) is not one.
+                ClientError::Relay {
+                    code: ErrorCode::NotFound,
+                    ..
+                } => relay.not_a_relay(),
+                e => e,
+            })?;
         Self::store_new(home, relay, name, token, &mut group, 0)
     }
 

@@ -107,6 +107,10 @@ pub enum ClientError {
         "the new device did not confirm that it joined (it failed, or the relay interfered), so it was removed again; make a new code and pair again"
     )]
     NotConfirmed,
+    /// The pairing was cancelled on this device (through a
+    /// `CancelInvitation`); whatever it had done is undone. The caller's doing.
+    #[error("cancelled: the code no longer works, and the other device was told")]
+    Cancelled,
     /// Nobody paired within the time allowed. The peer's fault.
     #[error("nobody entered the code within {0} seconds; make a new code")]
     PairingTimeout(u64),
@@ -175,6 +179,7 @@ impl ClientError {
             Self::Code(_)
             | Self::NotInitialized(_)
             | Self::AlreadyInitialized(_)
+            | Self::Cancelled
             | Self::Invalid(_) => Fault::Caller,
             Self::Disk { .. } => Fault::Disk,
             Self::Config { .. } => Fault::Operator,

@@ -82,7 +82,7 @@ impl RelayAddr {
     }
 
     /// The WebSocket session URL.
-    pub fn ws_url(&self) -> String {
+    pub(crate) fn ws_url(&self) -> String {
         format!(
             "{}://{}{}/ws",
             if self.tls { "wss" } else { "ws" },
@@ -92,7 +92,7 @@ impl RelayAddr {
     }
 
     /// Whether this relay is reached over TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.tls
     }
 
@@ -115,6 +115,14 @@ impl RelayAddr {
         Ok(Box::new(tls))
     }
 
+    /// A 404 where a relay route must be: nothing there speaks khub.
+    pub(crate) fn not_a_relay(&self) -> ClientError {
+        ClientError::Invalid(format!(
+            "nothing at {} answers as a khub relay (HTTP 404): check the relay's address, with its path if it is served under one",
+            self.url
+        ))
+    }
+
     fn unreachable(
         &self,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -123,7 +131,7 @@ impl RelayAddr {
     }
 
     /// Sends one request; non-2xx answers become [`ClientError::Relay`].
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
@@ -172,26 +180,29 @@ impl RelayAddr {
         if (200..300).contains(&status) {
             return Ok((status, bytes));
         }
-        // An answer without a khub error body (a proxy's 502 page, a 404 from
-        // a wrong path) keeps its status, under the code that status means.
-        let refusal = serde_json::from_slice::<ErrorResponse>(&bytes)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| {
-                let code = match status {
-                    404 => ErrorCode::NotFound,
-                    408 => ErrorCode::Timeout,
-                    413 => ErrorCode::TooLarge,
-                    429 => ErrorCode::RateLimited,
-                    502..=504 => ErrorCode::Unavailable,
-                    _ => ErrorCode::Unknown,
-                };
-                Refusal::new(code, format!("HTTP status {status} without a khub error"))
-            });
+        // An answer without a khub error body: a 404 means nothing at this
+        // address speaks khub (a wrong path, another server); anything else
+        // (a proxy's 502 page) keeps its status, under the code it means.
+        let khub = serde_json::from_slice::<ErrorResponse>(&bytes);
+        if status == 404 && khub.is_err() {
+            return Err(self.not_a_relay());
+        }
+        let refusal = khub.map(|e| e.error).unwrap_or_else(|_| {
+            let code = match status {
+                404 => ErrorCode::NotFound,
+                408 => ErrorCode::Timeout,
+                413 => ErrorCode::TooLarge,
+                429 => ErrorCode::RateLimited,
+                502..=504 => ErrorCode::Unavailable,
+                _ => ErrorCode::Unknown,
+            };
+            Refusal::new(code, format!("HTTP status {status} without a khub error"))
+        });
         Err(ClientError::refused(refusal, status))
     }
 
     /// A JSON request and answer.
-    pub async fn json<T: DeserializeOwned>(
+    pub(crate) async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

@@ -3,9 +3,11 @@
 //! pure state machines of [`crate::pairing`]; this file only moves their bytes.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::Method;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -21,8 +23,8 @@ use crate::pairing::{
     Nameplate, PairingError, Sas,
 };
 use crate::protocol::{
-    AdmitDevice, B64, CLAIM_HEADER, DeviceList, OpenSlot, PairMessage, PairMessages, SlotClaimed,
-    SlotOpened, b64,
+    AdmitDevice, B64, CLAIM_HEADER, DeviceList, ErrorCode, OpenSlot, PairMessage, PairMessages,
+    SlotClaimed, SlotOpened, b64,
 };
 
 /// Longest single long-poll.
@@ -141,19 +143,28 @@ pub struct Invitation {
     state: AwaitingResponse,
     /// How long the relay keeps the slot.
     expires_in: Duration,
+    /// Set by a [`CancelInvitation`].
+    cancelled: Arc<watch::Sender<bool>>,
 }
 
-/// Ends a pairing that is still waiting, from outside it (on Ctrl-C, say):
-/// the slot closes at once and the other device hears that this one stopped.
+/// Ends a pairing from outside [`Invitation::complete`] (on Ctrl-C, say): the
+/// slot closes at once and the other device hears that this one stopped.
+/// A `complete` still running sees it at its next step and undoes what it
+/// did (the admission at the relay, the Add in the channel), then returns
+/// [`ClientError::Cancelled`] — await it. Once the welcome has gone to the
+/// other device the pairing is past cancelling: `complete` finishes it.
 #[derive(Clone)]
 pub struct CancelInvitation {
     device: Device,
     nameplate: u32,
+    cancelled: Arc<watch::Sender<bool>>,
 }
 
 impl CancelInvitation {
-    /// Tells the other side and ends the slot (best effort).
+    /// Asks `complete` to stop, tells the other side and ends the slot (best
+    /// effort).
     pub async fn cancel(&self) {
+        self.cancelled.send_replace(true);
         let mailbox = Mailbox {
             relay: &self.device.inner.relay,
             nameplate: self.nameplate,
@@ -178,7 +189,7 @@ impl Device {
     /// Opens a pairing slot and makes the code to show. Complete it with
     /// [`Invitation::complete`].
     pub async fn invite(&self) -> Result<Invitation, ClientError> {
-        if self.is_removed() {
+        if self.blocking(|device| Ok(device.is_removed())).await? {
             return Err(ClientError::Revoked);
         }
         let mut rng = os_rng();
@@ -201,6 +212,7 @@ impl Device {
             code,
             state,
             expires_in: Duration::from_secs(opened.expires_in),
+            cancelled: Arc::new(watch::channel(false).0),
         })
     }
 }
@@ -221,6 +233,7 @@ impl Invitation {
         CancelInvitation {
             device: self.device.clone(),
             nameplate: self.code.nameplate().get(),
+            cancelled: Arc::clone(&self.cancelled),
         }
     }
 
@@ -231,12 +244,19 @@ impl Invitation {
             device,
             code,
             state,
+            cancelled,
             ..
         } = self;
         let device = &device;
+        let is_cancelled = || *cancelled.borrow();
+        let mut cancel = cancelled.subscribe();
         let mailbox = inviter_mailbox(device, &code);
         let deadline = Instant::now() + timeout;
-        let response = match mailbox.receive(0, deadline, timeout.as_secs()).await {
+        let received = tokio::select! {
+            received = mailbox.receive(0, deadline, timeout.as_secs()) => received,
+            _ = cancel.wait_for(|c| *c) => Err(ClientError::Cancelled),
+        };
+        let response = match received {
             Ok(response) => response,
             Err(e) => {
                 mailbox.abort(AbortReason::Cancelled).await;
@@ -256,13 +276,28 @@ impl Invitation {
             token_hash: crate::crypto::token::TokenHash(joiner.token_hash),
         };
         let path = format!("/channels/{}/devices", device.channel());
+        if is_cancelled() {
+            mailbox.abort(AbortReason::Cancelled).await;
+            return Err(ClientError::Cancelled);
+        }
         let admitted: Result<DeviceList, _> = device.call(Method::POST, &path, Some(&admit)).await;
         if let Err(e) = admitted {
             mailbox.abort(AbortReason::Refused).await;
             return Err(e);
         }
-        let (cursor, welcome) = match commit_add(device, joiner.id, &joiner.key_package).await {
-            Ok(done) => done,
+        let added = match is_cancelled() {
+            true => Err(ClientError::Cancelled),
+            false => commit_add(device, joiner.id, &joiner.key_package).await,
+        };
+        let (cursor, welcome) = match added {
+            Ok(done) if !is_cancelled() => done,
+            Ok(_) | Err(ClientError::Cancelled) => {
+                // Stopped on this device: what was done is undone (the
+                // removal also takes back an Add the relay has ordered).
+                mailbox.abort(AbortReason::Cancelled).await;
+                undo_admission(device, joiner.id).await;
+                return Err(ClientError::Cancelled);
+            }
             Err(e) => {
                 mailbox.abort(AbortReason::Refused).await;
                 undo_admission(device, joiner.id).await;
@@ -440,7 +475,16 @@ pub async fn join(
     let path = format!("/pair/{}/claim", code.nameplate());
     let claimed: SlotClaimed = relay
         .json(Method::POST, &path, &[], None::<&()>, REQUEST_TIMEOUT)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The slot ended before this device came: its inviter stopped
+            // waiting (Ctrl-C, its timeout) or the pairing already ran.
+            ClientError::Relay {
+                code: ErrorCode::Gone,
+                ..
+            } => ClientError::Pairing(PairingError::PeerAborted(AbortReason::Cancelled)),
+            e => e,
+        })?;
     let mailbox = Mailbox {
         relay: &relay,
         nameplate: code.nameplate().get(),
@@ -484,7 +528,9 @@ pub async fn join(
     let welcome = joined.welcome;
     let joined_group = joining
         .join(welcome.channel, &welcome.welcome, now_secs())
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        .map_err(|e| {
+            ClientError::Peer(format!("the other device's MLS Welcome does not open: {e}"))
+        })?;
     let inviter = joined_group.inviter;
     let mut group = joined_group.channel;
     let device = Device::store_new(home, relay, name, token, &mut group, welcome.cursor)?;

@@ -116,24 +116,9 @@ impl ServerFrame {
     }
 }
 
-/// A frame that could not be decoded, with the error code to report.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct FrameError {
-    /// Classification for the client.
-    pub code: ErrorCode,
-    /// Human-readable detail (never echoes frame contents).
-    pub message: String,
-}
-
-impl FrameError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
+/// A frame that could not be decoded: the refusal to report (its message
+/// never echoes frame contents).
+pub type FrameError = super::errors::Refusal;
 
 impl ClientFrame {
     /// Decodes a text frame of at most `max_len` bytes, classifying failures.

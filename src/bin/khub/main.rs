@@ -489,7 +489,7 @@ mod device {
     use std::time::Duration;
 
     use anyhow::bail;
-    use khub::client::{Device, Message, Sent, join};
+    use khub::client::{ClientError, Device, Message, Sent, join};
     use khub::pairing::Code;
 
     use super::Command;
@@ -522,11 +522,15 @@ mod device {
                 let valid = invitation.expires_in().as_secs().min(timeout);
                 eprintln!("type this code on the other device with `khub join` (valid {valid} s)");
                 let cancel = invitation.canceller();
+                let completing = invitation.complete(Duration::from_secs(timeout));
+                tokio::pin!(completing);
                 let member = tokio::select! {
-                    member = invitation.complete(Duration::from_secs(timeout)) => member?,
+                    member = &mut completing => member?,
                     _ = interrupted.recv() => {
+                        // The pairing undoes what it did (an admission, an
+                        // Add) before it ends; past the welcome it finishes.
                         cancel.cancel().await;
-                        bail!("cancelled: the code no longer works, and the other device was told");
+                        completing.await?
                     }
                 };
                 println!("paired with {} ({})", member.name, member.id);
@@ -630,10 +634,14 @@ mod device {
             }
             Command::Incidents { home, json } => {
                 let device = Device::open(&home.path()?)?;
-                if let Err(e) = device.sync().await {
-                    eprintln!(
+                match device.sync().await {
+                    Ok(_) => {}
+                    Err(e @ (ClientError::Revoked | ClientError::Unauthorized)) => {
+                        return Err(e.into());
+                    }
+                    Err(e) => eprintln!(
                         "could not catch up with the relay ({e}); these are the incidents recorded so far"
-                    );
+                    ),
                 }
                 let incidents = device.incidents()?;
                 if incidents.is_empty() && !json {
@@ -660,6 +668,10 @@ mod device {
                 let device = Device::open(&home.path()?)?;
                 let admitted = match device.relay_devices().await {
                     Ok(admitted) => Some(admitted),
+                    // A removed or unknown device says so, like every command.
+                    Err(e @ (ClientError::Revoked | ClientError::Unauthorized)) => {
+                        return Err(e.into());
+                    }
                     Err(e) => {
                         eprintln!(
                             "could not ask the relay which devices it lets in ({e}); this is this device's own view"
