@@ -29,7 +29,7 @@ async fn every_scenario_runs_and_loses_nothing() {
             interval: 0.2,
         },
     };
-    let rows = tokio::time::timeout(std::time::Duration::from_secs(240), run(&options))
+    let rows = tokio::time::timeout(std::time::Duration::from_secs(420), run(&options))
         .await
         .expect("bench finishes")
         .unwrap();
@@ -53,7 +53,21 @@ async fn every_scenario_runs_and_loses_nothing() {
         .iter()
         .filter(|r| r.metric.contains("lost + duplicated"))
         .collect();
-    assert_eq!(integrity.len(), 5, "{report}");
+    assert_eq!(integrity.len(), 6, "{report}");
+    // The rows that hold on a noisy machine: the servers' CPU time per
+    // delivery (measured apart from the load generator) and the disk's fsync.
+    for metric in [
+        "baseline: server CPU (user + sys) per delivery",
+        "relay, memory store: server CPU (user + sys) per delivery",
+        "memory store / baseline CPU per delivery",
+        "this disk: 4 KiB write + fdatasync",
+        "SQLite (full), window 1: publish->ack p50 / fsync p50",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.metric.starts_with(metric)),
+            "no {metric:?} row in\n{report}"
+        );
+    }
     let soak: Vec<_> = rows
         .iter()
         .filter(|r| r.scenario == "soak" && r.met.is_some())

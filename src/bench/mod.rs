@@ -19,6 +19,7 @@
 
 pub mod baseline;
 mod child;
+mod cpu;
 pub mod fanout;
 mod notes;
 mod scenarios;

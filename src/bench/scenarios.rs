@@ -12,7 +12,7 @@ use warp::http::Method;
 
 use super::child::RelayChild;
 use super::fanout::{self, Server, Workload};
-use super::{Percentiles, Row, baseline};
+use super::{Percentiles, Row, baseline, cpu};
 use crate::channel::{Channel, Event, Joining};
 use crate::client::RelayAddr;
 use crate::crypto::envelope::{EnvelopeHeader, padded_len};
@@ -174,10 +174,8 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
     }
     let base_addr = baseline::start().await;
     let memory = start(Arc::new(MemoryStore::new())).await?;
-    let sqlite = start(Arc::new(
-        SqliteStore::open(&temp_db()).map_err(|e| e.to_string())?,
-    ))
-    .await?;
+    let db = temp_db();
+    let sqlite = start(Arc::new(SqliteStore::open(&db).map_err(|e| e.to_string())?)).await?;
     let normal = start(Arc::new(
         SqliteStore::open_with(&temp_db(), Durability::Normal).map_err(|e| e.to_string())?,
     ))
@@ -226,6 +224,7 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
             ratio >= target,
         ));
     }
+    rows.extend(cpu_rows(w).await?);
     for (name, outcome) in [
         ("memory", &mem),
         ("SQLite (full)", &sql),
@@ -285,8 +284,120 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
         "0",
         bad == 0,
     ));
-    let _ = (memory.relay, sqlite.relay, normal.relay);
+    // Window 1 on SQLite waits for each commit: against the disk's own
+    // fsync latency, measured in the same run on the same file system.
+    let dir = db.parent().unwrap_or(std::path::Path::new("."));
+    let fsync = cpu::fsync_latency(dir, 200)?;
+    rows.push(latency_row(
+        "durable publish",
+        "this disk: 4 KiB write + fdatasync",
+        fsync,
+    ));
+    let one = Workload {
+        window: 1,
+        rate: None,
+        messages: w.messages.clamp(50, 500),
+        ..w
+    };
+    let single = fanout::run(Server::Relay(sqlite.addr), one).await?;
+    rows.push(latency_row(
+        "durable publish",
+        "SQLite (full), window 1: publish->ack",
+        single.ack_latency,
+    ));
+    let bad = single.lost + single.duplicated;
+    rows.push(Row::check(
+        "durable publish",
+        "SQLite (full), window 1: lost + duplicated deliveries",
+        bad.to_string(),
+        "0",
+        bad == 0,
+    ));
+    let ratio = f64::from(single.ack_latency.p50) / f64::from(fsync.p50.max(1));
+    rows.push(Row::check(
+        "durable publish",
+        "SQLite (full), window 1: publish->ack p50 / fsync p50",
+        format!("{ratio:.2}x"),
+        "<= 2x",
+        ratio <= 2.0,
+    ));
+    drop((memory, sqlite, normal));
     Ok(rows)
+}
+
+/// The servers' CPU time per delivery: the same fan-out again, with the
+/// baseline and the relays on a runtime of their own so their threads'
+/// time is read apart from the load generator's. (The throughput rows above
+/// keep everything on one runtime, as before, so their ratios compare with
+/// earlier runs; here both sides pay for crossing between two runtimes.)
+async fn cpu_rows(w: Workload) -> Result<Vec<Row>, String> {
+    let servers = cpu::server_runtime()?;
+    let joined = |e: tokio::task::JoinError| e.to_string();
+    let base_addr = servers.spawn(baseline::start()).await.map_err(joined)?;
+    let memory = servers
+        .spawn(start(Arc::new(MemoryStore::new())))
+        .await
+        .map_err(joined)??;
+    let store = SqliteStore::open(&temp_db()).map_err(|e| e.to_string())?;
+    let sqlite = servers
+        .spawn(start(Arc::new(store)))
+        .await
+        .map_err(joined)??;
+    let mut rows = Vec::new();
+    let mut per_delivery = Vec::new();
+    for (name, server) in [
+        ("baseline", Server::Baseline(base_addr)),
+        ("relay, memory store", Server::Relay(memory.addr)),
+        (
+            "relay, SQLite (durability full)",
+            Server::Relay(sqlite.addr),
+        ),
+    ] {
+        let (outcome, used) = measured(server, w).await?;
+        let Some(used) = used else {
+            return Ok(Vec::new()); // no /proc: no CPU rows
+        };
+        let micros = used.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64;
+        rows.push(Row::info(
+            "fanout",
+            format!("{name}: server CPU (user + sys) per delivery"),
+            format!("{micros:.2} us"),
+        ));
+        let bad = outcome.lost + outcome.duplicated;
+        if bad != 0 {
+            return Err(format!("{name}: {bad} lost or duplicated in the CPU run"));
+        }
+        per_delivery.push(micros);
+    }
+    let ratio = |i: usize| per_delivery[i] / per_delivery[0].max(1e-9);
+    rows.push(Row::check(
+        "fanout",
+        "memory store / baseline CPU per delivery",
+        format!("{:.2}x", ratio(1)),
+        "<= 1.2x",
+        ratio(1) <= 1.2,
+    ));
+    rows.push(Row::info(
+        "fanout",
+        "SQLite (full) / baseline CPU per delivery",
+        format!("{:.2}x", ratio(2)),
+    ));
+    drop((memory, sqlite));
+    servers.shutdown_background();
+    Ok(rows)
+}
+
+/// A fan-out run and the servers' CPU time during it.
+async fn measured(
+    server: Server,
+    w: Workload,
+) -> Result<(fanout::Outcome, Option<Duration>), String> {
+    let before = cpu::server_cpu();
+    let outcome = fanout::run(server, w).await?;
+    let used = before
+        .zip(cpu::server_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
+    Ok((outcome, used))
 }
 
 /// Registers a channel with `n` devices on a relay.
