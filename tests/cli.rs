@@ -172,25 +172,35 @@ mod device_commands {
             name: &str,
             typed: impl Fn(&str) -> String,
         ) -> (Output, Output) {
+            self.pair_with(inviter, joiner, name, typed, &[])
+        }
+
+        /// [`pair`](Self::pair), with `extra` arguments for `khub join`.
+        fn pair_with(
+            &self,
+            inviter: &str,
+            joiner: &str,
+            name: &str,
+            typed: impl Fn(&str) -> String,
+            extra: &[&str],
+        ) -> (Output, Output) {
             let (invite, mut stdout, first) = self.start_invite(inviter, 30);
             let code = first
                 .strip_prefix("code: ")
                 .unwrap_or_else(|| panic!("first line {first:?}"))
                 .trim()
                 .to_owned();
-            let join = self.run(
-                joiner,
-                &[
-                    "join",
-                    "--relay",
-                    &self.url,
-                    "--name",
-                    name,
-                    "--timeout",
-                    "30",
-                ],
-                &format!("{}\n", typed(&code)),
-            );
+            let mut args = vec![
+                "join",
+                "--relay",
+                &self.url,
+                "--name",
+                name,
+                "--timeout",
+                "30",
+            ];
+            args.extend_from_slice(extra);
+            let join = self.run(joiner, &args, &format!("{}\n", typed(&code)));
             let mut rest = String::new();
             std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
             let mut invite_output = wait(invite);
@@ -597,6 +607,20 @@ mod device_commands {
             "laptop: after the tablet left\n"
         );
         assert!(!world.ok("b", &["devices"]).contains("tablet"));
+        // `join` refuses a home that holds a device, and says what to do.
+        let held = world.run(
+            "c",
+            &["join", "--relay", &world.url, "--name", "tablet"],
+            "42-7QK3-M9TZ\n",
+        );
+        assert_eq!(held.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&held.stderr),
+            format!(
+                "Error: {} already holds a device; use another --home\n  next: use another --home, `khub leave` to forget the device kept there, or `khub join --force`\n",
+                world.home("c").display()
+            )
+        );
         // `khub leave` forgets it; the same home pairs again.
         let refused = world.run("c", &["leave"], "");
         assert!(
@@ -610,6 +634,31 @@ mod device_commands {
             invite.status.success() && join.status.success(),
             "{}",
             String::from_utf8_lossy(&join.stderr)
+        );
+        // Removed again, it pairs again with `join --force`, no `leave` first.
+        world.ok("a", &["remove", "tablet"]);
+        let (invite, join) =
+            world.pair_with("a", "c", "tablet", |code| code.to_owned(), &["--force"]);
+        assert!(
+            invite.status.success() && join.status.success(),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&join.stderr).starts_with(&format!(
+                "forgot the device kept in {}",
+                world.home("c").display()
+            )),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+        assert_eq!(
+            world
+                .ok("c", &["send", "back again"])
+                .lines()
+                .next()
+                .map(|l| l.starts_with("sent")),
+            Some(true)
         );
     }
 

@@ -62,6 +62,11 @@ enum Command {
         /// Seconds to wait for the other device.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Forget a device already kept in this home first (what `khub leave
+        /// --yes` does), once the code is typed: for a device that was
+        /// removed, or whose channel or relay is gone.
+        #[arg(long)]
+        force: bool,
     },
     /// Send a message (TEXT, or stdin) to the other devices.
     Send {
@@ -404,7 +409,7 @@ fn hint(error: &anyhow::Error) -> Option<String> {
             "the relay does not know this device: check --relay, or `khub leave` and pair again".into()
         }
         ClientError::AlreadyInitialized(_) => {
-            "use another --home, or `khub leave` to forget the device kept there".into()
+            "use another --home, `khub leave` to forget the device kept there, or `khub join --force`".into()
         }
         _ => return None,
     })
@@ -544,16 +549,19 @@ mod device {
                 relay,
                 name,
                 timeout,
+                force,
             } => {
                 let code = read_code()?;
-                let (device, joined) = join(
-                    &home.path()?,
-                    &relay,
-                    &name,
-                    &code,
-                    Duration::from_secs(timeout),
-                )
-                .await?;
+                let home = home.path()?;
+                if force && home.join(khub::client::STATE_FILE).exists() {
+                    khub::client::forget(&home)?;
+                    eprintln!(
+                        "forgot the device kept in {} (if it is still a member, remove it from another device)",
+                        home.display()
+                    );
+                }
+                let (device, joined) =
+                    join(&home, &relay, &name, &code, Duration::from_secs(timeout)).await?;
                 println!(
                     "joined channel {} as {} ({})",
                     device.channel(),
