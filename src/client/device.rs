@@ -147,7 +147,7 @@ impl Device {
     pub async fn create(home: &Path, relay_url: &str, name: &str) -> Result<Self, ClientError> {
         let NewIdentity { relay, id, token } = NewIdentity::draw(home, relay_url, name)?;
         let channel = ChannelId::random(&mut os_rng());
-        let mut group = Channel::create(channel, id, name, now_secs())?;
+        let group = Channel::create(channel, id, name, now_secs())?;
         let request = CreateChannel {
             channel,
             device: id,
@@ -176,7 +176,25 @@ impl Device {
                 } => relay.not_a_relay(),
                 e => e,
             })?;
-        Self::store_new(home, relay, name, token, &mut group, 0)
+        Self::store_new_blocking(home, relay, name, token, group, 0).await
+    }
+
+    /// [`store_new`](Self::store_new) on a blocking thread: it creates the
+    /// state file and syncs it to disk.
+    pub(crate) async fn store_new_blocking(
+        home: &Path,
+        relay: RelayAddr,
+        name: &str,
+        token: AccessToken,
+        mut group: Channel,
+        cursor: u64,
+    ) -> Result<Self, ClientError> {
+        let (home, name) = (home.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            Self::store_new(&home, relay, &name, token, &mut group, cursor)
+        })
+        .await
+        .map_err(|e| ClientError::Bug(format!("a state task failed: {e}")))?
     }
 
     /// Stores a freshly made identity (used by [`create`](Self::create) and by

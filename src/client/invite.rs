@@ -532,8 +532,9 @@ pub async fn join(
             ClientError::Peer(format!("the other device's MLS Welcome does not open: {e}"))
         })?;
     let inviter = joined_group.inviter;
-    let mut group = joined_group.channel;
-    let device = Device::store_new(home, relay, name, token, &mut group, welcome.cursor)?;
+    let group = joined_group.channel;
+    let device =
+        Device::store_new_blocking(home, relay, name, token, group, welcome.cursor).await?;
     // The first word in the channel tells the inviter the pairing completed
     // here too. Without it the inviter removes this device again, so a
     // device that cannot say it is not kept.
