@@ -622,3 +622,66 @@ async fn a_relay_under_a_reverse_proxy_path_is_used_with_its_path() {
     assert_eq!(bare.fault(), khub::client::Fault::Caller);
     relay.stop().await;
 }
+
+/// Ctrl-C on the inviter while the joiner is being admitted: whichever of the
+/// cancel and the welcome wins, the outcome is whole — either the device is
+/// a member everywhere and joined, or nowhere (not in the channel, not
+/// admitted at the relay) and its join failed. Never a member nobody holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_the_admission_leaves_no_half_paired_device() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let laptop = Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
+        .await
+        .unwrap();
+    let mut cancelled_runs = 0;
+    for round in 0..4 {
+        let invitation = laptop.invite().await.unwrap();
+        let code = Code::parse(&invitation.code()).unwrap();
+        let cancel = invitation.canceller();
+        let completing = tokio::spawn(invitation.complete(STEP));
+        let home = dir.join(format!("phone-{round}"));
+        let joining = tokio::spawn({
+            let (home, url) = (home.clone(), url(relay.addr));
+            async move { join(&home, &url, "phone", &code, STEP).await }
+        });
+        // Cancel as soon as the relay lists a new device (admitted, the Add
+        // not yet welcomed), or after a growing delay on later rounds.
+        let before = laptop.relay_devices().await.unwrap().len();
+        let started = std::time::Instant::now();
+        while laptop.relay_devices().await.unwrap().len() == before && started.elapsed() < STEP {
+            tokio::time::sleep(Duration::from_millis(2 * round)).await;
+        }
+        cancel.cancel().await;
+        let completed = tokio::time::timeout(STEP * 3, completing)
+            .await
+            .expect("complete ends after a cancel")
+            .unwrap();
+        let joined = tokio::time::timeout(STEP * 3, joining)
+            .await
+            .expect("join ends")
+            .unwrap();
+        laptop.sync().await.unwrap();
+        let members = laptop.members().unwrap();
+        let admitted = laptop.relay_devices().await.unwrap();
+        match completed {
+            Err(ClientError::Cancelled) => {
+                cancelled_runs += 1;
+                assert!(joined.is_err(), "round {round}: the joiner must fail");
+                assert_eq!(members.len(), 1, "round {round}: {members:?}");
+                assert_eq!(admitted.len(), 1, "round {round}: {admitted:?}");
+            }
+            Ok(member) => {
+                let (phone, _) = joined.expect("a welcomed joiner joins");
+                assert_eq!(member.id, phone.id());
+                assert!(members.iter().any(|m| m.id == phone.id()));
+                assert!(admitted.contains(&phone.id()));
+                laptop.remove(phone.id()).await.unwrap();
+            }
+            Err(e) => panic!("round {round}: {e:?}"),
+        }
+    }
+    println!("cancelled before the welcome in {cancelled_runs} of 4 rounds");
+    let _ = std::fs::remove_dir_all(&dir);
+    relay.stop().await;
+}

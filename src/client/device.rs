@@ -752,8 +752,30 @@ impl Device {
                 "device {device} is not a member of this channel (see `khub devices`)"
             )));
         }
+        self.revoke_at_relay(device).await?;
+        self.commit_removal(device).await
+    }
+
+    /// Revokes `device`'s token at the relay, which closes its sessions. A
+    /// device the relay never admitted leaves nothing to revoke.
+    pub(crate) async fn revoke_at_relay(&self, device: DeviceId) -> Result<(), ClientError> {
         let path = format!("/channels/{}/devices/{}", self.inner.channel, device);
-        let _: DeviceList = self.call(Method::DELETE, &path, None::<&()>).await?;
+        match self
+            .call::<DeviceList>(Method::DELETE, &path, None::<&()>)
+            .await
+        {
+            Ok(_)
+            | Err(ClientError::Relay {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits the removal of member `device` and waits until the relay has
+    /// ordered it.
+    pub(crate) async fn commit_removal(&self, device: DeviceId) -> Result<(), ClientError> {
         self.blocking(move |me| {
             me.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))
         })

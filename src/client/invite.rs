@@ -143,8 +143,19 @@ pub struct Invitation {
     state: AwaitingResponse,
     /// How long the relay keeps the slot.
     expires_in: Duration,
-    /// Set by a [`CancelInvitation`].
-    cancelled: Arc<watch::Sender<bool>>,
+    /// Waiting, cancelled (by a [`CancelInvitation`]) or past the welcome.
+    stage: Arc<watch::Sender<Stage>>,
+}
+
+/// Where an invitation stands, for a cancel racing the welcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not yet past the welcome: a cancel applies.
+    Waiting,
+    /// Cancelled before the welcome.
+    Cancelled,
+    /// The welcome is going out: the pairing finishes.
+    Welcomed,
 }
 
 /// Ends a pairing from outside [`Invitation::complete`] (on Ctrl-C, say): the
@@ -157,14 +168,23 @@ pub struct Invitation {
 pub struct CancelInvitation {
     device: Device,
     nameplate: u32,
-    cancelled: Arc<watch::Sender<bool>>,
+    stage: Arc<watch::Sender<Stage>>,
 }
 
 impl CancelInvitation {
     /// Asks `complete` to stop, tells the other side and ends the slot (best
     /// effort).
     pub async fn cancel(&self) {
-        self.cancelled.send_replace(true);
+        let cancelled = self.stage.send_if_modified(|s| {
+            let waiting = *s == Stage::Waiting;
+            if waiting {
+                *s = Stage::Cancelled;
+            }
+            waiting
+        });
+        if !cancelled {
+            return; // past the welcome: the pairing finishes
+        }
         let mailbox = Mailbox {
             relay: &self.device.inner.relay,
             nameplate: self.nameplate,
@@ -212,7 +232,7 @@ impl Device {
             code,
             state,
             expires_in: Duration::from_secs(opened.expires_in),
-            cancelled: Arc::new(watch::channel(false).0),
+            stage: Arc::new(watch::channel(Stage::Waiting).0),
         })
     }
 }
@@ -233,7 +253,7 @@ impl Invitation {
         CancelInvitation {
             device: self.device.clone(),
             nameplate: self.code.nameplate().get(),
-            cancelled: Arc::clone(&self.cancelled),
+            stage: Arc::clone(&self.stage),
         }
     }
 
@@ -244,19 +264,23 @@ impl Invitation {
             device,
             code,
             state,
-            cancelled,
+            stage,
             ..
         } = self;
         let device = &device;
-        let is_cancelled = || *cancelled.borrow();
-        let mut cancel = cancelled.subscribe();
+        let cancelled = || *stage.borrow() == Stage::Cancelled;
+        let mut changes = stage.subscribe();
         let mailbox = inviter_mailbox(device, &code);
         let deadline = Instant::now() + timeout;
+        // A cancel ends the slot, so the long-poll may end too: the cancel
+        // is what this side reports.
         let received = tokio::select! {
+            biased;
+            _ = changes.wait_for(|s| *s == Stage::Cancelled) => Err(ClientError::Cancelled),
             received = mailbox.receive(0, deadline, timeout.as_secs()) => received,
-            _ = cancel.wait_for(|c| *c) => Err(ClientError::Cancelled),
         };
         let response = match received {
+            Ok(_) | Err(_) if cancelled() => return Err(ClientError::Cancelled),
             Ok(response) => response,
             Err(e) => {
                 mailbox.abort(AbortReason::Cancelled).await;
@@ -276,37 +300,49 @@ impl Invitation {
             token_hash: crate::crypto::token::TokenHash(joiner.token_hash),
         };
         let path = format!("/channels/{}/devices", device.channel());
-        if is_cancelled() {
-            mailbox.abort(AbortReason::Cancelled).await;
+        if cancelled() {
             return Err(ClientError::Cancelled);
         }
         let admitted: Result<DeviceList, _> = device.call(Method::POST, &path, Some(&admit)).await;
+        // From here a cancel (whose Abort already ended the slot) undoes
+        // what was done: the admission, landed or not, and an ordered Add.
+        if cancelled() {
+            undo_admission(device, joiner.id).await?;
+            return Err(ClientError::Cancelled);
+        }
         if let Err(e) = admitted {
             mailbox.abort(AbortReason::Refused).await;
             return Err(e);
         }
-        let added = match is_cancelled() {
-            true => Err(ClientError::Cancelled),
-            false => commit_add(device, joiner.id, &joiner.key_package).await,
-        };
+        let added = commit_add(device, joiner.id, &joiner.key_package).await;
+        if cancelled() {
+            undo_admission(device, joiner.id).await?;
+            return Err(ClientError::Cancelled);
+        }
         let (cursor, welcome) = match added {
-            Ok(done) if !is_cancelled() => done,
-            Ok(_) | Err(ClientError::Cancelled) => {
-                // Stopped on this device: what was done is undone (the
-                // removal also takes back an Add the relay has ordered).
-                mailbox.abort(AbortReason::Cancelled).await;
-                undo_admission(device, joiner.id).await;
-                return Err(ClientError::Cancelled);
-            }
+            Ok(done) => done,
             Err(e) => {
                 mailbox.abort(AbortReason::Refused).await;
-                undo_admission(device, joiner.id).await;
+                undo_after_failure(device, joiner.id).await;
                 return Err(e);
             }
         };
         // The new device can read nothing sealed before the Add: a snapshot
         // of the notes, ordered after the commit, gives it every note.
         publish_snapshot_for_joiner(device).await;
+        // The point of no return, decided once against a racing cancel: a
+        // welcome that goes out is a pairing that finishes.
+        let welcoming = stage.send_if_modified(|s| {
+            let waiting = *s == Stage::Waiting;
+            if waiting {
+                *s = Stage::Welcomed;
+            }
+            waiting
+        });
+        if !welcoming {
+            undo_admission(device, joiner.id).await?;
+            return Err(ClientError::Cancelled);
+        }
         let welcome = ChannelWelcome {
             channel: device.channel(),
             cursor,
@@ -321,7 +357,7 @@ impl Invitation {
         if let Err(e) = confirmed {
             // The joiner may never have received the welcome: take the
             // admission back rather than keep a member nobody holds.
-            undo_admission(device, joiner.id).await;
+            undo_after_failure(device, joiner.id).await;
             return Err(e);
         }
         let name = device
@@ -356,11 +392,27 @@ async fn publish_snapshot_for_joiner(device: &Device) {
     }
 }
 
-/// Removes a device whose pairing did not complete (best effort: the
-/// pairing has failed already; a failure here is logged).
-async fn undo_admission(device: &Device, joiner: DeviceId) {
-    if let Err(undo) = device.remove(joiner).await {
-        tracing::warn!(error = %undo, "could not remove the unconfirmed device; remove it by hand");
+/// Takes back the admission of a device whose pairing did not complete:
+/// revokes its token at the relay (whether or not the admission landed)
+/// and, once this device's own commits are settled, removes it from the
+/// channel if its Add was ordered.
+async fn undo_admission(device: &Device, joiner: DeviceId) -> Result<(), ClientError> {
+    device.revoke_at_relay(joiner).await?;
+    device.settle(COMMIT_WAIT).await?;
+    let member = device
+        .blocking(move |device| Ok(device.members()?.iter().any(|m| m.id == joiner)))
+        .await?;
+    if member {
+        device.commit_removal(joiner).await?;
+    }
+    Ok(())
+}
+
+/// [`undo_admission`] after a failure, which is what the caller hears; an
+/// undo that fails too is logged as an error (the CLI shows those).
+async fn undo_after_failure(device: &Device, joiner: DeviceId) {
+    if let Err(undo) = undo_admission(device, joiner).await {
+        tracing::error!(error = %undo, %joiner, "could not take back the admission of a device whose pairing failed: remove it with `khub remove`");
     }
 }
 

@@ -535,7 +535,12 @@ mod device {
                         // The pairing undoes what it did (an admission, an
                         // Add) before it ends; past the welcome it finishes.
                         cancel.cancel().await;
-                        completing.await?
+                        tokio::select! {
+                            member = &mut completing => member?,
+                            _ = interrupted.recv() => bail!(
+                                "stopped before the pairing was undone: check `khub devices`, and `khub remove` a device that should not be there"
+                            ),
+                        }
                     }
                 };
                 println!("paired with {} ({})", member.name, member.id);
