@@ -194,7 +194,7 @@ impl Device {
             Self::store_new(&home, relay, &name, token, &mut group, cursor)
         })
         .await
-        .map_err(|e| ClientError::Bug(format!("a state task failed: {e}")))?
+        .map_err(ClientError::task_failed)?
     }
 
     /// Stores a freshly made identity (used by [`create`](Self::create) and by
@@ -472,7 +472,7 @@ impl Device {
         let device = self.clone();
         tokio::task::spawn_blocking(move || f(&device))
             .await
-            .map_err(|e| ClientError::Bug(format!("a state task failed: {e}")))?
+            .map_err(ClientError::task_failed)?
     }
 
     /// Takes in envelopes from the relay, in relay order: each goes through the
@@ -572,10 +572,9 @@ impl Device {
     ) -> Result<usize, ClientError> {
         let mut taken = 0;
         let mut published_up_to = 0;
+        let unsent = |after: u64| self.blocking(move |device| device.db().outbox_after(after));
+        let mut outbox: Vec<(u64, Vec<u8>)> = unsent(0).await?;
         loop {
-            let outbox: Vec<(u64, Vec<u8>)> = self
-                .blocking(move |device| device.db().outbox_after(published_up_to))
-                .await?;
             let request = SyncRequest {
                 cursor: self.cursor(),
                 publish: outbox.iter().map(|(_, e)| B64(e.clone())).collect(),
@@ -629,11 +628,9 @@ impl Device {
                 taken,
                 remaining: head.saturating_sub(self.cursor()),
             });
-            let queued_more = !self
-                .blocking(move |device| device.db().outbox_after(published_up_to))
-                .await?
-                .is_empty();
-            if (!more || count == 0) && !queued_more {
+            // What was queued meanwhile goes out with the next page.
+            outbox = unsent(published_up_to).await?;
+            if (!more || count == 0) && outbox.is_empty() {
                 break;
             }
         }

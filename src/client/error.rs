@@ -236,6 +236,11 @@ impl ClientError {
         }
     }
 
+    /// A blocking state task that panicked (or was cancelled at shutdown).
+    pub(crate) fn task_failed(e: tokio::task::JoinError) -> Self {
+        Self::Bug(format!("a state task failed: {e}"))
+    }
+
     /// Reading or writing the state file failed.
     pub(crate) fn disk(
         what: impl Into<String>,

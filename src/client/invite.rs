@@ -158,6 +158,18 @@ enum Stage {
     Welcomed,
 }
 
+/// Moves `stage` from waiting to `to`; false if it had left waiting already
+/// (the cancel and the welcome each win this once, never both).
+fn leave_waiting(stage: &watch::Sender<Stage>, to: Stage) -> bool {
+    stage.send_if_modified(|s| {
+        let waiting = *s == Stage::Waiting;
+        if waiting {
+            *s = to;
+        }
+        waiting
+    })
+}
+
 /// Ends a pairing from outside [`Invitation::complete`] (on Ctrl-C, say): the
 /// slot closes at once and the other device hears that this one stopped.
 /// A `complete` still running sees it at its next step and undoes what it
@@ -175,14 +187,7 @@ impl CancelInvitation {
     /// Asks `complete` to stop, tells the other side and ends the slot (best
     /// effort).
     pub async fn cancel(&self) {
-        let cancelled = self.stage.send_if_modified(|s| {
-            let waiting = *s == Stage::Waiting;
-            if waiting {
-                *s = Stage::Cancelled;
-            }
-            waiting
-        });
-        if !cancelled {
+        if !leave_waiting(&self.stage, Stage::Cancelled) {
             return; // past the welcome: the pairing finishes
         }
         let mailbox = Mailbox {
@@ -332,14 +337,7 @@ impl Invitation {
         publish_snapshot_for_joiner(device).await;
         // The point of no return, decided once against a racing cancel: a
         // welcome that goes out is a pairing that finishes.
-        let welcoming = stage.send_if_modified(|s| {
-            let waiting = *s == Stage::Waiting;
-            if waiting {
-                *s = Stage::Welcomed;
-            }
-            waiting
-        });
-        if !welcoming {
+        if !leave_waiting(&stage, Stage::Welcomed) {
             undo_admission(device, joiner.id).await?;
             return Err(ClientError::Cancelled);
         }

@@ -84,11 +84,15 @@ pub(crate) fn saved(conn: &Connection, id: NoteId) -> Result<Option<Vec<u8>>, Cl
     .map_err(err)
 }
 
+/// Note `id` as stored (`bytes`), opened for device `me`.
+pub(crate) fn open(bytes: &[u8], me: DeviceId, id: NoteId) -> Result<NoteDoc, ClientError> {
+    NoteDoc::load(bytes, me)
+        .map_err(|e| ClientError::disk(format!("note {id} in the state file cannot be read"), e))
+}
+
 fn load(conn: &Connection, me: DeviceId, id: NoteId) -> Result<Option<NoteDoc>, ClientError> {
     match saved(conn, id)? {
-        Some(bytes) => NoteDoc::load(&bytes, me).map(Some).map_err(|e| {
-            ClientError::disk(format!("note {id} in the state file cannot be read"), e)
-        }),
+        Some(bytes) => open(&bytes, me, id).map(Some),
         None => Ok(None),
     }
 }
@@ -247,9 +251,7 @@ pub(crate) fn snapshot_due(conn: &Connection, me: DeviceId, now: u64) -> Result<
 pub(crate) fn snapshot(conn: &Connection, me: DeviceId) -> Result<Vec<NotesMessage>, ClientError> {
     let mut records = Vec::new();
     for (id, bytes, _) in all(conn)? {
-        let mut doc = NoteDoc::load(&bytes, me).map_err(|e| {
-            ClientError::disk(format!("note {id} in the state file cannot be read"), e)
-        })?;
+        let mut doc = open(&bytes, me, id)?;
         records.push((id, doc.save_uncompressed()));
     }
     covered(conn)?;

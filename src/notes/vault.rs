@@ -276,11 +276,7 @@ impl Vault {
     fn doc(&self, id: NoteId) -> Result<Option<NoteDoc>, ClientError> {
         let me = self.device.id();
         match self.document(id)? {
-            Some(bytes) => NoteDoc::load(&bytes, me)
-                .map(|mut doc| doc.exists().then_some(doc))
-                .map_err(|e| {
-                    ClientError::disk(format!("note {id} in the state file cannot be read"), e)
-                }),
+            Some(bytes) => store::open(&bytes, me, id).map(|mut doc| doc.exists().then_some(doc)),
             None => Ok(None),
         }
     }
@@ -292,9 +288,7 @@ impl Vault {
         let rows = self.device.db().read(store::all)?;
         let mut notes = Vec::with_capacity(rows.len());
         for (id, bytes, _) in rows {
-            let mut doc = NoteDoc::load(&bytes, me).map_err(|e| {
-                ClientError::disk(format!("note {id} in the state file cannot be read"), e)
-            })?;
+            let mut doc = store::open(&bytes, me, id)?;
             if doc.exists() {
                 notes.push(doc.view(id));
             }
