@@ -1,5 +1,7 @@
-//! The `Store` contract, run against every implementation (SQLite and memory);
-//! a new backend (Redis) adds one line to `stores()`.
+//! The `Store` contract, run against every implementation (memory, SQLite and
+//! PostgreSQL); a new backend adds one line to `stores()`. PostgreSQL runs in a
+//! fresh database per test when one can be made (see `common::pg`), and two
+//! stores on one database stand for two relay nodes.
 
 mod common;
 
@@ -10,18 +12,40 @@ use khub::crypto::os_rng;
 use khub::crypto::token::AccessToken;
 use khub::ids::{ChannelId, DeviceId};
 use khub::relay::store::memory::MemoryStore;
+use khub::relay::store::postgres::{PgOptions, PgStore};
 use khub::relay::store::sqlite::SqliteStore;
 use khub::relay::store::{Append, Appended, Store, StoreError};
 
-fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+/// Every store, and the PostgreSQL database to drop once they are done.
+async fn stores(
+    purpose: &str,
+) -> (
+    Vec<(&'static str, Arc<dyn Store>)>,
+    Option<common::pg::TestDb>,
+) {
     let dir = common::tempdir("store");
-    vec![
+    let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![
         ("memory", Arc::new(MemoryStore::new())),
         (
             "sqlite",
             Arc::new(SqliteStore::open(&dir.join("store.sqlite3")).unwrap()),
         ),
-    ]
+    ];
+    let db = common::pg::fresh_database(purpose).await;
+    if let Some(db) = &db {
+        stores.push(("postgres", Arc::new(pg_store(db).await)));
+    }
+    (stores, db)
+}
+
+async fn pg_store(db: &common::pg::TestDb) -> PgStore {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        PgStore::connect(&db.url(), &PgOptions::default()),
+    )
+    .await
+    .expect("PostgreSQL answers")
+    .expect("the store opens")
 }
 
 fn append(channel: ChannelId, sender: DeviceId, sender_seq: u64, body: &[u8], now: u64) -> Append {
@@ -37,7 +61,8 @@ fn append(channel: ChannelId, sender: DeviceId, sender_seq: u64, body: &[u8], no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_store_keeps_the_contract() {
-    for (name, store) in stores() {
+    let (stores, _db) = stores("contract").await;
+    for (name, store) in stores {
         let mut rng = os_rng();
         let (channel, a, b) = (
             ChannelId::random(&mut rng),
@@ -199,7 +224,8 @@ async fn every_store_keeps_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_group_committed_without_gaps_or_duplicates() {
-    for (name, store) in stores() {
+    let (stores, _db) = stores("concurrent").await;
+    for (name, store) in stores {
         let mut rng = os_rng();
         let channel = ChannelId::random(&mut rng);
         let senders: Vec<DeviceId> = (0..4).map(|_| DeviceId::random(&mut rng)).collect();
@@ -236,4 +262,160 @@ async fn concurrent_appends_are_group_committed_without_gaps_or_duplicates() {
             "{name}"
         );
     }
+}
+
+/// Two stores on one database are two relay nodes: appends through both to
+/// one channel, and retried publishes through the other node, still give one
+/// gapless sequence with every envelope once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_database_share_one_gapless_sequence() {
+    let Some(db) = common::pg::fresh_database("nodes").await else {
+        return;
+    };
+    let nodes: Vec<Arc<dyn Store>> =
+        vec![Arc::new(pg_store(&db).await), Arc::new(pg_store(&db).await)];
+    let mut rng = os_rng();
+    let channel = ChannelId::random(&mut rng);
+    let senders: Vec<DeviceId> = (0..4).map(|_| DeviceId::random(&mut rng)).collect();
+    nodes[0]
+        .create_channel(
+            channel,
+            senders[0],
+            AccessToken::generate(&mut rng).hash(),
+            0,
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for (i, sender) in senders.iter().copied().enumerate() {
+        let nodes = nodes.clone();
+        tasks.push(tokio::spawn(async move {
+            for seq in 1..=100u64 {
+                let mut a = append(channel, sender, seq, &seq.to_be_bytes(), 0);
+                a.quota = u64::MAX;
+                // Alternate nodes, and retry every tenth through the other one
+                // (a device that reconnected elsewhere before its ack).
+                let node = &nodes[(i + seq as usize) % 2];
+                let first = node.append(a.clone()).await.unwrap();
+                assert!(!first.duplicate);
+                if seq % 10 == 0 {
+                    let other = &nodes[(i + seq as usize + 1) % 2];
+                    assert_eq!(
+                        other.append(a).await.unwrap(),
+                        Appended {
+                            seq: first.seq,
+                            duplicate: true
+                        }
+                    );
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let all = nodes[1].read(channel, 0, 1000).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=400).collect::<Vec<_>>()
+    );
+    assert_eq!(nodes[0].head(channel).await, Ok(400));
+}
+
+/// Retention drops whole weekly partitions (and deletes row by row only in
+/// the week the cut-off falls in), keeps the quota's byte count right and
+/// never takes sequence numbers back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_drops_whole_weeks() {
+    let Some(db) = common::pg::fresh_database("retention").await else {
+        return;
+    };
+    let store = pg_store(&db).await;
+    let mut rng = os_rng();
+    let (channel, a) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
+    store
+        .create_channel(channel, a, AccessToken::generate(&mut rng).hash(), 0)
+        .await
+        .unwrap();
+    let now = khub::relay::hub::unix_now();
+    let week = 7 * 24 * 3600;
+    for (seq, at) in [(1, now), (2, now), (3, now + week)] {
+        let mut e = append(channel, a, seq, &[7u8; 100], at);
+        e.quota = 1_000;
+        store.append(e).await.unwrap();
+    }
+    assert_eq!(store.stored_bytes().await, Ok(300));
+    let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    assert_eq!(week_partitions(&client).await, 2, "this week and the next");
+    // A cut-off after this week: its partition goes whole, next week's stays.
+    let this_week_ends = (now / week + 1) * week;
+    assert_eq!(store.prune(this_week_ends).await, Ok(2));
+    assert_eq!(week_partitions(&client).await, 1);
+    assert_eq!(store.stored_bytes().await, Ok(100));
+    let left = store.read(channel, 0, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+    // Numbering goes on; the pruned sender still cannot go back.
+    assert_eq!(
+        store
+            .append(append(channel, a, 4, b"four", now))
+            .await
+            .map(|s| s.seq),
+        Ok(4)
+    );
+    assert!(matches!(
+        store.append(append(channel, a, 2, &[7u8; 100], now)).await,
+        Err(StoreError::OutOfOrder { .. })
+    ));
+}
+
+/// The envelope log's weekly partitions.
+async fn week_partitions(client: &tokio_postgres::Client) -> usize {
+    client
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent
+             WHERE p.relname = 'khub_envelopes' AND c.relname LIKE 'khub_envelopes_w%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .len()
+}
+
+/// Nodes starting together apply each migration once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_once() {
+    let Some(db) = common::pg::fresh_database("migrate").await else {
+        return;
+    };
+    let url = db.url();
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::connect(&url, &PgOptions::default()).await })
+        })
+        .collect();
+    for start in starts {
+        tokio::time::timeout(std::time::Duration::from_secs(30), start)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("every node starts");
+    }
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let applied: i64 = client
+        .query_one("SELECT COUNT(*) FROM khub_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
 }

@@ -85,6 +85,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The pairing mailbox's bounds.
+    pub fn slot_bounds(&self) -> crate::relay::pairing::SlotBounds {
+        crate::relay::pairing::SlotBounds {
+            total: self.max_pairing_slots,
+            per_device: self.max_slots_per_device,
+            per_channel: self.max_slots_per_channel,
+            messages_per_side: self.max_pairing_messages,
+        }
+    }
+}
+
 /// The relay's configuration besides its listener and store.
 #[derive(Debug, Default)]
 pub struct RelayConfig {

@@ -82,6 +82,18 @@ impl LocalNotifier {
     }
 }
 
+impl LocalNotifier {
+    /// The channels some session watches now.
+    pub fn watched(&self) -> Vec<ChannelId> {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels
+            .iter()
+            .filter(|(_, sender)| sender.receiver_count() > 0)
+            .map(|(channel, _)| *channel)
+            .collect()
+    }
+}
+
 impl Notifier for LocalNotifier {
     fn stored(&self, channel: ChannelId, head: u64) {
         self.update(channel, |signal| {

@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::store::{BoxFuture, StoreError};
+
+/// A per-address rate limit as the routes see it: [`RateLimiter`] in one
+/// process, or `pg::PgLimiter` (feature `postgres`) counted across every node.
+pub trait Limiter: Send + Sync + 'static {
+    /// Records an event for `ip`; `Ok(false)` if it is over the limit.
+    fn allow(&self, ip: IpAddr) -> BoxFuture<'_, Result<bool, StoreError>>;
+}
+
 /// Counts open connections per client address.
 pub struct ConnectionLimiter {
     max: usize,
@@ -92,6 +101,13 @@ impl RateLimiter {
         }
         entry.1 += 1;
         true
+    }
+}
+
+impl Limiter for RateLimiter {
+    fn allow(&self, ip: IpAddr) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let allowed = RateLimiter::allow(self, ip);
+        Box::pin(async move { Ok(allowed) })
     }
 }
 

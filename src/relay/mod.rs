@@ -20,6 +20,8 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod pairing;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod routes;
 pub mod server;
 pub mod session;
@@ -30,9 +32,9 @@ use std::time::Duration;
 
 use self::config::RelayConfig;
 use self::hub::{Hub, LocalNotifier, Notifier, store_error};
-use self::limits::{ConnectionLimiter, RateLimiter};
+use self::limits::{ConnectionLimiter, Limiter, RateLimiter};
 use self::metrics::Metrics;
-use self::pairing::Slots;
+use self::pairing::{Mailbox, Slots};
 use self::store::Store;
 use crate::protocol::{Credentials, ErrorCode, Refusal};
 
@@ -43,13 +45,59 @@ pub struct Relay {
     /// Settings and limits.
     pub config: RelayConfig,
     /// Open pairing slots.
-    pub slots: Slots,
-    /// Open connections per address.
+    pub slots: Arc<dyn Mailbox>,
+    /// Open connections per address (this node's own sockets).
     pub connections: Arc<ConnectionLimiter>,
     /// Pairing claims per address.
-    pub claims: RateLimiter,
+    pub claims: Arc<dyn Limiter>,
     /// Channel creations per address.
-    pub creations: RateLimiter,
+    pub creations: Arc<dyn Limiter>,
+}
+
+/// What the nodes of a relay share besides the store: wake-ups, the pairing
+/// mailbox and per-address rate limits. [`Relay::with_notifier`] makes
+/// in-process ones; [`pg::shared`] (feature `postgres`) makes ones that every
+/// node sees.
+pub struct Shared {
+    /// Cross-session wake-up.
+    pub notifier: Arc<dyn Notifier>,
+    /// The pairing mailbox.
+    pub slots: Arc<dyn Mailbox>,
+    /// Pairing claims per address.
+    pub claims: Arc<dyn Limiter>,
+    /// Channel creations per address.
+    pub creations: Arc<dyn Limiter>,
+}
+
+impl Shared {
+    /// In-process wake-ups, mailbox and limits, for one node.
+    pub fn local(config: &RelayConfig, metrics: &Arc<Metrics>) -> Self {
+        Self::local_with(Arc::new(LocalNotifier::default()), config, metrics)
+    }
+
+    fn local_with(
+        notifier: Arc<dyn Notifier>,
+        config: &RelayConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let limits = &config.limits;
+        Self {
+            notifier,
+            slots: Arc::new(Slots::new(
+                limits.pairing_ttl,
+                limits.slot_bounds(),
+                Arc::clone(metrics),
+            )),
+            claims: Arc::new(RateLimiter::new(
+                limits.claims_per_minute,
+                Duration::from_secs(60),
+            )),
+            creations: Arc::new(RateLimiter::new(
+                limits.channels_per_hour,
+                Duration::from_secs(3600),
+            )),
+        }
+    }
 }
 
 impl Relay {
@@ -58,35 +106,38 @@ impl Relay {
         Self::with_notifier(store, Arc::new(LocalNotifier::default()), config)
     }
 
-    /// A relay over `store` and `notifier` (a multi-node relay passes a shared one).
+    /// A relay over `store` and `notifier`, with an in-process mailbox and limits.
     pub fn with_notifier(
         store: Arc<dyn Store>,
         notifier: Arc<dyn Notifier>,
         config: RelayConfig,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
+        let shared = Shared::local_with(notifier, &config, &metrics);
+        Self::from_parts(store, shared, metrics, config)
+    }
+
+    /// A relay over `store` and what it shares with other nodes; `metrics`
+    /// is the one the shared parts count into.
+    pub fn from_parts(
+        store: Arc<dyn Store>,
+        shared: Shared,
+        metrics: Arc<Metrics>,
+        config: RelayConfig,
+    ) -> Arc<Self> {
         let limits = &config.limits;
         Arc::new(Self {
             hub: Hub::new(
                 store,
-                notifier,
-                Arc::clone(&metrics),
+                shared.notifier,
+                metrics,
                 limits.max_envelope_bytes,
                 limits.channel_quota_bytes,
             ),
-            slots: Slots::new(
-                limits.pairing_ttl,
-                pairing::SlotBounds {
-                    total: limits.max_pairing_slots,
-                    per_device: limits.max_slots_per_device,
-                    per_channel: limits.max_slots_per_channel,
-                    messages_per_side: limits.max_pairing_messages,
-                },
-                Arc::clone(&metrics),
-            ),
+            slots: shared.slots,
             connections: ConnectionLimiter::new(limits.max_connections_per_ip),
-            claims: RateLimiter::new(limits.claims_per_minute, Duration::from_secs(60)),
-            creations: RateLimiter::new(limits.channels_per_hour, Duration::from_secs(3600)),
+            claims: shared.claims,
+            creations: shared.creations,
             config,
         })
     }

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::metrics::Metrics;
+use super::store::BoxFuture;
 use crate::crypto::token::{AccessToken, TokenHash};
 use crate::ids::{ChannelId, DeviceId};
 use crate::pairing::code::MAX_NAMEPLATE;
@@ -48,13 +49,171 @@ pub struct SlotBounds {
     /// Messages one side may post into a slot.
     pub messages_per_side: usize,
 }
+impl SlotBounds {
+    /// Whether one more slot may open, given the slots open in all, by the
+    /// inviting device and by its channel.
+    pub(crate) fn check_open(
+        &self,
+        metrics: &Metrics,
+        total: usize,
+        by_device: usize,
+        by_channel: usize,
+    ) -> Result<(), Refusal> {
+        if total >= self.total {
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                "the relay has too many pairings in progress: try again in a minute",
+            ));
+        }
+        for (held, bound, limit, message) in [
+            (
+                by_device,
+                self.per_device,
+                "slots_per_device",
+                "this device already has its most pairings open: finish or cancel one first",
+            ),
+            (
+                by_channel,
+                self.per_channel,
+                "slots_per_channel",
+                "this channel already has its most pairings open: finish or cancel some first",
+            ),
+        ] {
+            if held >= bound {
+                metrics.breach(limit);
+                return Err(Refusal::new(ErrorCode::RateLimited, message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a side that has posted `posted` messages may post another.
+    pub(crate) fn check_post(&self, metrics: &Metrics, posted: usize) -> Result<(), Refusal> {
+        if posted >= self.messages_per_side {
+            metrics.breach("pairing_messages");
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                "this side has posted all the messages a pairing needs: make a new code",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refusal: another device claimed the slot first.
+pub(crate) fn already_claimed() -> Refusal {
+    Refusal::new(
+        ErrorCode::AlreadyClaimed,
+        "another device already entered this code: make a new code",
+    )
+}
+
+/// Refusal: the credentials belong to neither side of the slot.
+pub(crate) fn not_a_side() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unauthorized,
+        "these credentials do not belong to this pairing",
+    )
+}
+
 /// Nameplates are drawn from 1..=max(this, 10 × open slots).
 const NAMEPLATE_RANGE: u32 = 100;
 
 /// Type byte of a pairing Finish (the inviter's last message).
-const TYPE_FINISH: u8 = 0x03;
+pub(crate) const TYPE_FINISH: u8 = 0x03;
 /// Type byte of a pairing Abort.
-const TYPE_ABORT: u8 = 0x04;
+pub(crate) const TYPE_ABORT: u8 = 0x04;
+
+/// The pairing mailbox as the routes see it: [`Slots`] in one process, or
+/// `pg::PgMailbox` (feature `postgres`) shared by every node of a relay, so a
+/// code shown through one node is claimed through another. Both keep the
+/// rules documented on [`Slots`].
+pub trait Mailbox: Send + Sync + 'static {
+    /// Opens a slot for `inviter` of `channel`; returns its nameplate.
+    fn open(
+        &self,
+        channel: ChannelId,
+        inviter: DeviceId,
+        sid: [u8; 16],
+    ) -> BoxFuture<'_, Result<u32, Refusal>>;
+    /// Claims a slot for the joiner. Only the first claim succeeds.
+    fn claim(&self, nameplate: u32) -> BoxFuture<'_, Result<Claimed, Refusal>>;
+    /// Which side `auth` speaks for, if any.
+    fn side<'a>(
+        &'a self,
+        nameplate: u32,
+        auth: &'a SlotAuth,
+    ) -> BoxFuture<'a, Result<Side, Refusal>>;
+    /// Posts a message from `side` for the other side.
+    fn send(
+        &self,
+        nameplate: u32,
+        side: Side,
+        message: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), Refusal>>;
+    /// Messages for `side` from index `after`, waiting up to `wait` for one.
+    fn receive(
+        &self,
+        nameplate: u32,
+        side: Side,
+        after: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Received, Refusal>>;
+    /// Ends the slot from `side`.
+    fn end(&self, nameplate: u32, side: Side) -> BoxFuture<'_, Result<(), Refusal>>;
+    /// Buries expired slots; the relay calls this every few seconds.
+    fn tick(&self) -> BoxFuture<'_, ()>;
+}
+
+impl Mailbox for Slots {
+    fn open(
+        &self,
+        channel: ChannelId,
+        inviter: DeviceId,
+        sid: [u8; 16],
+    ) -> BoxFuture<'_, Result<u32, Refusal>> {
+        let opened = Slots::open(self, channel, inviter, sid, &mut crate::crypto::os_rng());
+        Box::pin(async move { opened })
+    }
+    fn claim(&self, nameplate: u32) -> BoxFuture<'_, Result<Claimed, Refusal>> {
+        let claimed = Slots::claim(self, nameplate, &mut crate::crypto::os_rng());
+        Box::pin(async move { claimed })
+    }
+    fn side<'a>(
+        &'a self,
+        nameplate: u32,
+        auth: &'a SlotAuth,
+    ) -> BoxFuture<'a, Result<Side, Refusal>> {
+        let side = Slots::side(self, nameplate, auth);
+        Box::pin(async move { side })
+    }
+    fn send(
+        &self,
+        nameplate: u32,
+        side: Side,
+        message: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), Refusal>> {
+        let sent = Slots::send(self, nameplate, side, message);
+        Box::pin(async move { sent })
+    }
+    fn receive(
+        &self,
+        nameplate: u32,
+        side: Side,
+        after: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Received, Refusal>> {
+        Box::pin(Slots::receive(self, nameplate, side, after, wait))
+    }
+    fn end(&self, nameplate: u32, side: Side) -> BoxFuture<'_, Result<(), Refusal>> {
+        let ended = Slots::end(self, nameplate, side);
+        Box::pin(async move { ended })
+    }
+    fn tick(&self) -> BoxFuture<'_, ()> {
+        Slots::tick(self);
+        Box::pin(async {})
+    }
+}
 
 /// Which side of a pairing a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,14 +224,16 @@ pub enum Side {
     Joiner,
 }
 
-fn not_found() -> Refusal {
+/// Refusal: no slot under this nameplate.
+pub(crate) fn not_found() -> Refusal {
     Refusal::new(
         ErrorCode::NotFound,
         "no pairing is waiting under this number: check the code, or make a new one",
     )
 }
 
-fn gone() -> Refusal {
+/// Refusal: the slot under this nameplate has ended.
+pub(crate) fn gone() -> Refusal {
     Refusal::new(ErrorCode::Gone, "this pairing has ended: make a new code")
 }
 
@@ -186,38 +347,20 @@ impl Slots {
         rng: &mut R,
     ) -> Result<u32, Refusal> {
         let mut inner = self.lock();
-        if inner.slots.len() >= self.bounds.total {
-            return Err(Refusal::new(
-                ErrorCode::Unavailable,
-                "the relay has too many pairings in progress: try again in a minute",
-            ));
-        }
         let open = |of: &dyn Fn(&Slot) -> bool| inner.slots.values().filter(|s| of(s)).count();
-        for (held, bound, limit, message) in [
-            (
-                open(&|s| s.inviter == inviter),
-                self.bounds.per_device,
-                "slots_per_device",
-                "this device already has its most pairings open: finish or cancel one first",
-            ),
-            (
-                open(&|s| s.channel == channel),
-                self.bounds.per_channel,
-                "slots_per_channel",
-                "this channel already has its most pairings open: finish or cancel some first",
-            ),
-        ] {
-            if held >= bound {
-                self.metrics.breach(limit);
-                return Err(Refusal::new(ErrorCode::RateLimited, message));
-            }
-        }
-        let nameplate = free_nameplate(&inner, rng).ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::Unavailable,
-                "no free pairing number: try again in a minute",
-            )
-        })?;
+        self.bounds.check_open(
+            &self.metrics,
+            inner.slots.len(),
+            open(&|s| s.inviter == inviter),
+            open(&|s| s.channel == channel),
+        )?;
+        let busy = inner.slots.len() + inner.resting.len();
+        let nameplate = free_nameplate(
+            busy,
+            |n| inner.slots.contains_key(&n) || inner.resting.contains_key(&n),
+            rng,
+        )
+        .ok_or_else(no_free_nameplate)?;
         inner.slots.insert(
             nameplate,
             Slot {
@@ -253,10 +396,7 @@ impl Slots {
             return Err(gone());
         }
         if slot.claim.is_some() {
-            return Err(Refusal::new(
-                ErrorCode::AlreadyClaimed,
-                "another device already entered this code: make a new code",
-            ));
+            return Err(already_claimed());
         }
         let claim = AccessToken::generate(rng);
         slot.claim = Some(claim.hash());
@@ -271,10 +411,6 @@ impl Slots {
     pub fn side(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, Refusal> {
         let inner = self.lock();
         let slot = inner.slots.get(&nameplate).ok_or_else(gone)?;
-        let unauthorized = Refusal::new(
-            ErrorCode::Unauthorized,
-            "these credentials do not belong to this pairing",
-        );
         match auth {
             SlotAuth::Device { channel, device }
                 if *channel == slot.channel && *device == slot.inviter =>
@@ -284,7 +420,7 @@ impl Slots {
             SlotAuth::Claim(token) if slot.claim.is_some_and(|h| h.verify(token)) => {
                 Ok(Side::Joiner)
             }
-            _ => Err(unauthorized),
+            _ => Err(not_a_side()),
         }
     }
 
@@ -300,13 +436,7 @@ impl Slots {
             Side::Inviter => slot.to_joiner.len(),
             Side::Joiner => slot.to_inviter.len(),
         };
-        if posted >= self.bounds.messages_per_side {
-            self.metrics.breach("pairing_messages");
-            return Err(Refusal::new(
-                ErrorCode::TooLarge,
-                "this side has posted all the messages a pairing needs: make a new code",
-            ));
-        }
+        self.bounds.check_post(&self.metrics, posted)?;
         match message.first() {
             Some(&TYPE_FINISH) if side == Side::Inviter => slot.finished = true,
             // An abort ends the slot: the other side can still read it, then sees
@@ -419,15 +549,27 @@ pub enum SlotAuth {
     Claim(AccessToken),
 }
 
-/// A free nameplate (neither open nor resting), drawn at random from a range
-/// of at least [`NAMEPLATE_RANGE`] numbers and ten per open slot, so that
-/// random draws mostly hit; a full scan of the range decides when they miss.
-fn free_nameplate<R: rand::Rng + ?Sized>(inner: &Inner, rng: &mut R) -> Option<u32> {
+/// Refusal: every nameplate is open or resting.
+pub(crate) fn no_free_nameplate() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "no free pairing number: try again in a minute",
+    )
+}
+
+/// A free nameplate (neither open nor resting; `busy` of them are, and
+/// `is_busy` tells which), drawn at random from a range of at least
+/// [`NAMEPLATE_RANGE`] numbers and ten per busy one, so that random draws
+/// mostly hit; a full scan of the range decides when they miss.
+pub(crate) fn free_nameplate<R: rand::Rng + ?Sized>(
+    busy: usize,
+    is_busy: impl Fn(u32) -> bool,
+    rng: &mut R,
+) -> Option<u32> {
     use rand::RngExt;
-    let busy = inner.slots.len() + inner.resting.len();
     let wanted = u32::try_from(busy.saturating_mul(10)).unwrap_or(MAX_NAMEPLATE);
     let range = wanted.clamp(NAMEPLATE_RANGE, MAX_NAMEPLATE);
-    let free = |n: &u32| !inner.slots.contains_key(n) && !inner.resting.contains_key(n);
+    let free = |n: &u32| !is_busy(*n);
     for _ in 0..32 {
         let n = rng.random_range(1..=range);
         if free(&n) {
@@ -441,7 +583,8 @@ fn free_nameplate<R: rand::Rng + ?Sized>(inner: &Inner, rng: &mut R) -> Option<u
         .find(free)
 }
 
-fn check_message(message: &[u8]) -> Result<(), Refusal> {
+/// Checks a pairing message's size.
+pub(crate) fn check_message(message: &[u8]) -> Result<(), Refusal> {
     if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
         return Err(Refusal::new(
             ErrorCode::TooLarge,

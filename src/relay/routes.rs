@@ -424,12 +424,16 @@ async fn create_channel(
             "the relay's storage is full; it takes no new channels until retention frees room",
         );
     }
-    if !relay.creations.allow(conn.client) {
-        relay.metrics().breach("channels_per_ip");
-        return error(
-            ErrorCode::RateLimited,
-            "too many channels created from this address; try again later",
-        );
+    if let Err(response) = within_rate(
+        &*relay.creations,
+        &relay,
+        conn.client,
+        "channels_per_ip",
+        "too many channels created from this address; try again later",
+    )
+    .await
+    {
+        return response;
     }
     let request: CreateChannel = match parse(&body) {
         Ok(r) => r,
@@ -657,12 +661,11 @@ async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Resp
         Ok(r) => r,
         Err(response) => return response,
     };
-    match relay.slots.open(
-        credentials.channel,
-        credentials.device,
-        request.sid,
-        &mut crate::crypto::os_rng(),
-    ) {
+    match relay
+        .slots
+        .open(credentials.channel, credentials.device, request.sid)
+        .await
+    {
         Ok(nameplate) => {
             tracing::info!(channel = %credentials.channel, device = %credentials.device, nameplate, "pairing opened");
             let expires_in = relay.config.limits.pairing_ttl.as_secs();
@@ -678,15 +681,37 @@ async fn open_slot(auth: Option<String>, body: Bytes, relay: Arc<Relay>) -> Resp
     }
 }
 
-async fn claim_slot(nameplate: u32, conn: ConnInfo, relay: Arc<Relay>) -> Response {
-    if !relay.claims.allow(conn.client) {
-        relay.metrics().breach("claims_per_ip");
-        return error(
-            ErrorCode::RateLimited,
-            "too many pairing attempts from this address; wait a minute",
-        );
+/// Counts an event against `limiter`; the refusal to answer if it is over.
+async fn within_rate(
+    limiter: &dyn super::limits::Limiter,
+    relay: &Relay,
+    client: std::net::IpAddr,
+    limit: &str,
+    message: &str,
+) -> Result<(), Response> {
+    match limiter.allow(client).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            relay.metrics().breach(limit);
+            Err(error(ErrorCode::RateLimited, message))
+        }
+        Err(e) => Err(refused(store_error(e))),
     }
-    match relay.slots.claim(nameplate, &mut crate::crypto::os_rng()) {
+}
+
+async fn claim_slot(nameplate: u32, conn: ConnInfo, relay: Arc<Relay>) -> Response {
+    if let Err(response) = within_rate(
+        &*relay.claims,
+        &relay,
+        conn.client,
+        "claims_per_ip",
+        "too many pairing attempts from this address; wait a minute",
+    )
+    .await
+    {
+        return response;
+    }
+    match relay.slots.claim(nameplate).await {
         Ok(claimed) => json(
             StatusCode::OK,
             &SlotClaimed {
@@ -738,10 +763,10 @@ async fn post_message(
         Ok(r) => r,
         Err(response) => return response,
     };
-    let result = relay
-        .slots
-        .side(nameplate, &who)
-        .and_then(|side| relay.slots.send(nameplate, side, request.message.0));
+    let result = match relay.slots.side(nameplate, &who).await {
+        Ok(side) => relay.slots.send(nameplate, side, request.message.0).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response(),
         Err(e) => refused(e),
@@ -770,7 +795,7 @@ async fn poll_messages(
         Ok(who) => who,
         Err(response) => return response,
     };
-    let side = match relay.slots.side(nameplate, &who) {
+    let side = match relay.slots.side(nameplate, &who).await {
         Ok(side) => side,
         Err(e) => return refused(e),
     };
@@ -805,11 +830,11 @@ async fn end_slot(
         Ok(who) => who,
         Err(response) => return response,
     };
-    match relay
-        .slots
-        .side(nameplate, &who)
-        .and_then(|side| relay.slots.end(nameplate, side))
-    {
+    let result = match relay.slots.side(nameplate, &who).await {
+        Ok(side) => relay.slots.end(nameplate, side).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
         Err(e) => refused(e),
     }

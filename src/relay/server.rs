@@ -335,7 +335,7 @@ async fn housekeeping(relay: Arc<Relay>, mut stopped: watch::Receiver<bool>) {
                 }
             }
             _ = sweep.tick() => {
-                relay.slots.tick();
+                relay.slots.tick().await;
                 check_budget(&relay).await;
             }
         }

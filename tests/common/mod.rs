@@ -201,6 +201,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 pub mod net;
+pub mod pg;
 
 /// A fresh, empty directory under the system temp dir, named for `purpose`.
 pub fn tempdir(purpose: &str) -> std::path::PathBuf {

@@ -10,9 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use khub::relay::Relay;
 use khub::relay::config::{Limits, RelayConfig};
-use khub::relay::store::Store;
 use khub::relay::store::memory::MemoryStore;
-use khub::relay::store::sqlite::SqliteStore;
+use khub::relay::store::sqlite::{Durability, SqliteStore};
 
 mod note;
 mod peer;
@@ -245,7 +244,21 @@ struct ServeArgs {
     /// it, `/metrics` is served on --listen only if that is a loopback address.
     #[arg(long, env = "KHUB_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// SQLite database file (created if missing).
+    /// Where the relay keeps its state: `sqlite:PATH` (the default is
+    /// `sqlite:khub.sqlite3`), `memory` (lost on exit), or `postgres://…` for
+    /// several relay nodes on one database (a khub built with `--features
+    /// postgres`). A URL with a password belongs in KHUB_STORE, not on the
+    /// command line, where every local user can read it.
+    #[arg(long, env = "KHUB_STORE", conflicts_with_all = ["db", "memory"])]
+    store: Option<String>,
+    /// PostgreSQL connections this node may open (`--store postgres://…`).
+    #[arg(long, env = "KHUB_STORE_POOL", default_value_t = 16)]
+    store_pool: usize,
+    /// PEM file of CA certificates to trust for PostgreSQL's TLS besides the
+    /// public roots (with `sslmode=require` in the URL).
+    #[arg(long, env = "KHUB_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
+    /// SQLite database file (created if missing); same as `--store sqlite:PATH`.
     #[arg(long, env = "KHUB_DB", default_value = "khub.sqlite3")]
     db: PathBuf,
     /// When an envelope counts as stored (and is acked): `full` fsyncs every
@@ -959,29 +972,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         operator_secret: operator_secret(args.operator_secret_file.as_ref())?,
         public_metrics: args.metrics_listen.is_none() && args.listen.ip().is_loopback(),
     };
-    let store: Arc<dyn Store> = if args.memory {
-        Arc::new(MemoryStore::new())
-    } else {
-        Arc::new(
-            SqliteStore::open(&args.db)
-                .with_context(|| format!("cannot open the database {}", args.db.display()))?,
-        )
+    let kind = StoreKind::parse(&args)?;
+    let durability = match args.durability {
+        DurabilityArg::Full => Durability::Full,
+        DurabilityArg::Normal => Durability::Normal,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let (relay, where_) = match kind {
+            StoreKind::Memory => (
+                Relay::new(Arc::new(MemoryStore::new()), config),
+                "memory (nothing is kept)".to_owned(),
+            ),
+            StoreKind::Sqlite(path) => {
+                let store = SqliteStore::open_with(&path, durability)
+                    .with_context(|| format!("cannot open the database {}", path.display()))?;
+                (
+                    Relay::new(Arc::new(store), config),
+                    path.display().to_string(),
+                )
+            }
+            StoreKind::Postgres(url) => {
+                postgres_relay(&url, args.store_pool, args.store_ca_file, config).await?
+            }
+        };
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let where_ = if args.memory {
-            "memory (nothing is kept)".to_owned()
-        } else {
-            args.db.display().to_string()
-        };
         println!("khub relay listening on {addr}, storing in {where_}");
-        let relay = Relay::new(store, config);
         let metrics = match args.metrics_listen {
             Some(at) => {
                 let listener = tokio::net::TcpListener::bind(at)
@@ -1004,6 +1025,68 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// Where `khub serve` keeps its state.
+enum StoreKind {
+    Memory,
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreKind {
+    fn parse(args: &ServeArgs) -> anyhow::Result<Self> {
+        let Some(store) = &args.store else {
+            return Ok(if args.memory {
+                Self::Memory
+            } else {
+                Self::Sqlite(args.db.clone())
+            });
+        };
+        if store == "memory" {
+            Ok(Self::Memory)
+        } else if let Some(path) = store.strip_prefix("sqlite:") {
+            Ok(Self::Sqlite(PathBuf::from(path)))
+        } else if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            Ok(Self::Postgres(store.clone()))
+        } else {
+            bail!(
+                "--store takes sqlite:PATH, memory or postgres://USER@HOST/DB (got something else)"
+            )
+        }
+    }
+}
+
+/// A relay node on PostgreSQL; the second value says where, without the password.
+#[cfg(feature = "postgres")]
+async fn postgres_relay(
+    url: &str,
+    pool_size: usize,
+    ca_file: Option<PathBuf>,
+    config: RelayConfig,
+) -> anyhow::Result<(Arc<Relay>, String)> {
+    use khub::relay::store::postgres::{PgOptions, PgStore};
+    let options = PgOptions { pool_size, ca_file };
+    let store = PgStore::connect(url, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use the PostgreSQL store: {e}"))?;
+    let where_ = store.target().describe();
+    let relay = khub::relay::pg::relay(Arc::new(store), config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for other relay nodes: {e}"))?;
+    Ok((relay, where_))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_relay(
+    _url: &str,
+    _pool_size: usize,
+    _ca_file: Option<PathBuf>,
+    _config: RelayConfig,
+) -> anyhow::Result<(Arc<Relay>, String)> {
+    bail!(
+        "this khub was built without PostgreSQL support: build it with `cargo build --release --features postgres`"
+    )
+}
+
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]

@@ -2,9 +2,9 @@
 //! hashes only), and the envelope log of each channel.
 //!
 //! Implementations: [`sqlite::SqliteStore`] (the embedded default: WAL, group
-//! commit) and [`memory::MemoryStore`] (ephemeral, for tests and `--memory`). A
-//! multi-node relay adds another implementation (Redis) without touching the
-//! sessions, which only see this trait.
+//! commit), [`memory::MemoryStore`] (ephemeral, for tests and `--memory`) and,
+//! with the `postgres` feature, `postgres::PgStore`, which several relay nodes
+//! share. The sessions only see this trait.
 //!
 //! Contract, for every implementation:
 //! - `append` returns only after the envelope is durable (for the store's notion
@@ -24,6 +24,8 @@
 //!   for good).
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;

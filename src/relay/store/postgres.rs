@@ -1,0 +1,692 @@
+//! The [`Store`] for several relay nodes: one PostgreSQL database they share.
+//!
+//! Every call takes a pooled connection and runs one transaction. An append is
+//! one round trip to the `khub_append` function (see `postgres/0001_init.sql`),
+//! which locks the channel's row, so each channel's sequence numbers are
+//! gapless and become visible in order, whichever node appended them; the call
+//! returns after `COMMIT`, so with `synchronous_commit = on` (and a synchronous
+//! standby) an acked envelope survives the primary's loss.
+//!
+//! The schema is versioned: [`PgStore::connect`] applies the migrations the
+//! database lacks, under an advisory lock, so nodes starting together apply
+//! each one once. Envelopes are partitioned by the week they were stored in:
+//! retention drops whole partitions and deletes rows only in the partition the
+//! cut-off falls into.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+
+use super::{Append, Appended, BoxFuture, DeviceRecord, Store, StoreError, StoredEnvelope};
+use crate::crypto::token::TokenHash;
+use crate::ids::{ChannelId, DeviceId};
+
+/// The schema, in order; `khub_migrations` records which are applied.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("postgres/0001_init.sql"))];
+
+/// Advisory lock keys (arbitrary, fixed): migrations, partition upkeep.
+const MIGRATION_LOCK: i64 = 0x6b68_7562_0001;
+const PARTITION_LOCK: i64 = 0x6b68_7562_0002;
+
+/// Envelopes are partitioned by the week they were stored in.
+const PARTITION_SECS: u64 = 7 * 24 * 3600;
+
+/// Longest a store call may take before the relay gives up on it (the
+/// operation may still commit: a retried publish is then a duplicate).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections the pool may open.
+    pub pool_size: usize,
+    /// PEM file of CA certificates to trust besides the public roots, for a
+    /// server with a private certificate authority (`sslmode=require`).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            ca_file: None,
+        }
+    }
+}
+
+/// A connection target: the parsed settings and the TLS connector, for the
+/// pool and for the notifier's listening connection.
+#[derive(Clone)]
+pub struct PgTarget {
+    /// Parsed connection settings.
+    pub config: tokio_postgres::Config,
+    /// TLS (used as `sslmode` says: `prefer` by default, `require`, `disable`).
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl PgTarget {
+    /// Parses a `postgres://` URL or a `key=value` string.
+    pub fn parse(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            StoreError::Backend(format!("the PostgreSQL address is not valid: {e}"))
+        })?;
+        if config.get_application_name().is_none() {
+            // How the operator tells khub's connections apart in pg_stat_activity.
+            config.application_name("khub-relay");
+        }
+        Ok(Self {
+            config,
+            tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(options)?),
+        })
+    }
+
+    /// Where it points, without the password: for logs and errors.
+    pub fn describe(&self) -> String {
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        format!(
+            "postgres {}@{}/{}",
+            self.config.get_user().unwrap_or("?"),
+            hosts.join(","),
+            self.config.get_dbname().unwrap_or("(user's)")
+        )
+    }
+}
+
+fn tls_config(options: &PgOptions) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &options.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "{} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(backend)?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(backend)?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
+/// PostgreSQL-backed store. Cheap to share behind an `Arc`.
+pub struct PgStore {
+    pool: Pool,
+    target: PgTarget,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A tokio-postgres error with its server-side detail (the driver's own
+/// Display says only "db error").
+pub(crate) fn db(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Backend(format!("PostgreSQL: {}", db.message()));
+    }
+    let mut text = format!("PostgreSQL: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    if text.contains("TLS handshake") {
+        text.push_str(
+            " (trust the server's CA with --store-ca-file, or add sslmode=disable to the URL for a server on this machine)",
+        );
+    }
+    StoreError::Backend(text)
+}
+
+pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
+    }
+}
+
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Connects, applies missing migrations and makes sure this week's and
+    /// next week's envelope partitions exist.
+    pub async fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
+        let target = PgTarget::parse(url, options)?;
+        let manager = Manager::from_config(
+            target.config.clone(),
+            target.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CALL_TIMEOUT))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(backend)?;
+        let store = Self { pool, target };
+        store.migrate().await?;
+        store.add_partitions(super::super::hub::unix_now()).await?;
+        Ok(store)
+    }
+
+    /// The connection target (the notifier listens through it).
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    /// The pool (the shared pairing slots and rate limits use it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS khub_migrations (
+                         version INTEGER PRIMARY KEY,
+                         applied TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .await
+                .map_err(db)?;
+            let applied: i32 = client
+                .query_one("SELECT COALESCE(MAX(version), 0) FROM khub_migrations", &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+            if applied > newest {
+                return Err(StoreError::Backend(format!(
+                    "the database has schema version {applied}, newer than this khub's {newest}: \
+                     upgrade khub before pointing it at this database"
+                )));
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+                let tx = client.transaction().await.map_err(db)?;
+                tx.batch_execute(sql).await.map_err(db)?;
+                tx.execute(
+                    "INSERT INTO khub_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                tracing::info!(version, "PostgreSQL schema migrated");
+            }
+            Ok(())
+        }
+        .await;
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        result?;
+        unlocked.map_err(db)?;
+        Ok(())
+    }
+
+    /// Creates the partitions of the week holding `now` and the next one. A
+    /// week whose rows already went to the default partition (a relay that
+    /// was down for weeks) stays there and is pruned row by row.
+    async fn add_partitions(&self, now: u64) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await
+            .map_err(db)?;
+        for week in [now / PARTITION_SECS, now / PARTITION_SECS + 1] {
+            let (from, to) = (week * PARTITION_SECS, (week + 1) * PARTITION_SECS);
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS khub_envelopes_w{week} PARTITION OF khub_envelopes
+                 FOR VALUES FROM ({from}) TO ({to})"
+            );
+            tx.batch_execute("SAVEPOINT partition").await.map_err(db)?;
+            if let Err(e) = tx.batch_execute(&sql).await {
+                tracing::warn!(week, error = %db(e), "envelope partition not created; its rows stay in the default partition");
+                tx.batch_execute("ROLLBACK TO SAVEPOINT partition")
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn prune_at(&self, before: u64) -> Result<u64, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await
+            .map_err(db)?;
+        // Whole weeks before the cut-off: subtract their bytes, drop them.
+        let partitions = tx
+            .query(
+                "SELECT c.relname FROM pg_inherits i
+                 JOIN pg_class c ON c.oid = i.inhrelid
+                 JOIN pg_class p ON p.oid = i.inhparent
+                 WHERE p.relname = 'khub_envelopes' AND c.relname LIKE 'khub_envelopes_w%'",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let mut removed = 0u64;
+        for row in partitions {
+            let name: String = row.get(0);
+            let Some(week) = name
+                .strip_prefix("khub_envelopes_w")
+                .and_then(|w| w.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if (week + 1) * PARTITION_SECS > before {
+                continue;
+            }
+            let sums = tx
+                .query(
+                    &format!(
+                        "SELECT channel, SUM(length(body))::BIGINT, COUNT(*) FROM {name} GROUP BY channel"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(db)?;
+            for sum in &sums {
+                let (channel, bytes, count): (Vec<u8>, i64, i64) =
+                    (sum.get(0), sum.get(1), sum.get(2));
+                tx.execute(
+                    "UPDATE khub_channels SET bytes = bytes - $2 WHERE id = $1",
+                    &[&channel, &bytes],
+                )
+                .await
+                .map_err(db)?;
+                removed += u64::try_from(count).unwrap_or(0);
+            }
+            tx.batch_execute(&format!("DROP TABLE {name}"))
+                .await
+                .map_err(db)?;
+        }
+        // The rest row by row: the week the cut-off falls in, and the default.
+        let deleted = tx
+            .query(
+                "WITH gone AS (DELETE FROM khub_envelopes WHERE stored < $1
+                               RETURNING channel, length(body) AS n)
+                 SELECT channel, SUM(n)::BIGINT, COUNT(*) FROM gone GROUP BY channel",
+                &[&int(before)],
+            )
+            .await
+            .map_err(db)?;
+        for sum in &deleted {
+            let (channel, bytes, count): (Vec<u8>, i64, i64) = (sum.get(0), sum.get(1), sum.get(2));
+            tx.execute(
+                "UPDATE khub_channels SET bytes = bytes - $2 WHERE id = $1",
+                &[&channel, &bytes],
+            )
+            .await
+            .map_err(db)?;
+            removed += u64::try_from(count).unwrap_or(0);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(removed)
+    }
+
+    /// Runs `op` with a pooled connection, within [`CALL_TIMEOUT`].
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: impl for<'c> FnOnce(
+            &'c mut deadpool_postgres::Object,
+        ) -> BoxFuture<'c, Result<T, StoreError>>
+        + Send
+        + 'a,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        Box::pin(async move {
+            let work = async {
+                let mut client = self.pool.get().await.map_err(pool_error)?;
+                op(&mut client).await
+            };
+            tokio::time::timeout(CALL_TIMEOUT, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Backend(
+                        "PostgreSQL did not answer within 15 s".into(),
+                    ))
+                })
+        })
+    }
+}
+
+fn record(device: Vec<u8>, token_hash: Vec<u8>, revoked: bool) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        device: DeviceId::from_slice(&device).ok_or_else(|| backend("corrupt device id"))?,
+        token_hash: TokenHash(
+            token_hash
+                .try_into()
+                .map_err(|_| backend("corrupt token hash"))?,
+        ),
+        revoked,
+    })
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+impl Store for PgStore {
+    fn create_channel(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db)?;
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO khub_channels (id, head, bytes, created) VALUES ($1, 0, 0, $2)
+                         ON CONFLICT DO NOTHING",
+                        &[&channel.as_bytes().as_slice(), &int(now)],
+                    )
+                    .await
+                    .map_err(db)?;
+                if inserted == 0 {
+                    return Err(StoreError::Exists);
+                }
+                tx.execute(
+                    "INSERT INTO khub_devices (channel, device, token_hash, joined) VALUES ($1, $2, $3, $4)",
+                    &[
+                        &channel.as_bytes().as_slice(),
+                        &device.as_bytes().as_slice(),
+                        &token_hash.0.as_slice(),
+                        &int(now),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)
+            })
+        })
+    }
+
+    fn device(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<Option<DeviceRecord>, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT device, token_hash, revoked FROM khub_devices WHERE channel = $1 AND device = $2",
+                    )
+                    .await
+                    .map_err(db)?;
+                let row = client
+                    .query_opt(
+                        &statement,
+                        &[&channel.as_bytes().as_slice(), &device.as_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(db)?;
+                row.map(|r| record(r.get(0), r.get(1), r.get(2))).transpose()
+            })
+        })
+    }
+
+    fn devices(&self, channel: ChannelId) -> BoxFuture<'_, Result<Vec<DeviceRecord>, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let exists = client
+                    .query_opt(
+                        "SELECT 1 FROM khub_channels WHERE id = $1",
+                        &[&channel.as_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(db)?;
+                if exists.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                client
+                    .query(
+                        "SELECT device, token_hash, revoked FROM khub_devices WHERE channel = $1 ORDER BY ord",
+                        &[&channel.as_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(db)?
+                    .into_iter()
+                    .map(|r| record(r.get(0), r.get(1), r.get(2)))
+                    .collect()
+            })
+        })
+    }
+
+    fn admit(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        max_devices: usize,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db)?;
+                let id = channel.as_bytes().as_slice();
+                // The channel's row lock orders admissions, so two nodes
+                // cannot both admit the last free place.
+                tx.query_opt("SELECT 1 FROM khub_channels WHERE id = $1 FOR UPDATE", &[&id])
+                    .await
+                    .map_err(db)?
+                    .ok_or(StoreError::NotFound)?;
+                let active: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM khub_devices WHERE channel = $1 AND NOT revoked",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                let known = tx
+                    .query_opt(
+                        "SELECT 1 FROM khub_devices WHERE channel = $1 AND device = $2",
+                        &[&id, &device.as_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(db)?;
+                if known.is_some() {
+                    return Err(StoreError::Exists);
+                }
+                if usize::try_from(active).unwrap_or(usize::MAX) >= max_devices {
+                    return Err(StoreError::ChannelFull(max_devices));
+                }
+                tx.execute(
+                    "INSERT INTO khub_devices (channel, device, token_hash, joined) VALUES ($1, $2, $3, $4)",
+                    &[&id, &device.as_bytes().as_slice(), &token_hash.0.as_slice(), &int(now)],
+                )
+                .await
+                .map_err(|e| if is_unique_violation(&e) { StoreError::Exists } else { db(e) })?;
+                tx.commit().await.map_err(db)
+            })
+        })
+    }
+
+    fn revoke(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let changed = client
+                    .execute(
+                        "UPDATE khub_devices SET revoked = true WHERE channel = $1 AND device = $2",
+                        &[
+                            &channel.as_bytes().as_slice(),
+                            &device.as_bytes().as_slice(),
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                if changed == 0 {
+                    Err(StoreError::NotFound)
+                } else {
+                    Ok(())
+                }
+            })
+        })
+    }
+
+    fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)")
+                    .await
+                    .map_err(db)?;
+                let row = client
+                    .query_one(
+                        &statement,
+                        &[
+                            &a.channel.as_bytes().as_slice(),
+                            &a.sender.as_bytes().as_slice(),
+                            &int(a.sender_seq),
+                            &a.envelope.as_ref(),
+                            &int(a.now),
+                            &int(a.quota),
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                let outcome: &str = row.get(0);
+                let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
+                match outcome {
+                    "stored" => Ok(Appended { seq: seq(), duplicate: false }),
+                    "duplicate" => Ok(Appended { seq: seq(), duplicate: true }),
+                    "conflict" => Err(StoreError::Conflict { sender_seq: a.sender_seq }),
+                    "out_of_order" => Err(StoreError::OutOfOrder {
+                        sender_seq: a.sender_seq,
+                        highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
+                    }),
+                    "over_quota" => Err(StoreError::OverQuota {
+                        used: row.get::<_, Option<i64>>(2).map_or(0, |u| u as u64),
+                        quota: a.quota,
+                    }),
+                    "not_found" => Err(StoreError::NotFound),
+                    other => Err(StoreError::Backend(format!("khub_append answered {other:?}"))),
+                }
+            })
+        })
+    }
+
+    fn read(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT seq, body FROM khub_envelopes WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    )
+                    .await
+                    .map_err(db)?;
+                let rows = client
+                    .query(
+                        &statement,
+                        &[&channel.as_bytes().as_slice(), &int(after), &int(limit as u64)],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| StoredEnvelope {
+                        seq: r.get::<_, i64>(0) as u64,
+                        envelope: Bytes::from(r.get::<_, Vec<u8>>(1)),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT head FROM khub_channels WHERE id = $1")
+                    .await
+                    .map_err(db)?;
+                client
+                    .query_opt(&statement, &[&channel.as_bytes().as_slice()])
+                    .await
+                    .map_err(db)?
+                    .map(|r| r.get::<_, i64>(0) as u64)
+                    .ok_or(StoreError::NotFound)
+            })
+        })
+    }
+
+    fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            // Housekeeping runs this periodically: keep next week's partition ready.
+            self.add_partitions(super::super::hub::unix_now()).await?;
+            self.prune_at(before).await
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.call(|client| {
+            Box::pin(async move { client.simple_query("SELECT 1").await.map(drop).map_err(db) })
+        })
+    }
+
+    fn stored_bytes(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.call(|client| {
+            Box::pin(async move {
+                let total: i64 = client
+                    .query_one(
+                        "SELECT COALESCE(SUM(bytes), 0)::BIGINT FROM khub_channels",
+                        &[],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                Ok(u64::try_from(total).unwrap_or(0))
+            })
+        })
+    }
+}

@@ -1,0 +1,202 @@
+//! Two relay nodes on one PostgreSQL database, in this process: a code shown
+//! through one node is claimed through the other, a message stored through
+//! one wakes a session on the other, a removal through one closes the removed
+//! device's session on the other, and claims per address are counted across
+//! both. Skipped (with a note) without PostgreSQL unless KHUB_REQUIRE_POSTGRES.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use khub::client::ClientError;
+use khub::relay::Relay;
+use khub::relay::config::{Limits, RelayConfig};
+use khub::relay::server::Running;
+use khub::relay::store::postgres::{PgOptions, PgStore};
+use khub::testing::{TempDir, paired_devices};
+
+const STEP: Duration = Duration::from_secs(20);
+
+/// A relay node on `db`, serving on an ephemeral port.
+struct Node {
+    addr: SocketAddr,
+    _running: Running,
+}
+
+impl Node {
+    async fn start(db: &common::pg::TestDb, limits: Limits) -> Self {
+        let store = PgStore::connect(&db.url(), &PgOptions::default())
+            .await
+            .expect("the store opens");
+        let relay: Arc<Relay> = khub::relay::pg::relay(
+            Arc::new(store),
+            RelayConfig {
+                limits,
+                ..RelayConfig::default()
+            },
+        )
+        .await
+        .expect("the node starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self {
+            addr: listener.local_addr().unwrap(),
+            _running: Running::spawn(relay, listener),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_two_nodes_pair_talk_and_are_removed_across_them() {
+    let Some(db) = common::pg::fresh_database("nodes").await else {
+        return;
+    };
+    let a = Node::start(&db, Limits::default()).await;
+    let b = Node::start(&db, Limits::default()).await;
+    let home = TempDir::new("nodes");
+    // The channel's creator talks to node A; the two it invites to node B, so
+    // each pairing's code is shown through A and claimed through B.
+    let paired = tokio::time::timeout(
+        STEP * 3,
+        paired_devices(home.path(), &[a.url(), b.url(), b.url()]),
+    )
+    .await
+    .expect("pairing in time")
+    .expect("devices pair across nodes");
+    let [laptop, phone, tablet] = &paired.devices[..] else {
+        panic!("three devices");
+    };
+
+    // A message stored through node B wakes the laptop's live session on A.
+    let on_a = laptop.connect();
+    on_a.caught_up(STEP).await.expect("session on A");
+    let on_b = phone.connect();
+    on_b.send(b"through node B", STEP)
+        .await
+        .expect("sent through B");
+    let got = tokio::time::timeout(STEP, on_a.recv())
+        .await
+        .expect("delivered across nodes in time")
+        .expect("delivered");
+    assert_eq!(got.body, b"through node B");
+    assert_eq!(got.from, phone.id());
+
+    // Removing the tablet through node A ends its live session on node B.
+    let tablet_on_b = tablet.connect();
+    tablet_on_b.caught_up(STEP).await.expect("session on B");
+    laptop.remove(tablet.id()).await.expect("removed through A");
+    let ended = tokio::time::timeout(STEP, async {
+        loop {
+            match tablet_on_b.recv().await {
+                // Only what was said before the removal.
+                Ok(message) => {
+                    assert_eq!(message.body, b"through node B");
+                    tablet.mark_read(message.seq).unwrap();
+                }
+                Err(error) => return error,
+            }
+        }
+    })
+    .await
+    .expect("the removed device's session ends in time");
+    assert!(matches!(ended, ClientError::Revoked), "{ended:?}");
+    on_a.close().await;
+    on_b.close().await;
+}
+
+/// `POST /pair/N/claim` for a nameplate nobody opened; the HTTP status.
+async fn claim(node: &Node, nameplate: u32) -> u16 {
+    common::net::http(
+        node.addr,
+        "POST",
+        &format!("/pair/{nameplate}/claim"),
+        &[],
+        b"",
+    )
+    .await
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_per_address_are_counted_across_nodes() {
+    let Some(db) = common::pg::fresh_database("claims").await else {
+        return;
+    };
+    let limits = Limits {
+        claims_per_minute: 3,
+        ..Limits::default()
+    };
+    let a = Node::start(&db, limits.clone()).await;
+    let b = Node::start(&db, limits).await;
+    // No such slot, but each claim counts: three through A...
+    for nameplate in [11, 12, 13] {
+        assert_eq!(claim(&a, nameplate).await, 404);
+    }
+    // ...and the fourth, through B, is one too many for this address.
+    assert_eq!(claim(&b, 14).await, 429);
+    assert_eq!(claim(&a, 15).await, 429);
+}
+
+/// A node whose notification connections drop (a PostgreSQL restart, a
+/// network cut) reconnects and catches up: a message stored through the
+/// other node meanwhile still reaches the live session on this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_notifications_catches_up() {
+    let Some(db) = common::pg::fresh_database("bus").await else {
+        return;
+    };
+    let a = Node::start(&db, Limits::default()).await;
+    let b = Node::start(&db, Limits::default()).await;
+    let home = TempDir::new("nodes");
+    let paired = tokio::time::timeout(STEP * 2, paired_devices(home.path(), &[a.url(), b.url()]))
+        .await
+        .expect("pairing in time")
+        .expect("devices pair across nodes");
+    let [on_a, on_b] = &paired.devices[..] else {
+        panic!("two devices");
+    };
+    let receiver = on_b.connect();
+    receiver.caught_up(STEP).await.expect("session on B");
+    let sender = on_a.connect();
+    sender.caught_up(STEP).await.expect("session on A");
+
+    // Cut every bus connection of both nodes, then talk at once.
+    let (admin, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut: i64 = admin
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
+            &[&khub::relay::pg::bus::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        cut >= 2,
+        "both nodes' listening connections were cut ({cut})"
+    );
+    for n in 0..3 {
+        sender
+            .send(format!("while cut {n}").as_bytes(), STEP)
+            .await
+            .expect("stored through A");
+    }
+    for n in 0..3 {
+        let got = tokio::time::timeout(STEP, receiver.recv())
+            .await
+            .expect("delivered on B after its reconnection")
+            .expect("delivered");
+        assert_eq!(got.body, format!("while cut {n}").as_bytes());
+        on_b.mark_read(got.seq).unwrap();
+    }
+    sender.close().await;
+    receiver.close().await;
+}
