@@ -3,100 +3,20 @@
 //! happens on the wire, every device ends with every message exactly once, in
 //! the relay's order — and the relay's files and logs hold no secret.
 
-use std::collections::{BTreeMap, HashMap};
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use khub::client::{Device, Session};
+use common::delivery::{check_delivery, cut_randomly, exchange, receive_all, sent};
+use khub::client::Session;
 use khub::ids::DeviceId;
 use khub::relay::config::Limits;
 use khub::testing::{FaultProxy, Scanner, TempDir, TestRelay, capture_logs, paired_devices};
-use rand::RngExt;
 
 /// The whole scenario must finish in this time.
 const SCENARIO: Duration = Duration::from_secs(120);
-
-/// A message as one device received it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Received {
-    seq: u64,
-    from: DeviceId,
-    body: Vec<u8>,
-}
-
-/// Receives until `expected` messages are in, marking each read.
-async fn receive_all(device: Device, session: &Session, expected: usize) -> Vec<Received> {
-    let mut got = Vec::with_capacity(expected);
-    while got.len() < expected {
-        let message = session.recv().await.expect("receive");
-        device.mark_read(message.seq).expect("mark read");
-        got.push(Received {
-            seq: message.seq,
-            from: message.from,
-            body: message.body,
-        });
-    }
-    got
-}
-
-/// Checks what every device received against what was sent: each message of
-/// the others exactly once, each sender's in its order, and one relay order
-/// that all devices agree on.
-fn check_delivery(
-    devices: &[Device],
-    sent: &HashMap<DeviceId, Vec<Vec<u8>>>,
-    received: &[Vec<Received>],
-) {
-    let mut relay_order: BTreeMap<u64, (DeviceId, Vec<u8>)> = BTreeMap::new();
-    for (device, got) in devices.iter().zip(received) {
-        assert!(
-            got.windows(2).all(|w| w[0].seq < w[1].seq),
-            "{}: relay sequence numbers only go up",
-            device.name()
-        );
-        for other in devices.iter().filter(|d| d.id() != device.id()) {
-            let from_other: Vec<&Vec<u8>> = got
-                .iter()
-                .filter(|m| m.from == other.id())
-                .map(|m| &m.body)
-                .collect();
-            let expected: Vec<&Vec<u8>> = sent[&other.id()].iter().collect();
-            assert_eq!(
-                from_other.len(),
-                expected.len(),
-                "{} got {} of {}'s {} messages",
-                device.name(),
-                from_other.len(),
-                other.name(),
-                expected.len()
-            );
-            assert!(
-                from_other == expected,
-                "{} got {}'s messages out of order or altered",
-                device.name(),
-                other.name()
-            );
-        }
-        assert!(
-            got.iter().all(|m| m.from != device.id()),
-            "a device is not sent its own messages"
-        );
-        for m in got {
-            let entry = relay_order
-                .entry(m.seq)
-                .or_insert_with(|| (m.from, m.body.clone()));
-            assert_eq!(
-                *entry,
-                (m.from, m.body.clone()),
-                "devices disagree on what relay seq {} holds",
-                m.seq
-            );
-        }
-    }
-}
-
-fn body(marker: &str, device: usize, n: usize) -> Vec<u8> {
-    format!("{marker} from device {device}, message {n:04}").into_bytes()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_relay_order() {
@@ -124,62 +44,15 @@ async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_re
     );
 
     // Cut a random device's connection every 20-120 ms.
-    let stop = tokio::sync::watch::channel(false);
-    let proxies = std::sync::Arc::new(proxies);
-    let cutter = {
-        let proxies = std::sync::Arc::clone(&proxies);
-        let mut stopped = stop.1.clone();
-        tokio::spawn(async move {
-            let mut cuts = 0u32;
-            loop {
-                let pause = khub::crypto::os_rng().random_range(20..120);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
-                    _ = stopped.changed() => return cuts,
-                }
-                let victim = khub::crypto::os_rng().random_range(0..proxies.len());
-                proxies[victim].cut();
-                cuts += 1;
-            }
-        })
-    };
-
-    let run = async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, device) in devices.iter().cloned().enumerate() {
-            let marker = marker.clone();
-            tasks.spawn(async move {
-                let session = device.connect();
-                let sender = async {
-                    for n in 0..MESSAGES {
-                        // Queued durably at once; the session sends it whenever it is connected.
-                        session
-                            .send(&body(&marker, i, n), Duration::ZERO)
-                            .await
-                            .expect("queue");
-                    }
-                };
-                let receiving = receive_all(device.clone(), &session, (DEVICES - 1) * MESSAGES);
-                let ((), got) = tokio::join!(sender, receiving);
-                // Everything this device sent is acked before it stops.
-                while device.pending().unwrap() > 0 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                session.close().await;
-                (i, got)
-            });
-        }
-        let mut received = vec![Vec::new(); DEVICES];
-        while let Some(done) = tasks.join_next().await {
-            let (i, got) = done.unwrap();
-            received[i] = got;
-        }
-        received
-    };
-    let received = tokio::time::timeout(SCENARIO, run)
-        .await
-        .expect("every device received everything in time");
-    let _ = stop.0.send(true);
+    let proxies = Arc::new(proxies);
+    let (stop, cutter) = cut_randomly(Arc::clone(&proxies));
+    let received = tokio::time::timeout(
+        SCENARIO,
+        exchange(&devices, MESSAGES, &marker, Arc::default()),
+    )
+    .await
+    .expect("every device received everything in time");
+    let _ = stop.send(true);
     let cuts = cutter.await.unwrap();
     assert!(cuts >= 10, "the proxy cut connections ({cuts} cuts)");
     let reconnects = connections(&proxies) - before;
@@ -187,13 +60,7 @@ async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_re
         reconnects > DEVICES as u64 * 2,
         "devices reconnected ({reconnects} connections for {DEVICES} sessions)"
     );
-
-    let sent: HashMap<DeviceId, Vec<Vec<u8>>> = devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.id(), (0..MESSAGES).map(|n| body(&marker, i, n)).collect()))
-        .collect();
-    check_delivery(&devices, &sent, &received);
+    check_delivery(&devices, &sent(&devices, MESSAGES, &marker), &received);
     for device in &devices {
         assert_eq!(device.next_unread().unwrap(), None, "nothing more arrived");
     }
@@ -244,12 +111,13 @@ async fn split_delayed_and_stalled_traffic_still_arrives_once_in_order() {
                 .await
                 .unwrap();
         }
-        let first = receive_all(receiver.clone(), &session, 50).await;
+        let progress = AtomicUsize::new(0);
+        let first = receive_all(receiver.clone(), &session, 50, &progress).await;
         // The network holds everything for a while, then lets go.
         proxy.stall(true);
         tokio::time::sleep(Duration::from_millis(500)).await;
         proxy.stall(false);
-        let rest = receive_all(receiver.clone(), &session, 50).await;
+        let rest = receive_all(receiver.clone(), &session, 50, &progress).await;
         [first, rest].concat()
     };
     let got = tokio::time::timeout(SCENARIO, run)

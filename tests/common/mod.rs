@@ -200,6 +200,7 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+pub mod delivery;
 pub mod net;
 pub mod pg;
 

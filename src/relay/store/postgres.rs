@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 
 use super::{Append, Appended, BoxFuture, DeviceRecord, Store, StoreError, StoredEnvelope};
@@ -137,6 +138,65 @@ fn tls_config(options: &PgOptions) -> Result<rustls::ClientConfig, StoreError> {
 pub struct PgStore {
     pool: Pool,
     target: PgTarget,
+    order: SenderOrder,
+}
+
+/// Keeps each sender's appends in the order they were handed over. A session
+/// pipelines its publishes, and on separate pooled connections a later one
+/// could take the channel's lock first and make the earlier one out of order;
+/// so each append waits for the previous append of its sender (on this node)
+/// to finish. The order is fixed when [`Store::append`] is called, not when
+/// its future is first polled.
+#[derive(Default)]
+struct SenderOrder {
+    last: std::sync::Mutex<SenderChains>,
+}
+
+#[derive(Default)]
+struct SenderChains {
+    next_ticket: u64,
+    /// Per sender: the ticket of its newest append and what resolves when
+    /// that append is done (or dropped).
+    newest: std::collections::HashMap<(ChannelId, DeviceId), (u64, oneshot::Receiver<()>)>,
+}
+
+/// An append's place in its sender's line.
+struct Turn {
+    key: (ChannelId, DeviceId),
+    ticket: u64,
+    previous: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+}
+
+impl SenderOrder {
+    fn take_turn(&self, channel: ChannelId, sender: DeviceId) -> Turn {
+        let (done, finished) = oneshot::channel();
+        let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        chains.next_ticket += 1;
+        let ticket = chains.next_ticket;
+        let previous = chains
+            .newest
+            .insert((channel, sender), (ticket, finished))
+            .map(|(_, previous)| previous);
+        Turn {
+            key: (channel, sender),
+            ticket,
+            previous,
+            _done: done,
+        }
+    }
+
+    /// Forgets a sender whose newest append just finished.
+    fn finish(&self, turn: &Turn) {
+        let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if chains
+            .newest
+            .get(&turn.key)
+            .is_some_and(|(ticket, _)| *ticket == turn.ticket)
+        {
+            chains.newest.remove(&turn.key);
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -193,7 +253,11 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(backend)?;
-        let store = Self { pool, target };
+        let store = Self {
+            pool,
+            target,
+            order: SenderOrder::default(),
+        };
         store.migrate().await?;
         store.add_partitions(super::super::hub::unix_now()).await?;
         Ok(store)
@@ -360,6 +424,49 @@ impl PgStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(removed)
+    }
+
+    /// One append, now (its sender's earlier ones are done).
+    fn append_now(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        self.call(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)")
+                    .await
+                    .map_err(db)?;
+                let row = client
+                    .query_one(
+                        &statement,
+                        &[
+                            &a.channel.as_bytes().as_slice(),
+                            &a.sender.as_bytes().as_slice(),
+                            &int(a.sender_seq),
+                            &a.envelope.as_ref(),
+                            &int(a.now),
+                            &int(a.quota),
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                let outcome: &str = row.get(0);
+                let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
+                match outcome {
+                    "stored" => Ok(Appended { seq: seq(), duplicate: false }),
+                    "duplicate" => Ok(Appended { seq: seq(), duplicate: true }),
+                    "conflict" => Err(StoreError::Conflict { sender_seq: a.sender_seq }),
+                    "out_of_order" => Err(StoreError::OutOfOrder {
+                        sender_seq: a.sender_seq,
+                        highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
+                    }),
+                    "over_quota" => Err(StoreError::OverQuota {
+                        used: row.get::<_, Option<i64>>(2).map_or(0, |u| u as u64),
+                        quota: a.quota,
+                    }),
+                    "not_found" => Err(StoreError::NotFound),
+                    other => Err(StoreError::Backend(format!("khub_append answered {other:?}"))),
+                }
+            })
+        })
     }
 
     /// Runs `op` with a pooled connection, within [`CALL_TIMEOUT`].
@@ -570,44 +677,15 @@ impl Store for PgStore {
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        self.call(move |client| {
-            Box::pin(async move {
-                let statement = client
-                    .prepare_cached("SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)")
-                    .await
-                    .map_err(db)?;
-                let row = client
-                    .query_one(
-                        &statement,
-                        &[
-                            &a.channel.as_bytes().as_slice(),
-                            &a.sender.as_bytes().as_slice(),
-                            &int(a.sender_seq),
-                            &a.envelope.as_ref(),
-                            &int(a.now),
-                            &int(a.quota),
-                        ],
-                    )
-                    .await
-                    .map_err(db)?;
-                let outcome: &str = row.get(0);
-                let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
-                match outcome {
-                    "stored" => Ok(Appended { seq: seq(), duplicate: false }),
-                    "duplicate" => Ok(Appended { seq: seq(), duplicate: true }),
-                    "conflict" => Err(StoreError::Conflict { sender_seq: a.sender_seq }),
-                    "out_of_order" => Err(StoreError::OutOfOrder {
-                        sender_seq: a.sender_seq,
-                        highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
-                    }),
-                    "over_quota" => Err(StoreError::OverQuota {
-                        used: row.get::<_, Option<i64>>(2).map_or(0, |u| u as u64),
-                        quota: a.quota,
-                    }),
-                    "not_found" => Err(StoreError::NotFound),
-                    other => Err(StoreError::Backend(format!("khub_append answered {other:?}"))),
-                }
-            })
+        let mut turn = self.order.take_turn(a.channel, a.sender);
+        Box::pin(async move {
+            if let Some(previous) = turn.previous.take() {
+                // Done or dropped: either way it is no longer ahead.
+                let _ = previous.await;
+            }
+            let appended = self.append_now(a).await;
+            self.order.finish(&turn);
+            appended
         })
     }
 
