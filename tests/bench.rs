@@ -2,6 +2,8 @@
 //! README's performance figures keeps working: every scenario runs, reports,
 //! and sees no lost or duplicated delivery.
 
+mod common;
+
 use khub::bench::{Options, fanout::Workload, run, table};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,6 +30,8 @@ async fn every_scenario_runs_and_loses_nothing() {
             seconds: 2,
             interval: 0.2,
         },
+        postgres: String::new(),
+        appends: 0,
     };
     let rows = tokio::time::timeout(std::time::Duration::from_secs(420), run(&options))
         .await
@@ -84,4 +88,60 @@ async fn every_scenario_runs_and_loses_nothing() {
             .all(|r| r.met == Some(true) && r.value == "0"),
         "{report}"
     );
+}
+
+/// The postgres scenario on a tiny workload, against the test server (see
+/// `common::pg`): every row is there, and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_scenario_runs() {
+    // Only to learn whether there is a server (and fail if one is required).
+    let Some(_probe) = common::pg::fresh_database("bench_probe").await else {
+        return;
+    };
+    let options = Options {
+        scenarios: vec!["postgres".into()],
+        workload: Workload {
+            channels: 1,
+            devices: 4,
+            senders: 2,
+            window: 4,
+            payload: 200,
+            messages: 100,
+            rate: None,
+        },
+        backlog: 0,
+        idle: vec![],
+        pairings: 0,
+        pairing_concurrency: 1,
+        khub: env!("CARGO_BIN_EXE_khub").into(),
+        relay: None,
+        soak: khub::bench::Soak {
+            sessions: 0,
+            seconds: 0,
+            interval: 1.0,
+        },
+        postgres: std::env::var("KHUB_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+            + "/postgres?sslmode=disable",
+        appends: 640,
+    };
+    khub::testing::capture_logs();
+    let rows = tokio::time::timeout(std::time::Duration::from_secs(120), run(&options))
+        .await
+        .expect("bench finishes")
+        .unwrap_or_else(|e| panic!("{e}\n{}", khub::testing::captured_logs()));
+    let report = table(&rows);
+    for metric in [
+        "appends/s, SQLite / PostgreSQL",
+        "append p99",
+        "fan-out deliveries/s, one node / two nodes",
+        "cross-node delivery",
+        "same-node delivery",
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r.scenario == "postgres" && r.metric.starts_with(metric)),
+            "no {metric:?} row in\n{report}"
+        );
+    }
 }

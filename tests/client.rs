@@ -685,3 +685,152 @@ async fn a_cancel_racing_the_admission_leaves_no_half_paired_device() {
     let _ = std::fs::remove_dir_all(&dir);
     relay.stop().await;
 }
+
+/// A store whose appends fail with a backend error while `down` (a database
+/// failing over, a full disk), then recovers.
+struct Flaky {
+    inner: khub::relay::store::memory::MemoryStore,
+    down: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl khub::relay::store::Store for Flaky {
+    fn create_channel(
+        &self,
+        channel: khub::ids::ChannelId,
+        device: khub::ids::DeviceId,
+        token_hash: khub::crypto::token::TokenHash,
+        now: u64,
+    ) -> khub::relay::store::BoxFuture<'_, Result<(), khub::relay::store::StoreError>> {
+        self.inner.create_channel(channel, device, token_hash, now)
+    }
+    fn device(
+        &self,
+        channel: khub::ids::ChannelId,
+        device: khub::ids::DeviceId,
+    ) -> khub::relay::store::BoxFuture<
+        '_,
+        Result<Option<khub::relay::store::DeviceRecord>, khub::relay::store::StoreError>,
+    > {
+        self.inner.device(channel, device)
+    }
+    fn devices(
+        &self,
+        channel: khub::ids::ChannelId,
+    ) -> khub::relay::store::BoxFuture<
+        '_,
+        Result<Vec<khub::relay::store::DeviceRecord>, khub::relay::store::StoreError>,
+    > {
+        self.inner.devices(channel)
+    }
+    fn admit(
+        &self,
+        channel: khub::ids::ChannelId,
+        device: khub::ids::DeviceId,
+        token_hash: khub::crypto::token::TokenHash,
+        max_devices: usize,
+        now: u64,
+    ) -> khub::relay::store::BoxFuture<'_, Result<(), khub::relay::store::StoreError>> {
+        self.inner
+            .admit(channel, device, token_hash, max_devices, now)
+    }
+    fn revoke(
+        &self,
+        channel: khub::ids::ChannelId,
+        device: khub::ids::DeviceId,
+    ) -> khub::relay::store::BoxFuture<'_, Result<(), khub::relay::store::StoreError>> {
+        self.inner.revoke(channel, device)
+    }
+    fn append(
+        &self,
+        append: khub::relay::store::Append,
+    ) -> khub::relay::store::BoxFuture<
+        '_,
+        Result<khub::relay::store::Appended, khub::relay::store::StoreError>,
+    > {
+        use std::sync::atomic::Ordering;
+        if self.down.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Box::pin(async {
+                Err(khub::relay::store::StoreError::Backend(
+                    "the database is failing over".into(),
+                ))
+            });
+        }
+        self.inner.append(append)
+    }
+    fn read(
+        &self,
+        channel: khub::ids::ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> khub::relay::store::BoxFuture<
+        '_,
+        Result<Vec<khub::relay::store::StoredEnvelope>, khub::relay::store::StoreError>,
+    > {
+        self.inner.read(channel, after, limit)
+    }
+    fn head(
+        &self,
+        channel: khub::ids::ChannelId,
+    ) -> khub::relay::store::BoxFuture<'_, Result<u64, khub::relay::store::StoreError>> {
+        self.inner.head(channel)
+    }
+    fn prune(
+        &self,
+        before: u64,
+    ) -> khub::relay::store::BoxFuture<'_, Result<u64, khub::relay::store::StoreError>> {
+        self.inner.prune(before)
+    }
+    fn health(
+        &self,
+    ) -> khub::relay::store::BoxFuture<'_, Result<(), khub::relay::store::StoreError>> {
+        self.inner.health()
+    }
+    fn stored_bytes(
+        &self,
+    ) -> khub::relay::store::BoxFuture<'_, Result<u64, khub::relay::store::StoreError>> {
+        self.inner.stored_bytes()
+    }
+}
+
+/// The relay's store fails every append for a while (`internal`): the device
+/// keeps those messages and sends them again, so every one arrives once, in
+/// order, and no message is reported as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_store_failure_loses_no_message() {
+    let store = Arc::new(Flaky {
+        inner: khub::relay::store::memory::MemoryStore::new(),
+        down: std::sync::atomic::AtomicBool::new(false),
+        failed: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let relay = TestRelay::start_with(Arc::clone(&store) as _, RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (sa, sb) = (d[0].connect(), d[1].connect());
+    sa.caught_up(STEP).await.unwrap();
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        sa.send(format!("message {i}").as_bytes(), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(STEP, async {
+        while store.failed.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("appends failed");
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        assert_eq!(recv(&sb, &d[1]).await.1, format!("message {i}"));
+    }
+    let deadline = tokio::time::Instant::now() + STEP;
+    while d[0].pending().unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "everything acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d[0].incidents().unwrap(), [], "nothing was refused");
+    relay.stop().await;
+}

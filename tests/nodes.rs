@@ -200,3 +200,41 @@ async fn a_node_that_lost_its_notifications_catches_up() {
     sender.close().await;
     receiver.close().await;
 }
+
+/// A revocation committed through any node's store closes the device's
+/// sessions on every node: its notification goes out with the commit, even if
+/// the node that made it dies before telling anyone (here: a bare store that
+/// has no bus at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_revocation_reaches_every_node_by_itself() {
+    let Some(db) = common::pg::fresh_database("revoke").await else {
+        return;
+    };
+    let a = Node::start(&db, Limits::default()).await;
+    let b = Node::start(&db, Limits::default()).await;
+    let home = TempDir::new("nodes");
+    let paired = tokio::time::timeout(STEP * 2, paired_devices(home.path(), &[a.url(), b.url()]))
+        .await
+        .expect("pairing in time")
+        .expect("devices pair across nodes");
+    let tablet = &paired.devices[1];
+    let session = tablet.connect();
+    session.caught_up(STEP).await.expect("session on B");
+    let bare = PgStore::connect(&db.url(), &PgOptions::default())
+        .await
+        .unwrap();
+    khub::relay::store::Store::revoke(&bare, tablet.channel(), tablet.id())
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(STEP, async {
+        loop {
+            match session.recv().await {
+                Ok(message) => tablet.mark_read(message.seq).unwrap(),
+                Err(error) => return error,
+            }
+        }
+    })
+    .await
+    .expect("the session on B ends in time");
+    assert!(matches!(ended, ClientError::Revoked), "{ended:?}");
+}

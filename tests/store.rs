@@ -454,3 +454,94 @@ async fn a_senders_pipelined_appends_are_stored_in_the_order_handed_over() {
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "{name}");
     }
 }
+
+/// A server whose certificate nobody trusts is refused (rustls verifies it),
+/// and the error says what to do. Debian's PostgreSQL serves a self-signed
+/// certificate; skipped where the server has no TLS at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_postgres_certificate_is_refused_with_a_hint() {
+    let Some(db) = common::pg::fresh_database("tls").await else {
+        return;
+    };
+    let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("skipped: this PostgreSQL serves no TLS");
+        return;
+    }
+    let url = db.url().replace("sslmode=disable", "sslmode=require");
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        PgStore::connect(&url, &PgOptions::default()),
+    )
+    .await
+    .expect("an answer in time");
+    let Err(StoreError::Backend(message)) = refused else {
+        panic!("a self-signed certificate was accepted");
+    };
+    assert!(message.contains("TLS handshake"), "{message}");
+    assert!(message.contains("--store-ca-file"), "{message}");
+}
+
+/// An append the database fails (here: it waited longer than the
+/// statement timeout for the channel's lock) takes the sender's later,
+/// already queued appends down with it: storing them would put them ahead of
+/// the failed one, which the device then sends again and which would be out
+/// of order for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_holds_back_the_senders_queued_ones() {
+    let Some(db) = common::pg::fresh_database("holdback").await else {
+        return;
+    };
+    // A one-second statement timeout, so the held lock fails the append soon.
+    let url = format!("{}&options=-c%20statement_timeout%3D1000", db.url());
+    // 'static, so the appends can be handed over in order here and awaited
+    // on tasks of their own.
+    let store: &'static PgStore = Box::leak(Box::new(
+        PgStore::connect(&url, &PgOptions::default()).await.unwrap(),
+    ));
+    let mut rng = os_rng();
+    let (channel, sender) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
+    store
+        .create_channel(channel, sender, AccessToken::generate(&mut rng).hash(), 0)
+        .await
+        .unwrap();
+    let (mut admin, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Hold the channel's row so the first append waits on it, and times out.
+    let holder = admin.transaction().await.unwrap();
+    holder
+        .execute(
+            "SELECT 1 FROM khub_channels WHERE id = $1 FOR UPDATE",
+            &[&channel.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+    let first = tokio::spawn(store.append(append(channel, sender, 1, b"one", 0)));
+    let second = tokio::spawn(store.append(append(channel, sender, 2, b"two", 0)));
+    let first = first.await.unwrap();
+    assert!(
+        matches!(&first, Err(StoreError::Backend(m)) if m.contains("timeout")),
+        "{first:?}"
+    );
+    // The lock is free again before the second could have run.
+    holder.rollback().await.unwrap();
+    let second = second.await.unwrap();
+    assert!(matches!(second, Err(StoreError::Backend(_))), "{second:?}");
+    assert_eq!(store.head(channel).await, Ok(0), "nothing got ahead");
+    // Sent again, in order: both stored.
+    for (sender_seq, body, seq) in [(1, &b"one"[..], 1), (2, &b"two"[..], 2)] {
+        assert_eq!(
+            store
+                .append(append(channel, sender, sender_seq, body, 0))
+                .await
+                .map(|a| a.seq),
+            Ok(seq)
+        );
+    }
+}

@@ -85,6 +85,10 @@ pub enum Server {
     Relay(SocketAddr),
     /// The bare baseline at this address.
     Baseline(SocketAddr),
+    /// Two khub relay nodes sharing one database: each channel's devices
+    /// alternate between them (even ones on the first), so with two devices
+    /// per channel and one sender every delivery crosses nodes.
+    Nodes(SocketAddr, SocketAddr),
 }
 
 pub(super) type Ws =
@@ -188,12 +192,16 @@ async fn setup(server: Server, w: &Workload) -> Result<Vec<(Device, ChannelId)>,
         let members: Vec<(DeviceId, AccessToken)> = (0..w.devices)
             .map(|_| (DeviceId::random(&mut rng), AccessToken::generate(&mut rng)))
             .collect();
-        if let Server::Relay(addr) = server {
+        if let Server::Relay(addr) | Server::Nodes(addr, _) = server {
             register(addr, channel, &members).await?;
         }
         for (i, (id, token)) in members.iter().enumerate() {
             let ws = match server {
-                Server::Relay(addr) => {
+                Server::Relay(addr) | Server::Nodes(addr, _) => {
+                    let addr = match server {
+                        Server::Nodes(_, second) if i % 2 == 1 => second,
+                        _ => addr,
+                    };
                     let hello = ClientFrame::Hello {
                         v: crate::protocol::PROTOCOL_VERSION,
                         channel,
@@ -289,7 +297,7 @@ fn build_frames(
                 envelope.resize(envelope.len() + body_len, 0x5a);
                 let relay_frame = ClientFrame::Publish { envelope }.to_text();
                 match server {
-                    Server::Relay(_) => Message::Text(relay_frame.into()),
+                    Server::Relay(_) | Server::Nodes(..) => Message::Text(relay_frame.into()),
                     // Same size on the wire, a trivially parsed prefix.
                     Server::Baseline(_) => {
                         let mut text = format!("{sender}:{seq}:");
@@ -403,23 +411,24 @@ async fn drive(
                     .ok_or("bad frame")?;
                 (sender, seq, false)
             }
-            Server::Relay(_) => match serde_json::from_str::<ServerFrame>(&message)
-                .map_err(|e| e.to_string())?
-            {
-                ServerFrame::Ack { sender_seq, .. } => (0, sender_seq as usize, true),
-                ServerFrame::Deliver { envelope, .. } => {
-                    let header = EnvelopeHeader::decode(&envelope).map_err(|e| e.to_string())?;
-                    if header.sender == device.id {
-                        continue;
+            Server::Relay(_) | Server::Nodes(..) => {
+                match serde_json::from_str::<ServerFrame>(&message).map_err(|e| e.to_string())? {
+                    ServerFrame::Ack { sender_seq, .. } => (0, sender_seq as usize, true),
+                    ServerFrame::Deliver { envelope, .. } => {
+                        let header =
+                            EnvelopeHeader::decode(&envelope).map_err(|e| e.to_string())?;
+                        if header.sender == device.id {
+                            continue;
+                        }
+                        let index = senders
+                            .get(&header.sender)
+                            .copied()
+                            .ok_or("delivery from an unknown sender")?;
+                        (index, header.seq as usize, false)
                     }
-                    let index = senders
-                        .get(&header.sender)
-                        .copied()
-                        .ok_or("delivery from an unknown sender")?;
-                    (index, header.seq as usize, false)
+                    other => return Err(format!("unexpected frame {other:?}")),
                 }
-                other => return Err(format!("unexpected frame {other:?}")),
-            },
+            }
         };
         if is_ack {
             if let Some(me) = device.sender {

@@ -14,6 +14,9 @@
 //! - **crypto**: envelope seal+open throughput.
 //! - **notes**: merge throughput, bytes per small edit, snapshot size against
 //!   the plain text, and a new device receiving a 1,000-note vault.
+//! - **postgres** (only when named, feature `postgres`): appends/s and p99,
+//!   SQLite against PostgreSQL; fan-out through one node against two on one
+//!   database; cross-node delivery latency.
 //! - **soak** (only when named): thousands of sessions of a `khub serve` child
 //!   exchanging envelopes for a while; errors, loss, peak and per-session RSS.
 
@@ -22,6 +25,8 @@ mod child;
 mod cpu;
 pub mod fanout;
 mod notes;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod scenarios;
 mod soak;
 

@@ -51,13 +51,18 @@ pub struct Options {
     pub relay: Option<SocketAddr>,
     /// The soak: sessions held, for how long, and how often each publishes.
     pub soak: super::soak::Soak,
+    /// The PostgreSQL server for the `postgres` scenario (a URL whose user
+    /// may create the run's database).
+    pub postgres: String,
+    /// Appends per store in the `postgres` scenario.
+    pub appends: usize,
 }
 
 fn wants(options: &Options, scenario: &str) -> bool {
     options
         .scenarios
         .iter()
-        .any(|s| s == scenario || (s == "all" && scenario != "soak"))
+        .any(|s| s == scenario || (s == "all" && !["soak", "postgres"].contains(&scenario)))
 }
 
 /// Runs the chosen scenarios; returns the report's rows.
@@ -81,10 +86,26 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, String> {
     if wants(options, "notes") {
         rows.extend(super::notes::run().await?);
     }
+    if wants(options, "postgres") {
+        rows.extend(postgres(options).await?);
+    }
     if wants(options, "soak") {
         rows.extend(super::soak::run(&options.khub, &options.soak).await?);
     }
     Ok(rows)
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(options: &Options) -> Result<Vec<Row>, String> {
+    super::postgres::run(&options.postgres, options.appends, options.workload).await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_: &Options) -> Result<Vec<Row>, String> {
+    Err(
+        "this khub was built without PostgreSQL support: build it with `--features postgres`"
+            .into(),
+    )
 }
 
 /// Limits out of the way of the load generator (everything from one address).
@@ -110,11 +131,20 @@ pub(super) struct InProcess {
 }
 
 pub(super) async fn start(store: Arc<dyn Store>) -> Result<InProcess, String> {
+    start_relay(|config| async move { Ok(Relay::new(store, config)) }).await
+}
+
+/// A relay made by `make` from the bench's configuration, in this process.
+pub(super) async fn start_relay<F, Made>(make: F) -> Result<InProcess, String>
+where
+    F: FnOnce(RelayConfig) -> Made,
+    Made: std::future::Future<Output = Result<Arc<Relay>, String>>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let relay = Relay::new(store, bench_config());
+    let relay = make(bench_config()).await?;
     Ok(InProcess {
         addr,
         _running: crate::relay::server::Running::spawn(Arc::clone(&relay), listener),
@@ -136,7 +166,7 @@ fn ms(micros: u32) -> String {
     format!("{:.2} ms", f64::from(micros) / 1000.0)
 }
 
-fn latency_row(scenario: &'static str, name: &str, p: Percentiles) -> Row {
+pub(super) fn latency_row(scenario: &'static str, name: &str, p: Percentiles) -> Row {
     Row::info(
         scenario,
         format!("{name} p50 / p99 / p99.9"),

@@ -590,12 +590,9 @@ impl Device {
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
                 match (&ack.seq, &ack.error) {
                     (Some(seq), _) => acked.push((*sender_seq, *seq)),
-                    // Kept, and sent again once the channel has room.
-                    (None, Some(e))
-                        if matches!(
-                            e.code,
-                            ErrorCode::OverQuota | ErrorCode::StorageFull | ErrorCode::Unknown
-                        ) => {}
+                    // Kept, and sent again later (the channel's room, the
+                    // relay's storage, a passing failure).
+                    (None, Some(e)) if e.code.keeps_envelope() => {}
                     (None, Some(e)) => {
                         let (sender_seq, code, message) = (*sender_seq, e.code, e.message.clone());
                         self.blocking(move |device| device.refused(sender_seq, code, &message))

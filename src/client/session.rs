@@ -365,11 +365,13 @@ async fn connection(
                             acks.push((sender_seq, seq));
                             quota_refusals = 0;
                         }
-                        Ok(ServerFrame::Error { code: ErrorCode::OverQuota | ErrorCode::StorageFull | ErrorCode::Unknown, message, fatal: false, .. }) => {
+                        // Not final: the quota, the storage budget, a relay that could
+                        // not store it right now, or a code this device does not know.
+                        Ok(ServerFrame::Error { code, message, fatal: false, .. }) if code.keeps_envelope() => {
                             if quota_retry.is_none() {
                                 quota_refusals = quota_refusals.saturating_add(1);
                                 let wait = backoff(quota_refusals);
-                                warn!(%message, retry_in_ms = wait.as_millis() as u64, "the channel is over its quota or the relay's storage is full; will send again");
+                                warn!(%message, retry_in_ms = wait.as_millis() as u64, "the relay did not store an envelope for now (quota, storage or a passing failure); will send again");
                                 quota_retry = Some(tokio::time::Instant::now() + wait);
                             }
                         }

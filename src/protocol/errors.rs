@@ -117,6 +117,22 @@ impl ErrorCode {
         }
     }
 
+    /// Whether a refusal of a `publish` with this code is not final: the
+    /// device keeps the envelope (and its later ones) queued and sends them
+    /// again later, in order. The quota, the storage budget, a relay that
+    /// could not store it right now, and codes this device does not know.
+    pub fn keeps_envelope(self) -> bool {
+        matches!(
+            self,
+            Self::OverQuota
+                | Self::StorageFull
+                | Self::Internal
+                | Self::Unavailable
+                | Self::Timeout
+                | Self::Unknown
+        )
+    }
+
     /// Whether this error ends a WebSocket session, and with which close code.
     pub fn close_code(self) -> Option<CloseCode> {
         match self {

@@ -136,7 +136,11 @@
 //! (`over_quota`) or the relay's storage budget (`storage_full`) is not
 //! final: the relay refuses that envelope and every later one of the same
 //! device until it is stored, and the device sends them again later, in
-//! order. Any other refusal of a `publish` is final for that envelope. A code
+//! order. Nor is `internal`, `unavailable` or `timeout` (the relay could not
+//! store it now; over the WebSocket an `internal` ends the session with 1011
+//! and the device sends its outbox again on the next one, where an envelope
+//! stored after all is acked as a duplicate). Any other refusal of a
+//! `publish` is final for that envelope. A code
 //! a client does not know (a newer relay's) refuses that one request and is
 //! worth retrying later; it never ends a session by itself.
 //! Keepalive is the WebSocket protocol's own: the relay sends control Pings

@@ -14,6 +14,11 @@ use super::store::{BoxFuture, StoreError};
 pub trait Limiter: Send + Sync + 'static {
     /// Records an event for `ip`; `Ok(false)` if it is over the limit.
     fn allow(&self, ip: IpAddr) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Forgets windows long over; the relay calls this with retention.
+    fn tick(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Counts open connections per client address.

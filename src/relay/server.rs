@@ -333,6 +333,8 @@ async fn housekeeping(relay: Arc<Relay>, mut stopped: watch::Receiver<bool>) {
                     Ok(removed) => info!(removed, "retention: deleted expired envelopes"),
                     Err(e) => tracing::error!(error = %e, "retention failed"),
                 }
+                relay.claims.tick().await;
+                relay.creations.tick().await;
             }
             _ = sweep.tick() => {
                 relay.slots.tick().await;

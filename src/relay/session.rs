@@ -281,7 +281,13 @@ where
                 if signal.revocations != seen.revocations {
                     match hub.store.device(channel, device).await {
                         Ok(Some(record)) if !record.revoked => {}
-                        _ => return End::Close(
+                        // The store did not answer: nothing says the device was
+                        // removed; it reconnects and is checked again.
+                        Err(e) => {
+                            let refused = store_error(e);
+                            return fatal(refused.code, refused.message);
+                        }
+                        Ok(_) => return End::Close(
                             CloseCode::Revoked,
                             Some(ServerFrame::error(ErrorCode::Revoked, "this device was removed from the channel")),
                         ),
@@ -298,6 +304,16 @@ where
                             seq: published.seq,
                             duplicate: published.duplicate,
                         }
+                    }
+                    // The store failed (`internal`): the envelope may or may not
+                    // be stored. The session ends (1011, as the protocol says) and
+                    // the device sends its outbox again on its next session, where
+                    // whatever was stored meanwhile is recognised as a duplicate.
+                    Err(e) if e.code == ErrorCode::Internal => {
+                        return End::Close(
+                            CloseCode::Internal,
+                            Some(ServerFrame::Error { code: e.code, message: e.message, fatal: true, sender_seq }),
+                        );
                     }
                     Err(e) => {
                         debug!(code = e.code.as_str(), "publish refused");
@@ -358,9 +374,18 @@ where
                     }
                 };
                 if batch.is_empty() {
-                    // The head moved past what is stored (pruned, or a cursor from the
-                    // future): deliver from the next stored envelope on.
-                    cursor = known_head;
+                    // Nothing stored after the cursor though the head is past it:
+                    // pruned (deliver from the next stored envelope on), or a wake-up
+                    // that announced more than there is (another node's
+                    // notification is a hint). The store's head decides.
+                    known_head = match hub.store.head(channel).await {
+                        Ok(head) => head,
+                        Err(e) => {
+                            let refused = store_error(e);
+                            return fatal(refused.code, refused.message);
+                        }
+                    };
+                    cursor = cursor.max(known_head);
                     continue;
                 }
                 match deliver(ws, &batch, limits.slow_reader_timeout).await {

@@ -142,10 +142,21 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: all, fanout, catchup, idle, pairing, crypto, notes, and soak (not in
-    /// all; see tests/soak/run) — repeat or comma-separate.
+    /// Scenarios: all, fanout, catchup, idle, pairing, crypto, notes, and soak
+    /// and postgres (not in all; see tests/soak/run) — repeat or comma-separate.
     #[arg(long = "scenario", value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
+    /// PostgreSQL server for the postgres scenario; it makes a database of its
+    /// own there for the run and drops it after.
+    #[arg(
+        long,
+        env = "KHUB_BENCH_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+    )]
+    postgres: String,
+    /// Appends per store in the postgres scenario.
+    #[arg(long, default_value_t = 20_000)]
+    appends: usize,
     /// Channels in the fan-out.
     #[arg(long, default_value_t = 1)]
     channels: usize,
@@ -249,7 +260,7 @@ struct ServeArgs {
     /// several relay nodes on one database (a khub built with `--features
     /// postgres`). A URL with a password belongs in KHUB_STORE, not on the
     /// command line, where every local user can read it.
-    #[arg(long, env = "KHUB_STORE", conflicts_with_all = ["db", "memory"])]
+    #[arg(long, env = "KHUB_STORE", hide_env_values = true, conflicts_with_all = ["db", "memory"])]
     store: Option<String>,
     /// PostgreSQL connections this node may open (`--store postgres://…`).
     #[arg(long, env = "KHUB_STORE_POOL", default_value_t = 16)]
@@ -478,6 +489,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             seconds: args.soak_seconds,
             interval: args.soak_interval,
         },
+        postgres: args.postgres,
+        appends: args.appends.max(64),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -101,6 +101,13 @@ impl Batch {
     }
 }
 
+/// The notification a revocation sends from inside its own transaction (so
+/// it goes out if and only if the revocation commits): node 0, which every
+/// node takes in.
+pub(crate) fn revocation_payload(channel: ChannelId) -> (&'static str, String) {
+    (CHANNEL, format!("khub1 {:016x}\nr {channel}", 0))
+}
+
 /// A [`Notifier`] shared by every node on one PostgreSQL database, and the
 /// wake-ups of the shared pairing mailbox.
 pub struct PgBus {
@@ -120,7 +127,9 @@ impl PgBus {
         let (out, outgoing) = mpsc::unbounded_channel();
         let (alive, stopped) = watch::channel(());
         let bus = Arc::new(Self {
-            node: rand::random(),
+            // Never 0: that id marks notifications sent from inside a
+            // store transaction (see [`revocation_payload`]).
+            node: rand::random::<u64>() | 1,
             local: LocalNotifier::default(),
             out,
             pairing: Mutex::new(HashMap::new()),

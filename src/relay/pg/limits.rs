@@ -31,7 +31,7 @@ impl PgLimiter {
 
 impl Limiter for PgLimiter {
     fn allow(&self, ip: IpAddr) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(async move {
+        Box::pin(postgres::bounded(async move {
             let client = self.pool.get().await.map_err(postgres::pool_error)?;
             let count: i32 = client
                 .query_one(
@@ -53,17 +53,25 @@ impl Limiter for PgLimiter {
                 .map_err(postgres::db)?
                 .get(0);
             Ok(u32::try_from(count).unwrap_or(u32::MAX) <= self.per_window)
+        }))
+    }
+
+    fn tick(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = forget_old_windows(&self.pool, self.kind).await {
+                tracing::warn!(error = %e, "could not forget old rate-limit windows");
+            }
         })
     }
 }
 
-/// Deletes windows that ended more than a day ago (housekeeping).
-pub async fn forget_old_windows(pool: &Pool) -> Result<u64, StoreError> {
+/// Deletes the windows of `kind` that started more than a day ago.
+async fn forget_old_windows(pool: &Pool, kind: &str) -> Result<u64, StoreError> {
     let client = pool.get().await.map_err(postgres::pool_error)?;
     client
         .execute(
-            "DELETE FROM khub_rate_windows WHERE started < now() - interval '1 day'",
-            &[],
+            "DELETE FROM khub_rate_windows WHERE kind = $1 AND started < now() - interval '1 day'",
+            &[&kind],
         )
         .await
         .map_err(postgres::db)

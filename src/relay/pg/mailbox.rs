@@ -24,6 +24,8 @@ use crate::relay::store::{BoxFuture, StoreError, postgres};
 
 /// Advisory lock key serialising slot opens (nameplate choice) across nodes.
 const OPEN_LOCK: i64 = 0x6b68_7562_0003;
+/// Longest one mailbox operation may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// A poll re-checks the database this often even without a wake-up, in case
 /// a notification was lost.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -95,11 +97,20 @@ impl PgMailbox {
         &self,
         op: impl for<'t> FnOnce(&'t Transaction<'t>, &'t Self) -> BoxFuture<'t, Result<T, Refusal>>,
     ) -> Result<T, Refusal> {
-        let mut client = self.pool.get().await.map_err(pool)?;
-        let tx = client.transaction().await.map_err(db)?;
-        let value = op(&tx, self).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(value)
+        let work = async {
+            let mut client = self.pool.get().await.map_err(pool)?;
+            let tx = client.transaction().await.map_err(db)?;
+            let value = op(&tx, self).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(value)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(store_error(StoreError::Backend(
+                    "PostgreSQL did not answer in time".into(),
+                )))
+            })
     }
 
     /// The live (unexpired) slot under `nameplate`, locked.
@@ -290,16 +301,20 @@ impl PgMailbox {
     }
 
     async fn side_of(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, Refusal> {
-        let client = self.pool.get().await.map_err(pool)?;
-        let row = client
-            .query_opt(
-                "SELECT channel, inviter, claim_hash FROM khub_pairing_slots
-                 WHERE nameplate = $1 AND expires > now()",
-                &[&(nameplate as i32)],
-            )
-            .await
-            .map_err(db)?
-            .ok_or_else(pairing::gone)?;
+        let row = postgres::bounded(async {
+            let client = self.pool.get().await.map_err(postgres::pool_error)?;
+            client
+                .query_opt(
+                    "SELECT channel, inviter, claim_hash FROM khub_pairing_slots
+                     WHERE nameplate = $1 AND expires > now()",
+                    &[&(nameplate as i32)],
+                )
+                .await
+                .map_err(postgres::db)
+        })
+        .await
+        .map_err(store_error)?
+        .ok_or_else(pairing::gone)?;
         let (channel, inviter, claim_hash): (Vec<u8>, Vec<u8>, Option<Vec<u8>>) =
             (row.get(0), row.get(1), row.get(2));
         match auth {

@@ -35,10 +35,14 @@ const PARTITION_LOCK: i64 = 0x6b68_7562_0002;
 
 /// Envelopes are partitioned by the week they were stored in.
 const PARTITION_SECS: u64 = 7 * 24 * 3600;
+/// Envelopes deleted row by row per retention transaction.
+const PRUNE_BATCH: u64 = 10_000;
 
 /// Longest a store call may take before the relay gives up on it (the
 /// operation may still commit: a retried publish is then a duplicate).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// `statement_timeout` of the relay's connections, below [`CALL_TIMEOUT`].
+const STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -79,6 +83,19 @@ impl PgTarget {
             // How the operator tells khub's connections apart in pg_stat_activity.
             config.application_name("khub-relay");
         }
+        // No statement runs longer than this on the server (retention sets
+        // its own; the URL's `options` may set another), and a connection to
+        // a host that vanished is noticed in about half a minute instead of
+        // TCP's two hours.
+        let server_options = match config.get_options() {
+            Some(theirs) => format!("-c statement_timeout={STATEMENT_TIMEOUT_MS} {theirs}"),
+            None => format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"),
+        };
+        config
+            .options(&server_options)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         Ok(Self {
             config,
             tls: tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(options)?),
@@ -138,7 +155,7 @@ fn tls_config(options: &PgOptions) -> Result<rustls::ClientConfig, StoreError> {
 pub struct PgStore {
     pool: Pool,
     target: PgTarget,
-    order: SenderOrder,
+    order: Arc<SenderOrder>,
 }
 
 /// Keeps each sender's appends in the order they were handed over. A session
@@ -156,16 +173,18 @@ struct SenderOrder {
 struct SenderChains {
     next_ticket: u64,
     /// Per sender: the ticket of its newest append and what resolves when
-    /// that append is done (or dropped).
-    newest: std::collections::HashMap<(ChannelId, DeviceId), (u64, oneshot::Receiver<()>)>,
+    /// that append is done: `true` if it was settled (stored, a duplicate,
+    /// or refused for good), `false` if the database failed and it may or may
+    /// not be stored.
+    newest: std::collections::HashMap<(ChannelId, DeviceId), (u64, oneshot::Receiver<bool>)>,
 }
 
 /// An append's place in its sender's line.
 struct Turn {
     key: (ChannelId, DeviceId),
     ticket: u64,
-    previous: Option<oneshot::Receiver<()>>,
-    _done: oneshot::Sender<()>,
+    previous: Option<oneshot::Receiver<bool>>,
+    done: oneshot::Sender<bool>,
 }
 
 impl SenderOrder {
@@ -182,12 +201,13 @@ impl SenderOrder {
             key: (channel, sender),
             ticket,
             previous,
-            _done: done,
+            done,
         }
     }
 
     /// Forgets a sender whose newest append just finished.
     fn finish(&self, turn: &Turn) {
+        // (Its successor, if any, took the entry's place already.)
         let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if chains
             .newest
@@ -238,7 +258,11 @@ impl PgStore {
     /// Connects, applies missing migrations and makes sure this week's and
     /// next week's envelope partitions exist.
     pub async fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
-        let target = PgTarget::parse(url, options)?;
+        Self::connect_to(PgTarget::parse(url, options)?, options).await
+    }
+
+    /// Like [`connect`](Self::connect), to an already parsed target.
+    pub async fn connect_to(target: PgTarget, options: &PgOptions) -> Result<Self, StoreError> {
         let manager = Manager::from_config(
             target.config.clone(),
             target.tls.clone(),
@@ -256,7 +280,7 @@ impl PgStore {
         let store = Self {
             pool,
             target,
-            order: SenderOrder::default(),
+            order: Arc::default(),
         };
         store.migrate().await?;
         store.add_partitions(super::super::hub::unix_now()).await?;
@@ -335,8 +359,9 @@ impl PgStore {
         for week in [now / PARTITION_SECS, now / PARTITION_SECS + 1] {
             let (from, to) = (week * PARTITION_SECS, (week + 1) * PARTITION_SECS);
             let sql = format!(
-                "CREATE TABLE IF NOT EXISTS khub_envelopes_w{week} PARTITION OF khub_envelopes
-                 FOR VALUES FROM ({from}) TO ({to})"
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF khub_envelopes
+                 FOR VALUES FROM ({from}) TO ({to})",
+                partition_name(week)
             );
             tx.batch_execute("SAVEPOINT partition").await.map_err(db)?;
             if let Err(e) = tx.batch_execute(&sql).await {
@@ -349,87 +374,121 @@ impl PgStore {
         tx.commit().await.map_err(db)
     }
 
+    /// Deletes what was stored before `before`: whole weekly partitions
+    /// first, then row by row in batches (the week the cut-off falls in, and
+    /// the default partition).
+    ///
+    /// Lock order: an append locks its channel's row, then writes the log. So
+    /// a partition's bytes come off the channels' counts (row locks) before
+    /// it is dropped (a lock on the whole log), never after, and a batch of
+    /// rows is deleted before the counts change: neither can deadlock with an
+    /// append. Each step waits at most 5 s for a lock (and then gives up until
+    /// the next run) so appends and reads never queue behind it for longer.
     async fn prune_at(&self, before: u64) -> Result<u64, StoreError> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
-            .await
-            .map_err(db)?;
-        // Whole weeks before the cut-off: subtract their bytes, drop them.
-        let partitions = tx
+        let mut removed = 0;
+        for week in self.weeks_before(before).await? {
+            removed += self.drop_week(week).await?;
+        }
+        loop {
+            let deleted = self.delete_batch(before).await?;
+            removed += deleted;
+            if deleted < PRUNE_BATCH {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// The weekly partitions wholly before `before`.
+    async fn weeks_before(&self, before: u64) -> Result<Vec<u64>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let names = client
             .query(
-                "SELECT c.relname FROM pg_inherits i
-                 JOIN pg_class c ON c.oid = i.inhrelid
-                 JOIN pg_class p ON p.oid = i.inhparent
-                 WHERE p.relname = 'khub_envelopes' AND c.relname LIKE 'khub_envelopes_w%'",
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'khub_envelopes'::regclass",
                 &[],
             )
             .await
             .map_err(db)?;
-        let mut removed = 0u64;
-        for row in partitions {
-            let name: String = row.get(0);
-            let Some(week) = name
-                .strip_prefix("khub_envelopes_w")
-                .and_then(|w| w.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if (week + 1) * PARTITION_SECS > before {
-                continue;
-            }
-            let sums = tx
-                .query(
-                    &format!(
-                        "SELECT channel, SUM(length(body))::BIGINT, COUNT(*) FROM {name} GROUP BY channel"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(db)?;
-            for sum in &sums {
-                let (channel, bytes, count): (Vec<u8>, i64, i64) =
-                    (sum.get(0), sum.get(1), sum.get(2));
-                tx.execute(
-                    "UPDATE khub_channels SET bytes = bytes - $2 WHERE id = $1",
-                    &[&channel, &bytes],
-                )
-                .await
-                .map_err(db)?;
-                removed += u64::try_from(count).unwrap_or(0);
-            }
-            tx.batch_execute(&format!("DROP TABLE {name}"))
-                .await
-                .map_err(db)?;
-        }
-        // The rest row by row: the week the cut-off falls in, and the default.
-        let deleted = tx
+        Ok(names
+            .iter()
+            .filter_map(|row| {
+                let name: &str = row.get(0);
+                let week: u64 = name.strip_prefix("khub_envelopes_w")?.parse().ok()?;
+                // Only names this code makes (no "+7", no leading zeros).
+                (partition_name(week) == name).then_some(week)
+            })
+            .filter(|week| (week + 1) * PARTITION_SECS <= before)
+            .collect())
+    }
+
+    /// Drops one week's partition; returns how many envelopes it held.
+    async fn drop_week(&self, week: u64) -> Result<u64, StoreError> {
+        let name = partition_name(week);
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db)?;
+        housekeeping(&tx).await?;
+        // Nothing is added to a week this old, so the sums stay right.
+        let sums = tx
             .query(
-                "WITH gone AS (DELETE FROM khub_envelopes WHERE stored < $1
-                               RETURNING channel, length(body) AS n)
-                 SELECT channel, SUM(n)::BIGINT, COUNT(*) FROM gone GROUP BY channel",
-                &[&int(before)],
+                &format!(
+                    "SELECT channel, SUM(length(body))::BIGINT, COUNT(*) FROM {name} GROUP BY channel"
+                ),
+                &[],
             )
             .await
             .map_err(db)?;
-        for sum in &deleted {
-            let (channel, bytes, count): (Vec<u8>, i64, i64) = (sum.get(0), sum.get(1), sum.get(2));
-            tx.execute(
-                "UPDATE khub_channels SET bytes = bytes - $2 WHERE id = $1",
-                &[&channel, &bytes],
-            )
+        let removed = subtract(&tx, &sums).await?;
+        tx.batch_execute(&format!("DROP TABLE {name}"))
             .await
             .map_err(db)?;
-            removed += u64::try_from(count).unwrap_or(0);
-        }
         tx.commit().await.map_err(db)?;
         Ok(removed)
     }
 
-    /// One append, now (its sender's earlier ones are done).
-    fn append_now(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        self.call(move |client| {
-            Box::pin(async move {
+    /// Deletes up to [`PRUNE_BATCH`] envelopes stored before `before`.
+    async fn delete_batch(&self, before: u64) -> Result<u64, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db)?;
+        housekeeping(&tx).await?;
+        let sums = tx
+            .query(
+                "WITH gone AS (
+                     DELETE FROM khub_envelopes WHERE (channel, seq) IN (
+                         SELECT channel, seq FROM khub_envelopes WHERE stored < $1 LIMIT $2)
+                     RETURNING channel, length(body) AS n)
+                 SELECT channel, SUM(n)::BIGINT, COUNT(*) FROM gone GROUP BY channel",
+                &[&int(before), &int(PRUNE_BATCH)],
+            )
+            .await
+            .map_err(db)?;
+        let removed = subtract(&tx, &sums).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(removed)
+    }
+
+    /// Runs `op` with a pooled connection, within [`CALL_TIMEOUT`].
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        op: impl for<'c> FnOnce(
+            &'c mut deadpool_postgres::Object,
+        ) -> BoxFuture<'c, Result<T, StoreError>>
+        + Send
+        + 'a,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        Box::pin(bounded(async move {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            op(&mut client).await
+        }))
+    }
+}
+
+/// One append, now (its sender's earlier ones are done): one round trip to
+/// `khub_append`.
+async fn append_now(pool: &Pool, a: Append) -> Result<Appended, StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    {
+        {
+            {
                 let statement = client
                     .prepare_cached("SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)")
                     .await
@@ -451,9 +510,17 @@ impl PgStore {
                 let outcome: &str = row.get(0);
                 let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
                 match outcome {
-                    "stored" => Ok(Appended { seq: seq(), duplicate: false }),
-                    "duplicate" => Ok(Appended { seq: seq(), duplicate: true }),
-                    "conflict" => Err(StoreError::Conflict { sender_seq: a.sender_seq }),
+                    "stored" => Ok(Appended {
+                        seq: seq(),
+                        duplicate: false,
+                    }),
+                    "duplicate" => Ok(Appended {
+                        seq: seq(),
+                        duplicate: true,
+                    }),
+                    "conflict" => Err(StoreError::Conflict {
+                        sender_seq: a.sender_seq,
+                    }),
                     "out_of_order" => Err(StoreError::OutOfOrder {
                         sender_seq: a.sender_seq,
                         highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
@@ -463,35 +530,63 @@ impl PgStore {
                         quota: a.quota,
                     }),
                     "not_found" => Err(StoreError::NotFound),
-                    other => Err(StoreError::Backend(format!("khub_append answered {other:?}"))),
+                    other => Err(StoreError::Backend(format!(
+                        "khub_append answered {other:?}"
+                    ))),
                 }
-            })
-        })
+            }
+        }
     }
+}
 
-    /// Runs `op` with a pooled connection, within [`CALL_TIMEOUT`].
-    fn call<'a, T: Send + 'a>(
-        &'a self,
-        op: impl for<'c> FnOnce(
-            &'c mut deadpool_postgres::Object,
-        ) -> BoxFuture<'c, Result<T, StoreError>>
-        + Send
-        + 'a,
-    ) -> BoxFuture<'a, Result<T, StoreError>> {
-        Box::pin(async move {
-            let work = async {
-                let mut client = self.pool.get().await.map_err(pool_error)?;
-                op(&mut client).await
-            };
-            tokio::time::timeout(CALL_TIMEOUT, work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Backend(
-                        "PostgreSQL did not answer within 15 s".into(),
-                    ))
-                })
-        })
+/// The name of the envelope partition of `week` (weeks since the epoch).
+fn partition_name(week: u64) -> String {
+    format!("khub_envelopes_w{week}")
+}
+
+/// Settings of a retention transaction: one at a time across nodes, no
+/// statement limit (a week can be large), a short wait for locks.
+async fn housekeeping(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+        .await
+        .map_err(db)?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(db)
+}
+
+/// Takes deleted envelopes' bytes off their channels' counts; `sums` rows
+/// are (channel, bytes, count). Returns the count.
+async fn subtract(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sums: &[tokio_postgres::Row],
+) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    for sum in sums {
+        let (channel, bytes, count): (Vec<u8>, i64, i64) = (sum.get(0), sum.get(1), sum.get(2));
+        tx.execute(
+            "UPDATE khub_channels SET bytes = bytes - $2 WHERE id = $1",
+            &[&channel, &bytes],
+        )
+        .await
+        .map_err(db)?;
+        removed += u64::try_from(count).unwrap_or(0);
     }
+    Ok(removed)
+}
+
+/// `work` within [`CALL_TIMEOUT`] (a server-side `statement_timeout` ends
+/// the statement itself; this bounds the wait for a host that vanished).
+pub(crate) async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Backend(
+                "PostgreSQL did not answer within 15 s".into(),
+            ))
+        })
 }
 
 fn record(device: Vec<u8>, token_hash: Vec<u8>, revoked: bool) -> Result<DeviceRecord, StoreError> {
@@ -657,7 +752,8 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.call(move |client| {
             Box::pin(async move {
-                let changed = client
+                let tx = client.transaction().await.map_err(db)?;
+                let changed = tx
                     .execute(
                         "UPDATE khub_devices SET revoked = true WHERE channel = $1 AND device = $2",
                         &[
@@ -668,24 +764,52 @@ impl Store for PgStore {
                     .await
                     .map_err(db)?;
                 if changed == 0 {
-                    Err(StoreError::NotFound)
-                } else {
-                    Ok(())
+                    return Err(StoreError::NotFound);
                 }
+                // Every node closes the device's sessions: the notification
+                // goes out with the commit, or not at all.
+                let (bus, payload) = crate::relay::pg::bus::revocation_payload(channel);
+                tx.execute("SELECT pg_notify($1, $2)", &[&bus, &payload])
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)
             })
         })
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
         let mut turn = self.order.take_turn(a.channel, a.sender);
-        Box::pin(async move {
-            if let Some(previous) = turn.previous.take() {
-                // Done or dropped: either way it is no longer ahead.
-                let _ = previous.await;
-            }
-            let appended = self.append_now(a).await;
-            self.order.finish(&turn);
+        let (pool, order) = (self.pool.clone(), Arc::clone(&self.order));
+        // On a task of its own, so the turn is held until the database has
+        // answered even if the caller gives up (or stops polling) first.
+        let task = tokio::spawn(async move {
+            let ahead_settled = match turn.previous.take() {
+                Some(previous) => previous.await.unwrap_or(false),
+                None => true,
+            };
+            let appended = if ahead_settled {
+                append_now(&pool, a).await
+            } else {
+                // Storing this one could put it ahead of an earlier envelope
+                // that may be missing, which would then be out of order for good.
+                Err(StoreError::Backend(
+                    "an earlier envelope of this device could not be stored; it is sent again first"
+                        .into(),
+                ))
+            };
+            let settled = !matches!(appended, Err(StoreError::Backend(_)));
+            order.finish(&turn);
+            let _ = turn.done.send(settled);
             appended
+        });
+        Box::pin(async move {
+            match tokio::time::timeout(CALL_TIMEOUT, task).await {
+                Ok(Ok(appended)) => appended,
+                Ok(Err(e)) => Err(StoreError::Backend(format!("the append task failed: {e}"))),
+                Err(_) => Err(StoreError::Backend(
+                    "PostgreSQL did not answer within 15 s".into(),
+                )),
+            }
         })
     }
 
