@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::delivery::{check_delivery, cut_randomly, exchange, sent};
+use common::delivery::{check_delivery, cut_randomly, exchange, secrets_of, sent};
 use khub::ids::DeviceId;
-use khub::testing::{FaultProxy, Scanner, TempDir, paired_devices};
+use khub::testing::{FaultProxy, TempDir, paired_devices};
 
 const DEVICES: usize = 5;
 const MESSAGES: usize = 1000;
@@ -233,14 +233,7 @@ async fn five_devices_across_two_nodes_lose_nothing_when_one_is_killed() {
     }
 
     // The database and the nodes' logs hold no plaintext and no code.
-    let mut scanner = Scanner::new();
-    scanner.add("plaintext marker", marker.as_bytes());
-    for device in &devices {
-        scanner.add_device(device);
-    }
-    for code in &paired.codes {
-        scanner.add_code(code);
-    }
+    let scanner = secrets_of(&paired, &marker);
     let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
         .await
         .unwrap();

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use common::delivery::{check_delivery, cut_randomly, exchange, receive_all, sent};
+use common::delivery::{check_delivery, cut_randomly, exchange, receive_all, secrets_of, sent};
 use khub::client::Session;
 use khub::ids::DeviceId;
 use khub::relay::config::Limits;
-use khub::testing::{FaultProxy, Scanner, TempDir, TestRelay, capture_logs, paired_devices};
+use khub::testing::{FaultProxy, TempDir, TestRelay, capture_logs, paired_devices};
 
 /// The whole scenario must finish in this time.
 const SCENARIO: Duration = Duration::from_secs(120);
@@ -72,14 +72,7 @@ async fn five_devices_with_randomly_cut_connections_get_every_message_once_in_re
         );
     }
 
-    let mut scanner = Scanner::new();
-    scanner.add("plaintext marker", marker.as_bytes());
-    for device in &devices {
-        scanner.add_device(device);
-    }
-    for code in &paired.codes {
-        scanner.add_code(code);
-    }
+    let scanner = secrets_of(&paired, &marker);
     assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
     assert_eq!(scanner.scan_logs(), []);
 }

@@ -51,6 +51,21 @@ impl Node {
     }
 }
 
+/// Two nodes on `db`, and two devices paired through them: the first talks to
+/// node A, the second to node B.
+async fn two_nodes_two_devices(
+    db: &common::pg::TestDb,
+) -> ([Node; 2], TempDir, khub::testing::PairedDevices) {
+    let a = Node::start(db, Limits::default()).await;
+    let b = Node::start(db, Limits::default()).await;
+    let home = TempDir::new("nodes");
+    let paired = tokio::time::timeout(STEP * 2, paired_devices(home.path(), &[a.url(), b.url()]))
+        .await
+        .expect("pairing in time")
+        .expect("devices pair across nodes");
+    ([a, b], home, paired)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_on_two_nodes_pair_talk_and_are_removed_across_them() {
     let Some(db) = common::pg::fresh_database("nodes").await else {
@@ -150,13 +165,7 @@ async fn a_node_that_lost_its_notifications_catches_up() {
     let Some(db) = common::pg::fresh_database("bus").await else {
         return;
     };
-    let a = Node::start(&db, Limits::default()).await;
-    let b = Node::start(&db, Limits::default()).await;
-    let home = TempDir::new("nodes");
-    let paired = tokio::time::timeout(STEP * 2, paired_devices(home.path(), &[a.url(), b.url()]))
-        .await
-        .expect("pairing in time")
-        .expect("devices pair across nodes");
+    let (_nodes, _home, paired) = two_nodes_two_devices(&db).await;
     let [on_a, on_b] = &paired.devices[..] else {
         panic!("two devices");
     };
@@ -210,13 +219,7 @@ async fn a_committed_revocation_reaches_every_node_by_itself() {
     let Some(db) = common::pg::fresh_database("revoke").await else {
         return;
     };
-    let a = Node::start(&db, Limits::default()).await;
-    let b = Node::start(&db, Limits::default()).await;
-    let home = TempDir::new("nodes");
-    let paired = tokio::time::timeout(STEP * 2, paired_devices(home.path(), &[a.url(), b.url()]))
-        .await
-        .expect("pairing in time")
-        .expect("devices pair across nodes");
+    let (_nodes, _home, paired) = two_nodes_two_devices(&db).await;
     let tablet = &paired.devices[1];
     let session = tablet.connect();
     session.caught_up(STEP).await.expect("session on B");

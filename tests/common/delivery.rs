@@ -179,3 +179,17 @@ pub fn cut_randomly(
     });
     (stop, task)
 }
+
+/// A scanner for everything secret in a run: the plaintext marker, the
+/// devices' keys and tokens, the pairing codes.
+pub fn secrets_of(paired: &khub::testing::PairedDevices, marker: &str) -> khub::testing::Scanner {
+    let mut scanner = khub::testing::Scanner::new();
+    scanner.add("plaintext marker", marker.as_bytes());
+    for device in &paired.devices {
+        scanner.add_device(device);
+    }
+    for code in &paired.codes {
+        scanner.add_code(code);
+    }
+    scanner
+}
