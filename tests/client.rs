@@ -832,5 +832,29 @@ async fn a_passing_store_failure_loses_no_message() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(d[0].incidents().unwrap(), [], "nothing was refused");
+
+    // The same over `/sync`: what the failing store did not take stays
+    // queued, nothing after it is stored ahead of it, and the next sync sends
+    // it all in order.
+    sa.close().await;
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..3 {
+        d[0].queue(format!("synced {i}").as_bytes()).unwrap();
+    }
+    tokio::time::timeout(STEP, d[0].sync())
+        .await
+        .expect("sync answers in time")
+        .expect("a passing failure is not an error of the sync");
+    assert_eq!(d[0].pending().unwrap(), 3, "kept");
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(STEP, d[0].sync())
+        .await
+        .expect("sync answers in time")
+        .unwrap();
+    assert_eq!(d[0].pending().unwrap(), 0, "sent");
+    for i in 0..3 {
+        assert_eq!(recv(&sb, &d[1]).await.1, format!("synced {i}"));
+    }
+    assert_eq!(d[0].incidents().unwrap(), [], "nothing was refused");
     relay.stop().await;
 }

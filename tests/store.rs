@@ -533,9 +533,17 @@ async fn a_failed_append_holds_back_the_senders_queued_ones() {
     holder.rollback().await.unwrap();
     let second = second.await.unwrap();
     assert!(matches!(second, Err(StoreError::Backend(_))), "{second:?}");
+    // A later one handed over after both failed (a pipelined publish the
+    // session had not yet answered) waits for the failed one too.
+    let third = store.append(append(channel, sender, 3, b"three", 0)).await;
+    assert!(matches!(third, Err(StoreError::Backend(_))), "{third:?}");
     assert_eq!(store.head(channel).await, Ok(0), "nothing got ahead");
-    // Sent again, in order: both stored.
-    for (sender_seq, body, seq) in [(1, &b"one"[..], 1), (2, &b"two"[..], 2)] {
+    // Sent again, in order: all stored.
+    for (sender_seq, body, seq) in [
+        (1, &b"one"[..], 1),
+        (2, &b"two"[..], 2),
+        (3, &b"three"[..], 3),
+    ] {
         assert_eq!(
             store
                 .append(append(channel, sender, sender_seq, body, 0))

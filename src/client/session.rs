@@ -218,6 +218,7 @@ async fn run(
 ) {
     let mut attempt = 0u32;
     loop {
+        let before = attempt;
         let result = tokio::select! {
             result = connection(&device, &mut wake, &status, &mut attempt) => result,
             _ = &mut stop => {
@@ -231,7 +232,21 @@ async fn run(
                 status.send_replace(Status::Failed(e));
                 return;
             }
-            Err(e) => debug!(error = %e, attempt, "connection lost; retrying"),
+            Err(e) => {
+                // A relay that accepts the session but cannot store (a full
+                // disk, a database failing over) is not hammered: its failures
+                // keep backing off even though each session got as far as `ready`.
+                if matches!(
+                    e,
+                    ClientError::Relay {
+                        code: ErrorCode::Internal,
+                        ..
+                    }
+                ) {
+                    attempt = attempt.max(before);
+                }
+                debug!(error = %e, attempt, "connection lost; retrying");
+            }
             Ok(()) => {}
         }
         attempt = attempt.saturating_add(1);

@@ -274,8 +274,10 @@ impl Hub {
                         .bytes_in
                         .fetch_add(stored.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     remember(&cache, channel, Ready::new(appended.seq, &stored));
-                    notifier.stored(channel, appended.seq);
                 }
+                // A duplicate too: its first try may have been stored after its
+                // caller gave up, without a wake-up (the head only grows).
+                notifier.stored(channel, appended.seq);
             });
             let append = self.store.append_then(
                 Append {

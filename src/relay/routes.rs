@@ -576,7 +576,20 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
         Err(response) => return response,
     };
     let mut acks = Vec::with_capacity(request.publish.len());
+    // After one the store could not take, the rest of the request is not
+    // stored either: storing a later one would put it ahead of the failed
+    // one, which the device sends again (and which would then be out of order
+    // for good). The device keeps them all and sends them again, in order.
+    let mut failed: Option<Refusal> = None;
     for B64(envelope) in request.publish {
+        if let Some(refusal) = &failed {
+            acks.push(SyncAck {
+                seq: None,
+                duplicate: false,
+                error: Some(refusal.clone()),
+            });
+            continue;
+        }
         let ack = match relay
             .hub
             .publish(
@@ -591,11 +604,16 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
                 duplicate: p.duplicate,
                 error: None,
             },
-            Err(e) => SyncAck {
-                seq: None,
-                duplicate: false,
-                error: Some(e),
-            },
+            Err(e) => {
+                if e.code == ErrorCode::Internal {
+                    failed = Some(e.clone());
+                }
+                SyncAck {
+                    seq: None,
+                    duplicate: false,
+                    error: Some(e),
+                }
+            }
         };
         acks.push(ack);
     }

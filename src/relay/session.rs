@@ -378,14 +378,28 @@ where
                     // pruned (deliver from the next stored envelope on), or a wake-up
                     // that announced more than there is (another node's
                     // notification is a hint). The store's head decides.
-                    known_head = match hub.store.head(channel).await {
-                        Ok(head) => head,
+                    // Read the head, then look again: everything up to that head
+                    // was committed before it was read, so if nothing follows the
+                    // cursor now, nothing up to the head ever will.
+                    let settled = match hub.store.head(channel).await {
+                        Ok(head) => match hub.fetch(channel, cursor, 1).await {
+                            Ok(again) => Ok((head, again.is_empty())),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match settled {
+                        Ok((head, true)) => {
+                            known_head = head.max(cursor);
+                            cursor = known_head;
+                        }
+                        // Something was stored meanwhile: deliver it next time round.
+                        Ok((head, false)) => known_head = known_head.max(head),
                         Err(e) => {
                             let refused = store_error(e);
                             return fatal(refused.code, refused.message);
                         }
-                    };
-                    cursor = cursor.max(known_head);
+                    }
                     continue;
                 }
                 match deliver(ws, &batch, limits.slow_reader_timeout).await {

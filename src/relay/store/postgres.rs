@@ -93,6 +93,7 @@ impl PgTarget {
         };
         config
             .options(&server_options)
+            .tcp_user_timeout(Duration::from_secs(20))
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
@@ -177,7 +178,15 @@ struct SenderChains {
     /// or refused for good), `false` if the database failed and it may or may
     /// not be stored.
     newest: std::collections::HashMap<(ChannelId, DeviceId), (u64, oneshot::Receiver<bool>)>,
+    /// Per sender: its oldest envelope the database failed, and when. Its
+    /// later ones are refused until that one is tried again, for
+    /// [`HOLD_FAILED`] at most (by then the device has sent it again, here or
+    /// through another node).
+    failed: std::collections::HashMap<(ChannelId, DeviceId), (u64, std::time::Instant)>,
 }
+
+/// How long a sender's failed envelope holds back its later ones.
+const HOLD_FAILED: Duration = Duration::from_secs(10);
 
 /// An append's place in its sender's line.
 struct Turn {
@@ -203,6 +212,51 @@ impl SenderOrder {
             previous,
             done,
         }
+    }
+
+    /// Whether the sender's envelope `sender_seq` must wait for an earlier
+    /// one the database failed (see [`SenderChains::failed`]).
+    fn held_back(&self, key: (ChannelId, DeviceId), sender_seq: u64) -> Option<u64> {
+        let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match chains.failed.get(&key) {
+            Some((first, at)) if at.elapsed() < HOLD_FAILED => {
+                (sender_seq > *first).then_some(*first)
+            }
+            Some(_) => {
+                chains.failed.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records how an append of the sender ended: a database failure holds
+    /// back its later envelopes; anything else at or below the held one ends
+    /// the hold.
+    fn settle(&self, key: (ChannelId, DeviceId), sender_seq: u64, settled: bool) {
+        let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if settled {
+            if chains
+                .failed
+                .get(&key)
+                .is_some_and(|(first, _)| sender_seq <= *first)
+            {
+                chains.failed.remove(&key);
+            }
+            return;
+        }
+        let first = chains
+            .failed
+            .get(&key)
+            .map_or(sender_seq, |(first, _)| (*first).min(sender_seq));
+        if chains.failed.len() >= 100_000 {
+            chains
+                .failed
+                .retain(|_, (_, at)| at.elapsed() < HOLD_FAILED);
+        }
+        chains
+            .failed
+            .insert(key, (first, std::time::Instant::now()));
     }
 
     /// Forgets a sender whose newest append just finished.
@@ -353,9 +407,7 @@ impl PgStore {
     async fn add_partitions(&self, now: u64) -> Result<(), StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
-            .await
-            .map_err(db)?;
+        housekeeping(&tx).await?;
         for week in [now / PARTITION_SECS, now / PARTITION_SECS + 1] {
             let (from, to) = (week * PARTITION_SECS, (week + 1) * PARTITION_SECS);
             let sql = format!(
@@ -427,6 +479,15 @@ impl PgStore {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db)?;
         housekeeping(&tx).await?;
+        // Another node may have dropped it since it was listed.
+        let exists: Option<String> = tx
+            .query_one("SELECT to_regclass($1)::TEXT", &[&name])
+            .await
+            .map_err(db)?
+            .get(0);
+        if exists.is_none() {
+            return Ok(0);
+        }
         // Nothing is added to a week this old, so the sums stay right.
         let sums = tx
             .query(
@@ -573,6 +634,16 @@ async fn subtract(
         removed += u64::try_from(count).unwrap_or(0);
     }
     Ok(removed)
+}
+
+/// Storing an envelope after one of its sender's that the database failed
+/// could put it ahead of one that may be missing, which would then be out of
+/// order for good: it is refused too, and the device sends both again.
+fn held_back_error() -> StoreError {
+    StoreError::Backend(
+        "an earlier envelope of this device could not be stored; it is to be sent again first"
+            .into(),
+    )
 }
 
 /// `work` within [`CALL_TIMEOUT`] (a server-side `statement_timeout` ends
@@ -787,17 +858,15 @@ impl Store for PgStore {
                 Some(previous) => previous.await.unwrap_or(false),
                 None => true,
             };
-            let appended = if ahead_settled {
-                append_now(&pool, a).await
-            } else {
-                // Storing this one could put it ahead of an earlier envelope
-                // that may be missing, which would then be out of order for good.
-                Err(StoreError::Backend(
-                    "an earlier envelope of this device could not be stored; it is sent again first"
-                        .into(),
-                ))
+            let key = (a.channel, a.sender);
+            let sender_seq = a.sender_seq;
+            let appended = match order.held_back(key, sender_seq) {
+                _ if !ahead_settled => Err(held_back_error()),
+                Some(_) => Err(held_back_error()),
+                None => bounded(append_now(&pool, a)).await,
             };
             let settled = !matches!(appended, Err(StoreError::Backend(_)));
+            order.settle(key, sender_seq, settled);
             order.finish(&turn);
             let _ = turn.done.send(settled);
             appended
