@@ -140,7 +140,12 @@
 //! store it now; over the WebSocket an `internal` ends the session with 1011
 //! and the device sends its outbox again on the next one, where an envelope
 //! stored after all is acked as a duplicate). Any other refusal of a
-//! `publish` is final for that envelope. A code
+//! `publish` is final for that envelope. After an `internal` refusal the
+//! relay stores none of the same device's later envelopes until that one is
+//! sent again (a `/sync` request answers the rest of its `publish` list with
+//! the same error; a later one over the WebSocket is refused with `internal`
+//! for up to 10 s): a device that keeps them and sends them again in order
+//! loses nothing. A code
 //! a client does not know (a newer relay's) refuses that one request and is
 //! worth retrying later; it never ends a session by itself.
 //! Keepalive is the WebSocket protocol's own: the relay sends control Pings
