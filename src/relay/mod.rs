@@ -56,7 +56,7 @@ pub struct Relay {
 
 /// What the nodes of a relay share besides the store: wake-ups, the pairing
 /// mailbox and per-address rate limits. [`Relay::with_notifier`] makes
-/// in-process ones; [`pg::shared`] (feature `postgres`) makes ones that every
+/// in-process ones; `pg::shared` (feature `postgres`) makes ones that every
 /// node sees.
 pub struct Shared {
     /// Cross-session wake-up.
