@@ -80,9 +80,7 @@ impl LocalNotifier {
             }
         }
     }
-}
 
-impl LocalNotifier {
     /// The channels some session watches now.
     pub fn watched(&self) -> Vec<ChannelId> {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

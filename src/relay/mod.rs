@@ -70,12 +70,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// In-process wake-ups, mailbox and limits, for one node.
-    pub fn local(config: &RelayConfig, metrics: &Arc<Metrics>) -> Self {
-        Self::local_with(Arc::new(LocalNotifier::default()), config, metrics)
-    }
-
-    fn local_with(
+    /// `notifier`, with an in-process mailbox and limits, for one node.
+    pub fn local(
         notifier: Arc<dyn Notifier>,
         config: &RelayConfig,
         metrics: &Arc<Metrics>,
@@ -113,7 +109,7 @@ impl Relay {
         config: RelayConfig,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
-        let shared = Shared::local_with(notifier, &config, &metrics);
+        let shared = Shared::local(notifier, &config, &metrics);
         Self::from_parts(store, shared, metrics, config)
     }
 

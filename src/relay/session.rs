@@ -31,8 +31,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Relay;
-use super::hub::{Ready, store_error};
+use super::hub::{Hub, Ready, store_error};
 use super::metrics::Metrics;
+use super::store::StoreError;
 use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{
@@ -83,6 +84,27 @@ fn fatal(code: ErrorCode, message: impl Into<String>) -> End {
             sender_seq: None,
         }),
     )
+}
+
+/// The store failed: the session ends with its refusal (`internal`, 1011)
+/// and the device reconnects.
+fn store_failed(e: StoreError) -> End {
+    let refused = store_error(e);
+    fatal(refused.code, refused.message)
+}
+
+/// After a read found nothing past `cursor`: the store's head, and whether
+/// still nothing follows the cursor. The head is read first, so everything up
+/// to it was committed before the second look: if that finds nothing, nothing
+/// up to the head ever will (it was pruned).
+async fn head_after_empty_read(
+    hub: &Hub,
+    channel: ChannelId,
+    cursor: u64,
+) -> Result<(u64, bool), StoreError> {
+    let head = hub.store.head(channel).await?;
+    let again = hub.fetch(channel, cursor, 1).await?;
+    Ok((head, again.is_empty()))
 }
 
 fn text(frame: &ServerFrame) -> Message {
@@ -186,10 +208,12 @@ where
             crate::protocol::frames::unsupported_version(u64::from(v)),
         ));
     }
-    let record = relay.hub.store.device(channel, device).await.map_err(|e| {
-        let refused = store_error(e);
-        fatal(refused.code, refused.message)
-    })?;
+    let record = relay
+        .hub
+        .store
+        .device(channel, device)
+        .await
+        .map_err(store_failed)?;
     match record {
         Some(r) if r.token_hash.verify(&token) && !r.revoked => Ok((channel, device, cursor)),
         Some(r) if r.token_hash.verify(&token) => Err(End::Close(
@@ -244,10 +268,7 @@ where
     let mut seen = *signals.borrow_and_update();
     let head = match hub.store.head(channel).await {
         Ok(head) => head,
-        Err(e) => {
-            let refused = store_error(e);
-            return fatal(refused.code, refused.message);
-        }
+        Err(e) => return store_failed(e),
     };
     let mut known_head = head.max(seen.head);
     if ws
@@ -283,10 +304,7 @@ where
                         Ok(Some(record)) if !record.revoked => {}
                         // The store did not answer: nothing says the device was
                         // removed; it reconnects and is checked again.
-                        Err(e) => {
-                            let refused = store_error(e);
-                            return fatal(refused.code, refused.message);
-                        }
+                        Err(e) => return store_failed(e),
                         Ok(_) => return End::Close(
                             CloseCode::Revoked,
                             Some(ServerFrame::error(ErrorCode::Revoked, "this device was removed from the channel")),
@@ -368,37 +386,21 @@ where
             batch = hub.fetch(channel, cursor, DELIVERY_BATCH), if behind => {
                 let batch = match batch {
                     Ok(batch) => batch,
-                    Err(e) => {
-                        let refused = store_error(e);
-                        return fatal(refused.code, refused.message);
-                    }
+                    Err(e) => return store_failed(e),
                 };
                 if batch.is_empty() {
                     // Nothing stored after the cursor though the head is past it:
-                    // pruned (deliver from the next stored envelope on), or a wake-up
-                    // that announced more than there is (another node's
-                    // notification is a hint). The store's head decides.
-                    // Read the head, then look again: everything up to that head
-                    // was committed before it was read, so if nothing follows the
-                    // cursor now, nothing up to the head ever will.
-                    let settled = match hub.store.head(channel).await {
-                        Ok(head) => match hub.fetch(channel, cursor, 1).await {
-                            Ok(again) => Ok((head, again.is_empty())),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    };
-                    match settled {
+                    // pruned, or a wake-up that announced more than there is
+                    // (another node's notification is a hint).
+                    match head_after_empty_read(hub, channel, cursor).await {
+                        // Deliver from the next stored envelope on.
                         Ok((head, true)) => {
                             known_head = head.max(cursor);
                             cursor = known_head;
                         }
                         // Something was stored meanwhile: deliver it next time round.
                         Ok((head, false)) => known_head = known_head.max(head),
-                        Err(e) => {
-                            let refused = store_error(e);
-                            return fatal(refused.code, refused.message);
-                        }
+                        Err(e) => return store_failed(e),
                     }
                     continue;
                 }

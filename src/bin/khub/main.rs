@@ -1037,7 +1037,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 /// Where `khub serve` keeps its state.
 enum StoreKind {
     Memory,
@@ -1100,6 +1099,7 @@ async fn postgres_relay(
     )
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]

@@ -24,8 +24,6 @@ use crate::relay::store::{BoxFuture, StoreError, postgres};
 
 /// Advisory lock key serialising slot opens (nameplate choice) across nodes.
 const OPEN_LOCK: i64 = 0x6b68_7562_0003;
-/// Longest one mailbox operation may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// A poll re-checks the database this often even without a wake-up, in case
 /// a notification was lost.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -104,13 +102,9 @@ impl PgMailbox {
             tx.commit().await.map_err(db)?;
             Ok(value)
         };
-        tokio::time::timeout(CALL_TIMEOUT, work)
+        tokio::time::timeout(postgres::CALL_TIMEOUT, work)
             .await
-            .unwrap_or_else(|_| {
-                Err(store_error(StoreError::Backend(
-                    "PostgreSQL did not answer in time".into(),
-                )))
-            })
+            .unwrap_or_else(|_| Err(store_error(postgres::timed_out())))
     }
 
     /// The live (unexpired) slot under `nameplate`, locked.

@@ -38,9 +38,10 @@ const PARTITION_SECS: u64 = 7 * 24 * 3600;
 /// Envelopes deleted row by row per retention transaction.
 const PRUNE_BATCH: u64 = 10_000;
 
-/// Longest a store call may take before the relay gives up on it (the
-/// operation may still commit: a retried publish is then a duplicate).
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a store call (or a pairing-mailbox operation) may take before the
+/// relay gives up on it (the operation may still commit: a retried publish is
+/// then a duplicate).
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// `statement_timeout` of the relay's connections, below [`CALL_TIMEOUT`].
 const STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
@@ -216,17 +217,15 @@ impl SenderOrder {
 
     /// Whether the sender's envelope `sender_seq` must wait for an earlier
     /// one the database failed (see [`SenderChains::failed`]).
-    fn held_back(&self, key: (ChannelId, DeviceId), sender_seq: u64) -> Option<u64> {
+    fn held_back(&self, key: (ChannelId, DeviceId), sender_seq: u64) -> bool {
         let mut chains = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match chains.failed.get(&key) {
-            Some((first, at)) if at.elapsed() < HOLD_FAILED => {
-                (sender_seq > *first).then_some(*first)
-            }
+            Some((first, at)) if at.elapsed() < HOLD_FAILED => sender_seq > *first,
             Some(_) => {
                 chains.failed.remove(&key);
-                None
+                false
             }
-            None => None,
+            None => false,
         }
     }
 
@@ -653,11 +652,15 @@ pub(crate) async fn bounded<T>(
 ) -> Result<T, StoreError> {
     tokio::time::timeout(CALL_TIMEOUT, work)
         .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Backend(
-                "PostgreSQL did not answer within 15 s".into(),
-            ))
-        })
+        .unwrap_or_else(|_| Err(timed_out()))
+}
+
+/// A call that took longer than [`CALL_TIMEOUT`].
+pub(crate) fn timed_out() -> StoreError {
+    StoreError::Backend(format!(
+        "PostgreSQL did not answer within {} s",
+        CALL_TIMEOUT.as_secs()
+    ))
 }
 
 fn record(device: Vec<u8>, token_hash: Vec<u8>, revoked: bool) -> Result<DeviceRecord, StoreError> {
@@ -860,10 +863,10 @@ impl Store for PgStore {
             };
             let key = (a.channel, a.sender);
             let sender_seq = a.sender_seq;
-            let appended = match order.held_back(key, sender_seq) {
-                _ if !ahead_settled => Err(held_back_error()),
-                Some(_) => Err(held_back_error()),
-                None => bounded(append_now(&pool, a)).await,
+            let appended = if !ahead_settled || order.held_back(key, sender_seq) {
+                Err(held_back_error())
+            } else {
+                bounded(append_now(&pool, a)).await
             };
             let settled = !matches!(appended, Err(StoreError::Backend(_)));
             order.settle(key, sender_seq, settled);
@@ -871,15 +874,10 @@ impl Store for PgStore {
             let _ = turn.done.send(settled);
             appended
         });
-        Box::pin(async move {
-            match tokio::time::timeout(CALL_TIMEOUT, task).await {
-                Ok(Ok(appended)) => appended,
-                Ok(Err(e)) => Err(StoreError::Backend(format!("the append task failed: {e}"))),
-                Err(_) => Err(StoreError::Backend(
-                    "PostgreSQL did not answer within 15 s".into(),
-                )),
-            }
-        })
+        Box::pin(bounded(async move {
+            task.await
+                .map_err(|e| StoreError::Backend(format!("the append task failed: {e}")))?
+        }))
     }
 
     fn read(
