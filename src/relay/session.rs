@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
@@ -313,32 +313,27 @@ where
                 }
                 seen = signal;
             }
-            Some((result, sender_seq)) = in_flight.next(), if !in_flight.is_empty() => {
-                let reply = match result {
-                    Ok(published) => {
+            Some(mut done) = in_flight.next(), if !in_flight.is_empty() => {
+                // Answer every publish whose commit is done, then flush once:
+                // a group commit completes a session's publishes together.
+                loop {
+                    let (result, sender_seq) = done;
+                    if let Ok(published) = &result {
                         known_head = known_head.max(published.seq);
-                        ServerFrame::Ack {
-                            sender_seq: published.sender_seq,
-                            seq: published.seq,
-                            duplicate: published.duplicate,
-                        }
                     }
-                    // The store failed (`internal`): the envelope may or may not
-                    // be stored. The session ends (1011, as the protocol says) and
-                    // the device sends its outbox again on its next session, where
-                    // whatever was stored meanwhile is recognised as a duplicate.
-                    Err(e) if e.code == ErrorCode::Internal => {
-                        return End::Close(
-                            CloseCode::Internal,
-                            Some(ServerFrame::Error { code: e.code, message: e.message, fatal: true, sender_seq }),
-                        );
+                    let reply = match answer(result, sender_seq) {
+                        Ok(reply) => reply,
+                        Err(end) => return end,
+                    };
+                    if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.feed(text(&reply))).await {
+                        return end;
                     }
-                    Err(e) => {
-                        debug!(code = e.code.as_str(), "publish refused");
-                        ServerFrame::Error { code: e.code, message: e.message, fatal: false, sender_seq }
+                    match in_flight.next().now_or_never() {
+                        Some(Some(next)) => done = next,
+                        _ => break,
                     }
-                };
-                if let Err(end) = send_within(ws, text(&reply), limits.slow_reader_timeout, &hub.metrics).await {
+                }
+                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.flush()).await {
                     return end;
                 }
             }
@@ -366,7 +361,7 @@ where
                     }
                     Message::Binary(_) => return fatal(ErrorCode::Malformed, "frames are JSON text, not binary"),
                     Message::Ping(payload) => {
-                        if let Err(end) = send_within(ws, Message::Pong(payload), limits.slow_reader_timeout, &hub.metrics).await {
+                        if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Pong(payload))).await {
                             return end;
                         }
                     }
@@ -379,7 +374,7 @@ where
                     hub.metrics.breach("idle_timeout");
                     return End::Close(CloseCode::Idle, None);
                 }
-                if let Err(end) = send_within(ws, Message::Ping(Bytes::new()), limits.slow_reader_timeout, &hub.metrics).await {
+                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Ping(Bytes::new()))).await {
                     return end;
                 }
             }
@@ -422,18 +417,51 @@ where
     }
 }
 
-/// Writes one frame (an ack, a pong, a ping) within `patience`: a peer that
-/// stops reading cannot hold the session's task forever; it is closed as slow.
-async fn send_within<S>(
-    ws: &mut WebSocketStream<S>,
-    message: Message,
+/// The frame that answers a publish once the store is done with it: its ack
+/// or its refusal. A store failure (`internal`) ends the session instead: the
+/// envelope may or may not be stored, so the session closes (1011, as the
+/// protocol says) and the device sends its outbox again on its next session,
+/// where whatever was stored meanwhile is recognised as a duplicate.
+fn answer(
+    result: Result<super::hub::Published, crate::protocol::Refusal>,
+    sender_seq: Option<u64>,
+) -> Result<ServerFrame, End> {
+    match result {
+        Ok(published) => Ok(ServerFrame::Ack {
+            sender_seq: published.sender_seq,
+            seq: published.seq,
+            duplicate: published.duplicate,
+        }),
+        Err(e) if e.code == ErrorCode::Internal => Err(End::Close(
+            CloseCode::Internal,
+            Some(ServerFrame::Error {
+                code: e.code,
+                message: e.message,
+                fatal: true,
+                sender_seq,
+            }),
+        )),
+        Err(e) => {
+            debug!(code = e.code.as_str(), "publish refused");
+            Ok(ServerFrame::Error {
+                code: e.code,
+                message: e.message,
+                fatal: false,
+                sender_seq,
+            })
+        }
+    }
+}
+
+/// Finishes one write step (sending a pong or a ping, queueing or flushing
+/// acks) within `patience`: a peer that stops reading cannot hold the
+/// session's task forever; it is closed as slow.
+async fn within(
     patience: std::time::Duration,
     metrics: &Metrics,
-) -> Result<(), End>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match timeout(patience, ws.send(message)).await {
+    step: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), End> {
+    match timeout(patience, step).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Gone),
         Err(_) => {

@@ -1,14 +1,20 @@
 //! The embedded default [`Store`]: one SQLite file in WAL mode.
 //!
 //! All writes go through one writer thread that **group-commits**: it takes
-//! every write waiting in its queue (up to [`MAX_BATCH`]), applies each inside
-//! its own savepoint (so one failing write does not undo the others), commits
-//! once with `synchronous = FULL`, and only then answers each caller. The relay
-//! acks a publish after that answer, so an acked envelope survives a crash or a
-//! power cut, and a burst of publishes costs one fsync rather than one each.
-//! Reads use a second connection on Tokio's blocking pool; WAL lets them run
-//! beside the writer.
+//! every write waiting in its queue (up to [`MAX_BATCH`]), applies them in one
+//! transaction, commits once with `synchronous = FULL`, and only then answers
+//! each caller. The relay acks a publish after that answer, so an acked
+//! envelope survives a crash or a power cut, and a burst of publishes costs one
+//! fsync rather than one each. Reads use a second connection on Tokio's
+//! blocking pool; WAL lets them run beside the writer.
+//!
+//! The hot path is one `INSERT` per envelope: the writer remembers each
+//! channel's head and stored bytes and each sender's highest number ([`Memo`]),
+//! and writes a channel's row once per batch, just before the commit. Writes
+//! are `OR FAIL`, so SQLite keeps no per-statement undo journal (a failure
+//! rolls the whole batch back instead; see [`writer_loop`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -57,10 +63,10 @@ CREATE TABLE IF NOT EXISTS quota_blocked (  -- a sender's oldest envelope refuse
 ) WITHOUT ROWID;
 ";
 
-/// Runs inside the writer's transaction (or is told there is none, `None`);
-/// returns what to tell the caller once the commit outcome is known, and whether
-/// the write itself succeeded.
-type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> (Reply, bool) + Send>;
+/// Runs inside the writer's transaction (or is told it will not be applied,
+/// `None`); returns what to tell the caller once the commit outcome is known,
+/// and whether the write itself succeeded.
+type WriteJob = Box<dyn FnOnce(Option<&mut Writer>) -> (Reply, bool) + Send>;
 /// Runs on the writer thread after a successful commit, in commit order.
 type Hook<T> = Box<dyn FnOnce(&T) + Send>;
 /// Told the commit outcome; answers the caller.
@@ -92,15 +98,34 @@ impl Durability {
 pub struct SqliteStore {
     writer: Mutex<mpsc::Sender<WriteJob>>,
     reader: Arc<Mutex<Connection>>,
-    senders: Arc<Mutex<Senders>>,
 }
 
-/// What appends check about a sender besides its exact sequence number: the
-/// highest it has stored and its oldest quota refusal. Kept by the writer
-/// thread (the only writer) so appends need no query for them; loaded from the
-/// database on first use, and forgotten whenever a batch rolls back.
+/// The writer thread's connection and what it remembers, as every write sees them.
+struct Writer {
+    conn: Connection,
+    memo: Memo,
+}
+
+/// What appends check and update besides the envelope itself, kept by the
+/// writer thread (the only writer) so that an append needs no other statement:
+/// each channel's head and stored bytes, and each sender's highest number and
+/// oldest quota refusal. Loaded from the database on first use; channel
+/// tallies a batch changed are written back just before its commit; all of it
+/// is forgotten when a batch rolls back.
 #[derive(Default)]
-struct Senders(std::collections::HashMap<(ChannelId, DeviceId), SenderState>);
+struct Memo {
+    channels: HashMap<ChannelId, Tally>,
+    senders: HashMap<(ChannelId, DeviceId), SenderState>,
+}
+
+/// A channel's row as the current batch leaves it.
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    head: u64,
+    bytes: u64,
+    /// Changed since the row was last written.
+    dirty: bool,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct SenderState {
@@ -108,46 +133,97 @@ struct SenderState {
     quota_blocked: Option<u64>,
 }
 
-/// Senders remembered at most; past it the map starts over (and reloads).
-const MAX_SENDERS: usize = 100_000;
+/// Channels and senders remembered at most; past it, between batches, the
+/// memo starts over (and reloads what it needs).
+const MAX_REMEMBERED: usize = 100_000;
 
-impl Senders {
-    fn get(
-        &mut self,
-        conn: &Connection,
-        channel: ChannelId,
-        sender: DeviceId,
-    ) -> Result<&mut SenderState, StoreError> {
-        if !self.0.contains_key(&(channel, sender)) {
-            if self.0.len() >= MAX_SENDERS {
-                self.0.clear();
-            }
-            let key = params![channel.as_bytes(), sender.as_bytes()];
-            let highest: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2",
-                )
+impl Memo {
+    /// Writes the changed channel rows into the current transaction.
+    fn write_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| t.dirty) {
+            conn.prepare_cached("UPDATE OR FAIL channels SET head = ?2, bytes = ?3 WHERE id = ?1")
                 .map_err(backend)?
-                .query_row(key, |r| r.get(0))
+                .execute(params![
+                    channel.as_bytes(),
+                    tally.head as i64,
+                    tally.bytes.min(i64::MAX as u64) as i64
+                ])
                 .map_err(backend)?;
-            let quota_blocked: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT sender_seq FROM quota_blocked WHERE channel = ?1 AND sender = ?2",
-                )
-                .map_err(backend)?
-                .query_row(key, |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            self.0.insert(
-                (channel, sender),
-                SenderState {
-                    highest: highest.unwrap_or(0) as u64,
-                    quota_blocked: quota_blocked.map(|b| b as u64),
-                },
-            );
+            tally.dirty = false;
         }
-        Ok(self.0.get_mut(&(channel, sender)).expect("just inserted"))
+        Ok(())
     }
+
+    /// After a commit: keeps the memo bounded.
+    fn trim(&mut self) {
+        if self.channels.len() > MAX_REMEMBERED {
+            self.channels.clear();
+        }
+        if self.senders.len() > MAX_REMEMBERED {
+            self.senders.clear();
+        }
+    }
+
+    /// After a rollback: what the batch changed is gone from the database too.
+    fn forget(&mut self) {
+        self.channels.clear();
+        self.senders.clear();
+    }
+}
+
+/// `channel`'s tally, loaded if needed; `NotFound` if there is no such channel.
+fn tally<'m>(
+    channels: &'m mut HashMap<ChannelId, Tally>,
+    conn: &Connection,
+    channel: ChannelId,
+) -> Result<&'m mut Tally, StoreError> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = channels.entry(channel) {
+        let row: Option<(i64, i64)> = conn
+            .prepare_cached("SELECT head, bytes FROM channels WHERE id = ?1")
+            .map_err(backend)?
+            .query_row(params![channel.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(backend)?;
+        let (head, bytes) = row.ok_or(StoreError::NotFound)?;
+        slot.insert(Tally {
+            head: head as u64,
+            bytes: bytes.max(0) as u64,
+            dirty: false,
+        });
+    }
+    Ok(channels.get_mut(&channel).expect("just inserted"))
+}
+
+/// `sender`'s state in `channel`, loaded if needed.
+fn sender_state<'m>(
+    senders: &'m mut HashMap<(ChannelId, DeviceId), SenderState>,
+    conn: &Connection,
+    channel: ChannelId,
+    sender: DeviceId,
+) -> Result<&'m mut SenderState, StoreError> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = senders.entry((channel, sender)) {
+        let key = params![channel.as_bytes(), sender.as_bytes()];
+        let highest: Option<i64> = conn
+            .prepare_cached(
+                "SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2",
+            )
+            .map_err(backend)?
+            .query_row(key, |r| r.get(0))
+            .map_err(backend)?;
+        let quota_blocked: Option<i64> = conn
+            .prepare_cached(
+                "SELECT sender_seq FROM quota_blocked WHERE channel = ?1 AND sender = ?2",
+            )
+            .map_err(backend)?
+            .query_row(key, |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        slot.insert(SenderState {
+            highest: highest.unwrap_or(0) as u64,
+            quota_blocked: quota_blocked.map(|b| b as u64),
+        });
+    }
+    Ok(senders.get_mut(&(channel, sender)).expect("just inserted"))
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -179,16 +255,20 @@ impl SqliteStore {
         writer_conn.execute_batch(SCHEMA).map_err(backend)?;
         let reader = connect(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
-        let senders = Arc::new(Mutex::new(Senders::default()));
-        let forget = Arc::clone(&senders);
+        let writer = Writer {
+            conn: writer_conn,
+            memo: Memo::default(),
+        };
         std::thread::Builder::new()
             .name("khub-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, forget))
+            .spawn(move || {
+                let mut writer = writer;
+                writer_loop(&mut writer, &rx);
+            })
             .map_err(backend)?;
         Ok(Self {
             writer: Mutex::new(tx),
             reader: Arc::new(Mutex::new(reader)),
-            senders,
         })
     }
 
@@ -196,34 +276,17 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
-        self.write_hooked(op, None)
+        self.write_hooked(move |w| op(&w.conn), None)
     }
 
     /// A write whose `hook` runs on the writer thread right after the commit,
     /// in commit order, before the caller is answered.
     fn write_hooked<T: Send + 'static>(
         &self,
-        op: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        op: impl FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
         hook: Option<Hook<T>>,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => op(conn),
-                None => Err(StoreError::Backend("could not begin a transaction".into())),
-            };
-            // Every operation checks before it writes, so only a backend failure
-            // can leave a write half done: that aborts the whole group commit.
-            let backend_failed = matches!(result, Err(StoreError::Backend(_)));
-            let reply: Reply = Box::new(move |commit| {
-                let result = commit.map_err(StoreError::Backend).and(result);
-                if let (Ok(value), Some(hook)) = (&result, hook) {
-                    hook(value);
-                }
-                let _ = tx.send(result);
-            });
-            (reply, !backend_failed)
-        });
+        let (job, rx) = job(op, hook);
         let sent = self
             .writer
             .lock()
@@ -255,12 +318,43 @@ impl SqliteStore {
     }
 }
 
+/// `op` as a job for the writer thread, and where its answer will come.
+fn job<T: Send + 'static>(
+    op: impl FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
+    hook: Option<Hook<T>>,
+) -> (
+    WriteJob,
+    tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: WriteJob = Box::new(move |writer| {
+        let result = match writer {
+            Some(writer) => op(writer),
+            None => Err(StoreError::Backend("not applied: its batch failed".into())),
+        };
+        // Every operation checks before it writes, so only a backend failure
+        // can leave a write half done: that aborts the whole group commit.
+        let backend_failed = matches!(result, Err(StoreError::Backend(_)));
+        let reply: Reply = Box::new(move |commit| {
+            let result = commit.map_err(StoreError::Backend).and(result);
+            if let (Ok(value), Some(hook)) = (&result, hook) {
+                hook(value);
+            }
+            let _ = tx.send(result);
+        });
+        (reply, !backend_failed)
+    });
+    (job, rx)
+}
+
 /// Group commit: block for one write, take whatever else is queued, apply them
-/// in one transaction, commit once, then answer everyone. Operations refuse
-/// (exists, over quota, conflict…) before writing anything, so no per-operation
-/// savepoint is needed; a backend failure rolls the whole batch back and every
-/// caller in it gets the error (none of them was acked).
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, senders: Arc<Mutex<Senders>>) {
+/// in one transaction, write back the channel tallies, commit once, then
+/// answer everyone. Operations refuse (exists, over quota, conflict…) before
+/// writing anything, so a refusal needs no undo. A backend failure — the only
+/// way a write can be left half done, since statements are `OR FAIL` — stops
+/// the batch: the rest of it is not applied, the transaction rolls back and
+/// every caller in it gets the error (none of them was acked).
+fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -269,32 +363,35 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, senders: Arc<Mute
                 Err(_) => break,
             }
         }
-        let began = cached(&conn, "BEGIN IMMEDIATE")
-            .map(drop)
-            .map_err(|e| e.to_string());
+        let mut failure = cached(&writer.conn, "BEGIN IMMEDIATE")
+            .err()
+            .map(|e| format!("could not begin a transaction: {e}"));
         let mut replies = Vec::with_capacity(batch.len());
-        let mut aborted = false;
         for job in batch {
-            if began.is_err() {
-                let (reply, _) = job(None);
-                replies.push(reply);
-                continue;
-            }
-            let (reply, sound) = job(Some(&conn));
-            if !sound {
-                aborted = true;
+            let (reply, sound) = job(failure.is_none().then_some(&mut *writer));
+            if !sound && failure.is_none() {
+                failure = Some("a write failed; the batch was rolled back".to_owned());
             }
             replies.push(reply);
         }
-        let outcome = if aborted {
-            Err("a write failed; the batch was rolled back".to_owned())
-        } else {
-            began.and_then(|()| cached(&conn, "COMMIT").map(drop).map_err(|e| e.to_string()))
+        let outcome = match failure {
+            Some(failure) => Err(failure),
+            None => writer
+                .memo
+                .write_back(&writer.conn)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    cached(&writer.conn, "COMMIT")
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }),
         };
-        if outcome.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-            // What the batch's appends remembered was rolled back with them.
-            senders.lock().unwrap_or_else(|e| e.into_inner()).0.clear();
+        match outcome {
+            Ok(()) => writer.memo.trim(),
+            Err(_) => {
+                let _ = writer.conn.execute_batch("ROLLBACK");
+                writer.memo.forget();
+            }
         }
         for reply in replies {
             reply(outcome.clone());
@@ -303,15 +400,12 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteJob>, senders: Arc<Mute
 }
 
 /// One append inside the writer's transaction. A sequence number above the
-/// sender's highest is new, so it costs one statement for numbering and quota
-/// and one insert; only a number at or below it (a retry) is looked up.
-fn append_op(
-    conn: &Connection,
-    senders: &Mutex<Senders>,
-    a: Append,
-) -> Result<Appended, StoreError> {
-    let mut senders = senders.lock().unwrap_or_else(|e| e.into_inner());
-    let state = senders.get(conn, a.channel, a.sender)?;
+/// sender's highest is new: it is numbered and counted in the memo and costs
+/// one insert. Only a number at or below it (a retry) is looked up.
+fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
+    let Writer { conn, memo } = writer;
+    let used = tally(&mut memo.channels, conn, a.channel)?.bytes;
+    let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
     if a.sender_seq <= state.highest {
         let existing = conn
             .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
@@ -335,85 +429,87 @@ fn append_op(
             }),
         };
     }
+    let over_quota = StoreError::OverQuota {
+        used,
+        quota: a.quota,
+    };
     if state.quota_blocked.is_some_and(|b| a.sender_seq > b) {
-        return Err(over_quota(conn, &a)?);
+        return Err(over_quota);
     }
-    // Take the next number and count the bytes in one statement; no row
-    // means no such channel or over quota (told apart below, off the hot path).
-    let size = a.envelope.len() as i64;
-    let quota = a.quota.min(i64::MAX as u64) as i64;
-    let seq: Option<i64> = conn
-        .prepare_cached(
-            "UPDATE channels SET head = head + 1, bytes = bytes + ?2
-                     WHERE id = ?1 AND bytes + ?2 <= ?3 RETURNING head",
+    let size = a.envelope.len() as u64;
+    if used.saturating_add(size) > a.quota {
+        // Later envelopes of this sender wait for this one.
+        let blocked = state
+            .quota_blocked
+            .map_or(a.sender_seq, |b| b.min(a.sender_seq));
+        conn.prepare_cached(
+            "INSERT INTO quota_blocked (channel, sender, sender_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (channel, sender) DO UPDATE SET sender_seq = excluded.sender_seq",
         )
         .map_err(backend)?
-        .query_row(params![a.channel.as_bytes(), size, quota], |r| r.get(0))
-        .optional()
+        .execute(params![
+            a.channel.as_bytes(),
+            a.sender.as_bytes(),
+            blocked as i64
+        ])
         .map_err(backend)?;
-    let Some(seq) = seq else {
-        let refusal = over_quota(conn, &a)?;
-        if matches!(refusal, StoreError::OverQuota { .. }) {
-            // Later envelopes of this sender wait for this one.
-            let blocked = state
-                .quota_blocked
-                .map_or(a.sender_seq, |b| b.min(a.sender_seq));
-            conn.prepare_cached(
-                "INSERT INTO quota_blocked (channel, sender, sender_seq) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (channel, sender) DO UPDATE SET sender_seq = excluded.sender_seq",
-            )
-            .map_err(backend)?
-            .execute(params![
-                a.channel.as_bytes(),
-                a.sender.as_bytes(),
-                blocked as i64
-            ])
-            .map_err(backend)?;
-            state.quota_blocked = Some(blocked);
-        }
-        return Err(refusal);
-    };
+        state.quota_blocked = Some(blocked);
+        return Err(over_quota);
+    }
     if state.quota_blocked.take().is_some() {
         conn.prepare_cached("DELETE FROM quota_blocked WHERE channel = ?1 AND sender = ?2")
             .map_err(backend)?
             .execute(params![a.channel.as_bytes(), a.sender.as_bytes()])
             .map_err(backend)?;
     }
+    let channel = tally(&mut memo.channels, conn, a.channel)?;
+    let seq = channel.head + 1;
     conn.prepare_cached(
-                "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(backend)?
-            .execute(params![
-                a.channel.as_bytes(),
-                seq,
-                a.sender.as_bytes(),
-                a.sender_seq as i64,
-                a.envelope.as_ref(),
-                a.now as i64
-            ])
-            .map_err(backend)?;
+        "INSERT OR FAIL INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .map_err(backend)?
+    .execute(params![
+        a.channel.as_bytes(),
+        seq as i64,
+        a.sender.as_bytes(),
+        a.sender_seq as i64,
+        a.envelope.as_ref(),
+        a.now as i64
+    ])
+    .map_err(backend)?;
+    channel.head = seq;
+    channel.bytes += size;
+    channel.dirty = true;
+    let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
     state.highest = a.sender_seq;
     Ok(Appended {
-        seq: seq as u64,
+        seq,
         duplicate: false,
     })
 }
 
-/// The refusal for an append that does not fit: over quota, or no such channel.
-fn over_quota(conn: &Connection, a: &Append) -> Result<StoreError, StoreError> {
-    let used: Option<i64> = conn
-        .prepare_cached("SELECT bytes FROM channels WHERE id = ?1")
-        .map_err(backend)?
-        .query_row(params![a.channel.as_bytes()], |r| r.get(0))
-        .optional()
+/// Retention inside the writer's transaction: drops what was stored before
+/// `before` and counts it off its channel's bytes.
+fn prune_op(writer: &mut Writer, before: u64) -> Result<u64, StoreError> {
+    // The rows must hold this batch's tallies before they are counted down,
+    // and the memo must not keep the old ones.
+    writer.memo.write_back(&writer.conn)?;
+    writer.memo.channels.clear();
+    let conn = &writer.conn;
+    conn.execute(
+        "UPDATE channels SET bytes = bytes - (
+             SELECT COALESCE(SUM(length(body)), 0) FROM envelopes
+             WHERE envelopes.channel = channels.id AND stored < ?1)",
+        params![before as i64],
+    )
+    .map_err(backend)?;
+    let removed = conn
+        .execute(
+            "DELETE FROM envelopes WHERE stored < ?1",
+            params![before as i64],
+        )
         .map_err(backend)?;
-    Ok(match used {
-        Some(used) => StoreError::OverQuota {
-            used: used as u64,
-            quota: a.quota,
-        },
-        None => StoreError::NotFound,
-    })
+    Ok(removed as u64)
 }
 
 /// Adds a device row (channel creation and admission both do).
@@ -577,8 +673,7 @@ impl Store for SqliteStore {
     }
 
     fn append(&self, a: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
-        let senders = Arc::clone(&self.senders);
-        self.write(move |conn| append_op(conn, &senders, a))
+        self.write_hooked(move |w| append_op(w, a), None)
     }
 
     fn append_then(
@@ -588,8 +683,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Appended, StoreError>> {
         let hook: Box<dyn FnOnce(&Appended) + Send> =
             Box::new(move |appended| on_commit(*appended));
-        let senders = Arc::clone(&self.senders);
-        self.write_hooked(move |conn| append_op(conn, &senders, a), Some(hook))
+        self.write_hooked(move |w| append_op(w, a), Some(hook))
     }
 
     fn read(
@@ -627,22 +721,7 @@ impl Store for SqliteStore {
     }
 
     fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.write(move |conn| {
-            conn.execute(
-                "UPDATE channels SET bytes = bytes - (
-                     SELECT COALESCE(SUM(length(body)), 0) FROM envelopes
-                     WHERE envelopes.channel = channels.id AND stored < ?1)",
-                params![before as i64],
-            )
-            .map_err(backend)?;
-            let removed = conn
-                .execute(
-                    "DELETE FROM envelopes WHERE stored < ?1",
-                    params![before as i64],
-                )
-                .map_err(backend)?;
-            Ok(removed as u64)
-        })
+        self.write_hooked(move |w| prune_op(w, before), None)
     }
 
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -657,5 +736,158 @@ impl Store for SqliteStore {
             .map(|n| u64::try_from(n).unwrap_or(0))
             .map_err(backend)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::os_rng;
+
+    type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, StoreError>>;
+
+    /// A database with one channel, and a writer on it with no thread: the
+    /// tests run its batches themselves.
+    fn setup(path: &Path) -> (Writer, ChannelId, DeviceId) {
+        let mut rng = os_rng();
+        let (channel, device) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
+        let mut writer = writer_on(path);
+        let (create, created) = job(
+            move |w| {
+                w.conn
+                    .execute(
+                        "INSERT INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, 0)",
+                        params![channel.as_bytes()],
+                    )
+                    .map_err(backend)?;
+                Ok(())
+            },
+            None,
+        );
+        one_batch(&mut writer, vec![create]);
+        answer(created).unwrap();
+        (writer, channel, device)
+    }
+
+    /// A database path in a fresh directory of its own.
+    fn scratch() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "khub-sqlite-unit-{}-{}",
+            std::process::id(),
+            DeviceId::random(&mut os_rng())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("db.sqlite3")
+    }
+
+    fn writer_on(path: &Path) -> Writer {
+        let conn = connect(path, Durability::Full).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        Writer {
+            conn,
+            memo: Memo::default(),
+        }
+    }
+
+    fn append(
+        channel: ChannelId,
+        sender: DeviceId,
+        sender_seq: u64,
+        len: usize,
+        now: u64,
+    ) -> (WriteJob, Answer<Appended>) {
+        let a = Append {
+            channel,
+            sender,
+            sender_seq,
+            envelope: Bytes::from(vec![7u8; len]),
+            now,
+            quota: 10_000,
+        };
+        job(move |w| append_op(w, a), None)
+    }
+
+    /// Runs `jobs` as one batch, as the writer thread does.
+    fn one_batch(writer: &mut Writer, jobs: Vec<WriteJob>) {
+        let (tx, rx) = mpsc::channel();
+        for job in jobs {
+            tx.send(job).unwrap();
+        }
+        drop(tx);
+        writer_loop(writer, &rx);
+    }
+
+    fn answer<T>(mut rx: Answer<T>) -> Result<T, StoreError> {
+        rx.try_recv().expect("answered once the batch is done")
+    }
+
+    fn row(conn: &Connection, channel: ChannelId) -> (i64, i64) {
+        conn.query_row(
+            "SELECT head, bytes FROM channels WHERE id = ?1",
+            params![channel.as_bytes()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_failed_write_rolls_back_its_whole_batch_and_the_memo_with_it() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        let (first, first_rx) = append(channel, sender, 1, 100, 0);
+        let (broken, broken_rx) = job(
+            |_| -> Result<(), StoreError> { Err(StoreError::Backend("disk on fire".into())) },
+            None,
+        );
+        let (after, after_rx) = append(channel, sender, 2, 100, 0);
+        one_batch(&mut writer, vec![first, broken, after]);
+        assert!(matches!(answer(first_rx), Err(StoreError::Backend(_))));
+        assert!(matches!(answer(broken_rx), Err(StoreError::Backend(_))));
+        assert!(matches!(answer(after_rx), Err(StoreError::Backend(_))));
+        assert_eq!(
+            row(&writer.conn, channel),
+            (0, 0),
+            "nothing of the batch stays"
+        );
+        let stored: i64 = writer
+            .conn
+            .query_row("SELECT COUNT(*) FROM envelopes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 0);
+
+        // The next batch numbers from 1 again: the memo forgot the rolled-back head.
+        let (again, again_rx) = append(channel, sender, 1, 100, 0);
+        one_batch(&mut writer, vec![again]);
+        assert_eq!(answer(again_rx).map(|a| a.seq), Ok(1));
+        assert_eq!(row(&writer.conn, channel), (1, 100));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_prune_inside_a_batch_of_appends_keeps_the_channels_bytes_exact() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        // Two stored at time 10, one at 20; the prune (before 15) drops the two.
+        let (a1, a1_rx) = append(channel, sender, 1, 100, 10);
+        let (a2, a2_rx) = append(channel, sender, 2, 200, 10);
+        let (prune, pruned) = job(move |w| prune_op(w, 15), None);
+        let (a3, a3_rx) = append(channel, sender, 3, 400, 20);
+        one_batch(&mut writer, vec![a1, a2, prune, a3]);
+        let seqs: Vec<_> = [a1_rx, a2_rx, a3_rx]
+            .into_iter()
+            .map(|rx| answer(rx).map(|a| a.seq))
+            .collect();
+        assert_eq!(seqs, [Ok(1), Ok(2), Ok(3)]);
+        assert_eq!(answer(pruned), Ok(2));
+        assert_eq!(row(&writer.conn, channel), (3, 400));
+
+        // Reopened, the store carries on from the row.
+        drop(writer);
+        let mut writer = writer_on(&path);
+        let (next, next_rx) = append(channel, sender, 4, 50, 30);
+        one_batch(&mut writer, vec![next]);
+        assert_eq!(answer(next_rx).map(|a| a.seq), Ok(4));
+        assert_eq!(row(&writer.conn, channel), (4, 450));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
