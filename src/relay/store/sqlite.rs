@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS envelopes (
     PRIMARY KEY (channel, seq),
     UNIQUE (channel, sender, sender_seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS envelopes_stored ON envelopes (stored);
+-- Retention walks each channel from its oldest envelope instead (prune_op):
+-- one B-tree fewer to update on every append. Files from before drop it.
+DROP INDEX IF EXISTS envelopes_stored;
 CREATE TABLE IF NOT EXISTS quota_blocked (  -- a sender's oldest envelope refused for quota
     channel    BLOB NOT NULL,
     sender     BLOB NOT NULL,
@@ -488,28 +490,80 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     })
 }
 
-/// Retention inside the writer's transaction: drops what was stored before
-/// `before` and counts it off its channel's bytes.
-fn prune_op(writer: &mut Writer, before: u64) -> Result<u64, StoreError> {
+/// Channels one retention step looks at: retention is a series of steps,
+/// each one write in a batch, so appends never wait behind all of it.
+const PRUNE_CHANNELS: usize = 500;
+
+/// One retention step inside the writer's transaction: for up to
+/// [`PRUNE_CHANNELS`] channels after `after` (by id), drops each one's
+/// envelopes older than its oldest one stored at or after `before`, and counts
+/// them off its bytes. Returns how many were dropped and, unless this was the
+/// last step, the channel to go on after.
+///
+/// Envelopes are stamped when stored, so a channel's stamps grow with its
+/// sequence numbers and each channel is cut at one point, found by walking
+/// its primary key from the oldest: the cost is what is dropped, with no index
+/// on the stamp. Should the clock step back, envelopes stamped after the step
+/// are kept until those before it expire: longer than the retention, never
+/// shorter, and a reader never sees a hole.
+fn prune_op(
+    writer: &mut Writer,
+    before: u64,
+    after: Option<ChannelId>,
+) -> Result<(u64, Option<ChannelId>), StoreError> {
     // The rows must hold this batch's tallies before they are counted down,
     // and the memo must not keep the old ones.
     writer.memo.write_back(&writer.conn)?;
     writer.memo.channels.clear();
     let conn = &writer.conn;
-    conn.execute(
-        "UPDATE channels SET bytes = bytes - (
-             SELECT COALESCE(SUM(length(body)), 0) FROM envelopes
-             WHERE envelopes.channel = channels.id AND stored < ?1)",
-        params![before as i64],
-    )
-    .map_err(backend)?;
-    let removed = conn
-        .execute(
-            "DELETE FROM envelopes WHERE stored < ?1",
-            params![before as i64],
-        )
+    let after = after.map(|c| c.as_bytes().to_vec()).unwrap_or_default();
+    let channels: Vec<Vec<u8>> = conn
+        .prepare_cached("SELECT id FROM channels WHERE id > ?1 ORDER BY id LIMIT ?2")
+        .map_err(backend)?
+        .query_map(params![after, PRUNE_CHANNELS as i64], |r| r.get(0))
+        .map_err(backend)?
+        .collect::<Result<_, _>>()
         .map_err(backend)?;
-    Ok(removed as u64)
+    let before = before.min(i64::MAX as u64) as i64;
+    let mut removed = 0;
+    for channel in &channels {
+        let kept: Option<i64> = conn
+            .prepare_cached(
+                "SELECT seq FROM envelopes WHERE channel = ?1 AND stored >= ?2 ORDER BY seq LIMIT 1",
+            )
+            .map_err(backend)?
+            .query_row(params![channel, before], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        let cut = kept.unwrap_or(i64::MAX);
+        let (count, bytes): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM envelopes
+                 WHERE channel = ?1 AND seq < ?2",
+            )
+            .map_err(backend)?
+            .query_row(params![channel, cut], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(backend)?;
+        if count == 0 {
+            continue;
+        }
+        conn.prepare_cached("DELETE FROM envelopes WHERE channel = ?1 AND seq < ?2")
+            .map_err(backend)?
+            .execute(params![channel, cut])
+            .map_err(backend)?;
+        conn.prepare_cached("UPDATE channels SET bytes = MAX(bytes - ?2, 0) WHERE id = ?1")
+            .map_err(backend)?
+            .execute(params![channel, bytes])
+            .map_err(backend)?;
+        removed += count as u64;
+    }
+    let next = if channels.len() == PRUNE_CHANNELS {
+        let last = channels.last().expect("a full step has a last channel");
+        Some(ChannelId::from_slice(last).ok_or_else(|| backend("corrupt channel id"))?)
+    } else {
+        None
+    };
+    Ok((removed, next))
 }
 
 /// Adds a device row (channel creation and admission both do).
@@ -721,7 +775,19 @@ impl Store for SqliteStore {
     }
 
     fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.write_hooked(move |w| prune_op(w, before), None)
+        Box::pin(async move {
+            let (mut removed, mut after) = (0, None);
+            loop {
+                let (step, next) = self
+                    .write_hooked(move |w| prune_op(w, before, after), None)
+                    .await?;
+                removed += step;
+                match next {
+                    Some(next) => after = Some(next),
+                    None => return Ok(removed),
+                }
+            }
+        })
     }
 
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -870,7 +936,7 @@ mod tests {
         // Two stored at time 10, one at 20; the prune (before 15) drops the two.
         let (a1, a1_rx) = append(channel, sender, 1, 100, 10);
         let (a2, a2_rx) = append(channel, sender, 2, 200, 10);
-        let (prune, pruned) = job(move |w| prune_op(w, 15), None);
+        let (prune, pruned) = job(move |w| prune_op(w, 15, None), None);
         let (a3, a3_rx) = append(channel, sender, 3, 400, 20);
         one_batch(&mut writer, vec![a1, a2, prune, a3]);
         let seqs: Vec<_> = [a1_rx, a2_rx, a3_rx]
@@ -878,7 +944,7 @@ mod tests {
             .map(|rx| answer(rx).map(|a| a.seq))
             .collect();
         assert_eq!(seqs, [Ok(1), Ok(2), Ok(3)]);
-        assert_eq!(answer(pruned), Ok(2));
+        assert_eq!(answer(pruned), Ok((2, None)));
         assert_eq!(row(&writer.conn, channel), (3, 400));
 
         // Reopened, the store carries on from the row.
@@ -888,6 +954,91 @@ mod tests {
         one_batch(&mut writer, vec![next]);
         assert_eq!(answer(next_rx).map(|a| a.seq), Ok(4));
         assert_eq!(row(&writer.conn, channel), (4, 450));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn retention_covers_every_channel_in_steps_and_cuts_each_at_its_oldest_kept() {
+        let path = scratch();
+        let mut writer = writer_on(&path);
+        let mut rng = os_rng();
+        let sender = DeviceId::random(&mut rng);
+        // More channels than one step looks at, each with an envelope stored
+        // at 10 (expired) and one at 30 (kept); the first also has one at 20
+        // after the one at 30, as after a clock step back.
+        let channels: Vec<ChannelId> = (0..PRUNE_CHANNELS + 1)
+            .map(|_| ChannelId::random(&mut rng))
+            .collect();
+        let mut jobs = Vec::new();
+        for channel in &channels {
+            let channel = *channel;
+            jobs.push(
+                job(
+                    move |w| {
+                        w.conn
+                            .execute(
+                                "INSERT INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, 0)",
+                                params![channel.as_bytes()],
+                            )
+                            .map_err(backend)?;
+                        Ok(())
+                    },
+                    None,
+                )
+                .0,
+            );
+            jobs.push(append(channel, sender, 1, 100, 10).0);
+            jobs.push(append(channel, sender, 2, 50, 30).0);
+        }
+        jobs.push(append(channels[0], sender, 3, 25, 20).0);
+        one_batch(&mut writer, jobs);
+
+        let mut steps = Vec::new();
+        let mut after = None;
+        loop {
+            let (step, answer_rx) = job(move |w| prune_op(w, 25, after), None);
+            one_batch(&mut writer, vec![step]);
+            let (removed, next) = answer(answer_rx).unwrap();
+            steps.push(removed);
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(steps.len(), 2, "two steps: {steps:?}");
+        assert_eq!(steps.iter().sum::<u64>(), channels.len() as u64);
+        for channel in &channels[1..] {
+            assert_eq!(row(&writer.conn, *channel), (2, 50));
+        }
+        // The one stamped 20 stays behind the one stamped 30.
+        assert_eq!(row(&writer.conn, channels[0]), (3, 75));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_file_from_before_loses_the_stamp_index_on_open() {
+        let path = scratch();
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE envelopes (channel BLOB NOT NULL, seq INTEGER NOT NULL,
+                 sender BLOB NOT NULL, sender_seq INTEGER NOT NULL, body BLOB NOT NULL,
+                 stored INTEGER NOT NULL, PRIMARY KEY (channel, seq),
+                 UNIQUE (channel, sender, sender_seq)) WITHOUT ROWID;
+             CREATE INDEX envelopes_stored ON envelopes (stored);",
+        )
+        .unwrap();
+        drop(old);
+        let store = SqliteStore::open(&path).unwrap();
+        drop(store);
+        let indexes: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'envelopes_stored'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
