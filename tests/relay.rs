@@ -835,3 +835,43 @@ async fn a_full_storage_holds_back_a_senders_later_envelopes_so_none_is_stored_o
     // The device sends its outbox again, in order: both are stored, in order.
     assert_eq!(publish(&[1, 2]).await, ["1", "2"]);
 }
+
+/// The databases keep sender sequence numbers as signed 64-bit integers: one
+/// above that would be stored as a negative number, the sender's highest
+/// would be misread after a restart, and its retry would fail whole batches
+/// of other devices' publishes. The relay refuses such numbers up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_sequence_numbers_past_the_signed_range_are_refused() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let member = Member::new(ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(relay.addr, &member).await.status, 201);
+    let publish = |seqs: Vec<u64>| {
+        let body = serde_json::json!({
+            "cursor": 1000,
+            "publish": seqs.iter().map(|s| member.stand_in_envelope(*s, 100)).collect::<Vec<_>>(),
+        });
+        let auth = member.auth();
+        async move {
+            let answer = post_json(relay.addr, "/sync", &[("authorization", &auth)], &body)
+                .await
+                .json();
+            answer["acks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    a["seq"].as_u64().map_or_else(
+                        || a["error"]["code"].as_str().unwrap().to_owned(),
+                        |s| s.to_string(),
+                    )
+                })
+                .collect::<Vec<String>>()
+        }
+    };
+    let top = i64::MAX as u64;
+    assert_eq!(
+        publish(vec![1, top + 1, u64::MAX]).await,
+        ["1", "invalid_envelope", "invalid_envelope"]
+    );
+    assert_eq!(publish(vec![top]).await, ["2"]);
+}

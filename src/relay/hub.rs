@@ -21,6 +21,10 @@ use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{ErrorCode, Refusal};
 
+/// The highest sender sequence number the relay stores: the databases keep
+/// them as signed 64-bit integers, and a device counts from 1.
+pub const MAX_SENDER_SEQ: u64 = i64::MAX as u64;
+
 /// Recent envelopes kept in memory per channel: enough that sessions keeping
 /// up with a busy channel never fall back to the store.
 pub const CACHE_ENTRIES: usize = 4096;
@@ -380,6 +384,12 @@ impl Hub {
             return Err(Refusal::new(
                 ErrorCode::ForbiddenSender,
                 "a device can only publish envelopes it sent itself",
+            ));
+        }
+        if header.seq > MAX_SENDER_SEQ {
+            return Err(Refusal::new(
+                ErrorCode::InvalidEnvelope,
+                format!("sender sequence numbers above {MAX_SENDER_SEQ} are not stored"),
             ));
         }
         self.check_budget(channel, sender, header.seq)?;

@@ -125,8 +125,8 @@ struct Memo {
 struct Tally {
     head: u64,
     bytes: u64,
-    /// Changed since the row was last written.
-    dirty: bool,
+    /// The head and bytes the row holds (as loaded or last written).
+    row: (u64, u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,17 +141,30 @@ const MAX_REMEMBERED: usize = 100_000;
 
 impl Memo {
     /// Writes the changed channel rows into the current transaction.
+    /// The row must still hold what the memo loaded: another process
+    /// writing to the same file is caught here (its batch fails and the memo
+    /// reloads) instead of numbering two envelopes alike.
     fn write_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| t.dirty) {
-            conn.prepare_cached("UPDATE OR FAIL channels SET head = ?2, bytes = ?3 WHERE id = ?1")
+        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| t.head != t.row.0) {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE OR FAIL channels SET head = ?2, bytes = bytes + ?3
+                     WHERE id = ?1 AND head = ?4",
+                )
                 .map_err(backend)?
                 .execute(params![
                     channel.as_bytes(),
                     tally.head as i64,
-                    tally.bytes.min(i64::MAX as u64) as i64
+                    (tally.bytes - tally.row.1) as i64,
+                    tally.row.0 as i64
                 ])
                 .map_err(backend)?;
-            tally.dirty = false;
+            if changed != 1 {
+                return Err(backend(
+                    "a channel's row changed under this relay: is another khub serve using this database file?",
+                ));
+            }
+            tally.row = (tally.head, tally.bytes);
         }
         Ok(())
     }
@@ -187,10 +200,11 @@ fn tally<'m>(
             .optional()
             .map_err(backend)?;
         let (head, bytes) = row.ok_or(StoreError::NotFound)?;
+        let row = (head as u64, bytes.max(0) as u64);
         slot.insert(Tally {
-            head: head as u64,
-            bytes: bytes.max(0) as u64,
-            dirty: false,
+            head: row.0,
+            bytes: row.1,
+            row,
         });
     }
     Ok(channels.get_mut(&channel).expect("just inserted"))
@@ -481,7 +495,6 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     .map_err(backend)?;
     channel.head = seq;
     channel.bytes += size;
-    channel.dirty = true;
     let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
     state.highest = a.sender_seq;
     Ok(Appended {
@@ -490,33 +503,42 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     })
 }
 
-/// Channels one retention step looks at: retention is a series of steps,
-/// each one write in a batch, so appends never wait behind all of it.
+/// Channels one retention step looks at, and envelopes it drops at most
+/// (unless told otherwise):
+/// retention is a series of steps, each one write in a batch, so appends
+/// never wait behind all of it.
 const PRUNE_CHANNELS: usize = 500;
+const PRUNE_ROWS: i64 = 20_000;
 
-/// One retention step inside the writer's transaction: for up to
-/// [`PRUNE_CHANNELS`] channels after `after` (by id), drops each one's
+/// A stamp further ahead of the relay's clock than this does not hold
+/// retention back (a clock that was wrong when the envelope was stored).
+const FUTURE_SLACK_SECS: u64 = 24 * 3600;
+
+/// One retention step inside the writer's transaction: for the channels
+/// after `after` (by id; empty for the first step), drops each one's
 /// envelopes older than its oldest one stored at or after `before`, and counts
 /// them off its bytes. Returns how many were dropped and, unless this was the
-/// last step, the channel to go on after.
+/// last step, where the next one starts.
 ///
 /// Envelopes are stamped when stored, so a channel's stamps grow with its
 /// sequence numbers and each channel is cut at one point, found by walking
 /// its primary key from the oldest: the cost is what is dropped, with no index
 /// on the stamp. Should the clock step back, envelopes stamped after the step
 /// are kept until those before it expire: longer than the retention, never
-/// shorter, and a reader never sees a hole.
+/// shorter, and a reader never sees a hole. A stamp more than a day ahead of
+/// `now` does not stop the cut.
 fn prune_op(
     writer: &mut Writer,
     before: u64,
-    after: Option<ChannelId>,
-) -> Result<(u64, Option<ChannelId>), StoreError> {
+    now: u64,
+    after: Vec<u8>,
+    rows: i64,
+) -> Result<(u64, Option<Vec<u8>>), StoreError> {
     // The rows must hold this batch's tallies before they are counted down,
     // and the memo must not keep the old ones.
     writer.memo.write_back(&writer.conn)?;
     writer.memo.channels.clear();
     let conn = &writer.conn;
-    let after = after.map(|c| c.as_bytes().to_vec()).unwrap_or_default();
     let channels: Vec<Vec<u8>> = conn
         .prepare_cached("SELECT id FROM channels WHERE id > ?1 ORDER BY id LIMIT ?2")
         .map_err(backend)?
@@ -524,18 +546,35 @@ fn prune_op(
         .map_err(backend)?
         .collect::<Result<_, _>>()
         .map_err(backend)?;
-    let before = before.min(i64::MAX as u64) as i64;
+    let full = channels.len() == PRUNE_CHANNELS;
+    let clamp = |t: u64| t.min(i64::MAX as u64) as i64;
+    let (before, latest) = (clamp(before), clamp(now.saturating_add(FUTURE_SLACK_SECS)));
     let mut removed = 0;
-    for channel in &channels {
+    let mut done = after;
+    for channel in channels {
         let kept: Option<i64> = conn
             .prepare_cached(
-                "SELECT seq FROM envelopes WHERE channel = ?1 AND stored >= ?2 ORDER BY seq LIMIT 1",
+                "SELECT seq FROM envelopes WHERE channel = ?1 AND stored >= ?2 AND stored <= ?3
+                 ORDER BY seq LIMIT 1",
             )
             .map_err(backend)?
-            .query_row(params![channel, before], |r| r.get(0))
+            .query_row(params![channel, before, latest], |r| r.get(0))
             .optional()
             .map_err(backend)?;
-        let cut = kept.unwrap_or(i64::MAX);
+        let mut cut = kept.unwrap_or(i64::MAX);
+        // Past the step's budget, the cut moves down and the step ends here.
+        let budget = rows - removed as i64;
+        let over: Option<i64> = conn
+            .prepare_cached(
+                "SELECT seq FROM envelopes WHERE channel = ?1 AND seq < ?2 ORDER BY seq LIMIT 1 OFFSET ?3",
+            )
+            .map_err(backend)?
+            .query_row(params![channel, cut, budget], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        if let Some(over) = over {
+            cut = over;
+        }
         let (count, bytes): (i64, i64) = conn
             .prepare_cached(
                 "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM envelopes
@@ -544,26 +583,24 @@ fn prune_op(
             .map_err(backend)?
             .query_row(params![channel, cut], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(backend)?;
-        if count == 0 {
-            continue;
+        if count > 0 {
+            conn.prepare_cached("DELETE FROM envelopes WHERE channel = ?1 AND seq < ?2")
+                .map_err(backend)?
+                .execute(params![channel, cut])
+                .map_err(backend)?;
+            conn.prepare_cached("UPDATE channels SET bytes = MAX(bytes - ?2, 0) WHERE id = ?1")
+                .map_err(backend)?
+                .execute(params![channel, bytes])
+                .map_err(backend)?;
+            removed += count as u64;
         }
-        conn.prepare_cached("DELETE FROM envelopes WHERE channel = ?1 AND seq < ?2")
-            .map_err(backend)?
-            .execute(params![channel, cut])
-            .map_err(backend)?;
-        conn.prepare_cached("UPDATE channels SET bytes = MAX(bytes - ?2, 0) WHERE id = ?1")
-            .map_err(backend)?
-            .execute(params![channel, bytes])
-            .map_err(backend)?;
-        removed += count as u64;
+        if over.is_some() {
+            // This channel has more to drop: the next step starts with it.
+            return Ok((removed, Some(done)));
+        }
+        done = channel;
     }
-    let next = if channels.len() == PRUNE_CHANNELS {
-        let last = channels.last().expect("a full step has a last channel");
-        Some(ChannelId::from_slice(last).ok_or_else(|| backend("corrupt channel id"))?)
-    } else {
-        None
-    };
-    Ok((removed, next))
+    Ok((removed, full.then_some(done)))
 }
 
 /// Adds a device row (channel creation and admission both do).
@@ -776,14 +813,15 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let (mut removed, mut after) = (0, None);
+            let now = super::super::hub::unix_now();
+            let (mut removed, mut after) = (0, Vec::new());
             loop {
                 let (step, next) = self
-                    .write_hooked(move |w| prune_op(w, before, after), None)
+                    .write_hooked(move |w| prune_op(w, before, now, after, PRUNE_ROWS), None)
                     .await?;
                 removed += step;
                 match next {
-                    Some(next) => after = Some(next),
+                    Some(next) => after = next,
                     None => return Ok(removed),
                 }
             }
@@ -936,7 +974,7 @@ mod tests {
         // Two stored at time 10, one at 20; the prune (before 15) drops the two.
         let (a1, a1_rx) = append(channel, sender, 1, 100, 10);
         let (a2, a2_rx) = append(channel, sender, 2, 200, 10);
-        let (prune, pruned) = job(move |w| prune_op(w, 15, None), None);
+        let (prune, pruned) = job(move |w| prune_op(w, 15, 15, Vec::new(), PRUNE_ROWS), None);
         let (a3, a3_rx) = append(channel, sender, 3, 400, 20);
         one_batch(&mut writer, vec![a1, a2, prune, a3]);
         let seqs: Vec<_> = [a1_rx, a2_rx, a3_rx]
@@ -945,6 +983,7 @@ mod tests {
             .collect();
         assert_eq!(seqs, [Ok(1), Ok(2), Ok(3)]);
         assert_eq!(answer(pruned), Ok((2, None)));
+
         assert_eq!(row(&writer.conn, channel), (3, 400));
 
         // Reopened, the store carries on from the row.
@@ -955,6 +994,39 @@ mod tests {
         assert_eq!(answer(next_rx).map(|a| a.seq), Ok(4));
         assert_eq!(row(&writer.conn, channel), (4, 450));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Retention steps until done, with a budget of `rows` per step; what
+    /// each step dropped.
+    fn prune_steps(writer: &mut Writer, before: u64, now: u64, rows: i64) -> Vec<u64> {
+        let mut steps = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let (step, answer_rx) = job(move |w| prune_op(w, before, now, after, rows), None);
+            one_batch(writer, vec![step]);
+            let (removed, next) = answer(answer_rx).unwrap();
+            steps.push(removed);
+            match next {
+                Some(next) => after = next,
+                None => return steps,
+            }
+        }
+    }
+
+    fn new_channel(channel: ChannelId) -> WriteJob {
+        job(
+            move |w| {
+                w.conn
+                    .execute(
+                        "INSERT INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, 0)",
+                        params![channel.as_bytes()],
+                    )
+                    .map_err(backend)?;
+                Ok(())
+            },
+            None,
+        )
+        .0
     }
 
     #[test]
@@ -971,40 +1043,14 @@ mod tests {
             .collect();
         let mut jobs = Vec::new();
         for channel in &channels {
-            let channel = *channel;
-            jobs.push(
-                job(
-                    move |w| {
-                        w.conn
-                            .execute(
-                                "INSERT INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, 0)",
-                                params![channel.as_bytes()],
-                            )
-                            .map_err(backend)?;
-                        Ok(())
-                    },
-                    None,
-                )
-                .0,
-            );
-            jobs.push(append(channel, sender, 1, 100, 10).0);
-            jobs.push(append(channel, sender, 2, 50, 30).0);
+            jobs.push(new_channel(*channel));
+            jobs.push(append(*channel, sender, 1, 100, 10).0);
+            jobs.push(append(*channel, sender, 2, 50, 30).0);
         }
         jobs.push(append(channels[0], sender, 3, 25, 20).0);
         one_batch(&mut writer, jobs);
 
-        let mut steps = Vec::new();
-        let mut after = None;
-        loop {
-            let (step, answer_rx) = job(move |w| prune_op(w, 25, after), None);
-            one_batch(&mut writer, vec![step]);
-            let (removed, next) = answer(answer_rx).unwrap();
-            steps.push(removed);
-            match next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-        }
+        let steps = prune_steps(&mut writer, 25, 40, PRUNE_ROWS);
         assert_eq!(steps.len(), 2, "two steps: {steps:?}");
         assert_eq!(steps.iter().sum::<u64>(), channels.len() as u64);
         for channel in &channels[1..] {
@@ -1012,6 +1058,60 @@ mod tests {
         }
         // The one stamped 20 stays behind the one stamped 30.
         assert_eq!(row(&writer.conn, channels[0]), (3, 75));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn retention_steps_stay_within_their_budget_and_a_stamp_from_the_future_does_not_stop_them() {
+        let path = scratch();
+        let mut writer = writer_on(&path);
+        let mut rng = os_rng();
+        let (channel, sender) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
+        let far = 40 + 10 * 24 * 3600;
+        let mut jobs = vec![new_channel(channel)];
+        for (seq, stamp) in [(1, 10), (2, 10), (3, 10), (4, far), (5, 30)] {
+            jobs.push(append(channel, sender, seq, 100, stamp).0);
+        }
+        one_batch(&mut writer, jobs);
+        assert_eq!(prune_steps(&mut writer, 25, 40, 2), [2, 2]);
+        assert_eq!(row(&writer.conn, channel), (5, 100));
+        let left: Vec<i64> = writer
+            .conn
+            .prepare("SELECT seq FROM envelopes ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, [5]);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn another_writer_on_the_file_fails_the_batch_instead_of_reusing_a_number() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        let (first, first_rx) = append(channel, sender, 1, 100, 0);
+        one_batch(&mut writer, vec![first]);
+        assert_eq!(answer(first_rx).map(|a| a.seq), Ok(1));
+        // Another process numbers envelopes 2 to 5 in the same file.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute(
+                "UPDATE channels SET head = 5, bytes = bytes + 400 WHERE id = ?1",
+                params![channel.as_bytes()],
+            )
+            .unwrap();
+        let (second, second_rx) = append(channel, sender, 2, 100, 0);
+        one_batch(&mut writer, vec![second]);
+        assert!(
+            matches!(answer(second_rx), Err(StoreError::Backend(m)) if m.contains("another khub serve"))
+        );
+        // Reloaded, the next number follows the other writer's.
+        let (again, again_rx) = append(channel, sender, 2, 100, 0);
+        one_batch(&mut writer, vec![again]);
+        assert_eq!(answer(again_rx).map(|a| a.seq), Ok(6));
+        assert_eq!(row(&writer.conn, channel), (6, 600));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
