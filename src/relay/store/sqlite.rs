@@ -10,9 +10,10 @@
 //!
 //! The hot path is one `INSERT` per envelope: the writer remembers each
 //! channel's head and stored bytes and each sender's highest number ([`Memo`]),
-//! and writes a channel's row once per batch, just before the commit. Writes
-//! are `OR FAIL`, so SQLite keeps no per-statement undo journal (a failure
-//! rolls the whole batch back instead; see [`writer_loop`]).
+//! and writes a channel's row once per batch, just before the commit. No
+//! statement needs SQLite's per-statement undo journal (writes are `OR FAIL`;
+//! a failure rolls the whole batch back instead, see [`writer_loop`]): its
+//! allocations and frees, per append, were a sixth of the relay's CPU.
 
 use std::collections::HashMap;
 use std::path::Path;
