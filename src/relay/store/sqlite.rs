@@ -9,10 +9,10 @@
 //! blocking pool; WAL lets them run beside the writer.
 //!
 //! The hot path is one `INSERT` per envelope: the writer remembers each
-//! channel's head and stored bytes and each sender's highest number ([`Memo`]),
+//! channel's head and stored bytes and each sender's highest number (`Memo`),
 //! and writes a channel's row once per batch, just before the commit. No
 //! statement needs SQLite's per-statement undo journal (writes are `OR FAIL`;
-//! a failure rolls the whole batch back instead, see [`writer_loop`]): its
+//! a failure rolls the whole batch back instead, see `writer_loop`): its
 //! allocations and frees, per append, were a sixth of the relay's CPU.
 
 use std::collections::HashMap;
