@@ -798,35 +798,35 @@ async fn browser_origins_must_be_allowed_and_hello_must_come_in_time() {
     relay.stop().await;
 }
 
+/// Publishes `member`'s stand-in envelopes numbered `seqs` over `/sync`; what
+/// the relay answered for each: its sequence number, or the error code.
+async fn sync_publish(addr: std::net::SocketAddr, member: &Member, seqs: Vec<u64>) -> Vec<String> {
+    let body = serde_json::json!({
+        "cursor": 1000,
+        "publish": seqs.iter().map(|s| member.stand_in_envelope(*s, 100)).collect::<Vec<_>>(),
+    });
+    let answer = post_json(addr, "/sync", &[("authorization", &member.auth())], &body)
+        .await
+        .json();
+    answer["acks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a["seq"].as_u64().map_or_else(
+                || a["error"]["code"].as_str().unwrap().to_owned(),
+                |s| s.to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_storage_holds_back_a_senders_later_envelopes_so_none_is_stored_out_of_order() {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let member = Member::new(ChannelId::random(&mut os_rng()));
     assert_eq!(create_channel(relay.addr, &member).await.status, 201);
-    let envelope = |seq: u64| member.stand_in_envelope(seq, 100);
-    let publish = |seqs: &[u64]| {
-        let body = serde_json::json!({
-            "cursor": 1000,
-            "publish": seqs.iter().map(|s| envelope(*s)).collect::<Vec<_>>(),
-        });
-        let auth = member.auth();
-        async move {
-            let answer = post_json(relay.addr, "/sync", &[("authorization", &auth)], &body)
-                .await
-                .json();
-            answer["acks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| {
-                    a["seq"].as_u64().map_or_else(
-                        || a["error"]["code"].as_str().unwrap().to_owned(),
-                        |s| s.to_string(),
-                    )
-                })
-                .collect::<Vec<String>>()
-        }
-    };
+    let publish = |seqs: &[u64]| sync_publish(relay.addr, &member, seqs.to_vec());
     relay.relay.hub.set_storage_full(true);
     assert_eq!(publish(&[1]).await, ["storage_full"]);
     // Room again: envelope 2 alone would jump ahead of 1, and is held back.
@@ -845,29 +845,7 @@ async fn sender_sequence_numbers_past_the_signed_range_are_refused() {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let member = Member::new(ChannelId::random(&mut os_rng()));
     assert_eq!(create_channel(relay.addr, &member).await.status, 201);
-    let publish = |seqs: Vec<u64>| {
-        let body = serde_json::json!({
-            "cursor": 1000,
-            "publish": seqs.iter().map(|s| member.stand_in_envelope(*s, 100)).collect::<Vec<_>>(),
-        });
-        let auth = member.auth();
-        async move {
-            let answer = post_json(relay.addr, "/sync", &[("authorization", &auth)], &body)
-                .await
-                .json();
-            answer["acks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| {
-                    a["seq"].as_u64().map_or_else(
-                        || a["error"]["code"].as_str().unwrap().to_owned(),
-                        |s| s.to_string(),
-                    )
-                })
-                .collect::<Vec<String>>()
-        }
-    };
+    let publish = |seqs: Vec<u64>| sync_publish(relay.addr, &member, seqs);
     let top = i64::MAX as u64;
     assert_eq!(
         publish(vec![1, top + 1, u64::MAX]).await,

@@ -857,20 +857,8 @@ mod tests {
         let mut rng = os_rng();
         let (channel, device) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
         let mut writer = writer_on(path);
-        let (create, created) = job(
-            move |w| {
-                w.conn
-                    .execute(
-                        "INSERT INTO channels (id, head, bytes, created) VALUES (?1, 0, 0, 0)",
-                        params![channel.as_bytes()],
-                    )
-                    .map_err(backend)?;
-                Ok(())
-            },
-            None,
-        );
-        one_batch(&mut writer, vec![create]);
-        answer(created).unwrap();
+        one_batch(&mut writer, vec![new_channel(channel)]);
+        assert_eq!(row(&writer.conn, channel), (0, 0));
         (writer, channel, device)
     }
 
