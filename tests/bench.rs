@@ -65,6 +65,7 @@ async fn every_scenario_runs_and_loses_nothing() {
         "relay, memory store: server CPU (user + sys) per delivery",
         "memory store / baseline CPU per delivery",
         "this disk: 4 KiB write + fdatasync",
+        "memory store, window 1: publish->ack",
         "SQLite (full), window 1: publish->ack p50 / fsync p50",
     ] {
         assert!(
