@@ -11,9 +11,10 @@
 //! The hot path is one `INSERT` per envelope: the writer remembers each
 //! channel's head and stored bytes and each sender's highest number (`Memo`),
 //! and writes a channel's row once per batch, just before the commit. No
-//! statement needs SQLite's per-statement undo journal (writes are `OR FAIL`;
-//! a failure rolls the whole batch back instead, see `writer_loop`): its
-//! allocations and frees, per append, were a sixth of the relay's CPU.
+//! statement on that path needs SQLite's per-statement undo journal (the
+//! envelope insert and the row write-back are `OR FAIL`; a failure rolls the
+//! whole batch back instead, see `writer_loop`): its allocations and frees,
+//! per append, were a sixth of the relay's CPU.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -524,10 +525,11 @@ const FUTURE_SLACK_SECS: u64 = 24 * 3600;
 /// Envelopes are stamped when stored, so a channel's stamps grow with its
 /// sequence numbers and each channel is cut at one point, found by walking
 /// its primary key from the oldest: the cost is what is dropped, with no index
-/// on the stamp. Should the clock step back, envelopes stamped after the step
-/// are kept until those before it expire: longer than the retention, never
-/// shorter, and a reader never sees a hole. A stamp more than a day ahead of
-/// `now` does not stop the cut.
+/// on the stamp. Should the clock step back (by up to a day), envelopes
+/// stamped after the step are kept until those before it expire: longer than
+/// the retention, never shorter, and a reader never sees a hole. A stamp more
+/// than a day ahead of `now` does not stop the cut (it goes with the expired
+/// ones before it).
 fn prune_op(
     writer: &mut Writer,
     before: u64,
