@@ -399,14 +399,11 @@ where
                     }
                     continue;
                 }
-                match deliver(ws, &batch, limits.slow_reader_timeout).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::Gone,
-                    Err(_) => {
-                        hub.metrics.breach("slow_reader");
+                if let Err(end) = deliver(ws, &batch, limits.slow_reader_timeout, &hub.metrics).await {
+                    if matches!(end, End::Close(CloseCode::Slow, _)) {
                         warn!(%channel, %device, cursor, "closing a session that does not read its deliveries");
-                        return End::Close(CloseCode::Slow, None);
                     }
+                    return end;
                 }
                 let delivered: usize = batch.iter().map(|r| r.len).sum();
                 hub.metrics.envelopes_out.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -454,7 +451,7 @@ fn answer(
 }
 
 /// Finishes one write step (sending a pong or a ping, queueing or flushing
-/// acks) within `patience`: a peer that stops reading cannot hold the
+/// acks or deliveries) within `patience`: a peer that stops reading cannot hold the
 /// session's task forever; it is closed as slow.
 async fn within(
     patience: std::time::Duration,
@@ -478,14 +475,18 @@ async fn deliver<S>(
     ws: &mut WebSocketStream<S>,
     batch: &[Ready],
     patience: std::time::Duration,
-) -> Result<Result<(), WsError>, tokio::time::error::Elapsed>
+    metrics: &Metrics,
+) -> Result<(), End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     for ready in batch {
-        if let Err(e) = timeout(patience, ws.feed(Message::Text(ready.frame.clone()))).await? {
-            return Ok(Err(e));
-        }
+        within(
+            patience,
+            metrics,
+            ws.feed(Message::Text(ready.frame.clone())),
+        )
+        .await?;
     }
-    timeout(patience, ws.flush()).await
+    within(patience, metrics, ws.flush()).await
 }

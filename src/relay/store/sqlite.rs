@@ -422,7 +422,8 @@ fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
 /// one insert. Only a number at or below it (a retry) is looked up.
 fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     let Writer { conn, memo } = writer;
-    let used = tally(&mut memo.channels, conn, a.channel)?.bytes;
+    let channel = tally(&mut memo.channels, conn, a.channel)?;
+    let used = channel.bytes;
     let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
     if a.sender_seq <= state.highest {
         let existing = conn
@@ -480,7 +481,6 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
             .execute(params![a.channel.as_bytes(), a.sender.as_bytes()])
             .map_err(backend)?;
     }
-    let channel = tally(&mut memo.channels, conn, a.channel)?;
     let seq = channel.head + 1;
     conn.prepare_cached(
         "INSERT OR FAIL INTO envelopes (channel, seq, sender, sender_seq, body, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -497,7 +497,6 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     .map_err(backend)?;
     channel.head = seq;
     channel.bytes += size;
-    let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
     state.highest = a.sender_seq;
     Ok(Appended {
         seq,
