@@ -305,6 +305,48 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+#[test]
+fn a_second_relay_on_the_same_database_file_refuses_to_start_and_names_the_first() {
+    let first = RelayProcess::start(&[]);
+    let db = first.dir.join("relay.sqlite3");
+    let mut second = Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("khub serve starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second relay neither started nor exited");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!status.success());
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening"),
+        "the second relay listened"
+    );
+    assert!(stderr.contains("another khub serve"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("process {}", first.pid())),
+        "{stderr}"
+    );
+    // The first one still serves, and exits cleanly.
+    let probe = std::net::TcpStream::connect(first.addr);
+    assert!(probe.is_ok(), "the first relay stopped listening");
+    let (status, dir) = first.terminate();
+    assert!(status.success());
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// A relay child on a fixed port and database, so it can be killed and restarted
 /// where the devices expect it.
 fn spawn_relay_at(addr: SocketAddr, db: &Path) -> Child {

@@ -23,6 +23,7 @@
 //!   smaller later envelope cannot slip in ahead of it (and make it out of order
 //!   for good).
 
+mod file_lock;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

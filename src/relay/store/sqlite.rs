@@ -110,6 +110,13 @@ struct Writer {
     memo: Memo,
 }
 
+/// The writer thread's state, and the file lock that makes it the only writer:
+/// let go when the thread ends, after its connection closed.
+struct Owner {
+    writer: Writer,
+    _lock: std::fs::File,
+}
+
 /// What appends check and update besides the envelope itself, kept by the
 /// writer thread (the only writer) so that an append needs no other statement:
 /// each channel's head and stored bytes, and each sender's highest number and
@@ -268,20 +275,27 @@ impl SqliteStore {
     }
 
     /// Opens with a chosen [`Durability`].
+    ///
+    /// Refuses, after waiting up to 2 s, while another process (or another
+    /// store in this one) has the file open: see `file_lock`.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let lock = super::file_lock::acquire(path)?;
         let writer_conn = connect(path, durability)?;
         writer_conn.execute_batch(SCHEMA).map_err(backend)?;
         let reader = connect(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
-        let writer = Writer {
-            conn: writer_conn,
-            memo: Memo::default(),
+        let owner = Owner {
+            writer: Writer {
+                conn: writer_conn,
+                memo: Memo::default(),
+            },
+            _lock: lock,
         };
         std::thread::Builder::new()
             .name("khub-sqlite-writer".into())
             .spawn(move || {
-                let mut writer = writer;
-                writer_loop(&mut writer, &rx);
+                let mut owner = owner;
+                writer_loop(&mut owner.writer, &rx);
             })
             .map_err(backend)?;
         Ok(Self {
@@ -1102,6 +1116,20 @@ mod tests {
         one_batch(&mut writer, vec![again]);
         assert_eq!(answer(again_rx).map(|a| a.seq), Ok(6));
         assert_eq!(row(&writer.conn, channel), (6, 600));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_second_store_on_the_file_is_refused_until_the_first_is_dropped() {
+        let path = scratch();
+        let first = SqliteStore::open(&path).unwrap();
+        let Err(StoreError::Backend(message)) = SqliteStore::open(&path) else {
+            panic!("two stores opened one file");
+        };
+        assert!(message.contains("another khub serve"), "{message}");
+        // Dropping the store ends its writer thread, which lets the lock go.
+        drop(first);
+        assert!(SqliteStore::open(&path).is_ok());
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
