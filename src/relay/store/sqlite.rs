@@ -114,7 +114,7 @@ struct Writer {
 /// let go when the thread ends, after its connection closed.
 struct Owner {
     writer: Writer,
-    _lock: std::fs::File,
+    _lock: super::file_lock::FileLock,
 }
 
 /// What appends check and update besides the envelope itself, kept by the
@@ -276,8 +276,8 @@ impl SqliteStore {
 
     /// Opens with a chosen [`Durability`].
     ///
-    /// Refuses, after waiting up to 2 s, while another process (or another
-    /// store in this one) has the file open: see `file_lock`.
+    /// Refuses, after waiting up to 2 s, while another process has the file
+    /// open: see `file_lock`.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
         let lock = super::file_lock::acquire(path)?;
         let writer_conn = connect(path, durability)?;
@@ -1120,16 +1120,28 @@ mod tests {
     }
 
     #[test]
-    fn a_second_store_on_the_file_is_refused_until_the_first_is_dropped() {
+    fn the_file_stays_locked_against_other_processes_while_any_store_of_this_one_writes() {
         let path = scratch();
-        let first = SqliteStore::open(&path).unwrap();
-        let Err(StoreError::Backend(message)) = SqliteStore::open(&path) else {
-            panic!("two stores opened one file");
+        let lock = super::super::file_lock::path_for(&path);
+        let other_process = || {
+            std::fs::File::open(&lock)
+                .unwrap()
+                .try_lock()
+                .map_err(|e| matches!(e, std::fs::TryLockError::WouldBlock))
         };
-        assert!(message.contains("another khub serve"), "{message}");
-        // Dropping the store ends its writer thread, which lets the lock go.
+        let first = SqliteStore::open(&path).unwrap();
+        assert_eq!(other_process(), Err(true));
+        // A store reopened here while the old one is still dropped shares the lock.
+        let second = SqliteStore::open(&path).unwrap();
         drop(first);
-        assert!(SqliteStore::open(&path).is_ok());
+        assert_eq!(other_process(), Err(true));
+        // The last writer thread lets go as it ends.
+        drop(second);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while other_process().is_err() {
+            assert!(std::time::Instant::now() < deadline, "the lock was kept");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
