@@ -135,24 +135,31 @@ pub struct Ready {
 
 impl Ready {
     fn new(seq: u64, envelope: &[u8]) -> Self {
-        // The same text `ServerFrame::Deliver` serialises to (a test pins it),
-        // built directly: this runs once per stored envelope on the commit path.
-        let mut frame = String::with_capacity(envelope.len().div_ceil(3) * 4 + 48);
+        Self::encoded(seq, envelope.len(), &encode(envelope))
+    }
+
+    /// The `deliver` frame around an envelope already in base64: the same
+    /// text `ServerFrame::Deliver` serialises to (a test pins it), built
+    /// directly, since this runs once per stored envelope on the commit path
+    /// (the SQLite writer thread, or under the memory store's lock).
+    fn encoded(seq: u64, len: usize, base64: &str) -> Self {
+        let mut frame = String::with_capacity(base64.len() + 48);
         frame.push_str("{\"type\":\"deliver\",\"seq\":");
         frame.push_str(&seq.to_string());
         frame.push_str(",\"envelope\":\"");
-        base64::Engine::encode_string(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            envelope,
-            &mut frame,
-        );
+        frame.push_str(base64);
         frame.push_str("\"}");
         Self {
             seq,
-            len: envelope.len(),
+            len,
             frame: frame.into(),
         }
     }
+}
+
+/// An envelope's text in a `deliver` frame.
+fn encode(envelope: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, envelope)
 }
 
 /// A stored publish.
@@ -268,14 +275,16 @@ impl Hub {
                 Arc::clone(&self.notifier),
                 Arc::clone(&self.metrics),
             );
-            let stored = envelope.clone();
+            // Encoded here, on the publisher's task, so that the commit path
+            // only copies it into the frame.
+            let (len, encoded) = (envelope.len(), encode(&envelope));
             let on_commit: OnCommit = Box::new(move |appended: Appended| {
                 if !appended.duplicate {
                     Metrics::inc(&metrics.envelopes_in);
                     metrics
                         .bytes_in
-                        .fetch_add(stored.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    remember(&cache, channel, Ready::new(appended.seq, &stored));
+                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    remember(&cache, channel, Ready::encoded(appended.seq, len, &encoded));
                 }
                 // A duplicate too: its first try may have been stored after its
                 // caller gave up, without a wake-up (the head only grows).
