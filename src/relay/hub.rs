@@ -134,20 +134,33 @@ pub struct Ready {
 }
 
 impl Ready {
+    /// From the envelope's bytes (a read from the store), encoded straight
+    /// into the frame.
     fn new(seq: u64, envelope: &[u8]) -> Self {
-        Self::encoded(seq, envelope.len(), &encode(envelope))
+        Self::build(
+            seq,
+            envelope.len(),
+            envelope.len().div_ceil(3) * 4,
+            |frame| {
+                base64::Engine::encode_string(&BASE64, envelope, frame);
+            },
+        )
     }
 
-    /// The `deliver` frame around an envelope already in base64: the same
-    /// text `ServerFrame::Deliver` serialises to (a test pins it), built
-    /// directly, since this runs once per stored envelope on the commit path
-    /// (the SQLite writer thread, or under the memory store's lock).
+    /// Around an envelope already in base64: on the commit path (the SQLite
+    /// writer thread, or under the memory store's lock) only a copy is left.
     fn encoded(seq: u64, len: usize, base64: &str) -> Self {
-        let mut frame = String::with_capacity(base64.len() + 48);
+        Self::build(seq, len, base64.len(), |frame| frame.push_str(base64))
+    }
+
+    /// The same text `ServerFrame::Deliver` serialises to (a test pins it),
+    /// built directly around the envelope's base64, which `body` writes.
+    fn build(seq: u64, len: usize, body_len: usize, body: impl FnOnce(&mut String)) -> Self {
+        let mut frame = String::with_capacity(body_len + 48);
         frame.push_str("{\"type\":\"deliver\",\"seq\":");
         frame.push_str(&seq.to_string());
         frame.push_str(",\"envelope\":\"");
-        frame.push_str(base64);
+        body(&mut frame);
         frame.push_str("\"}");
         Self {
             seq,
@@ -157,9 +170,12 @@ impl Ready {
     }
 }
 
+/// How a `deliver` frame encodes its envelope.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 /// An envelope's text in a `deliver` frame.
 fn encode(envelope: &[u8]) -> String {
-    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, envelope)
+    base64::Engine::encode(&BASE64, envelope)
 }
 
 /// A stored publish.
@@ -490,6 +506,8 @@ mod tests {
             }
             .to_text();
             assert_eq!(Ready::new(42, &envelope).frame.as_str(), expected);
+            let published = Ready::encoded(42, envelope.len(), &encode(&envelope));
+            assert_eq!(published.frame.as_str(), expected);
         }
     }
 }
