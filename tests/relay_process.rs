@@ -60,17 +60,23 @@ impl RelayProcess {
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, self.dir.clone());
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "relay did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let status = exit_within(&mut self.child, Duration::from_secs(20))
+            .expect("relay did not exit after SIGTERM");
+        (status, self.dir.clone())
+    }
+}
+
+/// `child`'s exit status, if it exits within `limit`.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
         }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -316,16 +322,9 @@ fn a_second_relay_on_the_same_database_file_refuses_to_start_and_names_the_first
         .stderr(Stdio::piped())
         .spawn()
         .expect("khub serve starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("the second relay neither started nor exited");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = exit_within(&mut second, Duration::from_secs(30)) else {
+        let _ = second.kill();
+        panic!("the second relay neither started nor exited");
     };
     let output = second.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
