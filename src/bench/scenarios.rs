@@ -355,13 +355,13 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
     let (bare, _) = median_by(bares, ack_p50);
     rows.push(latency_row(
         "durable publish",
-        "memory store, window 1: publish->ack (median round of 3)",
+        &format!("memory store, window 1: publish->ack (median round of {ROUNDS})"),
         bare.ack_latency,
     ));
     let (single, (lowest, highest)) = median_by(singles, ack_p50);
     rows.push(latency_row(
         "durable publish",
-        "SQLite (full), window 1: publish->ack (median round of 3)",
+        &format!("SQLite (full), window 1: publish->ack (median round of {ROUNDS})"),
         single.ack_latency,
     ));
     let bad = single.lost + single.duplicated + bare.lost + bare.duplicated;
@@ -389,7 +389,7 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// Fan-out rounds per server in the throughput rows.
+/// Fan-out rounds per server in the throughput and window-1 rows.
 const ROUNDS: usize = 3;
 
 /// The round with the median rate, counting every round's lost and
