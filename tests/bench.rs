@@ -64,6 +64,8 @@ async fn every_scenario_runs_and_loses_nothing() {
         "baseline: server CPU (user + sys) per delivery",
         "relay, memory store: server CPU (user + sys) per delivery",
         "memory store / baseline CPU per delivery",
+        "relay, memory store, a process of its own: CPU (user + sys) per delivery",
+        "memory store / baseline CPU per delivery, processes of their own",
         "this disk: 4 KiB write + fdatasync",
         "memory store, window 1: publish->ack",
         "SQLite (full), window 1: publish->ack p50 / fsync p50",

@@ -33,13 +33,21 @@ pub(super) fn server_runtime() -> Result<tokio::runtime::Runtime, String> {
 /// On-CPU time of the server threads so far (user + system), or `None` where
 /// `/proc` does not say (not Linux).
 pub(super) fn server_cpu() -> Option<Duration> {
+    threads_cpu("/proc/self/task", |comm| {
+        SERVER_PREFIXES.iter().any(|p| comm.starts_with(p))
+    })
+}
+
+/// On-CPU time so far (user + system) of the threads under `tasks`, a
+/// `/proc/PID/task` directory, whose name `counts`.
+pub(super) fn threads_cpu(tasks: &str, counts: impl Fn(&str) -> bool) -> Option<Duration> {
     let mut total = Duration::ZERO;
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+    for task in std::fs::read_dir(tasks).ok()?.flatten() {
         let path = task.path();
         let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
             continue;
         };
-        if !SERVER_PREFIXES.iter().any(|p| comm.starts_with(p)) {
+        if !counts(&comm) {
             continue;
         }
         let Ok(schedstat) = std::fs::read_to_string(path.join("schedstat")) else {

@@ -33,6 +33,21 @@ mod soak;
 use std::fmt::Write;
 
 pub use scenarios::{Options, run};
+
+/// Serves the bare baseline until killed, after printing its address on
+/// stdout: `khub bench --serve-baseline`, which the fan-out starts as a
+/// process of its own to measure its CPU time apart.
+pub fn serve_baseline() -> std::io::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let addr = baseline::start().await;
+            println!("baseline listening on {addr}");
+            std::future::pending::<()>().await;
+        });
+    Ok(())
+}
 pub use soak::Soak;
 
 /// p50 / p99 / p99.9 of a set of microsecond samples.

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use warp::http::Method;
 
-use super::child::RelayChild;
+use super::child::ServerChild;
 use super::fanout::{self, Server, Workload};
 use super::{Percentiles, Row, baseline, cpu};
 use crate::channel::{Channel, Event, Joining};
@@ -268,6 +268,7 @@ async fn fanout_rows(options: &Options) -> Result<Vec<Row>, String> {
         ));
     }
     rows.extend(cpu_rows(w).await?);
+    rows.extend(process_cpu_rows(&options.khub, w).await?);
     for (name, outcome) in [
         ("memory", &mem),
         ("SQLite (full)", &sql),
@@ -477,6 +478,49 @@ async fn cpu_rows(w: Workload) -> Result<Vec<Row>, String> {
     ));
     drop((memory, sqlite));
     servers.shutdown_background();
+    Ok(rows)
+}
+
+/// The CPU time per delivery again with the baseline and the relay (memory
+/// store) each in a process of its own, as `perf stat -p` of a separate
+/// server sees it: nothing crosses runtimes inside the servers, and the load
+/// generator stays in this process.
+async fn process_cpu_rows(khub: &std::path::Path, w: Workload) -> Result<Vec<Row>, String> {
+    let baseline = ServerChild::baseline(khub)?;
+    let relay = ServerChild::spawn(khub, &["--memory".into()])?;
+    let mut rows = Vec::new();
+    let mut per_delivery = Vec::new();
+    for (name, child, server) in [
+        ("baseline", &baseline, Server::Baseline(baseline.addr)),
+        ("relay, memory store", &relay, Server::Relay(relay.addr)),
+    ] {
+        let before = child.cpu();
+        let outcome = fanout::run(server, w).await?;
+        let Some(used) = before.zip(child.cpu()).map(|(b, a)| a.saturating_sub(b)) else {
+            return Ok(Vec::new()); // no /proc: no CPU rows
+        };
+        let bad = outcome.lost + outcome.duplicated;
+        if bad != 0 {
+            return Err(format!(
+                "{name}: {bad} lost or duplicated in the process CPU run"
+            ));
+        }
+        let micros = used.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64;
+        rows.push(Row::info(
+            "fanout",
+            format!("{name}, a process of its own: CPU (user + sys) per delivery"),
+            format!("{micros:.2} us ({} ms in all)", used.as_millis()),
+        ));
+        per_delivery.push(micros);
+    }
+    let ratio = per_delivery[1] / per_delivery[0].max(1e-9);
+    rows.push(Row::check(
+        "fanout",
+        "memory store / baseline CPU per delivery, processes of their own",
+        format!("{ratio:.2}x"),
+        "<= 1.2x",
+        ratio <= 1.2,
+    ));
     Ok(rows)
 }
 
@@ -794,7 +838,7 @@ async fn pair_once(http: &RelayAddr, auth: &str, channel: ChannelId) -> Result<(
 
 async fn idle(khub: &std::path::Path, counts: &[usize]) -> Result<Vec<Row>, String> {
     let max = counts.iter().copied().max().unwrap_or(0);
-    let relay = RelayChild::spawn(
+    let relay = ServerChild::spawn(
         khub,
         &[
             "--memory".into(),

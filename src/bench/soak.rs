@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Row;
-use super::child::RelayChild;
+use super::child::ServerChild;
 use super::scenarios::{channel_with, open_sessions};
 use crate::crypto::envelope::{EnvelopeHeader, padded_len};
 use crate::crypto::token::AccessToken;
@@ -163,7 +163,7 @@ pub(super) async fn run(khub: &Path, soak: &Soak) -> Result<Vec<Row>, String> {
 }
 
 async fn soak_in(khub: &Path, soak: &Soak, dir: &Path) -> Result<Vec<Row>, String> {
-    let mut relay = RelayChild::spawn(
+    let mut relay = ServerChild::spawn(
         khub,
         &[
             "--db".into(),

@@ -199,6 +199,10 @@ struct BenchArgs {
     /// Soak: seconds between two publishes of one device.
     #[arg(long, default_value_t = 5.0)]
     soak_interval: f64,
+    /// Serve only the bare baseline until killed (the fan-out's CPU rows start
+    /// it as a process of its own).
+    #[arg(long, hide = true)]
+    serve_baseline: bool,
 }
 
 /// Where a device keeps its state.
@@ -467,6 +471,9 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.serve_baseline {
+        return Ok(khub::bench::serve_baseline()?);
+    }
     let options = khub::bench::Options {
         scenarios: args.scenarios,
         workload: khub::bench::fanout::Workload {
