@@ -858,3 +858,54 @@ async fn a_passing_store_failure_loses_no_message() {
     assert_eq!(d[0].incidents().unwrap(), [], "nothing was refused");
     relay.stop().await;
 }
+
+/// `khub send` while `khub listen` runs on the same home: the listener's
+/// session may publish the queued message and take in its ack before the
+/// sending process's own session connects. The sender must still learn that
+/// its message went out, not report it queued offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    // Only the laptop goes through the proxy, which then turns away new
+    // connections: its live session stays up, a second one cannot connect.
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("shared-home");
+    let laptop = Device::create(&dir.join("laptop"), &url(proxy.addr()), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &url(relay.addr), "phone").await;
+    let listener = laptop.connect();
+    wait_until(|| matches!(listener.status(), Status::Live { .. })).await;
+    proxy.refuse(true);
+
+    // Another process on the laptop's home sends; its session cannot connect.
+    let other = Device::open(&dir.join("laptop")).unwrap();
+    let other_session = other.connect();
+    let send = tokio::spawn(async move {
+        other_session
+            .send(b"from another process", Duration::from_secs(30))
+            .await
+    });
+    wait_until(|| laptop.pending().unwrap() == 1).await;
+    // The listener publishes the outbox when it next takes something in.
+    let phone_session = phone.connect();
+    assert!(matches!(
+        phone_session
+            .send(b"wake the listener", STEP)
+            .await
+            .unwrap(),
+        Sent::Acked { .. }
+    ));
+    let sent = tokio::time::timeout(STEP, send)
+        .await
+        .expect("the other process's send answers once the listener got the ack")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(sent, Sent::Acked { .. }), "{sent:?}");
+    assert_eq!(laptop.pending().unwrap(), 0);
+    assert_eq!(
+        recv(&phone_session, &phone).await,
+        ("laptop".into(), "from another process".into())
+    );
+    relay.stop().await;
+}

@@ -388,8 +388,7 @@ impl Device {
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
     /// outbox, in one transaction.
     pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
-        self.db()
-            .acked(acks.iter().map(|(sender_seq, _)| *sender_seq))?;
+        self.db().acked(acks)?;
         self.inner
             .acks
             .lock()

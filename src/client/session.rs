@@ -27,6 +27,9 @@ const DEFAULT_PING_SECS: u64 = 30;
 const LIVENESS_PINGS: u64 = 3;
 /// Most frames taken off the connection before they are acted on together.
 const MAX_BATCH: usize = 256;
+/// How often a waiting `send` looks on disk for an ack another process on
+/// the same home took in.
+const ACK_POLL: Duration = Duration::from_millis(100);
 
 /// Where a session stands.
 #[derive(Debug, Clone)]
@@ -93,6 +96,10 @@ impl Session {
     }
 
     /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
+    ///
+    /// The ack may come to another process on the same home (a `khub listen`
+    /// whose session published the outbox first): its record on disk, looked
+    /// at every [`ACK_POLL`], counts too.
     pub async fn send(&self, body: &[u8], wait: Duration) -> Result<Sent, ClientError> {
         let body = body.to_vec();
         let sender_seq = self
@@ -122,9 +129,17 @@ impl Session {
             if let Status::Failed(e) = &*status.borrow() {
                 return Err(e.clone());
             }
+            let on_disk = self
+                .device
+                .blocking(move |device| device.db().ack_of(sender_seq))
+                .await?;
+            if let Some(seq) = on_disk {
+                return Ok(Sent::Acked { seq });
+            }
             tokio::select! {
                 _ = notified => {}
                 _ = status.changed() => {}
+                _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Sent::Queued),
             }
         }

@@ -30,6 +30,9 @@ pub const STATE_FILE: &str = "device.sqlite3";
 /// device of protocol 1, which cannot be upgraded in place.
 const FORMAT: i64 = 2;
 
+/// Acks remembered after their envelopes left the outbox.
+const ACKS_KEPT: i64 = 1000;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS identity (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
@@ -70,6 +73,10 @@ CREATE TABLE IF NOT EXISTS joined (
 CREATE TABLE IF NOT EXISTS commits (
     sender_seq INTEGER PRIMARY KEY,  -- this device's commit that won its epoch
     seq        INTEGER NOT NULL      -- its relay sequence number
+);
+CREATE TABLE IF NOT EXISTS acked (  -- the newest envelopes that left the outbox acked
+    sender_seq INTEGER PRIMARY KEY,  -- so that a `send` in another process on
+    seq        INTEGER NOT NULL      -- this home learns its message went out
 );
 ";
 
@@ -442,17 +449,42 @@ impl StateDb {
         rows.collect::<Result<_, _>>().map_err(err)
     }
 
-    /// The relay acked these envelopes: they leave the outbox, in one transaction.
-    pub fn acked(&mut self, sender_seqs: impl IntoIterator<Item = u64>) -> Result<(), ClientError> {
+    /// The relay acked these envelopes (sender sequence number, relay
+    /// sequence number): they leave the outbox and are remembered as acked
+    /// (the newest [`ACKS_KEPT`] of them), in one transaction.
+    pub fn acked(&mut self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
-        for sender_seq in sender_seqs {
+        for &(sender_seq, seq) in acks {
             tx.execute(
                 "DELETE FROM outbox WHERE sender_seq = ?1",
                 params![i64_of(sender_seq)],
             )
             .map_err(err)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO acked (sender_seq, seq) VALUES (?1, ?2)",
+                params![i64_of(sender_seq), i64_of(seq)],
+            )
+            .map_err(err)?;
         }
+        tx.execute(
+            "DELETE FROM acked WHERE sender_seq <= (SELECT MAX(sender_seq) FROM acked) - ?1",
+            params![ACKS_KEPT],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)
+    }
+
+    /// The relay sequence number of this device's envelope `sender_seq`, if an
+    /// ack for it was taken in (by any process on this home) and is still
+    /// among the newest remembered.
+    pub fn ack_of(&self, sender_seq: u64) -> Result<Option<u64>, ClientError> {
+        self.conn
+            .prepare_cached("SELECT seq FROM acked WHERE sender_seq = ?1")
+            .map_err(err)?
+            .query_row(params![i64_of(sender_seq)], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|seq| seq.map(u64_of))
+            .map_err(err)
     }
 
     /// The relay sequence number of this device's commit `sender_seq`, once
