@@ -33,6 +33,7 @@ mod soak;
 use std::fmt::Write;
 
 pub use scenarios::{Options, run};
+pub use soak::Soak;
 
 /// Serves the bare baseline until killed, after printing its address on
 /// stdout: `khub bench --serve-baseline`, which the fan-out starts as a
@@ -48,7 +49,6 @@ pub fn serve_baseline() -> std::io::Result<()> {
         });
     Ok(())
 }
-pub use soak::Soak;
 
 /// p50 / p99 / p99.9 of a set of microsecond samples.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

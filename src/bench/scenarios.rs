@@ -447,20 +447,14 @@ async fn cpu_rows(w: Workload) -> Result<Vec<Row>, String> {
             Server::Relay(sqlite.addr),
         ),
     ] {
-        let (outcome, used) = measured(server, w).await?;
-        let Some(used) = used else {
+        let Some((micros, _)) = cpu_per_delivery(name, server, w, cpu::server_cpu).await? else {
             return Ok(Vec::new()); // no /proc: no CPU rows
         };
-        let micros = used.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64;
         rows.push(Row::info(
             "fanout",
             format!("{name}: server CPU (user + sys) per delivery"),
             format!("{micros:.2} us"),
         ));
-        let bad = outcome.lost + outcome.duplicated;
-        if bad != 0 {
-            return Err(format!("{name}: {bad} lost or duplicated in the CPU run"));
-        }
         per_delivery.push(micros);
     }
     let ratio = |i: usize| per_delivery[i] / per_delivery[0].max(1e-9);
@@ -491,24 +485,23 @@ async fn process_cpu_rows(khub: &std::path::Path, w: Workload) -> Result<Vec<Row
     let mut rows = Vec::new();
     let mut per_delivery = Vec::new();
     for (name, child, server) in [
-        ("baseline", &baseline, Server::Baseline(baseline.addr)),
-        ("relay, memory store", &relay, Server::Relay(relay.addr)),
+        (
+            "baseline, a process of its own",
+            &baseline,
+            Server::Baseline(baseline.addr),
+        ),
+        (
+            "relay, memory store, a process of its own",
+            &relay,
+            Server::Relay(relay.addr),
+        ),
     ] {
-        let before = child.cpu();
-        let outcome = fanout::run(server, w).await?;
-        let Some(used) = before.zip(child.cpu()).map(|(b, a)| a.saturating_sub(b)) else {
+        let Some((micros, used)) = cpu_per_delivery(name, server, w, || child.cpu()).await? else {
             return Ok(Vec::new()); // no /proc: no CPU rows
         };
-        let bad = outcome.lost + outcome.duplicated;
-        if bad != 0 {
-            return Err(format!(
-                "{name}: {bad} lost or duplicated in the process CPU run"
-            ));
-        }
-        let micros = used.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64;
         rows.push(Row::info(
             "fanout",
-            format!("{name}, a process of its own: CPU (user + sys) per delivery"),
+            format!("{name}: CPU (user + sys) per delivery"),
             format!("{micros:.2} us ({} ms in all)", used.as_millis()),
         ));
         per_delivery.push(micros);
@@ -524,17 +517,27 @@ async fn process_cpu_rows(khub: &std::path::Path, w: Workload) -> Result<Vec<Row
     Ok(rows)
 }
 
-/// A fan-out run and the servers' CPU time during it.
-async fn measured(
+/// A fan-out run against the server `name` and the CPU time per delivery
+/// (in microseconds, and in all) that `cpu`, its CPU time so far, shows for
+/// it; `None` where `/proc` does not say. A lost or duplicated delivery is an
+/// error.
+async fn cpu_per_delivery(
+    name: &str,
     server: Server,
     w: Workload,
-) -> Result<(fanout::Outcome, Option<Duration>), String> {
-    let before = cpu::server_cpu();
+    cpu: impl Fn() -> Option<Duration>,
+) -> Result<Option<(f64, Duration)>, String> {
+    let before = cpu();
     let outcome = fanout::run(server, w).await?;
-    let used = before
-        .zip(cpu::server_cpu())
-        .map(|(before, after)| after.saturating_sub(before));
-    Ok((outcome, used))
+    let bad = outcome.lost + outcome.duplicated;
+    if bad != 0 {
+        return Err(format!("{name}: {bad} lost or duplicated in the CPU run"));
+    }
+    Ok(before.zip(cpu()).map(|(before, after)| {
+        let used = after.saturating_sub(before);
+        let micros = used.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64;
+        (micros, used)
+    }))
 }
 
 /// Registers a channel with `n` devices on a relay.
