@@ -42,8 +42,6 @@ pub(crate) struct Inner {
     pub(crate) db: Mutex<StateDb>,
     /// Woken whenever the inbox or outbox changes.
     pub(crate) changed: Notify,
-    /// Relay sequence numbers of acked envelopes, by sender sequence number.
-    pub(crate) acks: Mutex<std::collections::HashMap<u64, u64>>,
     /// Envelopes of this device the relay refused for good, by sender sequence number.
     pub(crate) refused: Mutex<std::collections::HashMap<u64, ClientError>>,
     /// Woken (one permit) whenever a change may have queued an envelope: the
@@ -239,7 +237,6 @@ impl Device {
                 token: identity.token,
                 db: Mutex::new(db),
                 changed: Notify::new(),
-                acks: Mutex::new(std::collections::HashMap::new()),
                 refused: Mutex::new(std::collections::HashMap::new()),
                 queued: Notify::new(),
                 retention_secs: std::sync::atomic::AtomicU64::new(0),
@@ -386,14 +383,9 @@ impl Device {
     }
 
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
-    /// outbox, in one transaction.
+    /// outbox and are recorded as acked, in one transaction.
     pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         self.db().acked(acks)?;
-        self.inner
-            .acks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(acks.iter().copied());
         self.inner.changed.notify_waiters();
         Ok(())
     }

@@ -97,9 +97,10 @@ impl Session {
 
     /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
     ///
-    /// The ack may come to another process on the same home (a `khub listen`
-    /// whose session published the outbox first): its record on disk, looked
-    /// at every [`ACK_POLL`], counts too.
+    /// The ack is looked for on disk, where whichever process on this home
+    /// took it in recorded it (a `khub listen` whose session published the
+    /// outbox first, too): on every change this process makes, and every
+    /// [`ACK_POLL`] for the others'.
     pub async fn send(&self, body: &[u8], wait: Duration) -> Result<Sent, ClientError> {
         let body = body.to_vec();
         let sender_seq = self
@@ -113,28 +114,18 @@ impl Session {
             let notified = self.device.inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(seq) = self
+            let acked = self
                 .device
-                .inner
-                .acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&sender_seq)
-            {
-                return Ok(Sent::Acked { seq: *seq });
+                .blocking(move |device| device.db().ack_of(sender_seq))
+                .await?;
+            if let Some(seq) = acked {
+                return Ok(Sent::Acked { seq });
             }
             if let Some(e) = self.device.refusal_of(sender_seq) {
                 return Err(e);
             }
             if let Status::Failed(e) = &*status.borrow() {
                 return Err(e.clone());
-            }
-            let on_disk = self
-                .device
-                .blocking(move |device| device.db().ack_of(sender_seq))
-                .await?;
-            if let Some(seq) = on_disk {
-                return Ok(Sent::Acked { seq });
             }
             tokio::select! {
                 _ = notified => {}
