@@ -8,6 +8,7 @@
 //! other session waits for it.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -158,7 +159,7 @@ impl Ready {
     fn build(seq: u64, len: usize, body_len: usize, body: impl FnOnce(&mut String)) -> Self {
         let mut frame = String::with_capacity(body_len + 48);
         frame.push_str("{\"type\":\"deliver\",\"seq\":");
-        frame.push_str(&seq.to_string());
+        let _ = write!(frame, "{seq}");
         frame.push_str(",\"envelope\":\"");
         body(&mut frame);
         frame.push_str("\"}");
@@ -432,7 +433,15 @@ impl Hub {
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(ChannelCache { entries, .. }) = cache.channels.get(&channel) {
-                let start = entries.partition_point(|e| e.seq <= cursor);
+                // Cached numbers are mostly contiguous: try the slot the
+                // cursor would have, then search.
+                let guess = entries
+                    .front()
+                    .and_then(|first| usize::try_from((cursor + 1).checked_sub(first.seq)?).ok());
+                let start = match guess {
+                    Some(at) if entries.get(at).is_some_and(|e| e.seq == cursor + 1) => at,
+                    _ => entries.partition_point(|e| e.seq <= cursor),
+                };
                 if entries.get(start).is_some_and(|e| e.seq == cursor + 1) {
                     let mut expected = cursor + 1;
                     let run: Vec<Ready> = entries
@@ -475,11 +484,16 @@ fn remember(cache: &Mutex<Cache>, channel: ChannelId, ready: Ready) {
         entries,
         bytes: channel_bytes,
     } = channels.entry(channel).or_default();
-    let at = entries.partition_point(|e| e.seq < ready.seq);
-    if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
-        return;
+    // Commits come in order: the newest goes last, without a search.
+    if entries.back().is_none_or(|e| e.seq < ready.seq) {
+        entries.push_back(ready);
+    } else {
+        let at = entries.partition_point(|e| e.seq < ready.seq);
+        if entries.get(at).is_some_and(|e| e.seq == ready.seq) {
+            return;
+        }
+        entries.insert(at, ready);
     }
-    entries.insert(at, ready);
     *bytes += size;
     *channel_bytes += size;
     while entries.len() > CACHE_ENTRIES

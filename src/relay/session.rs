@@ -458,7 +458,15 @@ async fn within(
     metrics: &Metrics,
     step: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), End> {
-    match timeout(patience, step).await {
+    // Most steps finish at once (a frame into the write buffer): only one
+    // that has to wait pays for a timer (a clock read and a runtime handle).
+    let mut step = std::pin::pin!(step);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(step.as_mut().poll(cx))).await;
+    let done = match first {
+        std::task::Poll::Ready(done) => Ok(done),
+        std::task::Poll::Pending => timeout(patience, step).await,
+    };
+    match done {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Gone),
         Err(_) => {
