@@ -305,7 +305,7 @@ impl Hub {
                 }
                 // A duplicate too: its first try may have been stored after its
                 // caller gave up, without a wake-up (the head only grows).
-                notifier.stored(channel, appended.seq);
+                super::wakeups::announce(&notifier, channel, appended.seq);
             });
             let append = self.store.append_then(
                 Append {

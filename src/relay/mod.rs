@@ -11,6 +11,7 @@
 //! - [`server`]: the accept loop (TCP_NODELAY, per-address limits, WebSocket
 //!   upgrades with small buffers, graceful shutdown).
 //! - [`limits`], [`metrics`]: per-address limits; Prometheus metrics.
+//! - [`wakeups`]: a group commit's wake-ups, once per channel per commit.
 //!
 //! The wire protocol is documented in [`crate::protocol`].
 
@@ -26,6 +27,7 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod wakeups;
 
 use std::sync::Arc;
 use std::time::Duration;

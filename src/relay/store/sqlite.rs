@@ -425,9 +425,12 @@ fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
                 writer.memo.forget();
             }
         }
-        for reply in replies {
-            reply(outcome.clone());
-        }
+        // The hooks' wake-ups go out once per channel, after the last.
+        crate::relay::wakeups::together(|| {
+            for reply in replies {
+                reply(outcome.clone());
+            }
+        });
     }
 }
 
