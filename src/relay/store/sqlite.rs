@@ -387,8 +387,10 @@ fn job<T: Send + 'static>(
 /// the batch: the rest of it is not applied, the transaction rolls back and
 /// every caller in it gets the error (none of them was acked).
 fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
+    // Kept from batch to batch: no allocation on the writer per batch.
+    let (mut batch, mut replies) = (Vec::with_capacity(MAX_BATCH), Vec::with_capacity(MAX_BATCH));
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
@@ -398,8 +400,7 @@ fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
         let mut failure = cached(&writer.conn, "BEGIN IMMEDIATE")
             .err()
             .map(|e| format!("could not begin a transaction: {e}"));
-        let mut replies = Vec::with_capacity(batch.len());
-        for job in batch {
+        for job in batch.drain(..) {
             let (reply, sound) = job(failure.is_none().then_some(&mut *writer));
             if !sound && failure.is_none() {
                 failure = Some("a write failed; the batch was rolled back".to_owned());
@@ -427,7 +428,7 @@ fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
         }
         // The hooks' wake-ups go out once per channel, after the last.
         crate::relay::wakeups::together(|| {
-            for reply in replies {
+            for reply in replies.drain(..) {
                 reply(outcome.clone());
             }
         });
