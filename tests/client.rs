@@ -909,3 +909,58 @@ async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent()
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refused() {
+    let mut config = RelayConfig::default();
+    // Room for pairing's commit and small notes, not for a 20 KB one.
+    config.limits.max_envelope_bytes = 8_000;
+    let relay = TestRelay::start(config).await;
+    // As above: the laptop's live session stays up, a second one cannot connect.
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("shared-home-refused");
+    let laptop = Device::create(&dir.join("laptop"), &url(proxy.addr()), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &url(relay.addr), "phone").await;
+    let listener = laptop.connect();
+    wait_until(|| matches!(listener.status(), Status::Live { .. })).await;
+    proxy.refuse(true);
+
+    // Another process on the laptop's home sends a note the relay will refuse.
+    let other = Device::open(&dir.join("laptop")).unwrap();
+    let other_session = other.connect();
+    let send = tokio::spawn(async move {
+        other_session
+            .send(&[b'x'; 20_000], Duration::from_secs(30))
+            .await
+    });
+    wait_until(|| laptop.pending().unwrap() == 1).await;
+    // The listener publishes the outbox when it next takes something in, and
+    // takes the refusal.
+    let phone_session = phone.connect();
+    assert!(matches!(
+        phone_session
+            .send(b"wake the listener", STEP)
+            .await
+            .unwrap(),
+        Sent::Acked { .. }
+    ));
+    let refused = tokio::time::timeout(STEP, send)
+        .await
+        .expect("the other process's send answers once the listener took the refusal")
+        .unwrap()
+        .expect_err("the relay refused the note");
+    assert!(
+        matches!(
+            &refused,
+            ClientError::Relay {
+                code: khub::protocol::ErrorCode::TooLarge,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(laptop.pending().unwrap(), 0, "not left queued");
+    relay.stop().await;
+}

@@ -42,8 +42,6 @@ pub(crate) struct Inner {
     pub(crate) db: Mutex<StateDb>,
     /// Woken whenever the inbox or outbox changes.
     pub(crate) changed: Notify,
-    /// Envelopes of this device the relay refused for good, by sender sequence number.
-    pub(crate) refused: Mutex<std::collections::HashMap<u64, ClientError>>,
     /// Woken (one permit) whenever a change may have queued an envelope: the
     /// live session publishes it.
     pub(crate) queued: Notify,
@@ -237,7 +235,6 @@ impl Device {
                 token: identity.token,
                 db: Mutex::new(db),
                 changed: Notify::new(),
-                refused: Mutex::new(std::collections::HashMap::new()),
                 queued: Notify::new(),
                 retention_secs: std::sync::atomic::AtomicU64::new(0),
                 cursor: std::sync::atomic::AtomicU64::new(cursor),
@@ -418,8 +415,10 @@ impl Device {
             "the relay would not store this device's message #{sender_seq}: {message} ({})",
             code.as_str()
         );
+        let refusal = Refusal::new(code, message);
         self.change(|change| {
             change.unqueue(sender_seq)?;
+            change.refused(sender_seq, &refusal)?;
             if let Some(intent) = change.channel.abandon(sender_seq)? {
                 warn!(
                     ?intent,
@@ -432,26 +431,17 @@ impl Device {
                 detail.clone(),
             ))
         })?;
-        self.inner
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                sender_seq,
-                ClientError::refused(Refusal::new(code, message), 0),
-            );
         self.inner.changed.notify_waiters();
         Ok(())
     }
 
-    /// The error the relay gave for envelope `sender_seq`, if it refused it.
-    pub(crate) fn refusal_of(&self, sender_seq: u64) -> Option<ClientError> {
-        self.inner
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&sender_seq)
-            .cloned()
+    /// The error the relay gave for envelope `sender_seq`, if it refused it
+    /// (whichever process on this home took the refusal in).
+    pub(crate) fn refusal_of(&self, sender_seq: u64) -> Result<Option<ClientError>, ClientError> {
+        Ok(self
+            .db()
+            .refusal_of(sender_seq)?
+            .map(|refusal| ClientError::refused(refusal, 0)))
     }
 
     /// Runs `f` on this device on tokio's blocking pool: state changes sync

@@ -97,10 +97,10 @@ impl Session {
 
     /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
     ///
-    /// The ack is looked for on disk, where whichever process on this home
-    /// took it in recorded it (a `khub listen` whose session published the
-    /// outbox first, too): on every change this process makes, and every
-    /// [`ACK_POLL`] for the others'.
+    /// The ack, or the relay's refusal, is looked for on disk, where
+    /// whichever process on this home took it in recorded it (a `khub
+    /// listen` whose session published the outbox first, too): on every
+    /// change this process makes, and every [`ACK_POLL`] for the others'.
     pub async fn send(&self, body: &[u8], wait: Duration) -> Result<Sent, ClientError> {
         let body = body.to_vec();
         let sender_seq = self
@@ -114,14 +114,17 @@ impl Session {
             let notified = self.device.inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let acked = self
+            let (acked, refused) = self
                 .device
-                .blocking(move |device| device.db().ack_of(sender_seq))
+                .blocking(move |device| {
+                    let acked = device.db().ack_of(sender_seq)?;
+                    Ok((acked, device.refusal_of(sender_seq)?))
+                })
                 .await?;
             if let Some(seq) = acked {
                 return Ok(Sent::Acked { seq });
             }
-            if let Some(e) = self.device.refusal_of(sender_seq) {
+            if let Some(e) = refused {
                 return Err(e);
             }
             if let Status::Failed(e) = &*status.borrow() {

@@ -23,6 +23,7 @@ use super::incident::Incident;
 use crate::channel::{Channel, Outgoing, RefusalKind};
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
+use crate::protocol::Refusal;
 
 /// File name of the state database inside the home directory.
 pub const STATE_FILE: &str = "device.sqlite3";
@@ -30,8 +31,8 @@ pub const STATE_FILE: &str = "device.sqlite3";
 /// device of protocol 1, which cannot be upgraded in place.
 const FORMAT: i64 = 2;
 
-/// Acks remembered after their envelopes left the outbox.
-const ACKS_KEPT: i64 = 1000;
+/// Acks, and refusals, remembered after their envelopes left the outbox.
+const ANSWERS_KEPT: i64 = 1000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS identity (
@@ -77,6 +78,10 @@ CREATE TABLE IF NOT EXISTS commits (
 CREATE TABLE IF NOT EXISTS acked (  -- the newest envelopes that left the outbox acked
     sender_seq INTEGER PRIMARY KEY,  -- so that a `send` in another process on
     seq        INTEGER NOT NULL      -- this home learns its message went out
+);
+CREATE TABLE IF NOT EXISTS refused (  -- the newest envelopes the relay refused for good
+    sender_seq INTEGER PRIMARY KEY,    -- so that a `send` in another process on
+    refusal    TEXT NOT NULL           -- this home learns why (the refusal as JSON)
 );
 ";
 
@@ -203,6 +208,27 @@ impl Change<'_> {
             .execute(
                 "INSERT OR REPLACE INTO commits (sender_seq, seq) VALUES (?1, ?2)",
                 params![i64_of(sender_seq), i64_of(seq)],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// The relay refused envelope `sender_seq` for good: remembered (the
+    /// newest [`ANSWERS_KEPT`] refusals) for a `send` waiting on it in any
+    /// process on this home.
+    pub fn refused(&self, sender_seq: u64, refusal: &Refusal) -> Result<(), ClientError> {
+        let text = serde_json::to_string(refusal)
+            .map_err(|e| ClientError::disk("a refusal could not be recorded", e))?;
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO refused (sender_seq, refusal) VALUES (?1, ?2)",
+                params![i64_of(sender_seq), text],
+            )
+            .map_err(err)?;
+        self.tx
+            .execute(
+                "DELETE FROM refused WHERE sender_seq <= (SELECT MAX(sender_seq) FROM refused) - ?1",
+                params![ANSWERS_KEPT],
             )
             .map_err(err)
             .map(drop)
@@ -451,7 +477,7 @@ impl StateDb {
 
     /// The relay acked these envelopes (sender sequence number, relay
     /// sequence number): they leave the outbox and are remembered as acked
-    /// (the newest [`ACKS_KEPT`] of them), in one transaction.
+    /// (the newest [`ANSWERS_KEPT`] of them), in one transaction.
     pub fn acked(&mut self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
         for &(sender_seq, seq) in acks {
@@ -468,7 +494,7 @@ impl StateDb {
         }
         tx.execute(
             "DELETE FROM acked WHERE sender_seq <= (SELECT MAX(sender_seq) FROM acked) - ?1",
-            params![ACKS_KEPT],
+            params![ANSWERS_KEPT],
         )
         .map_err(err)?;
         tx.commit().map_err(err)
@@ -485,6 +511,24 @@ impl StateDb {
             .optional()
             .map(|seq| seq.map(u64_of))
             .map_err(err)
+    }
+
+    /// The relay's refusal of this device's envelope `sender_seq`, if one was
+    /// taken in (by any process on this home) and is still among the newest
+    /// remembered.
+    pub fn refusal_of(&self, sender_seq: u64) -> Result<Option<Refusal>, ClientError> {
+        let text = self
+            .conn
+            .prepare_cached("SELECT refusal FROM refused WHERE sender_seq = ?1")
+            .map_err(err)?
+            .query_row(params![i64_of(sender_seq)], |r| r.get::<_, String>(0))
+            .optional()
+            .map_err(err)?;
+        text.map(|text| {
+            serde_json::from_str(&text)
+                .map_err(|e| ClientError::disk("a recorded refusal could not be read", e))
+        })
+        .transpose()
     }
 
     /// The relay sequence number of this device's commit `sender_seq`, once
