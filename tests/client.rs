@@ -863,13 +863,22 @@ async fn a_passing_store_failure_loses_no_message() {
 /// session may publish the queued message and take in its ack before the
 /// sending process's own session connects. The sender must still learn that
 /// its message went out, not report it queued offline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent() {
-    let relay = TestRelay::start(RelayConfig::default()).await;
-    // Only the laptop goes through the proxy, which then turns away new
-    // connections: its live session stays up, a second one cannot connect.
+/// A laptop's home with two handles on it: a listener whose live session goes
+/// through a proxy that then turns away new connections, and another handle
+/// (another process) whose session therefore cannot connect.
+struct SharedHome {
+    relay: TestRelay,
+    _proxy: khub::testing::FaultProxy,
+    laptop: Device,
+    phone: Device,
+    _listener: Session,
+    other: Option<Session>,
+}
+
+async fn shared_home(config: RelayConfig, name: &str) -> SharedHome {
+    let relay = TestRelay::start(config).await;
     let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
-    let dir = common::tempdir("shared-home");
+    let dir = common::tempdir(name);
     let laptop = Device::create(&dir.join("laptop"), &url(proxy.addr()), "laptop")
         .await
         .unwrap();
@@ -877,37 +886,58 @@ async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent()
     let listener = laptop.connect();
     wait_until(|| matches!(listener.status(), Status::Live { .. })).await;
     proxy.refuse(true);
+    let other = Device::open(&dir.join("laptop")).unwrap().connect();
+    SharedHome {
+        relay,
+        _proxy: proxy,
+        laptop,
+        phone,
+        _listener: listener,
+        other: Some(other),
+    }
+}
 
-    // Another process on the laptop's home sends; its session cannot connect.
-    let other = Device::open(&dir.join("laptop")).unwrap();
-    let other_session = other.connect();
-    let send = tokio::spawn(async move {
-        other_session
-            .send(b"from another process", Duration::from_secs(30))
+impl SharedHome {
+    /// Sends `body` through the other handle, then has the phone wake the
+    /// listener, which publishes the home's outbox when it next takes
+    /// something in and so takes the relay's answer: what the other handle's
+    /// `send` then reports. Returns it and the phone's session.
+    async fn send_through_the_other_handle(
+        &mut self,
+        body: &'static [u8],
+    ) -> (Result<Sent, ClientError>, Session) {
+        let other = self.other.take().expect("one send per home");
+        let send = tokio::spawn(async move { other.send(body, Duration::from_secs(30)).await });
+        wait_until(|| self.laptop.pending().unwrap() == 1).await;
+        let phone_session = self.phone.connect();
+        assert!(matches!(
+            phone_session
+                .send(b"wake the listener", STEP)
+                .await
+                .unwrap(),
+            Sent::Acked { .. }
+        ));
+        let answer = tokio::time::timeout(STEP, send)
             .await
-    });
-    wait_until(|| laptop.pending().unwrap() == 1).await;
-    // The listener publishes the outbox when it next takes something in.
-    let phone_session = phone.connect();
-    assert!(matches!(
-        phone_session
-            .send(b"wake the listener", STEP)
-            .await
-            .unwrap(),
-        Sent::Acked { .. }
-    ));
-    let sent = tokio::time::timeout(STEP, send)
-        .await
-        .expect("the other process's send answers once the listener got the ack")
-        .unwrap()
-        .unwrap();
-    assert!(matches!(sent, Sent::Acked { .. }), "{sent:?}");
-    assert_eq!(laptop.pending().unwrap(), 0);
+            .expect("the other handle's send answers once the listener took the relay's answer")
+            .unwrap();
+        assert_eq!(self.laptop.pending().unwrap(), 0, "not left queued");
+        (answer, phone_session)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent() {
+    let mut home = shared_home(RelayConfig::default(), "shared-home").await;
+    let (sent, phone_session) = home
+        .send_through_the_other_handle(b"from another process")
+        .await;
+    assert!(matches!(sent, Ok(Sent::Acked { .. })), "{sent:?}");
     assert_eq!(
-        recv(&phone_session, &phone).await,
+        recv(&phone_session, &home.phone).await,
         ("laptop".into(), "from another process".into())
     );
-    relay.stop().await;
+    home.relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -915,52 +945,17 @@ async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refu
     let mut config = RelayConfig::default();
     // Room for pairing's commit and small notes, not for a 20 KB one.
     config.limits.max_envelope_bytes = 8_000;
-    let relay = TestRelay::start(config).await;
-    // As above: the laptop's live session stays up, a second one cannot connect.
-    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
-    let dir = common::tempdir("shared-home-refused");
-    let laptop = Device::create(&dir.join("laptop"), &url(proxy.addr()), "laptop")
-        .await
-        .unwrap();
-    let phone = common::sdk_join(&laptop, &dir.join("phone"), &url(relay.addr), "phone").await;
-    let listener = laptop.connect();
-    wait_until(|| matches!(listener.status(), Status::Live { .. })).await;
-    proxy.refuse(true);
-
-    // Another process on the laptop's home sends a note the relay will refuse.
-    let other = Device::open(&dir.join("laptop")).unwrap();
-    let other_session = other.connect();
-    let send = tokio::spawn(async move {
-        other_session
-            .send(&[b'x'; 20_000], Duration::from_secs(30))
-            .await
-    });
-    wait_until(|| laptop.pending().unwrap() == 1).await;
-    // The listener publishes the outbox when it next takes something in, and
-    // takes the refusal.
-    let phone_session = phone.connect();
-    assert!(matches!(
-        phone_session
-            .send(b"wake the listener", STEP)
-            .await
-            .unwrap(),
-        Sent::Acked { .. }
-    ));
-    let refused = tokio::time::timeout(STEP, send)
-        .await
-        .expect("the other process's send answers once the listener took the refusal")
-        .unwrap()
-        .expect_err("the relay refused the note");
+    let mut home = shared_home(config, "shared-home-refused").await;
+    let (refused, _) = home.send_through_the_other_handle(&[b'x'; 20_000]).await;
     assert!(
         matches!(
             &refused,
-            ClientError::Relay {
+            Err(ClientError::Relay {
                 code: khub::protocol::ErrorCode::TooLarge,
                 ..
-            }
+            })
         ),
         "{refused:?}"
     );
-    assert_eq!(laptop.pending().unwrap(), 0, "not left queued");
-    relay.stop().await;
+    home.relay.stop().await;
 }
