@@ -417,7 +417,12 @@ impl Device {
         );
         let refusal = Refusal::new(code, message);
         self.change(|change| {
-            change.unqueue(sender_seq)?;
+            if !change.unqueue(sender_seq)? {
+                // Taken in already by another process on this home, or a
+                // number this device never queued: nothing to record.
+                warn!(sender_seq, "the refused envelope is no longer queued here");
+                return Ok(());
+            }
             change.refused(sender_seq, &refusal)?;
             if let Some(intent) = change.channel.abandon(sender_seq)? {
                 warn!(

@@ -234,15 +234,17 @@ impl Change<'_> {
             .map(drop)
     }
 
-    /// The relay acked (or finally refused) an envelope: it leaves the outbox.
-    pub fn unqueue(&self, sender_seq: u64) -> Result<(), ClientError> {
+    /// The relay finally refused an envelope: it leaves the outbox. False if
+    /// it was not there (another process on this home took the answer in
+    /// first, or the relay named a number this device never queued).
+    pub fn unqueue(&self, sender_seq: u64) -> Result<bool, ClientError> {
         self.tx
             .execute(
                 "DELETE FROM outbox WHERE sender_seq = ?1",
                 params![i64_of(sender_seq)],
             )
             .map_err(err)
-            .map(drop)
+            .map(|removed| removed > 0)
     }
 
     fn commit(mut self) -> Result<(), ClientError> {
@@ -477,15 +479,22 @@ impl StateDb {
 
     /// The relay acked these envelopes (sender sequence number, relay
     /// sequence number): they leave the outbox and are remembered as acked
-    /// (the newest [`ANSWERS_KEPT`] of them), in one transaction.
+    /// (the newest [`ANSWERS_KEPT`] of them), in one transaction. An ack for
+    /// an envelope no longer queued is not recorded again: whoever took it
+    /// out recorded it, and a number this device never queued (from a
+    /// confused relay) must not push the real ones out.
     pub fn acked(&mut self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
         for &(sender_seq, seq) in acks {
-            tx.execute(
-                "DELETE FROM outbox WHERE sender_seq = ?1",
-                params![i64_of(sender_seq)],
-            )
-            .map_err(err)?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM outbox WHERE sender_seq = ?1",
+                    params![i64_of(sender_seq)],
+                )
+                .map_err(err)?;
+            if removed == 0 {
+                continue;
+            }
             tx.execute(
                 "INSERT OR REPLACE INTO acked (sender_seq, seq) VALUES (?1, ?2)",
                 params![i64_of(sender_seq), i64_of(seq)],
@@ -674,4 +683,70 @@ fn create_private_file(path: &Path) -> Result<(), ClientError> {
     std::fs::File::create(path)
         .map(drop)
         .map_err(|e| ClientError::disk(format!("cannot create {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::os_rng;
+
+    /// A new device's state in a scratch home, with envelopes 1 and 2 queued.
+    fn with_two_queued() -> StateDb {
+        let (channel, device) = (
+            ChannelId::random(&mut os_rng()),
+            DeviceId::random(&mut os_rng()),
+        );
+        let home =
+            std::env::temp_dir().join(format!("khub-state-unit-{}-{device}", std::process::id()));
+        let identity = Identity {
+            relay: "http://127.0.0.1:1".into(),
+            name: "laptop".into(),
+            token: AccessToken::generate(&mut os_rng()),
+            device,
+            channel,
+        };
+        let mut group = Channel::create(channel, device, "laptop", 0).unwrap();
+        let db = StateDb::create(&home, &identity, &mut group, 0).unwrap();
+        db.conn
+            .execute_batch(
+                "INSERT INTO outbox (sender_seq, envelope) VALUES (1, x'00'), (2, x'00')",
+            )
+            .unwrap();
+        db
+    }
+
+    #[test]
+    fn only_answers_for_envelopes_still_queued_are_remembered() {
+        let mut db = with_two_queued();
+        // An ack for 1, and one for a number this device never queued (a
+        // confused relay's, which must not push real acks out of the kept ones).
+        db.acked(&[(1, 10), (u64::MAX >> 1, 11)]).unwrap();
+        assert_eq!(db.ack_of(1).unwrap(), Some(10));
+        assert_eq!(db.ack_of(u64::MAX >> 1).unwrap(), None);
+        // The same ack taken in again (another process's session) changes nothing.
+        db.acked(&[(1, 12)]).unwrap();
+        assert_eq!(db.ack_of(1).unwrap(), Some(10));
+
+        let refusal = Refusal::new(crate::protocol::ErrorCode::TooLarge, "too large");
+        let recorded = db
+            .change(|change| {
+                let mut recorded = Vec::new();
+                for seq in [2, 2, 7] {
+                    if change.unqueue(seq)? {
+                        change.refused(seq, &refusal)?;
+                        recorded.push(seq);
+                    }
+                }
+                Ok(recorded)
+            })
+            .unwrap();
+        assert_eq!(
+            recorded,
+            [2],
+            "each queued envelope leaves once, an unknown one never"
+        );
+        assert_eq!(db.refusal_of(2).unwrap(), Some(refusal));
+        assert_eq!(db.refusal_of(7).unwrap(), None);
+        assert!(db.outbox().unwrap().is_empty());
+    }
 }
