@@ -20,7 +20,7 @@ use warp::http::Method;
 
 use super::Percentiles;
 use crate::client::RelayAddr;
-use crate::crypto::envelope::{EnvelopeHeader, HEADER_LEN, padded_len};
+use crate::crypto::envelope::{ENVELOPE_VERSION, EnvelopeHeader, HEADER_LEN, padded_len};
 use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId, ID_LEN};
@@ -327,6 +327,7 @@ enum Seen {
 struct Fields<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
+    seq: Option<u64>,
     sender_seq: Option<u64>,
     #[serde(borrow)]
     envelope: Option<&'a str>,
@@ -344,12 +345,15 @@ fn read_relay_frame(text: &str) -> Result<Seen, String> {
     let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
     match (fields.kind, fields.sender_seq, fields.envelope) {
         ("ack", Some(sender_seq), _) => Ok(Seen::Ack(sender_seq)),
-        ("deliver", _, Some(envelope)) => {
+        ("deliver", _, Some(envelope)) if fields.seq.is_some() => {
             let mut header = [0u8; HEADER_B64 / 4 * 3];
             let prefix = envelope.get(..HEADER_B64).ok_or("envelope too short")?;
             base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode_slice(prefix, &mut header)
                 .map_err(|e| e.to_string())?;
+            if header[0] != ENVELOPE_VERSION {
+                return Err(format!("a delivery of envelope version {}", header[0]));
+            }
             let sender: [u8; ID_LEN] = header[21..37].try_into().expect("16 bytes");
             let seq = u64::from_be_bytes(header[37..45].try_into().expect("8 bytes"));
             if seq == 0 {
@@ -534,5 +538,15 @@ mod tests {
         assert!(error.contains("quoted"), "{error}");
         let short = r#"{"type":"deliver","seq":1,"envelope":"AAAA"}"#;
         assert!(read_relay_frame(short).is_err());
+        let unnumbered = deliver.replace("\"seq\":7,", "");
+        assert!(read_relay_frame(&unnumbered).is_err(), "{unnumbered}");
+        let mut other_version = header.encode().to_vec();
+        other_version[0] = ENVELOPE_VERSION + 1;
+        other_version.resize(HEADER_LEN + 64, 0);
+        let other_version = ServerFrame::Deliver {
+            seq: 8,
+            envelope: other_version,
+        };
+        assert!(read_relay_frame(&other_version.to_text()).is_err());
     }
 }

@@ -275,9 +275,11 @@ impl Hub {
 
     /// Validates an envelope from `sender` in `channel` and hands it to the
     /// store at once (so a session's publishes are stored in the order it made
-    /// them), returning a future that resolves once it is committed and the
-    /// channel's sessions are woken. Sessions keep several in flight, which the
-    /// SQLite store then commits together.
+    /// them), returning a future that resolves once it is committed. The
+    /// channel's sessions are woken on commit too: at once, or for the SQLite
+    /// store once per channel after the whole batch (see `relay::wakeups`).
+    /// Sessions keep several in flight, which the SQLite store then commits
+    /// together.
     pub fn publish(
         &self,
         channel: ChannelId,

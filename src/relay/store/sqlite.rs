@@ -312,7 +312,8 @@ impl SqliteStore {
     }
 
     /// A write whose `hook` runs on the writer thread right after the commit,
-    /// in commit order, before the caller is answered.
+    /// in commit order, before the caller is answered. Wake-ups the hook
+    /// announces go out after the whole batch's hooks (`relay::wakeups`).
     fn write_hooked<T: Send + 'static>(
         &self,
         op: impl FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
