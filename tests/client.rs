@@ -859,10 +859,6 @@ async fn a_passing_store_failure_loses_no_message() {
     relay.stop().await;
 }
 
-/// `khub send` while `khub listen` runs on the same home: the listener's
-/// session may publish the queued message and take in its ack before the
-/// sending process's own session connects. The sender must still learn that
-/// its message went out, not report it queued offline.
 /// A laptop's home with two handles on it: a listener whose live session goes
 /// through a proxy that then turns away new connections, and another handle
 /// (another process) whose session therefore cannot connect.
@@ -926,6 +922,10 @@ impl SharedHome {
     }
 }
 
+/// `khub send` while `khub listen` runs on the same home: the listener's
+/// session may publish the queued message and take in its ack before the
+/// sending process's own session connects. The sender must still learn that
+/// its message went out, not report it queued offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent() {
     let mut home = shared_home(RelayConfig::default(), "shared-home").await;
@@ -940,6 +940,8 @@ async fn a_send_acked_through_another_handle_on_the_same_home_is_reported_sent()
     home.relay.stop().await;
 }
 
+/// The same race when the relay refuses the message: the sender must get the
+/// refusal that the listener took in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refused() {
     let mut config = RelayConfig::default();
