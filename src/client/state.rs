@@ -121,6 +121,18 @@ fn err(e: rusqlite::Error) -> ClientError {
     ClientError::disk("the state file could not be read or written", e)
 }
 
+/// Takes envelope `sender_seq` out of the outbox, the relay having answered
+/// it; false if it was not there (the answer was taken in already, or names a
+/// number this device never queued), and then nothing about it is recorded.
+fn take_from_outbox(conn: &Connection, sender_seq: u64) -> Result<bool, ClientError> {
+    conn.execute(
+        "DELETE FROM outbox WHERE sender_seq = ?1",
+        params![i64_of(sender_seq)],
+    )
+    .map_err(err)
+    .map(|removed| removed > 0)
+}
+
 fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -238,13 +250,7 @@ impl Change<'_> {
     /// it was not there (another process on this home took the answer in
     /// first, or the relay named a number this device never queued).
     pub fn unqueue(&self, sender_seq: u64) -> Result<bool, ClientError> {
-        self.tx
-            .execute(
-                "DELETE FROM outbox WHERE sender_seq = ?1",
-                params![i64_of(sender_seq)],
-            )
-            .map_err(err)
-            .map(|removed| removed > 0)
+        take_from_outbox(&self.tx, sender_seq)
     }
 
     fn commit(mut self) -> Result<(), ClientError> {
@@ -486,13 +492,7 @@ impl StateDb {
     pub fn acked(&mut self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
         for &(sender_seq, seq) in acks {
-            let removed = tx
-                .execute(
-                    "DELETE FROM outbox WHERE sender_seq = ?1",
-                    params![i64_of(sender_seq)],
-                )
-                .map_err(err)?;
-            if removed == 0 {
+            if !take_from_outbox(&tx, sender_seq)? {
                 continue;
             }
             tx.execute(
