@@ -15,6 +15,13 @@
 //! envelope insert and the row write-back are `OR FAIL`; a failure rolls the
 //! whole batch back instead, see `writer_loop`): its allocations and frees,
 //! per append, were a sixth of the relay's CPU.
+//!
+//! What a retry is checked against — each envelope's (sender, sender
+//! number) — is indexed in bulk, not per append: `sent` holds it for a
+//! channel's envelopes up to `channels.indexed`, and the newer ones (at most
+//! [`INDEX_AFTER`] plus a batch) are found by walking the channel's newest
+//! envelopes. A per-append index dirtied one page per sender in every commit,
+//! half of what a commit wrote to the WAL and fsynced.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,7 +43,8 @@ CREATE TABLE IF NOT EXISTS channels (
     id      BLOB PRIMARY KEY,
     head    INTEGER NOT NULL,   -- newest sequence number; never decreases
     bytes   INTEGER NOT NULL,   -- bytes of envelopes currently stored (quota)
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    indexed INTEGER NOT NULL DEFAULT 0  -- envelopes up to this number are in `sent`
 );
 CREATE TABLE IF NOT EXISTS devices (
     channel    BLOB NOT NULL,
@@ -53,8 +61,14 @@ CREATE TABLE IF NOT EXISTS envelopes (
     sender_seq INTEGER NOT NULL,
     body       BLOB NOT NULL,   -- the sealed envelope, opaque to the relay
     stored     INTEGER NOT NULL,
-    PRIMARY KEY (channel, seq),
-    UNIQUE (channel, sender, sender_seq)
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent (  -- who sent each envelope, for retries: see `index_op`
+    channel    BLOB NOT NULL,
+    sender     BLOB NOT NULL,
+    sender_seq INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    PRIMARY KEY (channel, sender, sender_seq)
 ) WITHOUT ROWID;
 -- Retention walks each channel from its oldest envelope instead (prune_op):
 -- one B-tree fewer to update on every append. Files from before drop it.
@@ -134,6 +148,8 @@ struct Memo {
 struct Tally {
     head: u64,
     bytes: u64,
+    /// Envelopes up to this number are in `sent`, as the row holds it.
+    indexed: u64,
     /// The head and bytes the row holds (as loaded or last written).
     row: (u64, u64),
 }
@@ -149,15 +165,20 @@ struct SenderState {
 const MAX_REMEMBERED: usize = 100_000;
 
 impl Memo {
-    /// Writes the changed channel rows into the current transaction.
-    /// The row must still hold what the memo loaded: another process
+    /// Writes the changed channel rows into the current transaction, and
+    /// indexes a channel's envelopes in `sent` once [`INDEX_AFTER`] of them
+    /// are not. The row must still hold what the memo loaded: another process
     /// writing to the same file is caught here (its batch fails and the memo
     /// reloads) instead of numbering two envelopes alike.
     fn write_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
         for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| t.head != t.row.0) {
+            if tally.head - tally.indexed >= INDEX_AFTER {
+                index_op(conn, *channel, tally.indexed)?;
+                tally.indexed = tally.head;
+            }
             let changed = conn
                 .prepare_cached(
-                    "UPDATE OR FAIL channels SET head = ?2, bytes = bytes + ?3
+                    "UPDATE OR FAIL channels SET head = ?2, bytes = bytes + ?3, indexed = ?5
                      WHERE id = ?1 AND head = ?4",
                 )
                 .map_err(backend)?
@@ -165,7 +186,8 @@ impl Memo {
                     channel.as_bytes(),
                     tally.head as i64,
                     (tally.bytes - tally.row.1) as i64,
-                    tally.row.0 as i64
+                    tally.row.0 as i64,
+                    tally.indexed as i64
                 ])
                 .map_err(backend)?;
             if changed != 1 {
@@ -202,38 +224,50 @@ fn tally<'m>(
     channel: ChannelId,
 ) -> Result<&'m mut Tally, StoreError> {
     if let std::collections::hash_map::Entry::Vacant(slot) = channels.entry(channel) {
-        let row: Option<(i64, i64)> = conn
-            .prepare_cached("SELECT head, bytes FROM channels WHERE id = ?1")
+        let row: Option<(i64, i64, i64)> = conn
+            .prepare_cached("SELECT head, bytes, indexed FROM channels WHERE id = ?1")
             .map_err(backend)?
-            .query_row(params![channel.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(params![channel.as_bytes()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .map_err(backend)?;
-        let (head, bytes) = row.ok_or(StoreError::NotFound)?;
+        let (head, bytes, indexed) = row.ok_or(StoreError::NotFound)?;
         let row = (head as u64, bytes.max(0) as u64);
         slot.insert(Tally {
             head: row.0,
             bytes: row.1,
+            indexed: (indexed.max(0) as u64).min(row.0),
             row,
         });
     }
     Ok(channels.get_mut(&channel).expect("just inserted"))
 }
 
-/// `sender`'s state in `channel`, loaded if needed.
+/// `sender`'s state in `channel` (whose envelopes up to `indexed` are in
+/// `sent`), loaded if needed.
 fn sender_state<'m>(
     senders: &'m mut HashMap<(ChannelId, DeviceId), SenderState>,
     conn: &Connection,
     channel: ChannelId,
     sender: DeviceId,
+    indexed: u64,
 ) -> Result<&'m mut SenderState, StoreError> {
     if let std::collections::hash_map::Entry::Vacant(slot) = senders.entry((channel, sender)) {
         let key = params![channel.as_bytes(), sender.as_bytes()];
         let highest: Option<i64> = conn
             .prepare_cached(
-                "SELECT MAX(sender_seq) FROM envelopes WHERE channel = ?1 AND sender = ?2",
+                "SELECT MAX(m) FROM (
+                     SELECT MAX(sender_seq) AS m FROM sent WHERE channel = ?1 AND sender = ?2
+                     UNION ALL
+                     SELECT MAX(sender_seq) FROM envelopes
+                     WHERE channel = ?1 AND seq > ?3 AND sender = ?2)",
             )
             .map_err(backend)?
-            .query_row(key, |r| r.get(0))
+            .query_row(
+                params![channel.as_bytes(), sender.as_bytes(), indexed as i64],
+                |r| r.get(0),
+            )
             .map_err(backend)?;
         let quota_blocked: Option<i64> = conn
             .prepare_cached(
@@ -253,6 +287,57 @@ fn sender_state<'m>(
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// What `PRAGMA user_version` says of a file this khub has prepared.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Creates the tables, or brings a file from an older khub up to
+/// [`SCHEMA_VERSION`] in one transaction. Version 1 moved the per-append
+/// index `UNIQUE (channel, sender, sender_seq)` off `envelopes` (the table
+/// is rebuilt without it: a copy of every envelope, once) into `sent`.
+fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA).map_err(backend)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let has = |sql: &str| -> Result<bool, StoreError> {
+        tx.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| n > 0)
+            .map_err(backend)
+    };
+    if !has("SELECT COUNT(*) FROM pragma_table_info('channels') WHERE name = 'indexed'")? {
+        tx.execute_batch("ALTER TABLE channels ADD COLUMN indexed INTEGER NOT NULL DEFAULT 0")
+            .map_err(backend)?;
+    }
+    if has("SELECT COUNT(*) FROM sqlite_master WHERE name = 'envelopes' AND sql LIKE '%UNIQUE%'")? {
+        tracing::info!(
+            "upgrading the database file: copying its envelopes into a table without the per-append sender index (once)"
+        );
+        tx.execute_batch("ALTER TABLE envelopes RENAME TO envelopes_before")
+            .map_err(backend)?;
+        tx.execute_batch(SCHEMA).map_err(backend)?;
+        tx.execute_batch(
+            "INSERT INTO envelopes (channel, seq, sender, sender_seq, body, stored)
+                 SELECT channel, seq, sender, sender_seq, body, stored FROM envelopes_before;
+             DROP TABLE envelopes_before;",
+        )
+        .map_err(backend)?;
+    }
+    tx.execute_batch(&format!(
+        "INSERT OR REPLACE INTO sent (channel, sender, sender_seq, seq)
+             SELECT channel, sender, sender_seq, seq FROM envelopes;
+         UPDATE channels SET indexed = head;
+         PRAGMA user_version = {SCHEMA_VERSION};"
+    ))
+    .map_err(backend)?;
+    tx.commit().map_err(backend)
 }
 
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
@@ -280,8 +365,8 @@ impl SqliteStore {
     /// open: see `file_lock`.
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
         let lock = super::file_lock::acquire(path)?;
-        let writer_conn = connect(path, durability)?;
-        writer_conn.execute_batch(SCHEMA).map_err(backend)?;
+        let mut writer_conn = connect(path, durability)?;
+        prepare(&mut writer_conn)?;
         let reader = connect(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let owner = Owner {
@@ -443,14 +528,36 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     let Writer { conn, memo } = writer;
     let channel = tally(&mut memo.channels, conn, a.channel)?;
     let used = channel.bytes;
-    let state = sender_state(&mut memo.senders, conn, a.channel, a.sender)?;
+    let state = sender_state(
+        &mut memo.senders,
+        conn,
+        a.channel,
+        a.sender,
+        channel.indexed,
+    )?;
     if a.sender_seq <= state.highest {
+        // Indexed in `sent`; or, if above every number of the sender's
+        // indexed there, among the channel's newest envelopes.
         let existing = conn
-            .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3")
+            .prepare_cached(
+                "SELECT seq, body FROM envelopes WHERE channel = ?1 AND seq =
+                     (SELECT seq FROM sent WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3)
+                 UNION ALL
+                 SELECT seq, body FROM envelopes
+                 WHERE channel = ?1 AND seq > ?4 AND sender = ?2 AND sender_seq = ?3
+                   AND ?3 > (SELECT COALESCE(MAX(sender_seq), 0) FROM sent
+                             WHERE channel = ?1 AND sender = ?2)",
+            )
             .map_err(backend)?
-            .query_row(params![a.channel.as_bytes(), a.sender.as_bytes(), a.sender_seq as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
+            .query_row(
+                params![
+                    a.channel.as_bytes(),
+                    a.sender.as_bytes(),
+                    a.sender_seq as i64,
+                    channel.indexed as i64
+                ],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
             .optional()
             .map_err(backend)?;
         return match existing {
@@ -521,6 +628,27 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
         seq,
         duplicate: false,
     })
+}
+
+/// Envelopes a channel holds past `channels.indexed` before the writer
+/// indexes them in `sent` (`Memo::write_back`): what a retry, or a sender's
+/// first append since the writer loaded it, walks at most, plus one batch.
+const INDEX_AFTER: u64 = 1024;
+
+/// Puts who sent each of `channel`'s envelopes after `from` into `sent`.
+///
+/// A row already there for the same (sender, sender number) can only be one
+/// whose envelope is gone (an older khub pruned without dropping it): the new
+/// envelope replaces it.
+fn index_op(conn: &Connection, channel: ChannelId, from: u64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO sent (channel, sender, sender_seq, seq)
+         SELECT channel, sender, sender_seq, seq FROM envelopes WHERE channel = ?1 AND seq > ?2",
+    )
+    .map_err(backend)?
+    .execute(params![channel.as_bytes(), from as i64])
+    .map_err(backend)?;
+    Ok(())
 }
 
 /// Channels one retention step looks at, and envelopes it drops at most
@@ -596,19 +724,36 @@ fn prune_op(
         if let Some(over) = over {
             cut = over;
         }
-        let (count, bytes): (i64, i64) = conn
+        // Per sender: how many go, their bytes, and the highest sender number
+        // among them (a sender's numbers grow with the channel's, so its rows
+        // in `sent` up to that number go with them).
+        let senders: Vec<(Vec<u8>, i64, i64, i64)> = conn
             .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM envelopes
-                 WHERE channel = ?1 AND seq < ?2",
+                "SELECT sender, COUNT(*), SUM(length(body)), MAX(sender_seq) FROM envelopes
+                 WHERE channel = ?1 AND seq < ?2 GROUP BY sender",
             )
             .map_err(backend)?
-            .query_row(params![channel, cut], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(params![channel, cut], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(backend)?
+            .collect::<Result<_, _>>()
             .map_err(backend)?;
+        let count: i64 = senders.iter().map(|s| s.1).sum();
+        let bytes: i64 = senders.iter().map(|s| s.2).sum();
         if count > 0 {
             conn.prepare_cached("DELETE FROM envelopes WHERE channel = ?1 AND seq < ?2")
                 .map_err(backend)?
                 .execute(params![channel, cut])
                 .map_err(backend)?;
+            for (sender, _, _, highest) in &senders {
+                conn.prepare_cached(
+                    "DELETE FROM sent WHERE channel = ?1 AND sender = ?2 AND sender_seq <= ?3",
+                )
+                .map_err(backend)?
+                .execute(params![channel, sender, highest])
+                .map_err(backend)?;
+            }
             conn.prepare_cached("UPDATE channels SET bytes = MAX(bytes - ?2, 0) WHERE id = ?1")
                 .map_err(backend)?
                 .execute(params![channel, bytes])
@@ -894,8 +1039,8 @@ mod tests {
     }
 
     fn writer_on(path: &Path) -> Writer {
-        let conn = connect(path, Durability::Full).unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        let mut conn = connect(path, Durability::Full).unwrap();
+        prepare(&mut conn).unwrap();
         Writer {
             conn,
             memo: Memo::default(),
@@ -1147,6 +1292,200 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the lock was kept");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Appends `sender`'s numbers `from..=to` (5 bytes each, stamped `now`)
+    /// in as many batches as the writer takes.
+    fn append_many(
+        writer: &mut Writer,
+        channel: ChannelId,
+        sender: DeviceId,
+        from: u64,
+        to: u64,
+        now: u64,
+    ) {
+        let (jobs, answers): (Vec<_>, Vec<_>) = (from..=to)
+            .map(|n| append(channel, sender, n, 5, now))
+            .unzip();
+        one_batch(writer, jobs);
+        for (n, rx) in (from..=to).zip(answers) {
+            assert!(answer(rx).is_ok_and(|a| !a.duplicate), "append {n}");
+        }
+    }
+
+    /// What the store answers a sender who sends `sender_seq` again with
+    /// `len` bytes (the first time it had 5).
+    fn retry(
+        writer: &mut Writer,
+        channel: ChannelId,
+        sender: DeviceId,
+        sender_seq: u64,
+        len: usize,
+    ) -> Result<Appended, StoreError> {
+        let (job, rx) = append(channel, sender, sender_seq, len, 0);
+        one_batch(writer, vec![job]);
+        answer(rx)
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_retry_is_recognised_whether_or_not_its_envelope_is_indexed_yet_and_after_a_reopen() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        let total = INDEX_AFTER + 10;
+        append_many(&mut writer, channel, sender, 1, total, 0);
+        // The first INDEX_AFTER went into `sent` in bulk; the last ten are not yet.
+        assert_eq!(
+            count(&writer.conn, "SELECT indexed FROM channels"),
+            INDEX_AFTER as i64
+        );
+        assert_eq!(
+            count(&writer.conn, "SELECT COUNT(*) FROM sent"),
+            INDEX_AFTER as i64
+        );
+
+        let seq = |r: Result<Appended, StoreError>| r.map(|a| (a.seq, a.duplicate));
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, 1, 5)),
+            Ok((1, true))
+        );
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, total, 5)),
+            Ok((total, true))
+        );
+        assert_eq!(
+            retry(&mut writer, channel, sender, 5, 6),
+            Err(StoreError::Conflict { sender_seq: 5 })
+        );
+        assert_eq!(
+            retry(&mut writer, channel, sender, total - 1, 6),
+            Err(StoreError::Conflict {
+                sender_seq: total - 1
+            })
+        );
+
+        // A new writer knows nothing: the sender's highest comes from `sent`
+        // and the channel's newest envelopes, and both kinds of retry still hold.
+        drop(writer);
+        let mut writer = writer_on(&path);
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, total - 2, 5)),
+            Ok((total - 2, true))
+        );
+        let mut writer = writer_on(&path);
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, 2, 5)),
+            Ok((2, true))
+        );
+        let mut writer = writer_on(&path);
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, total + 1, 5)),
+            Ok((total + 1, false))
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn retention_drops_the_index_rows_of_what_it_drops_and_only_those() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        let other = DeviceId::random(&mut os_rng());
+        append_many(&mut writer, channel, sender, 1, 600, 10);
+        append_many(&mut writer, channel, other, 1, 30, 10);
+        append_many(&mut writer, channel, sender, 601, INDEX_AFTER + 100, 20);
+        append_many(&mut writer, channel, other, 31, 40, 20);
+        let indexed = count(&writer.conn, "SELECT indexed FROM channels");
+        assert!(indexed > 630, "indexed up to {indexed}");
+
+        assert_eq!(prune_steps(&mut writer, 15, 30, PRUNE_ROWS), [630]);
+        // Left in `sent`: every indexed envelope after the cut, of both senders.
+        assert_eq!(
+            count(&writer.conn, "SELECT COUNT(*) FROM sent"),
+            indexed - 630
+        );
+        assert_eq!(
+            count(&writer.conn, "SELECT COUNT(*) FROM sent WHERE seq <= 630"),
+            0
+        );
+        let mut writer = writer_on(&path);
+        assert_eq!(
+            retry(&mut writer, channel, sender, 3, 5),
+            Err(StoreError::OutOfOrder {
+                sender_seq: 3,
+                highest: INDEX_AFTER + 100
+            })
+        );
+        assert_eq!(
+            retry(&mut writer, channel, sender, 700, 5).map(|a| a.seq),
+            Ok(730)
+        );
+        // The other sender's 35th came after the first 630 and the sender's later ones.
+        assert_eq!(
+            retry(&mut writer, channel, other, 35, 5).map(|a| a.seq),
+            Ok(630 + (INDEX_AFTER + 100 - 600) + 5)
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_file_from_before_moves_its_sender_index_into_sent_and_keeps_every_envelope() {
+        let path = scratch();
+        let (channel, sender) = (
+            ChannelId::random(&mut os_rng()),
+            DeviceId::random(&mut os_rng()),
+        );
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE channels (id BLOB PRIMARY KEY, head INTEGER NOT NULL,
+                 bytes INTEGER NOT NULL, created INTEGER NOT NULL);
+             CREATE TABLE envelopes (channel BLOB NOT NULL, seq INTEGER NOT NULL,
+                 sender BLOB NOT NULL, sender_seq INTEGER NOT NULL, body BLOB NOT NULL,
+                 stored INTEGER NOT NULL, PRIMARY KEY (channel, seq),
+                 UNIQUE (channel, sender, sender_seq)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        old.execute(
+            "INSERT INTO channels VALUES (?1, 2, 10, 0)",
+            params![channel.as_bytes()],
+        )
+        .unwrap();
+        for n in 1..=2_i64 {
+            old.execute(
+                "INSERT INTO envelopes VALUES (?1, ?2, ?3, ?2, ?4, 0)",
+                params![channel.as_bytes(), n, sender.as_bytes(), vec![7u8; 5]],
+            )
+            .unwrap();
+        }
+        drop(old);
+
+        let mut writer = writer_on(&path);
+        assert_eq!(count(&writer.conn, "PRAGMA user_version"), SCHEMA_VERSION);
+        assert_eq!(
+            count(
+                &writer.conn,
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'envelopes' AND sql LIKE '%UNIQUE%'"
+            ),
+            0
+        );
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM envelopes"), 2);
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 2);
+        assert_eq!(count(&writer.conn, "SELECT indexed FROM channels"), 2);
+        assert_eq!(
+            retry(&mut writer, channel, sender, 1, 5).map(|a| (a.seq, a.duplicate)),
+            Ok((1, true))
+        );
+        assert_eq!(
+            retry(&mut writer, channel, sender, 3, 5).map(|a| (a.seq, a.duplicate)),
+            Ok((3, false))
+        );
+        // Opening it again changes nothing.
+        drop(writer);
+        let writer = writer_on(&path);
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 2);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
