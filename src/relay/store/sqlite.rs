@@ -18,10 +18,11 @@
 //!
 //! What a retry is checked against — each envelope's (sender, sender
 //! number) — is indexed in bulk, not per append: `sent` holds it for a
-//! channel's envelopes up to `channels.indexed`, and the newer ones (at most
-//! [`INDEX_AFTER`] plus a batch) are found by walking the channel's newest
-//! envelopes. A per-append index dirtied one page per sender in every commit,
-//! half of what a commit wrote to the WAL and fsynced.
+//! channel's envelopes up to `channels.indexed`. A retry indexes the newer
+//! ones first; a sender's first append since the writer loaded it walks them
+//! (at most [`INDEX_AFTER`] plus a batch). A per-append index dirtied one
+//! page per sender in every commit, half of what a commit wrote to the WAL
+//! and fsynced.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -148,10 +149,10 @@ struct Memo {
 struct Tally {
     head: u64,
     bytes: u64,
-    /// Envelopes up to this number are in `sent`, as the row holds it.
+    /// Envelopes up to this number are in `sent`.
     indexed: u64,
-    /// The head and bytes the row holds (as loaded or last written).
-    row: (u64, u64),
+    /// The head, bytes and indexed mark the row holds (as loaded or last written).
+    row: (u64, u64, u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -171,7 +172,8 @@ impl Memo {
     /// writing to the same file is caught here (its batch fails and the memo
     /// reloads) instead of numbering two envelopes alike.
     fn write_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| t.head != t.row.0) {
+        let changed = |t: &Tally| t.head != t.row.0 || t.indexed != t.row.2;
+        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| changed(t)) {
             if tally.head - tally.indexed >= INDEX_AFTER {
                 index_op(conn, *channel, tally.indexed)?;
                 tally.indexed = tally.head;
@@ -195,7 +197,7 @@ impl Memo {
                     "a channel's row changed under this relay: is another khub serve using this database file?",
                 ));
             }
-            tally.row = (tally.head, tally.bytes);
+            tally.row = (tally.head, tally.bytes, tally.indexed);
         }
         Ok(())
     }
@@ -233,11 +235,11 @@ fn tally<'m>(
             .optional()
             .map_err(backend)?;
         let (head, bytes, indexed) = row.ok_or(StoreError::NotFound)?;
-        let row = (head as u64, bytes.max(0) as u64);
+        let row = (head as u64, bytes.max(0) as u64, indexed.max(0) as u64);
         slot.insert(Tally {
             head: row.0,
             bytes: row.1,
-            indexed: (indexed.max(0) as u64).min(row.0),
+            indexed: row.2.min(row.0),
             row,
         });
     }
@@ -316,7 +318,9 @@ fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch("ALTER TABLE channels ADD COLUMN indexed INTEGER NOT NULL DEFAULT 0")
             .map_err(backend)?;
     }
-    if has("SELECT COUNT(*) FROM sqlite_master WHERE name = 'envelopes' AND sql LIKE '%UNIQUE%'")? {
+    if has("SELECT COUNT(*) FROM sqlite_master WHERE name = 'envelopes'
+             AND sql LIKE '%UNIQUE (channel, sender, sender_seq)%'")?
+    {
         tracing::info!(
             "upgrading the database file: copying its envelopes into a table without the per-append sender index (once)"
         );
@@ -536,25 +540,24 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
         channel.indexed,
     )?;
     if a.sender_seq <= state.highest {
-        // Indexed in `sent`; or, if above every number of the sender's
-        // indexed there, among the channel's newest envelopes.
+        // A retry first indexes what is not yet (written back with the
+        // batch), so that it is one lookup, and a run of retries costs no
+        // more walking than the appends before them did.
+        if channel.indexed < channel.head {
+            index_op(conn, a.channel, channel.indexed)?;
+            channel.indexed = channel.head;
+        }
         let existing = conn
             .prepare_cached(
                 "SELECT seq, body FROM envelopes WHERE channel = ?1 AND seq =
-                     (SELECT seq FROM sent WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3)
-                 UNION ALL
-                 SELECT seq, body FROM envelopes
-                 WHERE channel = ?1 AND seq > ?4 AND sender = ?2 AND sender_seq = ?3
-                   AND ?3 > (SELECT COALESCE(MAX(sender_seq), 0) FROM sent
-                             WHERE channel = ?1 AND sender = ?2)",
+                     (SELECT seq FROM sent WHERE channel = ?1 AND sender = ?2 AND sender_seq = ?3)",
             )
             .map_err(backend)?
             .query_row(
                 params![
                     a.channel.as_bytes(),
                     a.sender.as_bytes(),
-                    a.sender_seq as i64,
-                    channel.indexed as i64
+                    a.sender_seq as i64
                 ],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
             )
@@ -631,15 +634,17 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
 }
 
 /// Envelopes a channel holds past `channels.indexed` before the writer
-/// indexes them in `sent` (`Memo::write_back`): what a retry, or a sender's
-/// first append since the writer loaded it, walks at most, plus one batch.
+/// indexes them in `sent` (`Memo::write_back`; a retry indexes them at
+/// once): what a sender's first append since the writer loaded it walks at
+/// most, plus one batch.
 const INDEX_AFTER: u64 = 1024;
 
 /// Puts who sent each of `channel`'s envelopes after `from` into `sent`.
 ///
 /// A row already there for the same (sender, sender number) can only be one
-/// whose envelope is gone (an older khub pruned without dropping it): the new
-/// envelope replaces it.
+/// whose envelope is gone: an older khub, run on the file after this one,
+/// prunes without dropping rows of `sent`. The new envelope replaces it
+/// rather than fail every later batch of the channel.
 fn index_op(conn: &Connection, channel: ChannelId, from: u64) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO sent (channel, sender, sender_seq, seq)
@@ -725,8 +730,9 @@ fn prune_op(
             cut = over;
         }
         // Per sender: how many go, their bytes, and the highest sender number
-        // among them (a sender's numbers grow with the channel's, so its rows
-        // in `sent` up to that number go with them).
+        // among them. An append is stored only above its sender's highest
+        // number, so a sender's numbers grow with the channel's and its rows
+        // in `sent` up to that number are exactly those of what goes.
         let senders: Vec<(Vec<u8>, i64, i64, i64)> = conn
             .prepare_cached(
                 "SELECT sender, COUNT(*), SUM(length(body)), MAX(sender_seq) FROM envelopes
@@ -1333,29 +1339,39 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_is_recognised_whether_or_not_its_envelope_is_indexed_yet_and_after_a_reopen() {
+    fn a_retry_is_recognised_whether_or_not_its_envelope_was_indexed_and_after_a_reopen() {
         let path = scratch();
         let (mut writer, channel, sender) = setup(&path);
         let total = INDEX_AFTER + 10;
         append_many(&mut writer, channel, sender, 1, total, 0);
         // The first INDEX_AFTER went into `sent` in bulk; the last ten are not yet.
-        assert_eq!(
-            count(&writer.conn, "SELECT indexed FROM channels"),
-            INDEX_AFTER as i64
-        );
+        let indexed = |w: &Writer| count(&w.conn, "SELECT indexed FROM channels") as u64;
+        assert_eq!(indexed(&writer), INDEX_AFTER);
         assert_eq!(
             count(&writer.conn, "SELECT COUNT(*) FROM sent"),
             INDEX_AFTER as i64
         );
 
+        // A new writer knows nothing: the sender's highest comes from `sent`
+        // and the envelopes past the mark. Had it read `sent` alone, the
+        // retry of the last one would be stored again as new.
+        drop(writer);
+        let mut writer = writer_on(&path);
         let seq = |r: Result<Appended, StoreError>| r.map(|a| (a.seq, a.duplicate));
-        assert_eq!(
-            seq(retry(&mut writer, channel, sender, 1, 5)),
-            Ok((1, true))
-        );
         assert_eq!(
             seq(retry(&mut writer, channel, sender, total, 5)),
             Ok((total, true))
+        );
+        // The retry indexed the rest first, and the mark went with its batch.
+        assert_eq!(indexed(&writer), total);
+        assert_eq!(
+            count(&writer.conn, "SELECT COUNT(*) FROM sent"),
+            total as i64
+        );
+
+        assert_eq!(
+            seq(retry(&mut writer, channel, sender, 1, 5)),
+            Ok((1, true))
         );
         assert_eq!(
             retry(&mut writer, channel, sender, 5, 6),
@@ -1367,25 +1383,34 @@ mod tests {
                 sender_seq: total - 1
             })
         );
-
-        // A new writer knows nothing: the sender's highest comes from `sent`
-        // and the channel's newest envelopes, and both kinds of retry still hold.
-        drop(writer);
-        let mut writer = writer_on(&path);
-        assert_eq!(
-            seq(retry(&mut writer, channel, sender, total - 2, 5)),
-            Ok((total - 2, true))
-        );
-        let mut writer = writer_on(&path);
-        assert_eq!(
-            seq(retry(&mut writer, channel, sender, 2, 5)),
-            Ok((2, true))
-        );
         let mut writer = writer_on(&path);
         assert_eq!(
             seq(retry(&mut writer, channel, sender, total + 1, 5)),
             Ok((total + 1, false))
         );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_retrys_indexing_is_undone_with_its_failed_batch() {
+        let path = scratch();
+        let (mut writer, channel, sender) = setup(&path);
+        append_many(&mut writer, channel, sender, 1, 10, 0);
+        let (again, again_rx) = append(channel, sender, 4, 5, 0);
+        let (broken, _) = job(
+            |_| -> Result<(), StoreError> { Err(StoreError::Backend("disk on fire".into())) },
+            None,
+        );
+        one_batch(&mut writer, vec![again, broken]);
+        assert!(matches!(answer(again_rx), Err(StoreError::Backend(_))));
+        assert_eq!(count(&writer.conn, "SELECT indexed FROM channels"), 0);
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 0);
+        // The writer forgot its mark with the rest: the next retry indexes again.
+        assert_eq!(
+            retry(&mut writer, channel, sender, 4, 5).map(|a| (a.seq, a.duplicate)),
+            Ok((4, true))
+        );
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 10);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
@@ -1482,10 +1507,15 @@ mod tests {
             retry(&mut writer, channel, sender, 3, 5).map(|a| (a.seq, a.duplicate)),
             Ok((3, false))
         );
-        // Opening it again changes nothing.
+        // Opening it again does not migrate again: a row taken out of
+        // `sent` stays out.
+        writer
+            .conn
+            .execute_batch("DELETE FROM sent WHERE sender_seq = 1")
+            .unwrap();
         drop(writer);
         let writer = writer_on(&path);
-        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 2);
+        assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 1);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
