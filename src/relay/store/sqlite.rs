@@ -175,8 +175,7 @@ impl Memo {
         let changed = |t: &Tally| t.head != t.row.0 || t.indexed != t.row.2;
         for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| changed(t)) {
             if tally.head - tally.indexed >= INDEX_AFTER {
-                index_op(conn, *channel, tally.indexed)?;
-                tally.indexed = tally.head;
+                tally.index_rest(conn, *channel)?;
             }
             let changed = conn
                 .prepare_cached(
@@ -216,6 +215,16 @@ impl Memo {
     fn forget(&mut self) {
         self.channels.clear();
         self.senders.clear();
+    }
+}
+
+impl Tally {
+    /// Indexes `channel`'s envelopes past the mark and moves the mark to the
+    /// head (in the row with the batch's write-back).
+    fn index_rest(&mut self, conn: &Connection, channel: ChannelId) -> Result<(), StoreError> {
+        index_op(conn, channel, self.indexed)?;
+        self.indexed = self.head;
+        Ok(())
     }
 }
 
@@ -544,8 +553,7 @@ fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
         // batch), so that it is one lookup, and a run of retries costs no
         // more walking than the appends before them did.
         if channel.indexed < channel.head {
-            index_op(conn, a.channel, channel.indexed)?;
-            channel.indexed = channel.head;
+            channel.index_rest(conn, a.channel)?;
         }
         let existing = conn
             .prepare_cached(
