@@ -133,6 +133,19 @@ fn take_from_outbox(conn: &Connection, sender_seq: u64) -> Result<bool, ClientEr
     .map(|removed| removed > 0)
 }
 
+/// Forgets all but the newest [`ANSWERS_KEPT`] answers in `table` (`acked`
+/// or `refused`).
+fn keep_newest_answers(conn: &Connection, table: &'static str) -> Result<(), ClientError> {
+    conn.execute(
+        &format!(
+            "DELETE FROM {table} WHERE sender_seq <= (SELECT MAX(sender_seq) FROM {table}) - ?1"
+        ),
+        params![ANSWERS_KEPT],
+    )
+    .map_err(err)
+    .map(drop)
+}
+
 fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -237,13 +250,7 @@ impl Change<'_> {
                 params![i64_of(sender_seq), text],
             )
             .map_err(err)?;
-        self.tx
-            .execute(
-                "DELETE FROM refused WHERE sender_seq <= (SELECT MAX(sender_seq) FROM refused) - ?1",
-                params![ANSWERS_KEPT],
-            )
-            .map_err(err)
-            .map(drop)
+        keep_newest_answers(&self.tx, "refused")
     }
 
     /// The relay finally refused an envelope: it leaves the outbox. False if
@@ -501,11 +508,7 @@ impl StateDb {
             )
             .map_err(err)?;
         }
-        tx.execute(
-            "DELETE FROM acked WHERE sender_seq <= (SELECT MAX(sender_seq) FROM acked) - ?1",
-            params![ANSWERS_KEPT],
-        )
-        .map_err(err)?;
+        keep_newest_answers(&tx, "acked")?;
         tx.commit().map_err(err)
     }
 
