@@ -685,6 +685,68 @@ async fn small_frames_do_not_wait_for_delayed_acks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_publishes_without_pause_still_gets_deliveries_as_it_goes() {
+    // A session acks before it delivers and reads the device's frames before
+    // it delivers. Each publish here commits at once (memory store) and is
+    // delivered back to its sender, so a device whose publishes keep coming
+    // always has a frame to read and a delivery waiting: without a bound on
+    // reading ahead, nothing would be delivered until it stopped publishing.
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let (_ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (ws, _) = session(relay.addr, &ma, 0).await;
+    use futures_util::StreamExt;
+    let (mut sink, mut stream) = ws.split();
+    const BURST: u64 = 2000;
+    let writer = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        for seq in 1..=BURST {
+            let header = khub::crypto::envelope::EnvelopeHeader {
+                channel: ma.channel,
+                epoch: 0,
+                sender: ma.device,
+                seq,
+            };
+            let envelope = [&header.encode()[..], &[0x5a; 64]].concat();
+            sink.feed(Message::Text(publish(&envelope).into()))
+                .await
+                .expect("send");
+        }
+        sink.flush().await.expect("flush");
+        sink
+    });
+    let (mut acks, mut first_delivery_after) = (0u64, None);
+    while acks < BURST {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the relay answers the burst")
+            .expect("open")
+            .expect("frame");
+        let Message::Text(text) = frame else { continue };
+        match serde_json::from_str(&text).expect("a server frame") {
+            ServerFrame::Ack { seq, .. } => {
+                acks += 1;
+                assert_eq!(seq, acks, "acked in order");
+            }
+            ServerFrame::Deliver { .. } => {
+                first_delivery_after.get_or_insert(acks);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let first = first_delivery_after.expect("deliveries during the burst");
+    assert!(
+        first <= 200,
+        "the first delivery waited for {first} of {BURST} acks"
+    );
+    let sink = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the burst was written")
+        .expect("writer");
+    drop(sink);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_envelopes_and_channel_floods_are_refused_with_metrics() {
     let limits = Limits {
         max_envelope_bytes: 2000,

@@ -289,30 +289,20 @@ where
 
     // Publishes handed to the store and not yet committed, acked in order.
     let mut in_flight: FuturesOrdered<Pending<'_>> = FuturesOrdered::new();
+    // Frames read while deliveries wait: past a batch's worth, reading waits
+    // for the next delivery.
+    let mut reads_behind = 0;
     loop {
         let behind = known_head > cursor;
+        // In this order, whatever else is ready: acks first, since a device's
+        // next publish waits for them (one commit wakes every session of the
+        // channel at once); a ping can starve nothing, being once an
+        // interval; deliveries go last, as batches, and the device's frames
+        // are read at most a batch's worth ahead of them, so neither of the
+        // two can hold the other back.
         tokio::select! {
+            biased;
             _ = shutdown.changed() => return End::Close(CloseCode::GoingAway, None),
-            changed = signals.changed() => {
-                if changed.is_err() {
-                    return End::Close(CloseCode::GoingAway, None);
-                }
-                let signal = *signals.borrow_and_update();
-                known_head = known_head.max(signal.head);
-                if signal.revocations != seen.revocations {
-                    match hub.store.device(channel, device).await {
-                        Ok(Some(record)) if !record.revoked => {}
-                        // The store did not answer: nothing says the device was
-                        // removed; it reconnects and is checked again.
-                        Err(e) => return store_failed(e),
-                        Ok(_) => return End::Close(
-                            CloseCode::Revoked,
-                            Some(ServerFrame::error(ErrorCode::Revoked, "this device was removed from the channel")),
-                        ),
-                    }
-                }
-                seen = signal;
-            }
             Some(mut done) = in_flight.next(), if !in_flight.is_empty() => {
                 // Answer every publish whose commit is done, then flush once:
                 // a group commit completes a session's publishes together.
@@ -337,8 +327,38 @@ where
                     return end;
                 }
             }
-            incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+            changed = signals.changed() => {
+                if changed.is_err() {
+                    return End::Close(CloseCode::GoingAway, None);
+                }
+                let signal = *signals.borrow_and_update();
+                known_head = known_head.max(signal.head);
+                if signal.revocations != seen.revocations {
+                    match hub.store.device(channel, device).await {
+                        Ok(Some(record)) if !record.revoked => {}
+                        // The store did not answer: nothing says the device was
+                        // removed; it reconnects and is checked again.
+                        Err(e) => return store_failed(e),
+                        Ok(_) => return End::Close(
+                            CloseCode::Revoked,
+                            Some(ServerFrame::error(ErrorCode::Revoked, "this device was removed from the channel")),
+                        ),
+                    }
+                }
+                seen = signal;
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > limits.idle_timeout {
+                    hub.metrics.breach("idle_timeout");
+                    return End::Close(CloseCode::Idle, None);
+                }
+                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Ping(Bytes::new()))).await {
+                    return end;
+                }
+            }
+            incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH => {
                 last_heard = Instant::now();
+                reads_behind += usize::from(behind);
                 let message = match incoming {
                     None => return End::Gone,
                     Some(Err(e)) => return read_error(e, relay),
@@ -369,16 +389,8 @@ where
                     Message::Close(_) => return End::Gone,
                 }
             }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > limits.idle_timeout {
-                    hub.metrics.breach("idle_timeout");
-                    return End::Close(CloseCode::Idle, None);
-                }
-                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Ping(Bytes::new()))).await {
-                    return end;
-                }
-            }
             batch = hub.fetch(channel, cursor, DELIVERY_BATCH), if behind => {
+                reads_behind = 0;
                 let batch = match batch {
                     Ok(batch) => batch,
                     Err(e) => return store_failed(e),
