@@ -306,13 +306,21 @@ const SCHEMA_VERSION: i64 = 1;
 /// Creates the tables, or brings a file from an older khub up to
 /// [`SCHEMA_VERSION`] in one transaction. Version 1 moved the per-append
 /// index `UNIQUE (channel, sender, sender_seq)` off `envelopes` (the table
-/// is rebuilt without it: a copy of every envelope, once) into `sent`.
+/// is rebuilt without it: a copy of every envelope, once) into `sent`. A
+/// file from a newer khub is refused untouched: this one would read and
+/// write it as a layout it does not know.
 fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
-    conn.execute_batch(SCHEMA).map_err(backend)?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(backend)?;
-    if version >= SCHEMA_VERSION {
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database file has schema version {version}, newer than this khub's \
+             {SCHEMA_VERSION}: run the khub that wrote it, or a newer one"
+        )));
+    }
+    conn.execute_batch(SCHEMA).map_err(backend)?;
+    if version == SCHEMA_VERSION {
         return Ok(());
     }
     let tx = conn
@@ -1524,6 +1532,39 @@ mod tests {
         drop(writer);
         let writer = writer_on(&path);
         assert_eq!(count(&writer.conn, "SELECT COUNT(*) FROM sent"), 1);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_file_from_a_newer_khub_is_refused_and_left_as_it_was() {
+        let path = scratch();
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .execute_batch(&format!(
+                "CREATE TABLE layout_of_tomorrow (x BLOB);
+                 PRAGMA user_version = {};",
+                SCHEMA_VERSION + 1
+            ))
+            .unwrap();
+        drop(newer);
+        let Err(StoreError::Backend(message)) = SqliteStore::open(&path) else {
+            panic!("a newer file was opened");
+        };
+        assert!(
+            message.contains(&format!(
+                "schema version {}, newer than this khub's {SCHEMA_VERSION}",
+                SCHEMA_VERSION + 1
+            )),
+            "{message}"
+        );
+        let file = Connection::open(&path).unwrap();
+        assert_eq!(count(&file, "PRAGMA user_version"), SCHEMA_VERSION + 1);
+        assert_eq!(
+            count(&file, "SELECT COUNT(*) FROM sqlite_master"),
+            1,
+            "no table of ours was created in it"
+        );
+        drop(file);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
