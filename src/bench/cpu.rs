@@ -11,8 +11,6 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::Percentiles;
-
 /// Name of the server runtime's threads (Linux keeps 15 bytes of a name).
 pub(super) const SERVER_THREAD: &str = "kb-server";
 
@@ -59,13 +57,16 @@ pub(super) fn threads_cpu(tasks: &str, counts: impl Fn(&str) -> bool) -> Option<
     Some(total)
 }
 
-/// Latency of writing 4 KiB and `fdatasync` in `dir`, `samples` times: the
-/// floor under a durable commit on this disk.
-pub(super) fn fsync_latency(dir: &Path, samples: usize) -> Result<Percentiles, String> {
+/// Latency of writing 4 KiB and `fdatasync` in `dir`, `samples` times,
+/// added to `micros`: the floor under a durable commit on this disk.
+pub(super) fn fsync_latency(
+    dir: &Path,
+    samples: usize,
+    micros: &mut Vec<u32>,
+) -> Result<(), String> {
     let path = dir.join("fsync-probe");
     let mut file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
     let block = [0x5a_u8; 4096];
-    let mut micros = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
         file.write_all(&block).map_err(|e| e.to_string())?;
@@ -74,7 +75,7 @@ pub(super) fn fsync_latency(dir: &Path, samples: usize) -> Result<Percentiles, S
     }
     drop(file);
     let _ = std::fs::remove_file(&path);
-    Ok(Percentiles::of(&mut micros))
+    Ok(())
 }
 
 #[cfg(test)]
