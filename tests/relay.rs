@@ -10,10 +10,15 @@ use common::net::*;
 use common::{Device, channel_of};
 use khub::channel::Channel;
 use khub::crypto::os_rng;
+use khub::crypto::token::TokenHash;
 use khub::ids::ChannelId;
+use khub::ids::DeviceId;
 use khub::protocol::{ErrorCode, ServerFrame};
 use khub::relay::config::{Limits, RelayConfig};
 use khub::relay::store::sqlite::SqliteStore;
+use khub::relay::store::{
+    Append, Appended, BoxFuture, DeviceRecord, Store, StoreError, StoredEnvelope,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Two paired devices' keyrings and their relay identities, channel created
@@ -743,6 +748,207 @@ async fn a_device_that_publishes_without_pause_still_gets_deliveries_as_it_goes(
         .expect("the burst was written")
         .expect("writer");
     drop(sink);
+    relay.stop().await;
+}
+
+/// A memory store whose reads take a while and are counted, as reads from a
+/// disk or over the network would.
+struct SlowReads {
+    inner: khub::relay::store::memory::MemoryStore,
+    delay: Duration,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowReads {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: khub::relay::store::memory::MemoryStore::new(),
+            delay,
+            reads: Default::default(),
+        })
+    }
+
+    /// Stores `count` stand-in envelopes of `member` behind the relay's back,
+    /// so that none of them is in its cache.
+    async fn backlog(&self, member: &Member, count: u64) {
+        for seq in 1..=count {
+            let header = khub::crypto::envelope::EnvelopeHeader {
+                channel: member.channel,
+                epoch: 0,
+                sender: member.device,
+                seq,
+            };
+            self.inner
+                .append(Append {
+                    channel: member.channel,
+                    sender: member.device,
+                    sender_seq: seq,
+                    envelope: [&header.encode()[..], &[0x5a; 64]].concat().into(),
+                    now: 0,
+                    quota: u64::MAX,
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
+impl Store for SlowReads {
+    fn create_channel(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.create_channel(channel, device, token_hash, now)
+    }
+    fn device(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<Option<DeviceRecord>, StoreError>> {
+        self.inner.device(channel, device)
+    }
+    fn devices(&self, channel: ChannelId) -> BoxFuture<'_, Result<Vec<DeviceRecord>, StoreError>> {
+        self.inner.devices(channel)
+    }
+    fn admit(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+        token_hash: TokenHash,
+        max_devices: usize,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner
+            .admit(channel, device, token_hash, max_devices, now)
+    }
+    fn revoke(
+        &self,
+        channel: ChannelId,
+        device: DeviceId,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.revoke(channel, device)
+    }
+    fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
+        self.inner.append(append)
+    }
+    fn read(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.read(channel, after, limit).await
+        })
+    }
+    fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.head(channel)
+    }
+    fn prune(&self, before: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.prune(before)
+    }
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.health()
+    }
+    fn stored_bytes(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.stored_bytes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_while_a_backlog_is_read_do_not_make_the_store_read_it_again() {
+    // A device catching up from the store keeps sending frames (pings here;
+    // publishes or anything else the relay reads would do). Each turn of the
+    // session's loop used to drop the store read under way and ask again, so
+    // the device could make the store read its backlog once per frame.
+    let store = SlowReads::new(Duration::from_millis(100));
+    let relay = TestRelay::start_with(store.clone(), RelayConfig::default()).await;
+    let member = Member::new(ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(relay.addr, &member).await.status, 201);
+    const BACKLOG: u64 = 128;
+    store.backlog(&member, BACKLOG).await;
+    let (ws, head) = session(relay.addr, &member, 0).await;
+    assert_eq!(head, BACKLOG);
+    use futures_util::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = ws.split();
+    let pings = tokio::spawn(async move {
+        for _ in 0..40 {
+            sink.send(Message::Ping(vec![1].into()))
+                .await
+                .expect("ping");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sink
+    });
+    let mut delivered = Vec::new();
+    while delivered.len() < BACKLOG as usize {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the backlog is delivered")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(text) = frame {
+            match serde_json::from_str(&text).expect("a server frame") {
+                ServerFrame::Deliver { seq, .. } => delivered.push(seq),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(delivered, (1..=BACKLOG).collect::<Vec<_>>());
+    let reads = store.reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        reads <= (BACKLOG as usize).div_ceil(64) + 1,
+        "{reads} store reads for a backlog of two batches"
+    );
+    let sink = tokio::time::timeout(Duration::from_secs(10), pings)
+        .await
+        .expect("the pings were sent")
+        .expect("pinger");
+    drop(sink);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_frames_wait_for_a_slow_read_is_not_taken_for_idle() {
+    // The session reads at most 64 of a device's frames while a read of its
+    // deliveries is under way, then waits for the read. A device that has
+    // sent more is not silent, however long the read takes: the idle check
+    // must not close it (4004).
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(600),
+        ping_interval: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let store = SlowReads::new(Duration::from_millis(1500));
+    let relay = TestRelay::start_with(store.clone(), config(limits)).await;
+    let member = Member::new(ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(relay.addr, &member).await.status, 201);
+    store.backlog(&member, 64).await;
+    let (mut ws, _) = session(relay.addr, &member, 0).await;
+    for _ in 0..80 {
+        futures_util::SinkExt::feed(&mut ws, Message::Ping(vec![1].into()))
+            .await
+            .expect("ping");
+    }
+    futures_util::SinkExt::flush(&mut ws).await.expect("flush");
+    for seq in 1..=64 {
+        match next_frame(&mut ws).await {
+            ServerFrame::Deliver { seq: got, .. } => assert_eq!(got, seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Still open: a second hello is answered with its error, not a close.
+    send_text(&mut ws, member.hello(0)).await;
+    let ServerFrame::Error { code, .. } = next_frame(&mut ws).await else {
+        panic!("an error for a second hello")
+    };
+    assert_eq!(code, ErrorCode::Malformed);
+    assert_eq!(relay.relay.metrics().breaches("idle_timeout"), 0);
     relay.stop().await;
 }
 

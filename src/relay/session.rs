@@ -59,6 +59,11 @@ type Pending<'a> = std::pin::Pin<
     >,
 >;
 
+/// A read of the deliveries after the session's cursor.
+type Fetch<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Ready>, StoreError>> + Send + 'a>,
+>;
+
 /// Why a session ended; decides the close frame.
 enum End {
     /// The peer closed or vanished: nothing more to send.
@@ -289,17 +294,24 @@ where
 
     // Publishes handed to the store and not yet committed, acked in order.
     let mut in_flight: FuturesOrdered<Pending<'_>> = FuturesOrdered::new();
-    // Frames read while deliveries wait: past a batch's worth, reading waits
-    // for the next delivery.
+    // Frames read while deliveries wait: after a batch's worth (64), reading
+    // waits for the next delivery.
     let mut reads_behind = 0;
+    // The read of the next deliveries, kept from one turn of the loop to the
+    // next until it completes: dropped, it would still run (a blocking task,
+    // a query on the server) and then be asked for again, so that every
+    // frame the device sent could cost the store a whole read.
+    let mut fetching: Option<Fetch<'_>> = None;
     loop {
         let behind = known_head > cursor;
+        if behind && fetching.is_none() {
+            fetching = Some(Box::pin(hub.fetch(channel, cursor, DELIVERY_BATCH)));
+        }
         // In this order, whatever else is ready: acks first, since a device's
         // next publish waits for them (one commit wakes every session of the
-        // channel at once); a ping can starve nothing, being once an
-        // interval; deliveries go last, as batches, and the device's frames
-        // are read at most a batch's worth ahead of them, so neither of the
-        // two can hold the other back.
+        // channel at once); then the channel's signals; then the device's
+        // frames, at most 64 read per delivery while deliveries wait; a ping
+        // (once an interval); deliveries last, as batches.
         tokio::select! {
             biased;
             _ = shutdown.changed() => return End::Close(CloseCode::GoingAway, None),
@@ -347,15 +359,6 @@ where
                 }
                 seen = signal;
             }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > limits.idle_timeout {
-                    hub.metrics.breach("idle_timeout");
-                    return End::Close(CloseCode::Idle, None);
-                }
-                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Ping(Bytes::new()))).await {
-                    return end;
-                }
-            }
             incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH => {
                 last_heard = Instant::now();
                 reads_behind += usize::from(behind);
@@ -389,7 +392,19 @@ where
                     Message::Close(_) => return End::Gone,
                 }
             }
-            batch = hub.fetch(channel, cursor, DELIVERY_BATCH), if behind => {
+            _ = ping.tick() => {
+                // Silence counts only while the device's frames are read.
+                let reading = in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH;
+                if reading && last_heard.elapsed() > limits.idle_timeout {
+                    hub.metrics.breach("idle_timeout");
+                    return End::Close(CloseCode::Idle, None);
+                }
+                if let Err(end) = within(limits.slow_reader_timeout, &hub.metrics, ws.send(Message::Ping(Bytes::new()))).await {
+                    return end;
+                }
+            }
+            batch = async { fetching.as_mut().expect("polled only while a read is under way").await }, if fetching.is_some() => {
+                fetching = None;
                 reads_behind = 0;
                 let batch = match batch {
                     Ok(batch) => batch,
