@@ -306,19 +306,9 @@ const SCHEMA_VERSION: i64 = 1;
 /// Creates the tables, or brings a file from an older khub up to
 /// [`SCHEMA_VERSION`] in one transaction. Version 1 moved the per-append
 /// index `UNIQUE (channel, sender, sender_seq)` off `envelopes` (the table
-/// is rebuilt without it: a copy of every envelope, once) into `sent`. A
-/// file from a newer khub is refused untouched: this one would read and
-/// write it as a layout it does not know.
+/// is rebuilt without it: a copy of every envelope, once) into `sent`.
 fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(backend)?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::Backend(format!(
-            "the database file has schema version {version}, newer than this khub's \
-             {SCHEMA_VERSION}: run the khub that wrote it, or a newer one"
-        )));
-    }
+    let version = schema_version(conn)?;
     conn.execute_batch(SCHEMA).map_err(backend)?;
     if version == SCHEMA_VERSION {
         return Ok(());
@@ -361,8 +351,26 @@ fn prepare(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(backend)
 }
 
+/// The file's `PRAGMA user_version`, refusing a file from a newer khub,
+/// which this one would read and write as a layout it does not know.
+fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database file has schema version {version}, newer than this khub's \
+             {SCHEMA_VERSION}: run the khub that wrote it, or a newer one"
+        )));
+    }
+    Ok(version)
+}
+
+/// A connection to the file, refused before anything is written to it if a
+/// newer khub has upgraded it.
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
+    schema_version(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(backend)?;
     conn.pragma_update(None, "synchronous", durability.pragma())
@@ -1559,6 +1567,10 @@ mod tests {
         );
         let file = Connection::open(&path).unwrap();
         assert_eq!(count(&file, "PRAGMA user_version"), SCHEMA_VERSION + 1);
+        let journal: String = file
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "delete", "not switched to WAL");
         assert_eq!(
             count(&file, "SELECT COUNT(*) FROM sqlite_master"),
             1,
