@@ -769,8 +769,13 @@ impl SlowReads {
     }
 
     /// Stores `count` stand-in envelopes of `member` behind the relay's back,
-    /// so that none of them is in its cache.
+    /// so that none of them is in its cache (stamped now: retention would
+    /// take older ones).
     async fn backlog(&self, member: &Member, count: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         for seq in 1..=count {
             let header = khub::crypto::envelope::EnvelopeHeader {
                 channel: member.channel,
@@ -784,7 +789,7 @@ impl SlowReads {
                     sender: member.device,
                     sender_seq: seq,
                     envelope: [&header.encode()[..], &[0x5a; 64]].concat().into(),
-                    now: 0,
+                    now,
                     quota: u64::MAX,
                 })
                 .await

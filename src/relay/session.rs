@@ -395,7 +395,9 @@ where
             _ = ping.tick() => {
                 // Silence counts only while the device's frames are read.
                 let reading = in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH;
-                if reading && last_heard.elapsed() > limits.idle_timeout {
+                if !reading {
+                    last_heard = Instant::now();
+                } else if last_heard.elapsed() > limits.idle_timeout {
                     hub.metrics.breach("idle_timeout");
                     return End::Close(CloseCode::Idle, None);
                 }
