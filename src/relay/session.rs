@@ -304,6 +304,9 @@ where
     let mut fetching: Option<Fetch<'_>> = None;
     loop {
         let behind = known_head > cursor;
+        // The device's frames are read (and its silence counted) unless
+        // its publishes or the deliveries waiting have to catch up first.
+        let reading = in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH;
         if behind && fetching.is_none() {
             fetching = Some(Box::pin(hub.fetch(channel, cursor, DELIVERY_BATCH)));
         }
@@ -359,7 +362,7 @@ where
                 }
                 seen = signal;
             }
-            incoming = ws.next(), if in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH => {
+            incoming = ws.next(), if reading => {
                 last_heard = Instant::now();
                 reads_behind += usize::from(behind);
                 let message = match incoming {
@@ -393,8 +396,6 @@ where
                 }
             }
             _ = ping.tick() => {
-                // Silence counts only while the device's frames are read.
-                let reading = in_flight.len() < MAX_IN_FLIGHT && reads_behind < DELIVERY_BATCH;
                 if !reading {
                     last_heard = Instant::now();
                 } else if last_heard.elapsed() > limits.idle_timeout {
