@@ -705,14 +705,7 @@ async fn a_device_that_publishes_without_pause_still_gets_deliveries_as_it_goes(
     let writer = tokio::spawn(async move {
         use futures_util::SinkExt;
         for seq in 1..=BURST {
-            let header = khub::crypto::envelope::EnvelopeHeader {
-                channel: ma.channel,
-                epoch: 0,
-                sender: ma.device,
-                seq,
-            };
-            let envelope = [&header.encode()[..], &[0x5a; 64]].concat();
-            sink.feed(Message::Text(publish(&envelope).into()))
+            sink.feed(Message::Text(publish(&ma.stand_in(seq, 64)).into()))
                 .await
                 .expect("send");
         }
@@ -777,18 +770,12 @@ impl SlowReads {
             .unwrap()
             .as_secs();
         for seq in 1..=count {
-            let header = khub::crypto::envelope::EnvelopeHeader {
-                channel: member.channel,
-                epoch: 0,
-                sender: member.device,
-                seq,
-            };
             self.inner
                 .append(Append {
                     channel: member.channel,
                     sender: member.device,
                     sender_seq: seq,
-                    envelope: [&header.encode()[..], &[0x5a; 64]].concat().into(),
+                    envelope: member.stand_in(seq, 64).into(),
                     now,
                     quota: u64::MAX,
                 })

@@ -183,16 +183,21 @@ impl Member {
         .to_string()
     }
 
-    /// A stand-in envelope of this member (a valid header, then `len` filler
-    /// bytes; the relay reads only the header), base64url for a `/sync` publish.
-    pub fn stand_in_envelope(&self, seq: u64, len: usize) -> String {
+    /// A stand-in envelope of this member: a valid header, then `len` filler
+    /// bytes (the relay reads only the header).
+    pub fn stand_in(&self, seq: u64, len: usize) -> Vec<u8> {
         let header = khub::crypto::envelope::EnvelopeHeader {
             channel: self.channel,
             epoch: 0,
             sender: self.device,
             seq,
         };
-        khub::protocol::b64::encode([&header.encode()[..], &vec![0x5a; len]].concat())
+        [&header.encode()[..], &vec![0x5a; len]].concat()
+    }
+
+    /// [`Member::stand_in`], base64url for a `/sync` publish.
+    pub fn stand_in_envelope(&self, seq: u64, len: usize) -> String {
+        khub::protocol::b64::encode(self.stand_in(seq, len))
     }
 
     pub fn hello(&self, cursor: u64) -> String {
