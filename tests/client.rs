@@ -961,3 +961,66 @@ async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refu
     );
     home.relay.stop().await;
 }
+
+/// A device back after a long time offline: its outbox and the backlog waiting
+/// for it are each larger than both ends' socket buffers. It reads while it
+/// publishes, so neither end blocks on a full socket: the relay never takes it
+/// for a slow reader, and both directions go through on the first connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
+    const MESSAGES: usize = 48;
+    let body = |from: &str, i: usize| {
+        let mut body = format!("{from} {i} ").into_bytes();
+        body.resize(512 * 1024, b'.');
+        body
+    };
+    let mut config = RelayConfig::default();
+    config.limits.slow_reader_timeout = Duration::from_secs(3);
+    let relay = TestRelay::start(config).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+
+    // The phone's messages wait on the relay for the laptop.
+    for i in 0..MESSAGES {
+        phone.queue(&body("phone", i)).unwrap();
+    }
+    let sb = phone.connect();
+    for _ in 0..600 {
+        if phone.pending().unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(phone.pending().unwrap(), 0, "the phone's backlog is stored");
+    sb.close().await;
+
+    // The laptop wrote as much while it was away.
+    for i in 0..MESSAGES {
+        laptop.queue(&body("laptop", i)).unwrap();
+    }
+    let sa = laptop.connect();
+    for i in 0..MESSAGES {
+        let message = tokio::time::timeout(Duration::from_secs(60), sa.recv())
+            .await
+            .expect("the backlog arrives in time")
+            .unwrap();
+        laptop.mark_read(message.seq).unwrap();
+        assert_eq!(message.from_name, "phone");
+        assert_eq!(message.body, body("phone", i), "in order, once");
+    }
+    for _ in 0..600 {
+        if laptop.pending().unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(laptop.pending().unwrap(), 0, "the laptop's outbox went out");
+    assert_eq!(
+        relay.relay.metrics().breaches("slow_reader"),
+        0,
+        "no session was closed as a slow reader"
+    );
+    sa.close().await;
+    relay.stop().await;
+}

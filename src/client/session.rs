@@ -2,9 +2,11 @@
 //! with exponential backoff and jitter, resumes from the device's cursor, and
 //! resends every envelope still in the outbox (the relay stores each once).
 
+use std::collections::VecDeque;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -342,8 +344,9 @@ async fn connection(
     status.send_replace(Status::Live { head });
     info!(head, cursor = device.cursor(), "session live");
 
-    let mut sent_up_to = 0;
-    publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+    let (mut sink, mut ws) = ws.split();
+    let mut outbound = Outbound::default();
+    outbound.publish_outbox(device).await?;
     // Messages refused for the channel's quota are sent again later, on this
     // connection, backing off while the quota stays full.
     let mut quota_retry: Option<tokio::time::Instant> = None;
@@ -355,6 +358,10 @@ async fn connection(
     let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // Frames go out as the socket takes them, between reads: see `Outbound`.
+            written = std::future::poll_fn(|cx| outbound.poll_write(&mut sink, cx)), if outbound.busy() => {
+                written.map_err(|e| unreachable(device, e))?;
+            }
             _ = tokio::time::sleep_until(last_heard + liveness) => {
                 return Err(unreachable(
                     device,
@@ -438,44 +445,86 @@ async fn connection(
                         return Err(ClientError::Revoked);
                     }
                     // Taking in may have queued a re-issued commit.
-                    publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+                    outbound.publish_outbox(device).await?;
                 }
             }
-            Some(()) = wake.recv() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
+            Some(()) = wake.recv() => outbound.publish_outbox(device).await?,
             // Something was queued outside `send` (a notes edit, another
             // process on the same home).
-            () = device.inner.queued.notified() => publish_outbox(device, &mut ws, &mut sent_up_to).await?,
+            () = device.inner.queued.notified() => outbound.publish_outbox(device).await?,
             _ = tokio::time::sleep_until(quota_retry.unwrap_or_else(tokio::time::Instant::now)), if quota_retry.is_some() => {
                 quota_retry = None;
                 // The whole outbox again, oldest first (the relay stores each once).
-                sent_up_to = 0;
-                publish_outbox(device, &mut ws, &mut sent_up_to).await?;
+                outbound.restart();
+                outbound.publish_outbox(device).await?;
             }
         }
     }
 }
 
-/// Publishes the outbox entries not yet sent on this connection, oldest first.
-async fn publish_outbox<S>(
-    device: &Device,
-    ws: &mut S,
-    sent_up_to: &mut u64,
-) -> Result<(), ClientError>
-where
-    S: futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    let from = *sent_up_to;
-    let outbox = device
-        .blocking(move |device| device.db().outbox_after(from))
-        .await?;
-    for (sender_seq, envelope) in outbox {
-        let frame = ClientFrame::Publish { envelope };
-        ws.send(WsMessage::Text(frame.to_text().into()))
-            .await
-            .map_err(|e| unreachable(device, e))?;
-        *sent_up_to = sender_seq;
+/// The publish frames of one connection that wait for the socket.
+///
+/// The session's loop writes them one at a time as the socket takes them,
+/// reading between writes. Writing a whole outbox before reading again would
+/// stall: past what the two ends' socket buffers hold, the relay blocks on the
+/// deliveries it owes this device (its own envelopes come back among them),
+/// stops reading, and both ends wait on full sockets until the relay closes the
+/// session as a slow reader — on every reconnect, so a large outbox never went
+/// out.
+#[derive(Default)]
+struct Outbound {
+    frames: VecDeque<WsMessage>,
+    /// The highest sender number queued on this connection.
+    queued_up_to: u64,
+    /// Written to the socket since its last flush.
+    unflushed: bool,
+}
+
+impl Outbound {
+    /// Queues the outbox entries not yet queued on this connection, oldest first.
+    async fn publish_outbox(&mut self, device: &Device) -> Result<(), ClientError> {
+        let from = self.queued_up_to;
+        let outbox = device
+            .blocking(move |device| device.db().outbox_after(from))
+            .await?;
+        for (sender_seq, envelope) in outbox {
+            let frame = ClientFrame::Publish { envelope };
+            self.frames
+                .push_back(WsMessage::Text(frame.to_text().into()));
+            self.queued_up_to = sender_seq;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// The whole outbox is to be queued again: what waits now would go twice.
+    fn restart(&mut self) {
+        self.frames.clear();
+        self.queued_up_to = 0;
+    }
+
+    /// A frame waits for the socket, or a flush is owed.
+    fn busy(&self) -> bool {
+        !self.frames.is_empty() || self.unflushed
+    }
+
+    /// One step: the oldest frame handed to the sink once it takes one, or,
+    /// with none left, the flush. A step that cannot go on waits for the
+    /// socket without losing its place, so the loop may read meanwhile.
+    fn poll_write<S>(&mut self, sink: &mut S, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
+    where
+        S: Sink<WsMessage> + Unpin,
+    {
+        if self.frames.is_empty() {
+            ready!(sink.poll_flush_unpin(cx))?;
+            self.unflushed = false;
+            return Poll::Ready(Ok(()));
+        }
+        ready!(sink.poll_ready_unpin(cx))?;
+        let frame = self.frames.pop_front().expect("a frame waits");
+        sink.start_send_unpin(frame)?;
+        self.unflushed = true;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The code of the close that follows a fatal error frame, if it comes soon.

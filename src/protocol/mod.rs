@@ -41,7 +41,7 @@
 //! relay stored the envelope). `ping_secs` and `retention_secs` may be absent
 //! (older relays): a device then assumes 30 s pings and does not know the
 //! retention (its retention-driven notes snapshots stay off until it hears
-//! one; `0` means the same). and then delivers every envelope
+//! one; `0` means the same). The relay then delivers every envelope
 //! after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
@@ -64,6 +64,16 @@
 //! original `seq` and `"duplicate":true`; with different bytes it is refused with
 //! `conflict`. The device also receives its own envelopes as `deliver` frames.
 //!
+//! **Read while you publish.** A relay that cannot write a device's
+//! deliveries and acks because the device does not read them stops reading
+//! that device's frames. A device that writes everything it has before it
+//! reads again — an outbox larger than the two ends' socket buffers hold, its
+//! own envelopes coming back as `deliver` among what it does not read — waits
+//! on a full socket while the relay waits on its own, until the relay closes
+//! the session with 4008 (below); the same happens again on every reconnect.
+//! Take incoming frames between the frames you write (khub's SDK writes each
+//! publish as the socket takes it, from the loop that reads).
+//!
 //! Errors: `{"type":"error","code":"over_quota","message":"…","fatal":false}`. A
 //! non-fatal error refuses one request and the session goes on; a fatal one is
 //! followed by a close frame with one of the codes below.
@@ -80,7 +90,7 @@
 //! | 4002 | protocol | malformed frame, unknown type, wrong version, no hello | fix the client |
 //! | 4003 | revoked | this device was removed from the channel | stop; the device is out |
 //! | 4004 | idle | no frame or pong within the idle timeout | reconnect |
-//! | 4008 | slow | the device did not read its deliveries in time | reconnect; it resumes from its cursor |
+//! | 4008 | slow | the device did not read its deliveries in time | reconnect; it resumes from its cursor; read while you publish (above) |
 //!
 //! A connection over the per-address limit is closed at accept, before any
 //! request; one that sends no request headers within the header timeout
