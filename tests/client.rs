@@ -962,6 +962,47 @@ async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refu
     home.relay.stop().await;
 }
 
+/// A message of 512 KB that says who sent it and its number.
+fn large_message(from: &str, i: usize) -> Vec<u8> {
+    let mut body = format!("{from} {i} ").into_bytes();
+    body.resize(512 * 1024, b'.');
+    body
+}
+
+/// Over `POST /sync`, an outbox larger than the relay takes in one request
+/// (16 frames, about 23 MB) goes out in pieces, and comes in once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_outbox_goes_out_over_sync_in_pieces() {
+    const MESSAGES: usize = 48;
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+    for i in 0..MESSAGES {
+        phone.queue(&large_message("phone", i)).unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), phone.sync())
+        .await
+        .expect("the sync ends in time")
+        .expect("the relay takes the whole outbox");
+    assert_eq!(phone.pending().unwrap(), 0);
+    tokio::time::timeout(Duration::from_secs(60), laptop.sync())
+        .await
+        .expect("the sync ends in time")
+        .unwrap();
+    for i in 0..MESSAGES {
+        let message = laptop.next_unread().unwrap().expect("every message came");
+        laptop.mark_read(message.seq).unwrap();
+        assert_eq!(
+            (message.from_name.as_str(), message.body),
+            ("phone", large_message("phone", i)),
+            "in order, once"
+        );
+    }
+    assert!(laptop.next_unread().unwrap().is_none(), "nothing twice");
+    relay.stop().await;
+}
+
 /// A device back after a long time offline: its outbox and the backlog waiting
 /// for it are each larger than both ends' socket buffers. It reads while it
 /// publishes, so neither end blocks on a full socket: the relay never takes it
@@ -969,11 +1010,7 @@ async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
     const MESSAGES: usize = 48;
-    let body = |from: &str, i: usize| {
-        let mut body = format!("{from} {i} ").into_bytes();
-        body.resize(512 * 1024, b'.');
-        body
-    };
+    let body = large_message;
     let mut config = RelayConfig::default();
     config.limits.slow_reader_timeout = Duration::from_secs(3);
     let relay = TestRelay::start(config).await;
