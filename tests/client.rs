@@ -691,7 +691,20 @@ async fn a_cancel_racing_the_admission_leaves_no_half_paired_device() {
 struct Flaky {
     inner: khub::relay::store::memory::MemoryStore,
     down: std::sync::atomic::AtomicBool,
+    /// Appends still to fail, besides while `down`.
+    fail_next: std::sync::atomic::AtomicUsize,
     failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    fn new() -> Self {
+        Self {
+            inner: khub::relay::store::memory::MemoryStore::new(),
+            down: std::sync::atomic::AtomicBool::new(false),
+            fail_next: std::sync::atomic::AtomicUsize::new(0),
+            failed: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 impl khub::relay::store::Store for Flaky {
@@ -749,7 +762,11 @@ impl khub::relay::store::Store for Flaky {
         Result<khub::relay::store::Appended, khub::relay::store::StoreError>,
     > {
         use std::sync::atomic::Ordering;
-        if self.down.load(Ordering::SeqCst) {
+        let one_of_the_next = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if self.down.load(Ordering::SeqCst) || one_of_the_next {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Box::pin(async {
                 Err(khub::relay::store::StoreError::Backend(
@@ -799,11 +816,7 @@ impl khub::relay::store::Store for Flaky {
 /// order, and no message is reported as refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passing_store_failure_loses_no_message() {
-    let store = Arc::new(Flaky {
-        inner: khub::relay::store::memory::MemoryStore::new(),
-        down: std::sync::atomic::AtomicBool::new(false),
-        failed: std::sync::atomic::AtomicUsize::new(0),
-    });
+    let store = Arc::new(Flaky::new());
     let relay = TestRelay::start_with(Arc::clone(&store) as _, RelayConfig::default()).await;
     let dir = common::tempdir("client");
     let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
@@ -856,6 +869,47 @@ async fn a_passing_store_failure_loses_no_message() {
         assert_eq!(recv(&sb, &d[1]).await.1, format!("synced {i}"));
     }
     assert_eq!(d[0].incidents().unwrap(), [], "nothing was refused");
+    relay.stop().await;
+}
+
+/// An outbox synced over several `/sync` requests, the store failing the
+/// first request's append: no later request is stored ahead of it (the sync
+/// stops publishing), so the next sync sends all of them in order, and none is
+/// lost as out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_in_a_paged_sync_stores_nothing_ahead_of_it() {
+    const MESSAGES: usize = 4;
+    let store = Arc::new(Flaky::new());
+    let relay = TestRelay::start_with(Arc::clone(&store) as _, RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+    for i in 0..MESSAGES {
+        phone.queue(&large_message("phone", i)).unwrap();
+    }
+    store
+        .fail_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(STEP, phone.sync())
+        .await
+        .expect("sync answers in time")
+        .expect("a passing failure is not an error of the sync");
+    assert_eq!(phone.pending().unwrap(), MESSAGES, "all kept");
+    tokio::time::timeout(STEP, phone.sync())
+        .await
+        .expect("sync answers in time")
+        .unwrap();
+    assert_eq!(phone.pending().unwrap(), 0, "all sent");
+    assert_eq!(phone.incidents().unwrap(), [], "nothing was refused");
+    tokio::time::timeout(STEP, laptop.sync())
+        .await
+        .expect("sync answers in time")
+        .unwrap();
+    for i in 0..MESSAGES {
+        let message = laptop.next_unread().unwrap().expect("every message came");
+        laptop.mark_read(message.seq).unwrap();
+        assert_eq!(message.body, large_message("phone", i), "in order, once");
+    }
     relay.stop().await;
 }
 
@@ -1059,5 +1113,16 @@ async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
         "no session was closed as a slow reader"
     );
     sa.close().await;
+    let sb = phone.connect();
+    for i in 0..MESSAGES {
+        let message = tokio::time::timeout(Duration::from_secs(60), sb.recv())
+            .await
+            .expect("the laptop's messages arrive in time")
+            .unwrap();
+        phone.mark_read(message.seq).unwrap();
+        assert_eq!(message.from_name, "laptop");
+        assert_eq!(message.body, body("laptop", i), "in order, once");
+    }
+    sb.close().await;
     relay.stop().await;
 }

@@ -30,9 +30,10 @@ pub type Message = InboxMessage;
 /// How long [`Device::remove`] waits for its commit to be ordered by the relay.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// Envelope bytes one `POST /sync` publishes at most (one envelope at
-/// least): a larger outbox goes out over several requests, each well within
-/// the relay's request limit (16 frames, about 23 MB by default).
-const PUBLISH_PAGE_BYTES: usize = 1024 * 1024;
+/// least), about 1 MiB as base64: a larger outbox goes out over several
+/// requests, each well within the relay's request limit (16 frames, about
+/// 23 MB by default).
+const PUBLISH_PAGE_BYTES: usize = 768 * 1024;
 
 pub(crate) struct Inner {
     pub(crate) home: PathBuf,
@@ -114,22 +115,6 @@ pub(crate) fn seal_into(change: &mut Change<'_>, control: &Control) -> Result<u6
     let outgoing = change.channel.seal(&control.encode())?;
     change.queue(&outgoing)?;
     Ok(outgoing.seq)
-}
-
-/// The oldest entries of `outbox` that one `POST /sync` publishes: up to
-/// [`PUBLISH_PAGE_BYTES`] of envelopes, and always the first.
-fn publish_page(mut outbox: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
-    let mut bytes = 0usize;
-    let fits = outbox
-        .iter()
-        .enumerate()
-        .take_while(|(i, (_, envelope))| {
-            bytes = bytes.saturating_add(envelope.len());
-            *i == 0 || bytes <= PUBLISH_PAGE_BYTES
-        })
-        .count();
-    outbox.truncate(fits);
-    outbox
 }
 
 /// How far a [`Device::sync_with_progress`] is.
@@ -578,8 +563,12 @@ impl Device {
     ) -> Result<usize, ClientError> {
         let mut taken = 0;
         let mut published_up_to = 0;
-        let unsent = |after: u64| self.blocking(move |device| device.db().outbox_after(after));
-        let mut outbox: Vec<(u64, Vec<u8>)> = publish_page(unsent(0).await?);
+        // The outbox goes out a page per request.
+        let unsent = |after: u64| {
+            self.blocking(move |device| device.db().outbox_after(after, PUBLISH_PAGE_BYTES))
+        };
+        let mut outbox: Vec<(u64, Vec<u8>)> = unsent(0).await?;
+        let mut kept_back = false;
         loop {
             let request = SyncRequest {
                 cursor: self.cursor(),
@@ -598,7 +587,7 @@ impl Device {
                     (Some(seq), _) => acked.push((*sender_seq, *seq)),
                     // Kept, and sent again later (the channel's room, the
                     // relay's storage, a passing failure).
-                    (None, Some(e)) if e.code.keeps_envelope() => {}
+                    (None, Some(e)) if e.code.keeps_envelope() => kept_back = true,
                     (None, Some(e)) => {
                         let (sender_seq, code, message) = (*sender_seq, e.code, e.message.clone());
                         self.blocking(move |device| device.refused(sender_seq, code, &message))
@@ -632,8 +621,15 @@ impl Device {
                 remaining: head.saturating_sub(self.cursor()),
             });
             // The rest of the outbox, and what was queued meanwhile, goes
-            // out with the next page.
-            outbox = publish_page(unsent(published_up_to).await?);
+            // out with the next page — unless the relay kept one back: a
+            // later page stored ahead of it would leave it out of order for
+            // good (and over quota the rest would only be refused too). The
+            // next sync sends them all again, oldest first.
+            outbox = if kept_back {
+                Vec::new()
+            } else {
+                unsent(published_up_to).await?
+            };
             if (!more || count == 0) && outbox.is_empty() {
                 break;
             }

@@ -462,7 +462,7 @@ async fn connection(
     }
 }
 
-/// The publish frames of one connection that wait for the socket.
+/// The publishes of one connection that wait for the socket.
 ///
 /// The session's loop writes them one at a time as the socket takes them,
 /// reading between writes. Writing a whole outbox before reading again would
@@ -473,7 +473,8 @@ async fn connection(
 /// out.
 #[derive(Default)]
 struct Outbound {
-    frames: VecDeque<WsMessage>,
+    /// Envelopes to publish, oldest first; each is framed as it is written.
+    envelopes: VecDeque<Vec<u8>>,
     /// The highest sender number queued on this connection.
     queued_up_to: u64,
     /// Written to the socket since its last flush.
@@ -485,12 +486,10 @@ impl Outbound {
     async fn publish_outbox(&mut self, device: &Device) -> Result<(), ClientError> {
         let from = self.queued_up_to;
         let outbox = device
-            .blocking(move |device| device.db().outbox_after(from))
+            .blocking(move |device| device.db().outbox_after(from, usize::MAX))
             .await?;
         for (sender_seq, envelope) in outbox {
-            let frame = ClientFrame::Publish { envelope };
-            self.frames
-                .push_back(WsMessage::Text(frame.to_text().into()));
+            self.envelopes.push_back(envelope);
             self.queued_up_to = sender_seq;
         }
         Ok(())
@@ -498,30 +497,32 @@ impl Outbound {
 
     /// The whole outbox is to be queued again: what waits now would go twice.
     fn restart(&mut self) {
-        self.frames.clear();
+        self.envelopes.clear();
         self.queued_up_to = 0;
     }
 
-    /// A frame waits for the socket, or a flush is owed.
+    /// An envelope waits for the socket, or a flush is owed.
     fn busy(&self) -> bool {
-        !self.frames.is_empty() || self.unflushed
+        !self.envelopes.is_empty() || self.unflushed
     }
 
-    /// One step: the oldest frame handed to the sink once it takes one, or,
-    /// with none left, the flush. A step that cannot go on waits for the
-    /// socket without losing its place, so the loop may read meanwhile.
+    /// One step: the oldest envelope framed and handed to the sink once it
+    /// takes one, or, with none left, the flush. A step that cannot go on
+    /// waits for the socket without losing its place, so the loop may read
+    /// meanwhile.
     fn poll_write<S>(&mut self, sink: &mut S, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>>
     where
         S: Sink<WsMessage> + Unpin,
     {
-        if self.frames.is_empty() {
+        if self.envelopes.is_empty() {
             ready!(sink.poll_flush_unpin(cx))?;
             self.unflushed = false;
             return Poll::Ready(Ok(()));
         }
         ready!(sink.poll_ready_unpin(cx))?;
-        let frame = self.frames.pop_front().expect("a frame waits");
-        sink.start_send_unpin(frame)?;
+        let envelope = self.envelopes.pop_front().expect("an envelope waits");
+        let frame = ClientFrame::Publish { envelope }.to_text();
+        sink.start_send_unpin(WsMessage::Text(frame.into()))?;
         self.unflushed = true;
         Poll::Ready(Ok(()))
     }

@@ -470,12 +470,16 @@ impl StateDb {
 
     /// Envelopes waiting for an ack, oldest first.
     pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        self.outbox_after(0)
+        self.outbox_after(0, usize::MAX)
     }
 
     /// Envelopes waiting for an ack after sender sequence number `after`,
-    /// oldest first.
-    pub fn outbox_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    /// oldest first: up to `budget` bytes of them, and always the first.
+    pub fn outbox_after(
+        &self,
+        after: u64,
+        budget: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -487,7 +491,16 @@ impl StateDb {
                 Ok((u64_of(r.get(0)?), r.get::<_, Vec<u8>>(1)?))
             })
             .map_err(err)?;
-        rows.collect::<Result<_, _>>().map_err(err)
+        let (mut page, mut bytes) = (Vec::new(), 0usize);
+        for row in rows {
+            let (sender_seq, envelope) = row.map_err(err)?;
+            bytes = bytes.saturating_add(envelope.len());
+            if !page.is_empty() && bytes > budget {
+                break;
+            }
+            page.push((sender_seq, envelope));
+        }
+        Ok(page)
     }
 
     /// The relay acked these envelopes (sender sequence number, relay

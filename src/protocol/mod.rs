@@ -132,7 +132,7 @@
 //! | [`ChannelCreated`] | `{"channel": b64(16)}` |
 //! | [`AdmitDevice`] | `{"device": b64(16), "token_hash": b64(32)}` |
 //! | [`DeviceList`] | `{"devices": [b64(16), …]}` — the devices the relay lets in |
-//! | [`SyncRequest`] | `{"cursor": u64, "publish": [b64(envelope), …], "limit": u32}` (`publish` and `limit` optional; `limit` defaults to, and is capped at, the relay's batch size, 1,000). The body may be up to 16 times the relay's frame limit (23,834,240 bytes by default; larger: `too_large`, 413): publish a large outbox over several requests (khub's SDK puts up to 1 MiB of envelopes in each) |
+//! | [`SyncRequest`] | `{"cursor": u64, "publish": [b64(envelope), …], "limit": u32}` (`publish` and `limit` optional; `limit` defaults to, and is capped at, the relay's batch size, 1,000). The body may be up to 16 times the relay's frame limit (23,834,240 bytes by default; larger: `too_large`, 413): publish a large outbox over several requests (khub's SDK puts about 1 MiB of base64 in each, or one envelope if that is larger, and after a refusal that keeps an envelope, such as `internal` or `over_quota`, publishes no more in that sync, so that nothing is stored ahead of it) |
 //! | [`SyncResponse`] | `{"acks": [SyncAck, …], "envelopes": [{"seq": u64, "envelope": b64}, …], "head": u64, "more": bool, "retention_secs": u64 (optional)}` |
 //! | [`SyncAck`] | `{"seq": u64, "duplicate": bool}` when stored, or `{"duplicate": false, "error": {"code": …, "message": …}}`; `acks[i]` answers `publish[i]`, each envelope on its own, in order |
 //! | [`OpenSlot`] | `{"sid": b64(16)}` |
