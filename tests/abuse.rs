@@ -26,8 +26,19 @@ impl Serve {
     }
 
     fn start_with(flags: &[&str]) -> Self {
+        Self::launch(&["--memory"], flags)
+    }
+
+    /// On a SQLite file of its own in `dir`.
+    fn start_on_sqlite(dir: &std::path::Path) -> Self {
+        let store = format!("sqlite:{}", dir.join("relay.sqlite3").display());
+        Self::launch(&["--store", &store], &[])
+    }
+
+    fn launch(store: &[&str], flags: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_khub"))
-            .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store)
             .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -632,6 +643,86 @@ async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
     // Six pages of 4 MiB in flight, each as envelopes, base64 and JSON
     // (before the byte cap, six such reads took 740 MB).
     assert!(grown < 100 * 1024, "relay RSS peaked {grown} KiB higher");
+}
+
+/// The attack: a channel of 1 MiB envelopes, read from the start by sessions
+/// that never read their deliveries and by syncs at once, on SQLite (whose
+/// reads copy every body they return). Each session used to read 64
+/// envelopes and each sync up to 1,000 before trimming its answer to 4 MiB:
+/// about 150 MB held per blocked session. A read now stops at its byte budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_syncs_reading_a_backlog_of_large_envelopes_cost_bounded_memory() {
+    let dir = common::tempdir("abuse-large");
+    let relay = Serve::start_on_sqlite(&dir);
+    let device = channel(relay.addr).await;
+    // 65 envelopes of 1 MiB, four per request.
+    for first in (1..=65u64).step_by(4) {
+        let batch: Vec<String> = (first..(first + 4).min(66))
+            .map(|seq| device.stand_in_envelope(seq, 1 << 20))
+            .collect();
+        let published = post_json(
+            relay.addr,
+            "/sync",
+            &[("authorization", &device.auth())],
+            &serde_json::json!({"cursor": 1000, "publish": batch}),
+        )
+        .await;
+        assert_eq!(published.status, 200);
+    }
+    let before = relay.rss_kib();
+    let pid = relay.child.id();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = std::sync::Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(common::rss_kib(pid));
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            peak
+        })
+    };
+    // Six sessions from the start, never reading past `ready`.
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        stalled.push(session(relay.addr, &device, 0).await.0);
+    }
+    // Six syncs from the start at once, each one page.
+    let mut syncs = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (auth, addr) = (device.auth(), relay.addr);
+        syncs.spawn(async move {
+            post_json(
+                addr,
+                "/sync",
+                &[("authorization", &auth)],
+                &serde_json::json!({"cursor": 0}),
+            )
+            .await
+            .json()["envelopes"]
+                .as_array()
+                .unwrap()
+                .len()
+        });
+    }
+    while let Some(page) = syncs.join_next().await {
+        assert_eq!(page.unwrap(), 3, "a page: as many as fit in 4 MiB");
+    }
+    // The sessions' deliveries fill the sockets and block.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let grown = sampler.await.unwrap().saturating_sub(before);
+    println!(
+        "abuse: 6 stalled sessions and 6 syncs over 65 MiB of 1 MiB envelopes on SQLite: relay peak RSS {grown} KiB above its start"
+    );
+    assert_eq!(
+        http(relay.addr, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+    drop(stalled);
+    // A page of 4 MiB per session and per sync, as envelopes and frames.
+    assert!(grown < 200 * 1024, "relay RSS peaked {grown} KiB higher");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -776,16 +776,17 @@ impl khub::relay::store::Store for Flaky {
         }
         self.inner.append(append)
     }
-    fn read(
+    fn read_page(
         &self,
         channel: khub::ids::ChannelId,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> khub::relay::store::BoxFuture<
         '_,
         Result<Vec<khub::relay::store::StoredEnvelope>, khub::relay::store::StoreError>,
     > {
-        self.inner.read(channel, after, limit)
+        self.inner.read_page(channel, after, limit, max_bytes)
     }
     fn head(
         &self,

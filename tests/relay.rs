@@ -826,16 +826,17 @@ impl Store for SlowReads {
     fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, StoreError>> {
         self.inner.append(append)
     }
-    fn read(
+    fn read_page(
         &self,
         channel: ChannelId,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
-            self.inner.read(channel, after, limit).await
+            self.inner.read_page(channel, after, limit, max_bytes).await
         })
     }
     fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>> {

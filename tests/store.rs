@@ -222,6 +222,57 @@ async fn every_store_keeps_the_contract() {
     }
 }
 
+/// A read returns no more envelope bytes than its budget (the first envelope
+/// whatever its size), and its count still bounds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_stops_at_its_byte_budget() {
+    let (stores, _db) = stores("read_page").await;
+    for (name, store) in stores {
+        let mut rng = os_rng();
+        let (channel, a) = (ChannelId::random(&mut rng), DeviceId::random(&mut rng));
+        let hash = AccessToken::generate(&mut rng).hash();
+        store.create_channel(channel, a, hash, 100).await.unwrap();
+        // Envelopes 1 to 4, of 100, 200, 300 and 400 bytes.
+        for (seq, len) in [(1u8, 100), (2, 200), (3, 300), (4, 400)] {
+            let mut envelope = append(channel, a, u64::from(seq), &vec![seq; len], 100);
+            envelope.quota = 10_000;
+            store.append(envelope).await.unwrap();
+        }
+        let page = |after: u64, limit: usize, max_bytes: usize| {
+            let store = Arc::clone(&store);
+            async move {
+                let page = store
+                    .read_page(channel, after, limit, max_bytes)
+                    .await
+                    .unwrap();
+                for e in &page {
+                    assert_eq!(e.envelope[0] as u64, e.seq, "each its own body");
+                }
+                page.iter().map(|e| e.seq).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            page(0, 10, 300).await,
+            [1, 2],
+            "{name}: 100 + 200 fit in 300"
+        );
+        assert_eq!(page(0, 10, 299).await, [1], "{name}");
+        assert_eq!(
+            page(1, 10, 10).await,
+            [2],
+            "{name}: the first, whatever its size"
+        );
+        assert_eq!(
+            page(1, 2, 10_000).await,
+            [2, 3],
+            "{name}: the count still bounds"
+        );
+        assert_eq!(page(0, 10, 1_000).await, [1, 2, 3, 4], "{name}");
+        assert_eq!(page(4, 10, 1_000).await, Vec::<u64>::new(), "{name}");
+        assert_eq!(store.read(channel, 0, 10).await.unwrap().len(), 4, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_group_committed_without_gaps_or_duplicates() {
     let (stores, _db) = stores("concurrent").await;

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::metrics::Metrics;
-use super::store::{Append, Appended, OnCommit, Store, StoreError};
+use super::store::{Append, Appended, OnCommit, PageBudget, Store, StoreError};
 use crate::crypto::envelope::EnvelopeHeader;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{ErrorCode, Refusal};
@@ -34,6 +34,10 @@ pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes the cache may hold for one channel, so a channel of large notes
 /// cannot take the whole budget.
 pub const CACHE_CHANNEL_BYTES: usize = 8 * 1024 * 1024;
+/// Envelope bytes one fetch for a session returns at most (the first
+/// envelope whatever its size): a session blocked on a device that does not
+/// read holds this much, not a batch of the largest envelopes.
+pub const DELIVERY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Recent envelopes per channel, bounded in entries and total bytes.
 #[derive(Default)]
@@ -424,8 +428,9 @@ impl Hub {
         Ok(header)
     }
 
-    /// Up to `limit` envelopes after `cursor`, in order: from the cache if it
-    /// holds the next one, otherwise from the store.
+    /// Up to `limit` envelopes after `cursor`, in order, and no more than
+    /// [`DELIVERY_BYTES`] of them (the first whatever its size): from the
+    /// cache if it holds the next one, otherwise from the store.
     pub async fn fetch(
         &self,
         channel: ChannelId,
@@ -446,13 +451,14 @@ impl Hub {
                 };
                 if entries.get(start).is_some_and(|e| e.seq == cursor + 1) {
                     let mut expected = cursor + 1;
+                    let mut page = PageBudget::new(DELIVERY_BYTES);
                     let run: Vec<Ready> = entries
                         .range(start..)
                         .take(limit)
                         .take_while(|e| {
                             let contiguous = e.seq == expected;
                             expected += 1;
-                            contiguous
+                            contiguous && page.fits(e.len)
                         })
                         .cloned()
                         .collect();
@@ -460,7 +466,10 @@ impl Hub {
                 }
             }
         }
-        let stored = self.store.read(channel, cursor, limit).await?;
+        let stored = self
+            .store
+            .read_page(channel, cursor, limit, DELIVERY_BYTES)
+            .await?;
         Ok(stored
             .iter()
             .map(|s| Ready::new(s.seq, &s.envelope))

@@ -621,10 +621,18 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
         .limit
         .map_or(usize::MAX, |l| l as usize)
         .min(relay.config.limits.max_batch);
+    // A page holds at most MAX_SYNC_RESPONSE_BYTES of envelopes (at least
+    // one), whatever the count: large backlogs come in bounded pieces, and
+    // the store reads no more than that.
     let stored = match relay
         .hub
         .store
-        .read(credentials.channel, request.cursor, limit)
+        .read_page(
+            credentials.channel,
+            request.cursor,
+            limit,
+            MAX_SYNC_RESPONSE_BYTES,
+        )
         .await
     {
         Ok(stored) => stored,
@@ -634,21 +642,9 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
         Ok(head) => head,
         Err(e) => return store_failure(e),
     };
-    // A page holds at most MAX_SYNC_RESPONSE_BYTES of envelopes (at least
-    // one), whatever the count: large backlogs come in bounded pieces.
-    let mut bytes = 0usize;
-    let fits = stored
-        .iter()
-        .take_while(|s| {
-            let first = bytes == 0;
-            bytes = bytes.saturating_add(s.envelope.len());
-            first || bytes <= MAX_SYNC_RESPONSE_BYTES
-        })
-        .count();
-    let more = stored[..fits].last().is_some_and(|last| last.seq < head);
+    let more = stored.last().is_some_and(|last| last.seq < head);
     let envelopes: Vec<Delivered> = stored
         .into_iter()
-        .take(fits)
         .map(|s| Delivered {
             seq: s.seq,
             envelope: s.envelope.to_vec(),

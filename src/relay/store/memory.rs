@@ -214,17 +214,20 @@ impl Store for MemoryStore {
         ready(self.append_locked(a, Some(on_commit)))
     }
 
-    fn read(
+    fn read_page(
         &self,
         channel: ChannelId,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
         ready(self.with(|channels| {
             let c = channels.get(&channel).ok_or(StoreError::NotFound)?;
+            let mut page = super::PageBudget::new(max_bytes);
             Ok(c.log
                 .range(after.saturating_add(1)..)
                 .take(limit)
+                .take_while(|(_, (_, _, envelope, _))| page.fits(envelope.len()))
                 .map(|(&seq, (_, _, envelope, _))| StoredEnvelope {
                     seq,
                     envelope: envelope.clone(),

@@ -89,6 +89,33 @@ pub struct StoredEnvelope {
     pub envelope: Bytes,
 }
 
+/// How much of a page a read has filled: it takes envelopes while they fit
+/// in the byte budget, and the first whatever its size.
+#[derive(Debug)]
+pub(crate) struct PageBudget {
+    left: usize,
+    first: bool,
+}
+
+impl PageBudget {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            left: max_bytes,
+            first: true,
+        }
+    }
+
+    /// Whether an envelope of `len` bytes still goes in (and if so, counts it).
+    pub(crate) fn fits(&mut self, len: usize) -> bool {
+        let fits = self.first || len <= self.left;
+        if fits {
+            self.left = self.left.saturating_sub(len);
+            self.first = false;
+        }
+        fits
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -189,13 +216,29 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
-    /// Up to `limit` envelopes with sequence numbers above `after`, in order.
+    /// Up to `limit` envelopes with sequence numbers above `after`, in order,
+    /// and no more of them than fit in `max_bytes` (counting envelope bytes;
+    /// the first is returned whatever its size). What one read holds in
+    /// memory stays bounded however large a channel's envelopes are: a reader
+    /// gets what fits and asks again from the last one.
+    fn read_page(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>>;
+
+    /// [`read_page`](Self::read_page) without a byte bound, for tools and
+    /// tests that read what they wrote; the relay always bounds its reads.
     fn read(
         &self,
         channel: ChannelId,
         after: u64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
+        self.read_page(channel, after, limit, usize::MAX)
+    }
 
     /// The channel's newest sequence number (0 if none yet).
     fn head(&self, channel: ChannelId) -> BoxFuture<'_, Result<u64, StoreError>>;

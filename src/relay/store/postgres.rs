@@ -880,24 +880,37 @@ impl Store for PgStore {
         }))
     }
 
-    fn read(
+    fn read_page(
         &self,
         channel: ChannelId,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
         self.call(move |client| {
             Box::pin(async move {
+                // The running total is taken over the lengths (which
+                // `octet_length` reads without fetching a stored body), so
+                // bodies past the budget never leave the database.
                 let statement = client
                     .prepare_cached(
-                        "SELECT seq, body FROM khub_envelopes WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                        "SELECT seq, body FROM (
+                             SELECT seq, body, octet_length(body) AS len,
+                                    SUM(octet_length(body)) OVER (ORDER BY seq) AS upto
+                             FROM khub_envelopes WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT $3
+                         ) page WHERE upto <= $4 OR upto = len ORDER BY seq",
                     )
                     .await
                     .map_err(db)?;
                 let rows = client
                     .query(
                         &statement,
-                        &[&channel.as_bytes().as_slice(), &int(after), &int(limit as u64)],
+                        &[
+                            &channel.as_bytes().as_slice(),
+                            &int(after),
+                            &int(limit as u64),
+                            &int(max_bytes as u64),
+                        ],
                     )
                     .await
                     .map_err(db)?;

@@ -973,25 +973,33 @@ impl Store for SqliteStore {
         self.write_hooked(move |w| append_op(w, a), Some(hook))
     }
 
-    fn read(
+    fn read_page(
         &self,
         channel: ChannelId,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<StoredEnvelope>, StoreError>> {
         self.read_with(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT seq, body FROM envelopes WHERE channel = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
                 .map_err(backend)?;
-            let rows = stmt
-                .query_map(params![channel.as_bytes(), after.min(i64::MAX as u64) as i64, limit as i64], |r| {
-                    Ok(StoredEnvelope {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        envelope: Bytes::from(r.get::<_, Vec<u8>>(1)?),
-                    })
-                })
+            let mut rows = stmt
+                .query(params![channel.as_bytes(), after.min(i64::MAX as u64) as i64, limit as i64])
                 .map_err(backend)?;
-            rows.collect::<Result<_, _>>().map_err(backend)
+            // Stepping to a row reads its body (at most one past the budget).
+            let (mut page, mut budget) = (Vec::new(), super::PageBudget::new(max_bytes));
+            while let Some(row) = rows.next().map_err(backend)? {
+                let body = row.get_ref(1).map_err(backend)?.as_blob().map_err(backend)?;
+                if !budget.fits(body.len()) {
+                    break;
+                }
+                page.push(StoredEnvelope {
+                    seq: row.get::<_, i64>(0).map_err(backend)? as u64,
+                    envelope: Bytes::copy_from_slice(body),
+                });
+            }
+            Ok(page)
         })
     }
 
