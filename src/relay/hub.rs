@@ -535,4 +535,30 @@ mod tests {
             assert_eq!(published.frame.as_str(), expected);
         }
     }
+
+    #[tokio::test]
+    async fn a_fetch_from_the_cache_stops_at_its_byte_budget() {
+        // The store knows no such channel: only the cache can answer.
+        let hub = Hub::new(
+            Arc::new(crate::relay::store::memory::MemoryStore::new()),
+            Arc::new(LocalNotifier::default()),
+            Arc::new(Metrics::default()),
+            usize::MAX,
+            u64::MAX,
+        );
+        let channel = ChannelId::random(&mut crate::crypto::os_rng());
+        // As large as the cache keeps (a frame of at most 1 MiB).
+        let envelope = vec![7u8; 700 * 1024];
+        for seq in 1..=7 {
+            remember(&hub.cache, channel, Ready::new(seq, &envelope));
+        }
+        let seqs = |batch: Vec<Ready>| batch.iter().map(|r| r.seq).collect::<Vec<_>>();
+        // Five of 700 KiB fit in 4 MiB, a sixth does not.
+        assert_eq!(
+            seqs(hub.fetch(channel, 0, 64).await.unwrap()),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(seqs(hub.fetch(channel, 5, 64).await.unwrap()), [6, 7]);
+        assert_eq!(seqs(hub.fetch(channel, 0, 2).await.unwrap()), [1, 2]);
+    }
 }

@@ -896,7 +896,7 @@ impl Store for PgStore {
                     .prepare_cached(
                         "SELECT seq, body FROM (
                              SELECT seq, body, octet_length(body) AS len,
-                                    SUM(octet_length(body)) OVER (ORDER BY seq) AS upto
+                                    SUM(octet_length(body)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
                              FROM khub_envelopes WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT $3
                          ) page WHERE upto <= $4 OR upto = len ORDER BY seq",
                     )
