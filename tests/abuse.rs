@@ -567,16 +567,16 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
     a_pairing_still_opens(relay.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
-    let relay = Serve::start();
-    let device = channel(relay.addr).await;
-    let envelope = |seq: u64| device.stand_in_envelope(seq, 1 << 20);
-    // 65 envelopes of 1 MiB, four per request.
+/// A channel on `relay` holding 65 envelopes of 1 MiB, published four per
+/// request; its one device.
+async fn large_backlog(relay: SocketAddr) -> Member {
+    let device = channel(relay).await;
     for first in (1..=65u64).step_by(4) {
-        let batch: Vec<String> = (first..(first + 4).min(66)).map(envelope).collect();
+        let batch: Vec<String> = (first..(first + 4).min(66))
+            .map(|seq| device.stand_in_envelope(seq, 1 << 20))
+            .collect();
         let published = post_json(
-            relay.addr,
+            relay,
             "/sync",
             &[("authorization", &device.auth())],
             &serde_json::json!({"cursor": 1000, "publish": batch}),
@@ -584,22 +584,54 @@ async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
         .await;
         assert_eq!(published.status, 200);
     }
-    let before = relay.rss_kib();
+    device
+}
+
+/// A relay's peak resident memory above where it stood at `start`, sampled
+/// every 20 ms until `stop`.
+struct PeakRss {
+    before: u64,
+    sampling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: tokio::task::JoinHandle<u64>,
+}
+
+impl PeakRss {
+    fn start(relay: &Serve) -> Self {
+        let (before, pid) = (relay.rss_kib(), relay.child.id());
+        let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = tokio::spawn({
+            let sampling = std::sync::Arc::clone(&sampling);
+            async move {
+                let mut peak = 0;
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(common::rss_kib(pid));
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                peak
+            }
+        });
+        Self {
+            before,
+            sampling,
+            sampler,
+        }
+    }
+
+    /// KiB the peak stood above the start.
+    async fn stop(self) -> u64 {
+        self.sampling
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.await.unwrap().saturating_sub(self.before)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
+    let relay = Serve::start();
+    let device = large_backlog(relay.addr).await;
     let started = std::time::Instant::now();
     // The peak, sampled while the readers run.
-    let pid = relay.child.id();
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = {
-        let sampling = std::sync::Arc::clone(&sampling);
-        tokio::spawn(async move {
-            let mut peak = 0;
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(common::rss_kib(pid));
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            peak
-        })
-    };
+    let peak = PeakRss::start(&relay);
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..6 {
         let auth = device.auth();
@@ -634,8 +666,7 @@ async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
         assert_eq!(cursor, 65, "every reader got the whole backlog");
         assert!(pages >= 17, "in pages of at most 4 MiB ({pages} pages)");
     }
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let grown = sampler.await.unwrap().saturating_sub(before);
+    let grown = peak.stop().await;
     println!(
         "abuse: 6 concurrent syncs of a 65 MB backlog: relay peak RSS {grown} KiB above its start, {:?}",
         started.elapsed()
@@ -654,35 +685,8 @@ async fn six_concurrent_syncs_of_a_65_mb_backlog_cost_bounded_memory() {
 async fn sessions_and_syncs_reading_a_backlog_of_large_envelopes_cost_bounded_memory() {
     let dir = common::tempdir("abuse-large");
     let relay = Serve::start_on_sqlite(&dir);
-    let device = channel(relay.addr).await;
-    // 65 envelopes of 1 MiB, four per request.
-    for first in (1..=65u64).step_by(4) {
-        let batch: Vec<String> = (first..(first + 4).min(66))
-            .map(|seq| device.stand_in_envelope(seq, 1 << 20))
-            .collect();
-        let published = post_json(
-            relay.addr,
-            "/sync",
-            &[("authorization", &device.auth())],
-            &serde_json::json!({"cursor": 1000, "publish": batch}),
-        )
-        .await;
-        assert_eq!(published.status, 200);
-    }
-    let before = relay.rss_kib();
-    let pid = relay.child.id();
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sampler = {
-        let sampling = std::sync::Arc::clone(&sampling);
-        tokio::spawn(async move {
-            let mut peak = 0;
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(common::rss_kib(pid));
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            peak
-        })
-    };
+    let device = large_backlog(relay.addr).await;
+    let peak = PeakRss::start(&relay);
     // Six sessions from the start, never reading past `ready`.
     let mut stalled = Vec::new();
     for _ in 0..6 {
@@ -711,8 +715,7 @@ async fn sessions_and_syncs_reading_a_backlog_of_large_envelopes_cost_bounded_me
     }
     // The sessions' deliveries fill the sockets and block.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let grown = sampler.await.unwrap().saturating_sub(before);
+    let grown = peak.stop().await;
     println!(
         "abuse: 6 stalled sessions and 6 syncs over 65 MiB of 1 MiB envelopes on SQLite: relay peak RSS {grown} KiB above its start"
     );
