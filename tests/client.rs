@@ -184,14 +184,23 @@ async fn start_on(addr: SocketAddr, db: &Path) -> TestRelay {
     panic!("could not rebind {addr}");
 }
 
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if condition() {
-            return;
+async fn wait_until(condition: impl FnMut() -> bool) {
+    assert!(
+        eventually(Duration::from_secs(5), condition).await,
+        "condition not met in time"
+    );
+}
+
+/// Whether `condition` holds within `within`, looked at every 25 ms.
+async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("condition not met in time");
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1017,6 +1026,20 @@ async fn a_send_refused_through_another_handle_on_the_same_home_is_reported_refu
     home.relay.stop().await;
 }
 
+/// Takes in `count` of `from`'s large messages through `session`, each within
+/// 60 s, and checks that they come in order, once.
+async fn receive_large_messages(session: &Session, device: &Device, from: &str, count: usize) {
+    for i in 0..count {
+        let message = tokio::time::timeout(Duration::from_secs(60), session.recv())
+            .await
+            .expect("the messages arrive in time")
+            .unwrap();
+        device.mark_read(message.seq).unwrap();
+        assert_eq!(message.from_name, from);
+        assert_eq!(message.body, large_message(from, i), "in order, once");
+    }
+}
+
 /// A message of 512 KB that says who sent it and its number.
 fn large_message(from: &str, i: usize) -> Vec<u8> {
     let mut body = format!("{from} {i} ").into_bytes();
@@ -1065,7 +1088,6 @@ async fn a_large_outbox_goes_out_over_sync_in_pieces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
     const MESSAGES: usize = 48;
-    let body = large_message;
     let mut config = RelayConfig::default();
     config.limits.slow_reader_timeout = Duration::from_secs(3);
     let relay = TestRelay::start(config).await;
@@ -1075,39 +1097,25 @@ async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
 
     // The phone's messages wait on the relay for the laptop.
     for i in 0..MESSAGES {
-        phone.queue(&body("phone", i)).unwrap();
+        phone.queue(&large_message("phone", i)).unwrap();
     }
     let sb = phone.connect();
-    for _ in 0..600 {
-        if phone.pending().unwrap() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(phone.pending().unwrap(), 0, "the phone's backlog is stored");
+    assert!(
+        eventually(Duration::from_secs(60), || phone.pending().unwrap() == 0).await,
+        "the phone's backlog is stored"
+    );
     sb.close().await;
 
     // The laptop wrote as much while it was away.
     for i in 0..MESSAGES {
-        laptop.queue(&body("laptop", i)).unwrap();
+        laptop.queue(&large_message("laptop", i)).unwrap();
     }
     let sa = laptop.connect();
-    for i in 0..MESSAGES {
-        let message = tokio::time::timeout(Duration::from_secs(60), sa.recv())
-            .await
-            .expect("the backlog arrives in time")
-            .unwrap();
-        laptop.mark_read(message.seq).unwrap();
-        assert_eq!(message.from_name, "phone");
-        assert_eq!(message.body, body("phone", i), "in order, once");
-    }
-    for _ in 0..600 {
-        if laptop.pending().unwrap() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(laptop.pending().unwrap(), 0, "the laptop's outbox went out");
+    receive_large_messages(&sa, laptop, "phone", MESSAGES).await;
+    assert!(
+        eventually(Duration::from_secs(60), || laptop.pending().unwrap() == 0).await,
+        "the laptop's outbox went out"
+    );
     assert_eq!(
         relay.relay.metrics().breaches("slow_reader"),
         0,
@@ -1115,15 +1123,7 @@ async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
     );
     sa.close().await;
     let sb = phone.connect();
-    for i in 0..MESSAGES {
-        let message = tokio::time::timeout(Duration::from_secs(60), sb.recv())
-            .await
-            .expect("the laptop's messages arrive in time")
-            .unwrap();
-        phone.mark_read(message.seq).unwrap();
-        assert_eq!(message.from_name, "laptop");
-        assert_eq!(message.body, body("laptop", i), "in order, once");
-    }
+    receive_large_messages(&sb, phone, "laptop", MESSAGES).await;
     sb.close().await;
     relay.stop().await;
 }
