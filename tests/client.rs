@@ -1127,3 +1127,102 @@ async fn a_large_outbox_goes_out_while_a_large_backlog_comes_in() {
     sb.close().await;
     relay.stop().await;
 }
+
+/// The laptop pairs `count` more devices: a commit each, which moves the
+/// channel's epoch on `count` times. Returns the laptop's epoch after.
+async fn add_devices(laptop: &Device, dir: &Path, addr: SocketAddr, count: usize) -> u64 {
+    let before = laptop.epoch().unwrap();
+    for i in 0..count {
+        let name = format!("extra-{i}");
+        common::sdk_join(laptop, &dir.join(&name), &url(addr), &name).await;
+    }
+    tokio::time::timeout(STEP, laptop.sync())
+        .await
+        .expect("sync in time")
+        .unwrap();
+    let after = laptop.epoch().unwrap();
+    assert!(
+        after - before > khub::channel::PAST_EPOCHS as u64,
+        "more commits than members keep past epochs for ({before} to {after})"
+    );
+    after
+}
+
+/// The laptop's unread messages, each marked read, with its incidents.
+async fn laptop_reads(laptop: &Device) -> (Vec<String>, Vec<String>) {
+    tokio::time::timeout(STEP, laptop.sync())
+        .await
+        .expect("sync in time")
+        .unwrap();
+    let mut bodies = Vec::new();
+    while let Some(message) = laptop.next_unread().unwrap() {
+        laptop.mark_read(message.seq).unwrap();
+        bodies.push(String::from_utf8(message.body).unwrap());
+    }
+    let incidents = laptop
+        .incidents()
+        .unwrap()
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect();
+    (bodies, incidents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_written_offline_while_the_channel_moved_on_is_read_by_the_others() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+    // Written on a plane: sealed in the epoch the phone knows.
+    phone.queue(b"written offline").unwrap();
+    // Meanwhile the channel moves on by more epochs than members keep.
+    add_devices(laptop, &dir, relay.addr, 4).await;
+    // Back online, the phone syncs; the laptop reads what it wrote.
+    tokio::time::timeout(STEP, phone.sync())
+        .await
+        .expect("sync in time")
+        .unwrap();
+    assert_eq!(phone.pending().unwrap(), 0, "the relay acked it");
+    let (bodies, incidents) = laptop_reads(laptop).await;
+    assert_eq!(bodies, ["written offline"]);
+    assert_eq!(incidents, Vec::<String>::new());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_lost_with_its_connection_while_the_channel_moved_on_is_read_by_the_others() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("client");
+    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    // The phone's session writes a message into a connection that never
+    // passes it on, and the connection drops: the phone cannot know whether
+    // the relay stored it.
+    let session = phone.connect();
+    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
+    proxy.stall(true);
+    let sent = session
+        .send(b"sent into a dead link", Duration::from_millis(300))
+        .await;
+    assert_eq!(sent.unwrap(), Sent::Queued);
+    session.close().await;
+    proxy.cut();
+    // Let the cut take the connection, and what it held, before traffic flows.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.stall(false);
+    // Meanwhile the channel moves on by more epochs than members keep.
+    add_devices(laptop, &dir, relay.addr, 4).await;
+    // The phone reconnects and sends it again; the laptop reads it, once.
+    let session = phone.connect();
+    eventually(STEP, || phone.pending().unwrap() == 0).await;
+    assert_eq!(phone.pending().unwrap(), 0, "the relay acked it");
+    session.close().await;
+    let (bodies, incidents) = laptop_reads(laptop).await;
+    assert_eq!(bodies, ["sent into a dead link"]);
+    assert_eq!(incidents, Vec::<String>::new());
+    relay.stop().await;
+}

@@ -649,6 +649,25 @@ impl Channel {
         Self::envelope(&header, &message)
     }
 
+    /// Seals `plaintext` again as this device's envelope `seq`, in the
+    /// current epoch: a message sealed in an epoch that ended before the relay
+    /// stored it. Members keep only the last few epochs' secrets, so stored
+    /// behind too many commits it could no longer be read. The sender number
+    /// stays, so members see no gap, and the relay, which stores each sender
+    /// number once, never stores both.
+    pub fn reseal(&mut self, seq: u64, plaintext: &[u8]) -> Result<Outgoing, ChannelError> {
+        if seq == 0 || seq >= self.meta.next_seq {
+            return Err(ChannelError::Invalid(format!(
+                "envelope {seq} was never sealed by this device"
+            )));
+        }
+        let (next, since_update) = (self.meta.next_seq, self.meta.sealed_since_update);
+        self.meta.next_seq = seq;
+        let sealed = self.seal(plaintext);
+        (self.meta.next_seq, self.meta.sealed_since_update) = (next, since_update);
+        sealed
+    }
+
     /// Seals like [`seal`](Self::seal) but names `sender` and sequence number
     /// `seq` in the header: what a member trying to speak as another, or to
     /// lock a sender out, would send. For attack tests only.

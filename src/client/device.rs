@@ -7,7 +7,8 @@ use std::time::Duration;
 use hyper::Method;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
+use zeroize::Zeroizing;
 
 use super::control::Control;
 use super::error::ClientError;
@@ -112,8 +113,9 @@ pub(crate) fn seal_into(change: &mut Change<'_>, control: &Control) -> Result<u6
         let update = change.channel.commit_update()?;
         change.queue(&update)?;
     }
-    let outgoing = change.channel.seal(&control.encode())?;
-    change.queue(&outgoing)?;
+    let plaintext = Zeroizing::new(control.encode());
+    let outgoing = change.channel.seal(&plaintext)?;
+    change.queue_message(&outgoing, &plaintext)?;
     Ok(outgoing.seq)
 }
 
@@ -422,6 +424,16 @@ impl Device {
         );
         let refusal = Refusal::new(code, message);
         self.change(|change| {
+            if code == ErrorCode::Conflict && change.resealed(sender_seq)? {
+                // The relay holds the first sealing of this message, stored
+                // after its connection was lost: it is settled as acked when
+                // it comes back in the channel.
+                debug!(
+                    sender_seq,
+                    "the relay holds the first sealing of a resealed message"
+                );
+                return Ok(());
+            }
             if !change.unqueue(sender_seq)? {
                 // Taken in already by another process on this home, or a
                 // number this device never queued: nothing to record.
@@ -472,18 +484,29 @@ impl Device {
     /// (one disk sync for a whole batch). Envelopes at or below the cursor on
     /// disk are skipped, so a redelivery, or one another process on the same
     /// home took in already, is never seen twice.
-    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<(), ClientError> {
+    ///
+    /// Own envelopes coming back settle their outbox entries (the relay stored
+    /// them though the ack was lost), and a batch that moves the epoch on
+    /// seals the outbox's messages again in the new one. Returns whether it
+    /// did: envelopes waiting to be written must then be read again.
+    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<bool, ClientError> {
         let now = now_secs();
         let me = self.inner.me;
         let retention = self
             .inner
             .retention_secs
             .load(std::sync::atomic::Ordering::Relaxed);
-        let incidents = self.change(|change| {
+        let (incidents, resealed) = self.change(|change| {
             let mut incidents = Vec::new();
+            let epoch = change.channel.epoch();
             for &(seq, envelope) in batch {
                 if seq <= change.cursor {
                     continue;
+                }
+                if let Ok(header) = EnvelopeHeader::decode(envelope)
+                    && header.sender == me
+                {
+                    change.settle_own(header.seq, seq, envelope)?;
                 }
                 let taken = change.channel.take_in(envelope, now);
                 for refusal in taken.refusals {
@@ -528,6 +551,13 @@ impl Device {
                 }
                 change.cursor = seq;
             }
+            // Before anything new is sealed in the new epoch: the outbox keeps
+            // its order in the epoch's key generations too.
+            let resealed = if change.channel.epoch() != epoch {
+                change.reseal_stale()?
+            } else {
+                0
+            };
             if retention > 0 {
                 crate::notes::store::set_retention(change.conn(), retention)?;
             }
@@ -539,18 +569,22 @@ impl Device {
             for incident in &incidents {
                 change.record(incident)?;
             }
-            Ok(incidents)
+            Ok((incidents, resealed))
         })?;
+        if resealed > 0 {
+            debug!(resealed, "messages sealed again in the new epoch");
+        }
         for incident in &incidents {
             warn!(seq = incident.seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
         }
-        Ok(())
+        Ok(resealed > 0)
     }
 
-    /// Catches up over `POST /sync`: publishes the outbox, then fetches and
-    /// takes in everything after the cursor, publishing what taking in queued
-    /// (a re-issued commit). For apps that wake briefly. Returns how many
-    /// envelopes were taken in.
+    /// Catches up over `POST /sync`: fetches and takes in everything after the
+    /// cursor, then publishes the outbox (sealed again in the current epoch
+    /// where taking in moved it on) and what taking in queued (a re-issued
+    /// commit). For apps that wake briefly. Returns how many envelopes were
+    /// taken in.
     pub async fn sync(&self) -> Result<usize, ClientError> {
         self.sync_with_progress(|_| {}).await
     }
@@ -567,7 +601,11 @@ impl Device {
         let unsent = |after: u64| {
             self.blocking(move |device| device.db().outbox_after(after, PUBLISH_PAGE_BYTES))
         };
-        let mut outbox: Vec<(u64, Vec<u8>)> = unsent(0).await?;
+        // Nothing goes out before the channel is taken in: a message sealed
+        // before commits this device has not seen would be stored behind
+        // them, where members may no longer hold its epoch's secrets.
+        let mut outbox: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut caught_up = false;
         let mut kept_back = false;
         loop {
             let request = SyncRequest {
@@ -625,7 +663,8 @@ impl Device {
             // later page stored ahead of it would leave it out of order for
             // good (and over quota the rest would only be refused too). The
             // next sync sends them all again, oldest first.
-            outbox = if kept_back {
+            caught_up |= !more || count == 0;
+            outbox = if kept_back || !caught_up {
                 Vec::new()
             } else {
                 unsent(published_up_to).await?

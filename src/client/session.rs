@@ -32,6 +32,11 @@ const MAX_BATCH: usize = 256;
 /// How often a waiting `send` looks on disk for an ack another process on
 /// the same home took in.
 const ACK_POLL: Duration = Duration::from_millis(100);
+/// A session publishes once it has taken in the channel up to the relay's
+/// head at `ready`, or once the relay has delivered nothing for this long
+/// after the last delivery was taken in (the envelopes up to that head were
+/// pruned); pings do not count.
+const CATCH_UP_QUIET: Duration = Duration::from_secs(10);
 
 /// Where a session stands.
 #[derive(Debug, Clone)]
@@ -345,8 +350,14 @@ async fn connection(
     info!(head, cursor = device.cursor(), "session live");
 
     let (mut sink, mut ws) = ws.split();
+    // The outbox waits until the channel is taken in: sealed before commits
+    // this device has not seen yet, a message would be stored behind them,
+    // where members may no longer hold its epoch's secrets. Taking them in
+    // seals it again in the new epoch.
     let mut outbound = Outbound::default();
-    outbound.publish_outbox(device).await?;
+    if device.cursor() >= head {
+        outbound.open(device).await?;
+    }
     // Messages refused for the channel's quota are sent again later, on this
     // connection, backing off while the quota stays full.
     let mut quota_retry: Option<tokio::time::Instant> = None;
@@ -356,11 +367,15 @@ async fn connection(
     // the session reconnects instead of waiting forever.
     let liveness = Duration::from_secs(ping_secs.saturating_mul(LIVENESS_PINGS));
     let mut last_heard = tokio::time::Instant::now();
+    let mut last_taken_in = last_heard;
     loop {
         tokio::select! {
             // Frames go out as the socket takes them, between reads: see `Outbound`.
             written = std::future::poll_fn(|cx| outbound.poll_write(&mut sink, cx)), if outbound.busy() => {
                 written.map_err(|e| unreachable(device, e))?;
+            }
+            _ = tokio::time::sleep_until(last_taken_in + CATCH_UP_QUIET), if !outbound.is_open() => {
+                outbound.open(device).await?;
             }
             _ = tokio::time::sleep_until(last_heard + liveness) => {
                 return Err(unreachable(
@@ -434,18 +449,25 @@ async fn connection(
                     device.blocking(move |device| device.acked_all(&acks)).await?;
                 }
                 if !deliveries.is_empty() {
-                    device
+                    let resealed = device
                         .blocking(move |device| {
                             let batch: Vec<(u64, &[u8])> =
                                 deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
                             device.ingest(&batch)
                         })
                         .await?;
+                    last_taken_in = tokio::time::Instant::now();
                     if device.removed_seen() {
                         return Err(ClientError::Revoked);
                     }
-                    // Taking in may have queued a re-issued commit.
-                    outbound.publish_outbox(device).await?;
+                    if !outbound.is_open() && device.cursor() >= head {
+                        outbound.open(device).await?;
+                    } else if resealed {
+                        outbound.reread(device).await?;
+                    } else {
+                        // Taking in may have queued a re-issued commit.
+                        outbound.publish_outbox(device).await?;
+                    }
                 }
             }
             Some(()) = wake.recv() => outbound.publish_outbox(device).await?,
@@ -473,32 +495,61 @@ async fn connection(
 /// out.
 #[derive(Default)]
 struct Outbound {
-    /// Envelopes to publish, oldest first; each is framed as it is written.
-    envelopes: VecDeque<Vec<u8>>,
+    /// The outbox goes out (the channel is taken in).
+    open: bool,
+    /// Envelopes to publish (sender number, bytes), oldest first; each is
+    /// framed as it is written.
+    envelopes: VecDeque<(u64, Vec<u8>)>,
     /// The highest sender number queued on this connection.
     queued_up_to: u64,
+    /// The highest sender number written on this connection.
+    written_up_to: u64,
     /// Written to the socket since its last flush.
     unflushed: bool,
 }
 
 impl Outbound {
-    /// Queues the outbox entries not yet queued on this connection, oldest first.
+    /// Whether the outbox goes out.
+    fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// From now on the outbox goes out, starting with what it holds.
+    async fn open(&mut self, device: &Device) -> Result<(), ClientError> {
+        self.open = true;
+        self.publish_outbox(device).await
+    }
+
+    /// Queues the outbox entries not yet queued on this connection, oldest
+    /// first (none before [`open`](Self::open)).
     async fn publish_outbox(&mut self, device: &Device) -> Result<(), ClientError> {
+        if !self.open {
+            return Ok(());
+        }
         let from = self.queued_up_to;
         let outbox = device
             .blocking(move |device| device.db().outbox_after(from, usize::MAX))
             .await?;
         for (sender_seq, envelope) in outbox {
-            self.envelopes.push_back(envelope);
+            self.envelopes.push_back((sender_seq, envelope));
             self.queued_up_to = sender_seq;
         }
         Ok(())
+    }
+
+    /// The outbox was sealed again: what waits is read anew. What was written
+    /// already goes on as written (the relay stores one sealing of each).
+    async fn reread(&mut self, device: &Device) -> Result<(), ClientError> {
+        self.envelopes.clear();
+        self.queued_up_to = self.written_up_to;
+        self.publish_outbox(device).await
     }
 
     /// The whole outbox is to be queued again: what waits now would go twice.
     fn restart(&mut self) {
         self.envelopes.clear();
         self.queued_up_to = 0;
+        self.written_up_to = 0;
     }
 
     /// An envelope waits for the socket, or a flush is owed.
@@ -520,7 +571,8 @@ impl Outbound {
             return Poll::Ready(Ok(()));
         }
         ready!(sink.poll_ready_unpin(cx))?;
-        let envelope = self.envelopes.pop_front().expect("an envelope waits");
+        let (sender_seq, envelope) = self.envelopes.pop_front().expect("an envelope waits");
+        self.written_up_to = sender_seq;
         let frame = ClientFrame::Publish { envelope }.to_text();
         sink.start_send_unpin(WsMessage::Text(frame.into()))?;
         self.unflushed = true;

@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 use super::error::ClientError;
 use super::incident::Incident;
 use crate::channel::{Channel, Outgoing, RefusalKind};
+use crate::crypto::envelope::EnvelopeHeader;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::Refusal;
@@ -54,6 +55,11 @@ CREATE TABLE IF NOT EXISTS mls (
 CREATE TABLE IF NOT EXISTS outbox (
     sender_seq INTEGER PRIMARY KEY,
     envelope   BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unsealed (  -- what outbox messages say, to seal them again in a
+    sender_seq INTEGER PRIMARY KEY,     -- later epoch if theirs ends before the relay stores
+    plaintext  BLOB NOT NULL,           -- them (secret; deleted with the outbox entry)
+    resealed   INTEGER NOT NULL DEFAULT 0  -- 1 once sealed again
 );
 CREATE TABLE IF NOT EXISTS inbox (
     seq       INTEGER PRIMARY KEY,
@@ -126,11 +132,30 @@ fn err(e: rusqlite::Error) -> ClientError {
 /// number this device never queued), and then nothing about it is recorded.
 fn take_from_outbox(conn: &Connection, sender_seq: u64) -> Result<bool, ClientError> {
     conn.execute(
+        "DELETE FROM unsealed WHERE sender_seq = ?1",
+        params![i64_of(sender_seq)],
+    )
+    .map_err(err)?;
+    conn.execute(
         "DELETE FROM outbox WHERE sender_seq = ?1",
         params![i64_of(sender_seq)],
     )
     .map_err(err)
     .map(|removed| removed > 0)
+}
+
+/// Takes envelope `sender_seq` out of the outbox as acked, stored as relay
+/// sequence number `seq`; false (and nothing recorded) if it was not there.
+fn ack_in_outbox(conn: &Connection, sender_seq: u64, seq: u64) -> Result<bool, ClientError> {
+    if !take_from_outbox(conn, sender_seq)? {
+        return Ok(false);
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO acked (sender_seq, seq) VALUES (?1, ?2)",
+        params![i64_of(sender_seq), i64_of(seq)],
+    )
+    .map_err(err)?;
+    Ok(true)
 }
 
 /// Forgets all but the newest [`ANSWERS_KEPT`] answers in `table` (`acked`
@@ -180,6 +205,131 @@ impl Change<'_> {
             )
             .map_err(err)
             .map(drop)
+    }
+
+    /// Adds a sealed message to the outbox with what it says, so that it
+    /// can be sealed again ([`reseal_stale`](Self::reseal_stale)).
+    pub fn queue_message(&self, outgoing: &Outgoing, plaintext: &[u8]) -> Result<(), ClientError> {
+        self.queue(outgoing)?;
+        self.tx
+            .execute(
+                "INSERT INTO unsealed (sender_seq, plaintext) VALUES (?1, ?2)",
+                params![i64_of(outgoing.seq), plaintext],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// Seals again, in the current epoch, every outbox message sealed in an
+    /// earlier one; returns how many. Called when taking in moved the epoch
+    /// on, so that what the relay stores from now on is at most as far behind
+    /// as the commits it stores while the envelope is on its way.
+    pub fn reseal_stale(&mut self) -> Result<usize, ClientError> {
+        if self.channel.is_removed() {
+            return Ok(0);
+        }
+        let epoch = self.channel.epoch();
+        let stale: Vec<(u64, Zeroizing<Vec<u8>>)> = {
+            let mut stmt = self
+                .tx
+                .prepare_cached(
+                    "SELECT o.sender_seq, o.envelope, u.plaintext
+                     FROM outbox o JOIN unsealed u ON u.sender_seq = o.sender_seq
+                     ORDER BY o.sender_seq",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        u64_of(r.get(0)?),
+                        r.get::<_, Vec<u8>>(1)?,
+                        Zeroizing::new(r.get::<_, Vec<u8>>(2)?),
+                    ))
+                })
+                .map_err(err)?;
+            let mut stale = Vec::new();
+            for row in rows {
+                let (sender_seq, envelope, plaintext) = row.map_err(err)?;
+                let sealed_in = EnvelopeHeader::decode(&envelope)
+                    .ok()
+                    .map(|h| u64::from(h.epoch));
+                if sealed_in.is_none_or(|e| e < epoch) {
+                    stale.push((sender_seq, plaintext));
+                }
+            }
+            stale
+        };
+        let mut resealed = 0;
+        for (sender_seq, plaintext) in &stale {
+            // One that cannot be sealed again goes as it is, rather than
+            // stopping everything this device takes in.
+            let outgoing = match self.channel.reseal(*sender_seq, plaintext) {
+                Ok(outgoing) => outgoing,
+                Err(e) => {
+                    tracing::warn!(sender_seq, error = %e, "a queued message could not be sealed in the new epoch; it goes as it is");
+                    continue;
+                }
+            };
+            resealed += 1;
+            self.tx
+                .execute(
+                    "UPDATE outbox SET envelope = ?2 WHERE sender_seq = ?1",
+                    params![i64_of(*sender_seq), outgoing.envelope],
+                )
+                .map_err(err)?;
+            self.tx
+                .execute(
+                    "UPDATE unsealed SET resealed = 1 WHERE sender_seq = ?1",
+                    params![i64_of(*sender_seq)],
+                )
+                .map_err(err)?;
+        }
+        Ok(resealed)
+    }
+
+    /// This device's own envelope `sender_seq` came back from the relay as
+    /// `seq`: if it is still in the outbox as sent, or was sealed again since,
+    /// it was stored (an ack lost with its connection): acked. True if it was.
+    pub fn settle_own(
+        &self,
+        sender_seq: u64,
+        seq: u64,
+        envelope: &[u8],
+    ) -> Result<bool, ClientError> {
+        let queued: Option<(Vec<u8>, Option<i64>)> = self
+            .tx
+            .query_row(
+                "SELECT o.envelope, u.resealed FROM outbox o
+                 LEFT JOIN unsealed u ON u.sender_seq = o.sender_seq
+                 WHERE o.sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        match queued {
+            Some((queued, resealed)) if queued == envelope || resealed == Some(1) => {
+                ack_in_outbox(&self.tx, sender_seq, seq)?;
+                keep_newest_answers(&self.tx, "acked")?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether outbox message `sender_seq` was sealed again since it was
+    /// queued: the relay may then hold the first sealing, and answer the
+    /// second with a conflict.
+    pub fn resealed(&self, sender_seq: u64) -> Result<bool, ClientError> {
+        self.tx
+            .query_row(
+                "SELECT resealed FROM unsealed WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(err)
+            .map(|r| r == Some(1))
     }
 
     /// Adds a message to the inbox.
@@ -512,14 +662,7 @@ impl StateDb {
     pub fn acked(&mut self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
         for &(sender_seq, seq) in acks {
-            if !take_from_outbox(&tx, sender_seq)? {
-                continue;
-            }
-            tx.execute(
-                "INSERT OR REPLACE INTO acked (sender_seq, seq) VALUES (?1, ?2)",
-                params![i64_of(sender_seq), i64_of(seq)],
-            )
-            .map_err(err)?;
+            ack_in_outbox(&tx, sender_seq, seq)?;
         }
         keep_newest_answers(&tx, "acked")?;
         tx.commit().map_err(err)

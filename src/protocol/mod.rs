@@ -74,6 +74,14 @@
 //! Take incoming frames between the frames you write (khub's SDK writes each
 //! publish as the socket takes it, from the loop that reads).
 //!
+//! **Take in before you publish.** The relay stores a publish where it
+//! arrives. A message sealed before commits the device has not taken in yet
+//! (queued offline, or written into a connection that dropped) would be
+//! stored behind them, where members may no longer hold its epoch's secrets:
+//! publish once you have taken in up to `ready`'s `head`, and seal what was
+//! sealed in an epoch that ended again, under the same sender number
+//! (SECURITY.md, "Sending").
+//!
 //! Errors: `{"type":"error","code":"over_quota","message":"…","fatal":false}`. A
 //! non-fatal error refuses one request and the session goes on; a fatal one is
 //! followed by a close frame with one of the codes below.
