@@ -156,6 +156,24 @@ fn log_tails(dir: &Path) -> String {
         .join("\n")
 }
 
+/// Where each device stands, for a failure message: its cursor, what it has
+/// not had acked, and what went wrong on its side.
+fn device_states(devices: &[khub::client::Device]) -> String {
+    devices
+        .iter()
+        .map(|d| {
+            format!(
+                "--- {}: cursor {}, {:?} not acked, incidents {:?}",
+                d.name(),
+                d.cursor(),
+                d.pending(),
+                d.incidents()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_devices_across_two_nodes_lose_nothing_when_one_is_killed() {
     let Some(db) = common::pg::fresh_database("cluster").await else {
@@ -209,8 +227,9 @@ async fn five_devices_across_two_nodes_lose_nothing_when_one_is_killed() {
     .await
     .unwrap_or_else(|_| {
         panic!(
-            "every device received everything in time: {} of {total} received\n{}",
+            "every device received everything in time: {} of {total} received\n{}\n{}",
             progress.load(Ordering::Relaxed),
+            device_states(&devices),
             log_tails(dir.path())
         )
     });
