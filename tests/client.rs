@@ -1226,3 +1226,45 @@ async fn a_message_lost_with_its_connection_while_the_channel_moved_on_is_read_b
     assert_eq!(incidents, Vec::<String>::new());
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_missed_envelopes_were_pruned_still_sends() {
+    let store = Arc::new(khub::relay::store::memory::MemoryStore::new());
+    let config = || {
+        let mut config = RelayConfig::default();
+        config.limits.retention = Duration::from_secs(2);
+        config
+    };
+    let relay = TestRelay::start_with(store.clone(), config()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+    laptop.queue(b"while the phone was away").unwrap();
+    tokio::time::timeout(STEP, laptop.sync())
+        .await
+        .expect("sync in time")
+        .unwrap();
+    // The relay's retention deletes everything the phone has not taken in:
+    // its session starts behind a head with nothing left to deliver.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !khub::relay::store::Store::read(&*store, phone.channel(), phone.cursor(), 1)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "pruned in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A relay restarted on the store (its cache held them still).
+    let addr = relay.addr;
+    relay.stop().await;
+    let relay = TestRelay::start_on(addr, store.clone(), config())
+        .await
+        .unwrap();
+    // It still publishes, once the relay has had nothing to deliver for a while.
+    let session = phone.connect();
+    let sent = session.send(b"back online", 3 * STEP).await.unwrap();
+    assert!(matches!(sent, Sent::Acked { .. }), "{sent:?}");
+    session.close().await;
+    relay.stop().await;
+}
