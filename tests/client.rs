@@ -1268,3 +1268,46 @@ async fn a_device_whose_missed_envelopes_were_pruned_still_sends() {
     session.close().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_behind_commits_made_while_it_was_on_its_way_is_sent_again() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("client");
+    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    // The phone's message is on its way (held in a slow link) while the
+    // laptop commits 4 times; then it reaches the relay, behind the commits.
+    let session = phone.connect();
+    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
+    proxy.stall(true);
+    let sent = session
+        .send(b"on its way", Duration::from_millis(300))
+        .await;
+    assert_eq!(sent.unwrap(), Sent::Queued);
+    add_devices(laptop, &dir, relay.addr, 4).await;
+    proxy.stall(false);
+    // Its own envelope comes back to the phone, too far behind for members to
+    // read: the phone sends it again, and the laptop reads it once.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut read = Vec::new();
+    while read.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the laptop reads the message in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        read = laptop_reads(laptop).await.0;
+    }
+    assert_eq!(read, ["on its way"]);
+    session.close().await;
+    let (more, incidents) = laptop_reads(laptop).await;
+    assert_eq!(more, Vec::<String>::new(), "once");
+    // The first sealing shows up as what it is: unreadable, and missing.
+    assert_eq!(incidents.len(), 2, "{incidents:?}");
+    assert!(incidents[0].contains("UnknownEpoch"), "{incidents:?}");
+    assert!(incidents[1].contains("Gap"), "{incidents:?}");
+    relay.stop().await;
+}

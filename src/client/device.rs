@@ -15,7 +15,7 @@ use super::error::ClientError;
 use super::http::{REQUEST_TIMEOUT, RelayAddr};
 use super::incident::{Incident, IncidentKind};
 use super::state::{Change, Identity, InboxMessage, StateDb};
-use crate::channel::{Channel, ChannelError, Event, Member, Outgoing, validate_name};
+use crate::channel::{Channel, ChannelError, Event, Member, Outgoing, PAST_EPOCHS, validate_name};
 use crate::crypto::envelope::EnvelopeHeader;
 use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;
@@ -499,6 +499,8 @@ impl Device {
         let (incidents, resealed) = self.change(|change| {
             let mut incidents = Vec::new();
             let epoch = change.channel.epoch();
+            // Own messages the relay stored too late for members to read.
+            let mut too_late = Vec::new();
             for &(seq, envelope) in batch {
                 if seq <= change.cursor {
                     continue;
@@ -507,6 +509,15 @@ impl Device {
                     && header.sender == me
                 {
                     change.settle_own(header.seq, seq, envelope)?;
+                    let behind = change
+                        .channel
+                        .epoch()
+                        .saturating_sub(u64::from(header.epoch));
+                    if behind > PAST_EPOCHS as u64 && !change.queued(header.seq)? {
+                        too_late.push(header.seq);
+                    } else {
+                        change.forget_plaintext(header.seq)?;
+                    }
                 }
                 let taken = change.channel.take_in(envelope, now);
                 for refusal in taken.refusals {
@@ -558,6 +569,24 @@ impl Device {
             } else {
                 0
             };
+            // Stored behind more commits than members keep epochs for (it was
+            // on its way while they reached the relay): members cannot read
+            // it, so it goes again as a new message, after the outbox.
+            for sender_seq in too_late {
+                if let Some(plaintext) = change.plaintext(sender_seq)?
+                    && !change.channel.is_removed()
+                {
+                    let outgoing = change.channel.seal(&plaintext)?;
+                    change.queue_message(&outgoing, &plaintext)?;
+                    warn!(
+                        sender_seq,
+                        again = outgoing.seq,
+                        "the relay stored a message of this device too late for members to read; sent again"
+                    );
+                }
+                change.forget_plaintext(sender_seq)?;
+            }
+            change.forget_settled_plaintexts()?;
             if retention > 0 {
                 crate::notes::store::set_retention(change.conn(), retention)?;
             }

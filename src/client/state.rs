@@ -56,10 +56,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     sender_seq INTEGER PRIMARY KEY,
     envelope   BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS unsealed (  -- what outbox messages say, to seal them again in a
-    sender_seq INTEGER PRIMARY KEY,     -- later epoch if theirs ends before the relay stores
-    plaintext  BLOB NOT NULL,           -- them (secret; deleted with the outbox entry)
-    resealed   INTEGER NOT NULL DEFAULT 0  -- 1 once sealed again
+CREATE TABLE IF NOT EXISTS unsealed (  -- what queued messages say, until they come back
+    sender_seq INTEGER PRIMARY KEY,     -- from the relay: to seal them again in a later
+    plaintext  BLOB NOT NULL,           -- epoch, or send them again if stored too late
+    resealed   INTEGER NOT NULL DEFAULT 0  -- (secret); 1 once sealed again
 );
 CREATE TABLE IF NOT EXISTS inbox (
     seq       INTEGER PRIMARY KEY,
@@ -131,11 +131,6 @@ fn err(e: rusqlite::Error) -> ClientError {
 /// it; false if it was not there (the answer was taken in already, or names a
 /// number this device never queued), and then nothing about it is recorded.
 fn take_from_outbox(conn: &Connection, sender_seq: u64) -> Result<bool, ClientError> {
-    conn.execute(
-        "DELETE FROM unsealed WHERE sender_seq = ?1",
-        params![i64_of(sender_seq)],
-    )
-    .map_err(err)?;
     conn.execute(
         "DELETE FROM outbox WHERE sender_seq = ?1",
         params![i64_of(sender_seq)],
@@ -407,7 +402,61 @@ impl Change<'_> {
     /// it was not there (another process on this home took the answer in
     /// first, or the relay named a number this device never queued).
     pub fn unqueue(&self, sender_seq: u64) -> Result<bool, ClientError> {
+        self.forget_plaintext(sender_seq)?;
         take_from_outbox(&self.tx, sender_seq)
+    }
+
+    /// Message `sender_seq` needs its plaintext no more (it came back from
+    /// the relay in time, or was refused for good).
+    pub fn forget_plaintext(&self, sender_seq: u64) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "DELETE FROM unsealed WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// Whether envelope `sender_seq` is in the outbox.
+    pub fn queued(&self, sender_seq: u64) -> Result<bool, ClientError> {
+        self.tx
+            .query_row(
+                "SELECT 1 FROM outbox WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(err)
+            .map(|r| r.is_some())
+    }
+
+    /// The plaintext of message `sender_seq`, if it is still kept.
+    pub fn plaintext(&self, sender_seq: u64) -> Result<Option<Zeroizing<Vec<u8>>>, ClientError> {
+        self.tx
+            .query_row(
+                "SELECT plaintext FROM unsealed WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map_err(err)
+            .map(|p| p.map(Zeroizing::new))
+    }
+
+    /// Forgets the plaintexts no longer needed: of messages neither queued
+    /// nor acked past the cursor (their return was pruned, or another process
+    /// took it in).
+    pub fn forget_settled_plaintexts(&self) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "DELETE FROM unsealed
+                 WHERE sender_seq NOT IN (SELECT sender_seq FROM outbox)
+                   AND sender_seq NOT IN (SELECT sender_seq FROM acked WHERE seq > ?1)",
+                params![i64_of(self.cursor)],
+            )
+            .map_err(err)
+            .map(drop)
     }
 
     fn commit(mut self) -> Result<(), ClientError> {
