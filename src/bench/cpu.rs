@@ -92,12 +92,17 @@ mod tests {
         while spin.elapsed() < Duration::from_millis(50) {}
         let idle = server_cpu().unwrap() - before;
         assert!(idle < Duration::from_millis(20), "{idle:?}");
-        // Work on a server runtime thread does.
+        // Work on a server runtime thread does: 100 ms of its own CPU time
+        // (not of wall time, which a loaded machine stretches).
         let runtime = server_runtime().unwrap();
         runtime.block_on(async {
             tokio::spawn(async {
-                let spin = Instant::now();
-                while spin.elapsed() < Duration::from_millis(100) {}
+                let own = || {
+                    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+                    Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
+                };
+                let start = own();
+                while own() - start < Duration::from_millis(100) {}
             })
             .await
             .unwrap();
