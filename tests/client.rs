@@ -1311,3 +1311,48 @@ async fn a_message_stored_behind_commits_made_while_it_was_on_its_way_is_sent_ag
     assert!(incidents[1].contains("Gap"), "{incidents:?}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_written_on_both_sides_of_an_epoch_change_and_sent_again_are_read_in_order() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("client");
+    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    let session = phone.connect();
+    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
+    // The phone's link holds what it sends, and passes what it receives.
+    proxy.stall_upstream(true);
+    let send = |n: usize| session.send(format!("m{n}").as_bytes().to_vec().leak(), Duration::ZERO);
+    for n in 0..10 {
+        send(n).await.unwrap();
+    }
+    // The phone takes in 4 commits while those are on their way, then writes
+    // 10 more in the new epoch.
+    let epoch = add_devices(laptop, &dir, relay.addr, 4).await;
+    assert!(
+        eventually(STEP, || phone.epoch().unwrap() == epoch).await,
+        "the phone takes the commits in"
+    );
+    for n in 10..20 {
+        send(n).await.unwrap();
+    }
+    // The link drops with all twenty: they go again on the next connection.
+    session.close().await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.stall_upstream(false);
+    let session = phone.connect();
+    assert!(
+        eventually(STEP, || phone.pending().unwrap() == 0).await,
+        "all acked"
+    );
+    session.close().await;
+    let (bodies, incidents) = laptop_reads(laptop).await;
+    let expected: Vec<String> = (0..20).map(|n| format!("m{n}")).collect();
+    assert_eq!(bodies, expected);
+    assert_eq!(incidents, Vec::<String>::new());
+    relay.stop().await;
+}

@@ -523,3 +523,50 @@ async fn a_removed_device_with_the_relay_reads_nothing_new_and_changes_nothing()
     assert_eq!(scanner.scan_dir(relay.dir()).unwrap(), []);
     assert_eq!(scanner.scan_logs(), []);
 }
+
+/// A relay that shows a device its own message under a forged older epoch
+/// cannot make it send the message again, which members would read twice:
+/// only a sealing the device made itself (by its hash) says where its
+/// message stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_old_epoch_on_a_devices_own_message_does_not_make_it_send_it_twice() {
+    let setup = Setup::new().await;
+    let [alice, bob] = [&setup.paired.devices[0], &setup.paired.devices[1]];
+    // The channel moves on by more epochs than members keep.
+    for i in 0..4 {
+        let name = format!("extra-{i}");
+        let home = setup._home.path().join(&name);
+        khub::testing::pair_device(alice, &home, &setup.relay.url(), &name, STEP)
+            .await
+            .unwrap();
+    }
+    step(bob.sync()).await.unwrap();
+    let bob_id = bob.id();
+    setup.hostile.on_sync(move |real: Vec<Delivery>| {
+        real.into_iter()
+            .map(|d| {
+                let mut envelope = d.envelope;
+                if envelope[21..37] == bob_id.as_bytes()[..] {
+                    let epoch = u32::from_be_bytes(envelope[17..21].try_into().unwrap());
+                    envelope[17..21].copy_from_slice(&epoch.saturating_sub(4).to_be_bytes());
+                }
+                envelope
+            })
+            .collect()
+    });
+    bob.queue(b"said once").unwrap();
+    step(bob.sync()).await.unwrap();
+    setup.hostile.honest();
+    step(bob.sync()).await.unwrap();
+    assert_eq!(bob.pending().unwrap(), 0);
+    step(alice.sync()).await.unwrap();
+    let mut read = Vec::new();
+    while let Some(message) = alice.next_unread().unwrap() {
+        alice.mark_read(message.seq).unwrap();
+        read.push(String::from_utf8(message.body).unwrap());
+    }
+    assert!(
+        read.iter().filter(|m| *m == "said once").count() == 1,
+        "read once: {read:?}"
+    );
+}

@@ -381,9 +381,19 @@ impl Device {
         })
     }
 
+    /// Seals again, in the current epoch, every queued message sealed in an
+    /// earlier one: before a new connection publishes, what the last one
+    /// wrote and the relay did not store.
+    pub(crate) fn reseal_stale(&self) -> Result<usize, ClientError> {
+        if self.pending()? == 0 {
+            return Ok(0);
+        }
+        self.change(|change| change.reseal_stale())
+    }
+
     /// Envelopes sealed but not yet acked by the relay.
     pub fn pending(&self) -> Result<usize, ClientError> {
-        Ok(self.db().outbox()?.len())
+        self.db().outbox_len()
     }
 
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
@@ -487,8 +497,10 @@ impl Device {
     ///
     /// Own envelopes coming back settle their outbox entries (the relay stored
     /// them though the ack was lost), and a batch that moves the epoch on
-    /// seals the outbox's messages again in the new one. Returns whether it
-    /// did: envelopes waiting to be written must then be read again.
+    /// seals the outbox's messages again in the new one, all of them, in
+    /// order (what the live connection wrote already goes on as written, and
+    /// its new sealing is used if it has to go again). Returns whether it did:
+    /// envelopes waiting to be written must then be read again.
     pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<bool, ClientError> {
         let now = now_secs();
         let me = self.inner.me;
@@ -509,14 +521,18 @@ impl Device {
                     && header.sender == me
                 {
                     change.settle_own(header.seq, seq, envelope)?;
-                    let behind = change
-                        .channel
-                        .epoch()
-                        .saturating_sub(u64::from(header.epoch));
-                    if behind > PAST_EPOCHS as u64 && !change.queued(header.seq)? {
-                        too_late.push(header.seq);
-                    } else {
-                        change.forget_plaintext(header.seq)?;
+                    // Only a sealing this device made tells, by its header,
+                    // where the message stands (a relay can forge headers).
+                    if change.own_sealing(header.seq, envelope)? {
+                        let behind = change
+                            .channel
+                            .epoch()
+                            .saturating_sub(u64::from(header.epoch));
+                        if behind > PAST_EPOCHS as u64 && !change.queued(header.seq)? {
+                            too_late.push(header.seq);
+                        } else {
+                            change.forget_plaintext(header.seq)?;
+                        }
                     }
                 }
                 let taken = change.channel.take_in(envelope, now);
@@ -576,13 +592,21 @@ impl Device {
                 if let Some(plaintext) = change.plaintext(sender_seq)?
                     && !change.channel.is_removed()
                 {
-                    let outgoing = change.channel.seal(&plaintext)?;
-                    change.queue_message(&outgoing, &plaintext)?;
-                    warn!(
-                        sender_seq,
-                        again = outgoing.seq,
-                        "the relay stored a message of this device too late for members to read; sent again"
-                    );
+                    match change.channel.seal(&plaintext) {
+                        Ok(outgoing) => {
+                            change.queue_message(&outgoing, &plaintext)?;
+                            warn!(
+                                sender_seq,
+                                again = outgoing.seq,
+                                "the relay stored a message of this device too late for members to read; sent again"
+                            );
+                        }
+                        Err(e) => warn!(
+                            sender_seq,
+                            error = %e,
+                            "the relay stored a message of this device too late for members to read, and it could not be sent again"
+                        ),
+                    }
                 }
                 change.forget_plaintext(sender_seq)?;
             }
@@ -692,7 +716,12 @@ impl Device {
             // later page stored ahead of it would leave it out of order for
             // good (and over quota the rest would only be refused too). The
             // next sync sends them all again, oldest first.
-            caught_up |= !more || count == 0;
+            let now_caught_up = !caught_up && (!more || count == 0);
+            caught_up |= now_caught_up;
+            if now_caught_up {
+                // What a dropped connection wrote and the relay did not store.
+                self.blocking(|device| device.reseal_stale()).await?;
+            }
             outbox = if kept_back || !caught_up {
                 Vec::new()
             } else {

@@ -32,6 +32,12 @@ const MAX_BATCH: usize = 256;
 /// How often a waiting `send` looks on disk for an ack another process on
 /// the same home took in.
 const ACK_POLL: Duration = Duration::from_millis(100);
+/// Publishes written on one connection and not yet answered (acked or
+/// refused), at most. What is written goes on as written when the epoch moves
+/// on, so this bounds how far a sender's stored key generations can jump
+/// (members accept 1,000 ahead) and how much can land behind commits made
+/// while it is on its way.
+const PUBLISH_WINDOW: usize = 256;
 /// A session publishes once it has taken in the channel up to the relay's
 /// head at `ready`, or once the relay has delivered nothing for this long
 /// after the last delivery was taken in (the envelopes up to that head were
@@ -409,11 +415,13 @@ async fn connection(
                         Ok(ServerFrame::Deliver { seq, envelope }) => deliveries.push((seq, envelope)),
                         Ok(ServerFrame::Ack { sender_seq, seq, .. }) => {
                             acks.push((sender_seq, seq));
+                            outbound.answered();
                             quota_refusals = 0;
                         }
                         // Not final: the quota, the storage budget, a relay that could
                         // not store it right now, or a code this device does not know.
                         Ok(ServerFrame::Error { code, message, fatal: false, .. }) if code.keeps_envelope() => {
+                            outbound.answered();
                             if quota_retry.is_none() {
                                 quota_refusals = quota_refusals.saturating_add(1);
                                 let wait = backoff(quota_refusals);
@@ -422,6 +430,7 @@ async fn connection(
                             }
                         }
                         Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
+                            outbound.answered();
                             // Anything but the quota will never be accepted: an
                             // incident, and an error for a `send` waiting on it.
                             match sender_seq {
@@ -504,6 +513,8 @@ struct Outbound {
     queued_up_to: u64,
     /// The highest sender number written on this connection.
     written_up_to: u64,
+    /// Written on this connection and not yet answered.
+    in_flight: usize,
     /// Written to the socket since its last flush.
     unflushed: bool,
 }
@@ -514,8 +525,10 @@ impl Outbound {
         self.open
     }
 
-    /// From now on the outbox goes out, starting with what it holds.
+    /// From now on the outbox goes out, starting with what it holds, sealed
+    /// again where its epoch has ended.
     async fn open(&mut self, device: &Device) -> Result<(), ClientError> {
+        device.blocking(|device| device.reseal_stale()).await?;
         self.open = true;
         self.publish_outbox(device).await
     }
@@ -552,9 +565,15 @@ impl Outbound {
         self.written_up_to = 0;
     }
 
-    /// An envelope waits for the socket, or a flush is owed.
+    /// The relay answered one publish.
+    fn answered(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// An envelope waits for the socket and the window has room, or a flush
+    /// is owed.
     fn busy(&self) -> bool {
-        !self.envelopes.is_empty() || self.unflushed
+        (!self.envelopes.is_empty() && self.in_flight < PUBLISH_WINDOW) || self.unflushed
     }
 
     /// One step: the oldest envelope framed and handed to the sink once it
@@ -565,7 +584,7 @@ impl Outbound {
     where
         S: Sink<WsMessage> + Unpin,
     {
-        if self.envelopes.is_empty() {
+        if self.envelopes.is_empty() || self.in_flight >= PUBLISH_WINDOW {
             ready!(sink.poll_flush_unpin(cx))?;
             self.unflushed = false;
             return Poll::Ready(Ok(()));
@@ -573,6 +592,7 @@ impl Outbound {
         ready!(sink.poll_ready_unpin(cx))?;
         let (sender_seq, envelope) = self.envelopes.pop_front().expect("an envelope waits");
         self.written_up_to = sender_seq;
+        self.in_flight += 1;
         let frame = ClientFrame::Publish { envelope }.to_text();
         sink.start_send_unpin(WsMessage::Text(frame.into()))?;
         self.unflushed = true;

@@ -58,8 +58,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS unsealed (  -- what queued messages say, until they come back
     sender_seq INTEGER PRIMARY KEY,     -- from the relay: to seal them again in a later
-    plaintext  BLOB NOT NULL,           -- epoch, or send them again if stored too late
-    resealed   INTEGER NOT NULL DEFAULT 0  -- (secret); 1 once sealed again
+    plaintext  BLOB NOT NULL,           -- epoch, or send them again if stored too late (secret)
+    sealings   BLOB NOT NULL,           -- SHA-256 of each sealing, 32 bytes each, oldest first
+    seq        INTEGER                  -- the relay sequence number it was acked with
 );
 CREATE TABLE IF NOT EXISTS inbox (
     seq       INTEGER PRIMARY KEY,
@@ -150,7 +151,18 @@ fn ack_in_outbox(conn: &Connection, sender_seq: u64, seq: u64) -> Result<bool, C
         params![i64_of(sender_seq), i64_of(seq)],
     )
     .map_err(err)?;
+    conn.execute(
+        "UPDATE unsealed SET seq = ?2 WHERE sender_seq = ?1",
+        params![i64_of(sender_seq), i64_of(seq)],
+    )
+    .map_err(err)?;
     Ok(true)
+}
+
+/// The SHA-256 of one sealing of a message, as `unsealed.sealings` lists them.
+fn sealing_hash(envelope: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(envelope).into()
 }
 
 /// Forgets all but the newest [`ANSWERS_KEPT`] answers in `table` (`acked`
@@ -208,27 +220,40 @@ impl Change<'_> {
         self.queue(outgoing)?;
         self.tx
             .execute(
-                "INSERT INTO unsealed (sender_seq, plaintext) VALUES (?1, ?2)",
-                params![i64_of(outgoing.seq), plaintext],
+                "INSERT INTO unsealed (sender_seq, plaintext, sealings) VALUES (?1, ?2, ?3)",
+                params![
+                    i64_of(outgoing.seq),
+                    plaintext,
+                    &sealing_hash(&outgoing.envelope)[..]
+                ],
             )
             .map_err(err)
             .map(drop)
     }
 
     /// Seals again, in the current epoch, every outbox message sealed in an
-    /// earlier one; returns how many. Called when taking in moved the epoch
-    /// on, so that what the relay stores from now on is at most as far behind
-    /// as the commits it stores while the envelope is on its way.
+    /// earlier epoch, oldest first; returns how many. Called when taking in
+    /// moved the epoch on, and before a new connection publishes, so that what
+    /// the relay stores from now on is at most as far behind as the commits it
+    /// stores while it is on its way.
+    ///
+    /// All of them, those the live connection wrote already too: the relay
+    /// stores a sender's envelopes in the order of their sender numbers, and
+    /// members accept an epoch's key generations only in about that order
+    /// (OpenMLS tolerates 5 out of order), so the outbox's sealings in the
+    /// current epoch must follow its sender numbers. Sealing only what was
+    /// not yet written left written ones to be sealed after later ones when
+    /// they had to go again: members refused them as tampered.
     pub fn reseal_stale(&mut self) -> Result<usize, ClientError> {
         if self.channel.is_removed() {
             return Ok(0);
         }
         let epoch = self.channel.epoch();
-        let stale: Vec<(u64, Zeroizing<Vec<u8>>)> = {
+        let stale: Vec<(u64, Zeroizing<Vec<u8>>, Vec<u8>)> = {
             let mut stmt = self
                 .tx
                 .prepare_cached(
-                    "SELECT o.sender_seq, o.envelope, u.plaintext
+                    "SELECT o.sender_seq, o.envelope, u.plaintext, u.sealings
                      FROM outbox o JOIN unsealed u ON u.sender_seq = o.sender_seq
                      ORDER BY o.sender_seq",
                 )
@@ -239,23 +264,24 @@ impl Change<'_> {
                         u64_of(r.get(0)?),
                         r.get::<_, Vec<u8>>(1)?,
                         Zeroizing::new(r.get::<_, Vec<u8>>(2)?),
+                        r.get::<_, Vec<u8>>(3)?,
                     ))
                 })
                 .map_err(err)?;
             let mut stale = Vec::new();
             for row in rows {
-                let (sender_seq, envelope, plaintext) = row.map_err(err)?;
+                let (sender_seq, envelope, plaintext, sealings) = row.map_err(err)?;
                 let sealed_in = EnvelopeHeader::decode(&envelope)
                     .ok()
                     .map(|h| u64::from(h.epoch));
                 if sealed_in.is_none_or(|e| e < epoch) {
-                    stale.push((sender_seq, plaintext));
+                    stale.push((sender_seq, plaintext, sealings));
                 }
             }
             stale
         };
         let mut resealed = 0;
-        for (sender_seq, plaintext) in &stale {
+        for (sender_seq, plaintext, sealings) in &stale {
             // One that cannot be sealed again goes as it is, rather than
             // stopping everything this device takes in.
             let outgoing = match self.channel.reseal(*sender_seq, plaintext) {
@@ -272,18 +298,36 @@ impl Change<'_> {
                     params![i64_of(*sender_seq), outgoing.envelope],
                 )
                 .map_err(err)?;
+            let sealings = [&sealings[..], &sealing_hash(&outgoing.envelope)[..]].concat();
             self.tx
                 .execute(
-                    "UPDATE unsealed SET resealed = 1 WHERE sender_seq = ?1",
-                    params![i64_of(*sender_seq)],
+                    "UPDATE unsealed SET sealings = ?2 WHERE sender_seq = ?1",
+                    params![i64_of(*sender_seq), sealings],
                 )
                 .map_err(err)?;
         }
         Ok(resealed)
     }
 
+    /// Whether `envelope` is one of the sealings this device made of its
+    /// message `sender_seq` (while it keeps the message's plaintext): bytes
+    /// the relay cannot forge, so their header can be trusted.
+    pub fn own_sealing(&self, sender_seq: u64, envelope: &[u8]) -> Result<bool, ClientError> {
+        let sealings: Option<Vec<u8>> = self
+            .tx
+            .query_row(
+                "SELECT sealings FROM unsealed WHERE sender_seq = ?1",
+                params![i64_of(sender_seq)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let hash = sealing_hash(envelope);
+        Ok(sealings.is_some_and(|s| s.chunks(32).any(|h| h == hash)))
+    }
+
     /// This device's own envelope `sender_seq` came back from the relay as
-    /// `seq`: if it is still in the outbox as sent, or was sealed again since,
+    /// `seq`: if it is the outbox entry as queued, or one of its sealings,
     /// it was stored (an ack lost with its connection): acked. True if it was.
     pub fn settle_own(
         &self,
@@ -291,19 +335,17 @@ impl Change<'_> {
         seq: u64,
         envelope: &[u8],
     ) -> Result<bool, ClientError> {
-        let queued: Option<(Vec<u8>, Option<i64>)> = self
+        let queued: Option<Vec<u8>> = self
             .tx
             .query_row(
-                "SELECT o.envelope, u.resealed FROM outbox o
-                 LEFT JOIN unsealed u ON u.sender_seq = o.sender_seq
-                 WHERE o.sender_seq = ?1",
+                "SELECT envelope FROM outbox WHERE sender_seq = ?1",
                 params![i64_of(sender_seq)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
             .optional()
             .map_err(err)?;
         match queued {
-            Some((queued, resealed)) if queued == envelope || resealed == Some(1) => {
+            Some(queued) if queued == envelope || self.own_sealing(sender_seq, envelope)? => {
                 ack_in_outbox(&self.tx, sender_seq, seq)?;
                 keep_newest_answers(&self.tx, "acked")?;
                 Ok(true)
@@ -318,13 +360,13 @@ impl Change<'_> {
     pub fn resealed(&self, sender_seq: u64) -> Result<bool, ClientError> {
         self.tx
             .query_row(
-                "SELECT resealed FROM unsealed WHERE sender_seq = ?1",
+                "SELECT length(sealings) FROM unsealed WHERE sender_seq = ?1",
                 params![i64_of(sender_seq)],
                 |r| r.get::<_, i64>(0),
             )
             .optional()
             .map_err(err)
-            .map(|r| r == Some(1))
+            .map(|len| len.is_some_and(|len| len > 32))
     }
 
     /// Adds a message to the inbox.
@@ -444,15 +486,15 @@ impl Change<'_> {
             .map(|p| p.map(Zeroizing::new))
     }
 
-    /// Forgets the plaintexts no longer needed: of messages neither queued
-    /// nor acked past the cursor (their return was pruned, or another process
-    /// took it in).
+    /// Forgets the plaintexts no longer needed: of messages no longer queued
+    /// and acked at or before the cursor (their return was pruned, or another
+    /// process took it in).
     pub fn forget_settled_plaintexts(&self) -> Result<(), ClientError> {
         self.tx
             .execute(
                 "DELETE FROM unsealed
                  WHERE sender_seq NOT IN (SELECT sender_seq FROM outbox)
-                   AND sender_seq NOT IN (SELECT sender_seq FROM acked WHERE seq > ?1)",
+                   AND (seq IS NULL OR seq <= ?1)",
                 params![i64_of(self.cursor)],
             )
             .map_err(err)
@@ -667,9 +709,12 @@ impl StateDb {
         load_channel(&self.conn)
     }
 
-    /// Envelopes waiting for an ack, oldest first.
-    pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        self.outbox_after(0, usize::MAX)
+    /// How many envelopes wait for an ack.
+    pub fn outbox_len(&self) -> Result<usize, ClientError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .map_err(err)
+            .map(|n| usize::try_from(n).unwrap_or(0))
     }
 
     /// Envelopes waiting for an ack after sender sequence number `after`,
@@ -955,6 +1000,6 @@ mod tests {
         );
         assert_eq!(db.refusal_of(2).unwrap(), Some(refusal));
         assert_eq!(db.refusal_of(7).unwrap(), None);
-        assert!(db.outbox().unwrap().is_empty());
+        assert_eq!(db.outbox_len().unwrap(), 0);
     }
 }

@@ -17,6 +17,8 @@ struct Faults {
     cuts: watch::Sender<u64>,
     /// Hold every byte (connections stay open) while set.
     stalled: watch::Sender<bool>,
+    /// Hold every byte from devices to the relay while set.
+    stalled_up: watch::Sender<bool>,
     /// Delay before each chunk is passed on, in milliseconds.
     delay_ms: AtomicU64,
     /// Pass chunks on in pieces of at most this many bytes (0: whole).
@@ -67,6 +69,12 @@ impl FaultProxy {
     /// Holds (`true`) or releases (`false`) all traffic; connections stay open.
     pub fn stall(&self, stalled: bool) {
         self.faults.stalled.send_replace(stalled);
+    }
+
+    /// Holds (`true`) or releases (`false`) what devices send; what the relay
+    /// sends still passes.
+    pub fn stall_upstream(&self, stalled: bool) {
+        self.faults.stalled_up.send_replace(stalled);
     }
 
     /// Delays every chunk by `delay` before passing it on.
@@ -126,8 +134,8 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, faults: Arc<Faults>
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             tokio::select! {
-                _ = pump(client_read, server_write, &faults, None) => {}
-                _ = pump(server_read, client_write, &faults, Some(&faults.downstream)) => {}
+                _ = pump(client_read, server_write, &faults, Some(&faults.stalled_up), None) => {}
+                _ = pump(server_read, client_write, &faults, None, Some(&faults.downstream)) => {}
                 _ = cuts.changed() => {}
             }
         });
@@ -139,18 +147,22 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     faults: &Faults,
+    also_stalled: Option<&watch::Sender<bool>>,
     counted: Option<&AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut stalled = faults.stalled.subscribe();
+    let mut stalls = vec![faults.stalled.subscribe()];
+    stalls.extend(also_stalled.map(watch::Sender::subscribe));
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while *stalled.borrow_and_update() {
-            if stalled.changed().await.is_err() {
-                return;
+        for stalled in &mut stalls {
+            while *stalled.borrow_and_update() {
+                if stalled.changed().await.is_err() {
+                    return;
+                }
             }
         }
         let delay = faults.delay_ms.load(Ordering::Relaxed);
