@@ -1168,6 +1168,37 @@ async fn laptop_reads(laptop: &Device) -> (Vec<String>, Vec<String>) {
     (bodies, incidents)
 }
 
+/// A laptop on the relay and a phone whose link to it goes through a fault
+/// proxy, with the phone's session live.
+struct Proxied {
+    relay: TestRelay,
+    proxy: khub::testing::FaultProxy,
+    dir: PathBuf,
+    laptop: Device,
+    phone: Device,
+    session: Session,
+}
+
+async fn laptop_and_proxied_phone() -> Proxied {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
+    let dir = common::tempdir("client");
+    let laptop = Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
+        .await
+        .unwrap();
+    let phone = common::sdk_join(&laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    let session = phone.connect();
+    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
+    Proxied {
+        relay,
+        proxy,
+        dir,
+        laptop,
+        phone,
+        session,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_written_offline_while_the_channel_moved_on_is_read_by_the_others() {
     let relay = TestRelay::start(RelayConfig::default()).await;
@@ -1192,18 +1223,18 @@ async fn a_message_written_offline_while_the_channel_moved_on_is_read_by_the_oth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_lost_with_its_connection_while_the_channel_moved_on_is_read_by_the_others() {
-    let relay = TestRelay::start(RelayConfig::default()).await;
-    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
-    let dir = common::tempdir("client");
-    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
-        .await
-        .unwrap();
-    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    let Proxied {
+        relay,
+        proxy,
+        dir,
+        laptop,
+        phone,
+        session,
+    } = laptop_and_proxied_phone().await;
+    let laptop = &laptop;
     // The phone's session writes a message into a connection that never
     // passes it on, and the connection drops: the phone cannot know whether
     // the relay stored it.
-    let session = phone.connect();
-    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
     proxy.stall(true);
     let sent = session
         .send(b"sent into a dead link", Duration::from_millis(300))
@@ -1271,17 +1302,17 @@ async fn a_device_whose_missed_envelopes_were_pruned_still_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_stored_behind_commits_made_while_it_was_on_its_way_is_sent_again() {
-    let relay = TestRelay::start(RelayConfig::default()).await;
-    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
-    let dir = common::tempdir("client");
-    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
-        .await
-        .unwrap();
-    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
+    let Proxied {
+        relay,
+        proxy,
+        dir,
+        laptop,
+        phone: _,
+        session,
+    } = laptop_and_proxied_phone().await;
+    let laptop = &laptop;
     // The phone's message is on its way (held in a slow link) while the
     // laptop commits 4 times; then it reaches the relay, behind the commits.
-    let session = phone.connect();
-    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
     proxy.stall(true);
     let sent = session
         .send(b"on its way", Duration::from_millis(300))
@@ -1314,15 +1345,15 @@ async fn a_message_stored_behind_commits_made_while_it_was_on_its_way_is_sent_ag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_written_on_both_sides_of_an_epoch_change_and_sent_again_are_read_in_order() {
-    let relay = TestRelay::start(RelayConfig::default()).await;
-    let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
-    let dir = common::tempdir("client");
-    let laptop = &Device::create(&dir.join("laptop"), &url(relay.addr), "laptop")
-        .await
-        .unwrap();
-    let phone = common::sdk_join(laptop, &dir.join("phone"), &proxy.url(), "phone").await;
-    let session = phone.connect();
-    wait_until(|| matches!(session.status(), Status::Live { .. })).await;
+    let Proxied {
+        relay,
+        proxy,
+        dir,
+        laptop,
+        phone,
+        session,
+    } = laptop_and_proxied_phone().await;
+    let laptop = &laptop;
     // The phone's link holds what it sends, and passes what it receives.
     proxy.stall_upstream(true);
     let send = |n: usize| session.send(format!("m{n}").as_bytes().to_vec().leak(), Duration::ZERO);
