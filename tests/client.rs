@@ -1179,6 +1179,24 @@ struct Proxied {
     session: Session,
 }
 
+/// The phone's session stops and its link drops with whatever the proxy
+/// held; once the cut has taken it, traffic flows again for new connections.
+async fn drop_the_link(session: Session, proxy: &khub::testing::FaultProxy) {
+    session.close().await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.stall(false);
+    proxy.stall_upstream(false);
+}
+
+/// Queues messages "m{n}" for each `n` in `numbers` through `session`.
+async fn queue_numbered(session: &Session, numbers: std::ops::Range<usize>) {
+    for n in numbers {
+        let body = format!("m{n}");
+        session.send(body.as_bytes(), Duration::ZERO).await.unwrap();
+    }
+}
+
 async fn laptop_and_proxied_phone() -> Proxied {
     let relay = TestRelay::start(RelayConfig::default()).await;
     let proxy = khub::testing::FaultProxy::start(relay.addr).await.unwrap();
@@ -1240,11 +1258,7 @@ async fn a_message_lost_with_its_connection_while_the_channel_moved_on_is_read_b
         .send(b"sent into a dead link", Duration::from_millis(300))
         .await;
     assert_eq!(sent.unwrap(), Sent::Queued);
-    session.close().await;
-    proxy.cut();
-    // Let the cut take the connection, and what it held, before traffic flows.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.stall(false);
+    drop_the_link(session, &proxy).await;
     // Meanwhile the channel moves on by more epochs than members keep.
     add_devices(laptop, &dir, relay.addr, 4).await;
     // The phone reconnects and sends it again; the laptop reads it, once.
@@ -1356,10 +1370,7 @@ async fn messages_written_on_both_sides_of_an_epoch_change_and_sent_again_are_re
     let laptop = &laptop;
     // The phone's link holds what it sends, and passes what it receives.
     proxy.stall_upstream(true);
-    let send = |n: usize| session.send(format!("m{n}").as_bytes().to_vec().leak(), Duration::ZERO);
-    for n in 0..10 {
-        send(n).await.unwrap();
-    }
+    queue_numbered(&session, 0..10).await;
     // The phone takes in 4 commits while those are on their way, then writes
     // 10 more in the new epoch.
     let epoch = add_devices(laptop, &dir, relay.addr, 4).await;
@@ -1367,14 +1378,9 @@ async fn messages_written_on_both_sides_of_an_epoch_change_and_sent_again_are_re
         eventually(STEP, || phone.epoch().unwrap() == epoch).await,
         "the phone takes the commits in"
     );
-    for n in 10..20 {
-        send(n).await.unwrap();
-    }
+    queue_numbered(&session, 10..20).await;
     // The link drops with all twenty: they go again on the next connection.
-    session.close().await;
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.stall_upstream(false);
+    drop_the_link(session, &proxy).await;
     let session = phone.connect();
     assert!(
         eventually(STEP, || phone.pending().unwrap() == 0).await,

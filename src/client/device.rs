@@ -529,7 +529,7 @@ impl Device {
                             .epoch()
                             .saturating_sub(u64::from(header.epoch));
                         if behind > PAST_EPOCHS as u64 && !change.queued(header.seq)? {
-                            too_late.push(header.seq);
+                            too_late.push((header.seq, seq));
                         } else {
                             change.forget_plaintext(header.seq)?;
                         }
@@ -588,7 +588,7 @@ impl Device {
             // Stored behind more commits than members keep epochs for (it was
             // on its way while they reached the relay): members cannot read
             // it, so it goes again as a new message, after the outbox.
-            for sender_seq in too_late {
+            for (sender_seq, seq) in too_late {
                 if let Some(plaintext) = change.plaintext(sender_seq)?
                     && !change.channel.is_removed()
                 {
@@ -601,11 +601,13 @@ impl Device {
                                 "the relay stored a message of this device too late for members to read; sent again"
                             );
                         }
-                        Err(e) => warn!(
-                            sender_seq,
-                            error = %e,
-                            "the relay stored a message of this device too late for members to read, and it could not be sent again"
-                        ),
+                        Err(e) => incidents.push(Incident::other(
+                            seq,
+                            IncidentKind::NotPublished,
+                            format!(
+                                "the relay stored this device's message #{sender_seq} too late for members to read, and it could not be sent again: {e}"
+                            ),
+                        )),
                     }
                 }
                 change.forget_plaintext(sender_seq)?;

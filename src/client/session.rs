@@ -570,10 +570,15 @@ impl Outbound {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
+    /// As many publishes as [`PUBLISH_WINDOW`] wait for the relay's answers.
+    fn window_full(&self) -> bool {
+        self.in_flight >= PUBLISH_WINDOW
+    }
+
     /// An envelope waits for the socket and the window has room, or a flush
     /// is owed.
     fn busy(&self) -> bool {
-        (!self.envelopes.is_empty() && self.in_flight < PUBLISH_WINDOW) || self.unflushed
+        (!self.envelopes.is_empty() && !self.window_full()) || self.unflushed
     }
 
     /// One step: the oldest envelope framed and handed to the sink once it
@@ -584,7 +589,7 @@ impl Outbound {
     where
         S: Sink<WsMessage> + Unpin,
     {
-        if self.envelopes.is_empty() || self.in_flight >= PUBLISH_WINDOW {
+        if self.envelopes.is_empty() || self.window_full() {
             ready!(sink.poll_flush_unpin(cx))?;
             self.unflushed = false;
             return Poll::Ready(Ok(()));

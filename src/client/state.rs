@@ -328,13 +328,13 @@ impl Change<'_> {
 
     /// This device's own envelope `sender_seq` came back from the relay as
     /// `seq`: if it is the outbox entry as queued, or one of its sealings,
-    /// it was stored (an ack lost with its connection): acked. True if it was.
+    /// it was stored (an ack lost with its connection): acked.
     pub fn settle_own(
         &self,
         sender_seq: u64,
         seq: u64,
         envelope: &[u8],
-    ) -> Result<bool, ClientError> {
+    ) -> Result<(), ClientError> {
         let queued: Option<Vec<u8>> = self
             .tx
             .query_row(
@@ -347,10 +347,9 @@ impl Change<'_> {
         match queued {
             Some(queued) if queued == envelope || self.own_sealing(sender_seq, envelope)? => {
                 ack_in_outbox(&self.tx, sender_seq, seq)?;
-                keep_newest_answers(&self.tx, "acked")?;
-                Ok(true)
+                keep_newest_answers(&self.tx, "acked")
             }
-            _ => Ok(false),
+            _ => Ok(()),
         }
     }
 
