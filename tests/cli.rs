@@ -36,6 +36,35 @@ fn unknown_commands_fail_with_usage() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("Usage"));
 }
 
+#[test]
+fn serve_refuses_an_envelope_limit_above_what_devices_open() {
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+        .args(["--max-envelope-bytes", "2000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("khub runs");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            serve.kill().unwrap();
+            panic!("khub serve started with an envelope limit devices cannot use");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--max-envelope-bytes 2000000 is above 1114157"),
+        "{stderr}"
+    );
+}
+
 mod device_commands {
     //! The CLI contract end to end: a real relay process and real `khub`
     //! processes talking through pipes, as a person in two terminals would.

@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use khub::channel::Channel;
-use khub::client::{ClientError, Device, IncidentKind, join};
+use khub::client::{ClientError, Device, IncidentKind, Status, join};
 use khub::crypto::os_rng;
 use khub::ids::{ChannelId, DeviceId};
 use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
+use khub::protocol::{MAX_ANSWER_LEN, MAX_FRAME_LEN};
 use khub::relay::config::Limits;
 use khub::relay::pairing::Side;
 use khub::testing::{
@@ -569,4 +570,67 @@ async fn a_forged_old_epoch_on_a_devices_own_message_does_not_make_it_send_it_tw
         read.iter().filter(|m| *m == "said once").count() == 1,
         "read once: {read:?}"
     );
+}
+
+/// A relay that sends a frame longer than any relay sends cannot make a
+/// device hold it: the session stops without reading it, saying why, and the
+/// device takes in nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_longer_than_any_relay_sends_stops_the_session_unread() {
+    let setup = Setup::new().await;
+    // Each delivery becomes an envelope as long as the longest frame, whose
+    // frame is a third longer again.
+    setup
+        .hostile
+        .on_deliver(|_| vec![vec![0x02; MAX_FRAME_LEN]]);
+    let receiver = &setup.paired.devices[1];
+    let cursor = receiver.cursor();
+    let session = receiver.connect();
+    setup.send_ten().await;
+    let error = step(async {
+        loop {
+            if let Status::Failed(error) = session.status() {
+                break error;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let expected = format!("the relay sent a frame longer than {MAX_FRAME_LEN} bytes");
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains(&expected)),
+        "{error}"
+    );
+    session.close().await;
+    assert_eq!(receiver.cursor(), cursor);
+    let incidents = receiver.incidents().unwrap();
+    assert!(incidents.is_empty(), "{incidents:?}");
+}
+
+/// The same for an HTTP answer: a `/sync` answer longer than any relay sends
+/// fails the sync without being read to its end, and nothing is taken in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_longer_than_any_relay_sends_fails_the_sync_unread() {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    // Envelopes of 1 MiB, a third longer as base64: past the limit.
+    let count = (MAX_ANSWER_LEN >> 20) * 3 / 4 + 1;
+    setup
+        .hostile
+        .on_sync(move |_| vec![vec![0x02; 1 << 20]; count]);
+    let receiver = &setup.paired.devices[1];
+    let cursor = receiver.cursor();
+    let error = step(receiver.sync()).await.unwrap_err();
+    let expected = format!("sent more than {MAX_ANSWER_LEN} bytes");
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains(&expected)),
+        "{error}"
+    );
+    assert_eq!(receiver.cursor(), cursor);
+    let incidents = receiver.incidents().unwrap();
+    assert!(incidents.is_empty(), "{incidents:?}");
+    // An honest answer is read again.
+    setup.hostile.honest();
+    step(receiver.sync()).await.unwrap();
+    assert!(receiver.cursor() > cursor);
 }

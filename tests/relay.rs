@@ -9,11 +9,12 @@ use std::time::Duration;
 use common::net::*;
 use common::{Device, channel_of};
 use khub::channel::Channel;
+use khub::crypto::envelope::MAX_ENVELOPE_LEN;
 use khub::crypto::os_rng;
 use khub::crypto::token::TokenHash;
 use khub::ids::ChannelId;
 use khub::ids::DeviceId;
-use khub::protocol::{ErrorCode, ServerFrame};
+use khub::protocol::{ErrorCode, MAX_FRAME_LEN, ServerFrame};
 use khub::relay::config::{Limits, RelayConfig};
 use khub::relay::store::sqlite::SqliteStore;
 use khub::relay::store::{
@@ -974,6 +975,30 @@ async fn oversized_envelopes_and_channel_floods_are_refused_with_metrics() {
     }
     assert_eq!(statuses, [201, 201, 429, 429]);
     assert_eq!(relay.relay.metrics().breaches("channels_per_ip"), 2);
+    relay.stop().await;
+}
+
+/// A relay set to take envelopes longer than any device opens refuses them
+/// as too large, and counts the breach, as it does under its own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_limit_lets_the_relay_take_an_envelope_no_device_opens() {
+    let limits = Limits {
+        max_envelope_bytes: usize::MAX,
+        max_frame_bytes: 2 * MAX_FRAME_LEN,
+        ..Limits::default()
+    };
+    let relay = TestRelay::start(config(limits)).await;
+    let (mut ra, ma, _rb, _mb) = two_devices(relay.addr).await;
+    let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    // A header of the session's own, then more than any MLS message holds.
+    let mut long = ra.seal(b"x").unwrap().envelope[..45].to_vec();
+    long.resize(MAX_ENVELOPE_LEN + 1, 0);
+    send_text(&mut ws, publish(&long)).await;
+    let ServerFrame::Error { code, message, .. } = next_frame(&mut ws).await else {
+        panic!("an error")
+    };
+    assert_eq!(code, ErrorCode::TooLarge, "{message}");
+    assert_eq!(relay.relay.metrics().breaches("envelope_size"), 1);
     relay.stop().await;
 }
 

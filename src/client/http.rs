@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
 use super::error::ClientError;
-use crate::protocol::{ErrorCode, ErrorResponse, Refusal};
+use crate::protocol::{ErrorCode, ErrorResponse, MAX_ANSWER_LEN, Refusal};
 
 /// How long one request may take, unless the caller says otherwise.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,6 +123,14 @@ impl RelayAddr {
         ))
     }
 
+    /// An answer longer than any a relay sends, left unread.
+    fn answer_too_long(&self) -> ClientError {
+        ClientError::Protocol(format!(
+            "{} sent more than {MAX_ANSWER_LEN} bytes, longer than any answer a khub relay sends; the device stopped reading (not a khub relay, or one that misbehaves)",
+            self.url
+        ))
+    }
+
     fn unreachable(
         &self,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -166,11 +174,15 @@ impl RelayAddr {
                 .await
                 .map_err(|e| self.unreachable(e))?;
             let status = response.status().as_u16();
-            let bytes = response
-                .into_body()
+            // A conforming relay's longest answer is far shorter: stop
+            // reading instead of holding whatever comes.
+            let bytes = Limited::new(response.into_body(), MAX_ANSWER_LEN)
                 .collect()
                 .await
-                .map_err(|e| self.unreachable(e))?
+                .map_err(|e| match e.downcast::<LengthLimitError>() {
+                    Ok(_) => self.answer_too_long(),
+                    Err(e) => self.unreachable(e),
+                })?
                 .to_bytes();
             Ok::<_, ClientError>((status, bytes))
         };

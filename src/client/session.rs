@@ -9,13 +9,17 @@ use std::time::Duration;
 use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use super::device::{Device, Message};
 use super::error::ClientError;
 use crate::crypto::os_rng;
-use crate::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, Refusal, ServerFrame};
+use crate::protocol::{
+    ClientFrame, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, Refusal, ServerFrame,
+};
 
 /// First retry delay; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -29,6 +33,9 @@ const DEFAULT_PING_SECS: u64 = 30;
 const LIVENESS_PINGS: u64 = 3;
 /// Most frames taken off the connection before they are acted on together.
 const MAX_BATCH: usize = 256;
+/// Bytes of frames after which no more are taken into the batch: with frames
+/// of at most `MAX_FRAME_LEN`, a batch holds under 6 MB.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How often a waiting `send` looks on disk for an ack another process on
 /// the same home took in.
 const ACK_POLL: Duration = Duration::from_millis(100);
@@ -283,6 +290,26 @@ async fn run(
     }
 }
 
+/// Why reading the connection failed: a frame longer than any relay sends
+/// is the relay's fault, and ends the session; anything else is a broken
+/// connection.
+fn read_failed(device: &Device, error: tungstenite::Error) -> ClientError {
+    match error {
+        tungstenite::Error::Capacity(e) => ClientError::Protocol(format!(
+            "the relay sent a frame longer than {MAX_FRAME_LEN} bytes, the most a khub relay sends ({e}); the session stopped without reading it"
+        )),
+        e => unreachable(device, e),
+    }
+}
+
+/// The bytes of a frame as it was read.
+fn frame_len(incoming: &Option<Result<WsMessage, tungstenite::Error>>) -> usize {
+    match incoming {
+        Some(Ok(message)) => message.len(),
+        _ => 0,
+    }
+}
+
 fn unreachable(
     device: &Device,
     source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -305,8 +332,17 @@ async fn connection(
     } else {
         tokio_tungstenite::Connector::Plain
     };
-    let connect =
-        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+    // No relay sends a frame longer than MAX_FRAME_LEN: refuse one rather
+    // than hold whatever a relay sends.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_LEN))
+        .max_frame_size(Some(MAX_FRAME_LEN));
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        url.as_str(),
+        Some(config),
+        true,
+        Some(connector),
+    );
     let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?
@@ -348,7 +384,7 @@ async fn connection(
         Some(Ok(WsMessage::Close(frame))) => {
             return Err(closed(device, frame.map(|f| u16::from(f.code))));
         }
-        Some(Err(e)) => return Err(unreachable(device, e)),
+        Some(Err(e)) => return Err(read_failed(device, e)),
         _ => return Err(unreachable(device, "connection closed during hello")),
     };
     *attempt = 0;
@@ -393,10 +429,14 @@ async fn connection(
                 last_heard = tokio::time::Instant::now();
                 // Take every frame already here too, so a burst of deliveries
                 // is taken in with one transaction (one disk sync).
+                let mut held = frame_len(&incoming);
                 let mut frames = vec![incoming];
-                while frames.len() < MAX_BATCH {
+                while frames.len() < MAX_BATCH && held < MAX_BATCH_BYTES {
                     match ws.next().now_or_never() {
-                        Some(incoming) => frames.push(incoming),
+                        Some(incoming) => {
+                            held += frame_len(&incoming);
+                            frames.push(incoming);
+                        }
                         None => break,
                     }
                 }
@@ -408,7 +448,7 @@ async fn connection(
                         Some(Ok(WsMessage::Text(text))) => text,
                         Some(Ok(WsMessage::Close(frame))) => return Err(closed(device, frame.map(|f| u16::from(f.code)))),
                         Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Err(unreachable(device, e)),
+                        Some(Err(e)) => return Err(read_failed(device, e)),
                         None => return Err(unreachable(device, "connection closed")),
                     };
                     match serde_json::from_str::<ServerFrame>(&text) {

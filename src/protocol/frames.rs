@@ -5,11 +5,19 @@ use serde::{Deserialize, Serialize};
 
 use super::b64;
 use super::errors::ErrorCode;
+use crate::crypto::envelope::MAX_ENVELOPE_LEN;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The longest frame a conforming peer sends: a `deliver` or `publish` of the
+/// largest envelope ([`MAX_ENVELOPE_LEN`]) as base64url, with room for the
+/// JSON around it (1,489,640 bytes). It is the relay's default frame limit,
+/// and a device refuses a longer frame from the relay: reading one would let
+/// a relay make it hold any amount of memory.
+pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN.div_ceil(3) * 4 + 4096;
 
 /// What the relay says to a client of another protocol version.
 pub fn unsupported_version(v: u64) -> String {

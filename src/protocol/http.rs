@@ -13,6 +13,20 @@ pub const CLAIM_HEADER: &str = "x-khub-claim";
 /// Header carrying the operator secret for creating channels.
 pub const OPERATOR_HEADER: &str = "x-khub-operator";
 
+/// The most envelope bytes a `/sync` answer carries (4 MiB), besides its
+/// count limit: the relay stops adding envelopes before the next would pass
+/// it, except the first, which goes in whatever its size.
+pub const SYNC_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The longest answer a device reads from a relay (16 MiB). The longest a
+/// conforming relay sends is a `/sync` answer: [`SYNC_PAGE_BYTES`] of
+/// envelopes as base64url with the JSON around each, and the acks of one
+/// request's publishes (khub's SDK publishes at most 768 KiB of envelopes per
+/// request): under 9 MiB. A khub device stops reading a longer
+/// answer and fails the request, so that neither a relay nor whatever else
+/// answers at its address can make it hold more.
+pub const MAX_ANSWER_LEN: usize = 16 * 1024 * 1024;
+
 /// Bytes that travel as one base64url string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]

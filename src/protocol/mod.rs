@@ -82,6 +82,16 @@
 //! sealed in an epoch that ended again, under the same sender number
 //! (SECURITY.md, "Sending").
 //!
+//! **Frame limits.** No frame either side sends is longer than
+//! [`MAX_FRAME_LEN`] (1,489,640 bytes: the largest envelope, 1,114,157 bytes,
+//! as base64url in its JSON), and no HTTP answer longer than
+//! [`MAX_ANSWER_LEN`] (16 MiB; a `/sync` page carries at most
+//! [`SYNC_PAGE_BYTES`], 4 MiB, of envelopes, or one envelope if that is
+//! longer). A device stops reading a longer frame or answer and treats it as
+//! the relay's fault: khub's SDK ends the session (it would read the same
+//! frame again on every reconnect) or fails the request. The relay takes no
+//! envelope longer than 1,114,157 bytes, whatever its settings.
+//!
 //! Errors: `{"type":"error","code":"over_quota","message":"…","fatal":false}`. A
 //! non-fatal error refuses one request and the session goes on; a fatal one is
 //! followed by a close frame with one of the codes below.
@@ -234,5 +244,5 @@ pub mod frames;
 pub mod http;
 
 pub use errors::{CloseCode, ErrorCode, Refusal};
-pub use frames::{ClientFrame, FrameError, PROTOCOL_VERSION, ServerFrame};
+pub use frames::{ClientFrame, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION, ServerFrame};
 pub use http::*;

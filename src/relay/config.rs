@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::crypto::envelope::MAX_ENVELOPE_LEN;
 use crate::crypto::secret::SecretBytes;
+use crate::protocol::MAX_FRAME_LEN;
 
 /// Every limit the relay enforces. Each breach gets a documented error or close
 /// code and increments `khub_limit_breaches_total{limit="…"}`.
@@ -12,7 +13,8 @@ use crate::crypto::secret::SecretBytes;
 pub struct Limits {
     /// Largest WebSocket frame or HTTP body (`too_large`, close 1009).
     pub max_frame_bytes: usize,
-    /// Largest envelope (`too_large`).
+    /// Largest envelope (`too_large`); never more than the largest a device
+    /// opens (`MAX_ENVELOPE_LEN`, the default), whatever this says.
     pub max_envelope_bytes: usize,
     /// Open connections per client address; one more is closed at accept.
     pub max_connections_per_ip: usize,
@@ -60,7 +62,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             // An envelope as base64url plus the JSON around it.
-            max_frame_bytes: MAX_ENVELOPE_LEN.div_ceil(3) * 4 + 4096,
+            max_frame_bytes: MAX_FRAME_LEN,
             max_envelope_bytes: MAX_ENVELOPE_LEN,
             max_connections_per_ip: 64,
             max_connections: 20_000,

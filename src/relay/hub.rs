@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::metrics::Metrics;
 use super::store::{Append, Appended, OnCommit, PageBudget, Store, StoreError};
-use crate::crypto::envelope::EnvelopeHeader;
+use crate::crypto::envelope::{EnvelopeHeader, MAX_ENVELOPE_LEN};
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{ErrorCode, Refusal};
 
@@ -244,7 +244,9 @@ pub fn unix_now() -> u64 {
 }
 
 impl Hub {
-    /// A hub over `store` and `notifier`.
+    /// A hub over `store` and `notifier`. It stores no envelope longer than
+    /// `max_envelope_bytes`, nor than the largest a device opens, whatever
+    /// `max_envelope_bytes` says: devices refuse frames that would carry one.
     pub fn new(
         store: Arc<dyn Store>,
         notifier: Arc<dyn Notifier>,
@@ -257,7 +259,7 @@ impl Hub {
             notifier,
             metrics,
             cache: Arc::new(Mutex::new(Cache::default())),
-            max_envelope_bytes,
+            max_envelope_bytes: max_envelope_bytes.min(MAX_ENVELOPE_LEN),
             quota,
             storage_full: std::sync::atomic::AtomicBool::new(false),
             held_back: Mutex::new(HashMap::new()),

@@ -43,7 +43,11 @@ pub const MAX_POLL: Duration = Duration::from_secs(25);
 /// base64 inside its JSON object.
 const MAX_PAIR_BODY: u64 = (crate::pairing::message::MAX_MESSAGE_LEN as u64).div_ceil(3) * 4 + 1024;
 /// Most envelope bytes in one `/sync` answer (besides its count limit).
-pub const MAX_SYNC_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_SYNC_RESPONSE_BYTES: usize = crate::protocol::SYNC_PAGE_BYTES;
+// Devices read answers of up to MAX_ANSWER_LEN: a page as base64url, with
+// the JSON of each envelope and the acks, stays well within it.
+const _: () =
+    assert!(MAX_SYNC_RESPONSE_BYTES.div_ceil(3) * 4 * 2 <= crate::protocol::MAX_ANSWER_LEN);
 /// Largest body of the small JSON requests.
 const MAX_SMALL_BODY: u64 = 4 * 1024;
 

@@ -290,7 +290,7 @@ struct ServeArgs {
     /// Bytes of envelopes each channel may store, in MiB.
     #[arg(long, env = "KHUB_CHANNEL_QUOTA_MIB", default_value_t = 256)]
     channel_quota_mib: u64,
-    /// Largest envelope, in bytes.
+    /// Largest envelope, in bytes (at most the default, the largest a device opens).
     #[arg(long, env = "KHUB_MAX_ENVELOPE_BYTES", default_value_t = Limits::default().max_envelope_bytes)]
     max_envelope_bytes: usize,
     /// Largest WebSocket frame or request body, in bytes.
@@ -942,6 +942,13 @@ fn operator_secret(
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let largest = khub::crypto::envelope::MAX_ENVELOPE_LEN;
+    if args.max_envelope_bytes > largest {
+        bail!(
+            "--max-envelope-bytes {} is above {largest}, the largest envelope a device opens: a relay storing more would deliver what no device can read",
+            args.max_envelope_bytes
+        );
+    }
     let limits = Limits {
         max_frame_bytes: args.max_frame_bytes,
         max_envelope_bytes: args.max_envelope_bytes,
