@@ -328,6 +328,39 @@ async fn a_sync_answer_pages_a_large_backlog_by_bytes() {
     assert_eq!(page["more"], true);
 }
 
+/// A `/sync` body of millions of empty envelopes, well under the body
+/// limit, would be eight times its bytes once read as a list: the relay
+/// stops reading the list past its bound and refuses the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_publishing_more_envelopes_than_a_request_holds_is_refused_as_too_large() {
+    let relay = Serve::start();
+    let device = channel(relay.addr).await;
+    let empty = vec![""; 5_000_000];
+    let answer = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &device.auth())],
+        &serde_json::json!({"cursor": 0, "publish": empty}),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&answer.body);
+    assert_eq!(answer.status, 413, "{body}");
+    assert!(body.contains("\"too_large\""), "{body}");
+    assert!(
+        body.contains("at most 10000 envelopes per request"),
+        "{body}"
+    );
+    // A request within the bound goes through.
+    let within = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &device.auth())],
+        &serde_json::json!({"cursor": 0, "publish": [device.stand_in_envelope(1, 200)]}),
+    )
+    .await;
+    assert_eq!(within.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_on_the_operators_listener_not_the_public_one() {
     let relay = Serve::start_with(&["--metrics-listen", "127.0.0.1:0"]);

@@ -11,7 +11,10 @@ use khub::client::{ClientError, Device, IncidentKind, Status, join};
 use khub::crypto::os_rng;
 use khub::ids::{ChannelId, DeviceId};
 use khub::pairing::{Code, DeviceInfo, Inviter, Joiner, Nameplate};
-use khub::protocol::{MAX_ANSWER_LEN, MAX_FRAME_LEN};
+use khub::protocol::{
+    Delivered, ErrorCode, MAX_ANSWER_LEN, MAX_FRAME_LEN, MAX_PUBLISH_PER_SYNC, Refusal,
+    ServerFrame, SyncAck, SyncResponse,
+};
 use khub::relay::config::Limits;
 use khub::relay::pairing::Side;
 use khub::testing::{
@@ -633,4 +636,113 @@ async fn an_answer_longer_than_any_relay_sends_fails_the_sync_unread() {
     setup.hostile.honest();
     step(receiver.sync()).await.unwrap();
     assert!(receiver.cursor() > cursor);
+}
+
+/// A relay that refuses the commit of a removal for good cannot pass the
+/// removal off as done: the device stays a member of the MLS group, and
+/// `remove` says so instead of returning as if it were out. Asked again
+/// through an honest relay, the removal goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_refuses_a_removal_commit_cannot_pass_the_removal_off_as_done() {
+    let setup = Setup::new().await;
+    let [laptop, phone] = [&setup.paired.devices[0], &setup.paired.devices[1]];
+    setup.hostile.on_publish(|_| {
+        Some(Refusal::new(
+            ErrorCode::Conflict,
+            "stored before with other bytes",
+        ))
+    });
+    let error = step(phone.remove(laptop.id())).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::NotRemoved { device, why }
+            if *device == laptop.id() && why.contains("stored before with other bytes")),
+        "{error}"
+    );
+    let members = phone.members().unwrap();
+    assert!(members.iter().any(|m| m.id == laptop.id()));
+
+    setup.hostile.honest();
+    step(phone.remove(laptop.id())).await.unwrap();
+    let members = phone.members().unwrap();
+    assert!(!members.iter().any(|m| m.id == laptop.id()));
+}
+
+/// A `ready` that asks for pings further apart than any deadline can count
+/// does not stop the session: the device takes a bounded interval, and
+/// messages still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_interval_past_any_deadline_leaves_the_session_working() {
+    let setup = Setup::new().await;
+    setup.hostile.on_ready(|frame| match frame {
+        ServerFrame::Ready {
+            v,
+            head,
+            retention_secs,
+            ..
+        } => ServerFrame::Ready {
+            v,
+            head,
+            ping_secs: Some(u64::MAX),
+            retention_secs: retention_secs.map(|_| u64::MAX),
+        },
+        other => other,
+    });
+    let receiver = &setup.paired.devices[1];
+    let session = receiver.connect();
+    step(session.caught_up(STEP)).await.unwrap();
+    setup.send_ten().await;
+    for n in 1..=10 {
+        let message = step(session.recv()).await.unwrap();
+        assert_eq!(message.body, setup.body(n));
+        receiver.mark_read(message.seq).unwrap();
+    }
+    session.close().await;
+}
+
+/// `/sync` answers that would keep a device asking forever or make it hold
+/// far more than their bytes are refused as the relay's fault: one that
+/// says more follows but sends nothing after the cursor, and one with more
+/// acks than a request can have published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_answers_that_would_never_end_or_swell_in_memory_are_refused() {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    let receiver = &setup.paired.devices[1];
+    step(receiver.sync()).await.unwrap();
+    let cursor = receiver.cursor();
+    setup
+        .hostile
+        .on_sync_answer(move |mut answer: SyncResponse| {
+            answer.envelopes = vec![Delivered {
+                seq: cursor,
+                envelope: vec![0x02; 200],
+            }];
+            answer.more = true;
+            answer
+        });
+    let error = step(receiver.sync()).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains("sent none after the cursor")),
+        "{error}"
+    );
+
+    setup.hostile.on_sync_answer(|mut answer: SyncResponse| {
+        answer.acks = vec![
+            SyncAck {
+                seq: None,
+                duplicate: false,
+                error: None,
+            };
+            MAX_PUBLISH_PER_SYNC + 1
+        ];
+        answer
+    });
+    let error = step(receiver.sync()).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains("list longer than 10000 items")),
+        "{error}"
+    );
+    assert_eq!(receiver.cursor(), cursor);
+    setup.hostile.honest();
+    step(receiver.sync()).await.unwrap();
 }

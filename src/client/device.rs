@@ -35,6 +35,13 @@ const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// requests, each well within the relay's request limit (16 frames, about
 /// 23 MB by default).
 const PUBLISH_PAGE_BYTES: usize = 768 * 1024;
+const _: () = assert!(
+    PUBLISH_PAGE_BYTES / crate::crypto::envelope::MIN_ENVELOPE_LEN
+        < crate::protocol::MAX_PUBLISH_PER_SYNC
+);
+
+/// The longest retention a device takes from the relay.
+const MAX_RETENTION_SECS: u64 = 100 * 365 * 24 * 3600;
 
 pub(crate) struct Inner {
     pub(crate) home: PathBuf,
@@ -635,6 +642,15 @@ impl Device {
         Ok(resealed > 0)
     }
 
+    /// Keeps the relay's retention, as `ready` or a `/sync` answer said it,
+    /// at most a century: the snapshot schedule computes with it.
+    pub(crate) fn heard_retention(&self, secs: u64) {
+        let secs = secs.min(MAX_RETENTION_SECS);
+        self.inner
+            .retention_secs
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Catches up over `POST /sync`: fetches and takes in everything after the
     /// cursor, then publishes the outbox (sealed again in the current epoch
     /// where taking in moved it on) and what taking in queued (a re-issued
@@ -670,9 +686,7 @@ impl Device {
             };
             let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
             if let Some(secs) = response.retention_secs {
-                self.inner
-                    .retention_secs
-                    .store(secs, std::sync::atomic::Ordering::Relaxed);
+                self.heard_retention(secs);
             }
             let mut acked = Vec::new();
             for ((sender_seq, _), ack) in outbox.iter().zip(&response.acks) {
@@ -702,6 +716,14 @@ impl Device {
                 .map(|d| (d.seq, d.envelope))
                 .collect();
             let count = batch.len();
+            // Asked again, a relay that returns nothing after the cursor
+            // while it says more follows would be asked forever.
+            if more && count > 0 && batch.iter().all(|(seq, _)| *seq <= request.cursor) {
+                return Err(ClientError::Protocol(format!(
+                    "the relay said more envelopes follow but sent none after the cursor ({}); the sync stopped instead of asking again",
+                    request.cursor
+                )));
+            }
             self.blocking(move |device| {
                 let batch: Vec<(u64, &[u8])> =
                     batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
@@ -869,13 +891,26 @@ impl Device {
         }
     }
 
-    /// Commits the removal of member `device` and waits until the relay has
-    /// ordered it.
+    /// Commits the removal of member `device`, waits until the relay has
+    /// ordered it, and checks that it took effect: a commit the relay
+    /// refused for good is dropped, and the device would still be a member.
     pub(crate) async fn commit_removal(&self, device: DeviceId) -> Result<(), ClientError> {
-        self.blocking(move |me| {
-            me.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))
-        })
-        .await?;
-        self.settle(SETTLE_WAIT).await
+        let (seq, ()) = self
+            .blocking(move |me| {
+                me.queue_commit(|channel| channel.commit_remove(&[device]).map(|o| (o, ())))
+            })
+            .await?;
+        self.settle(SETTLE_WAIT).await?;
+        let (members, refusal) = self
+            .blocking(move |me| Ok((me.members()?, me.refusal_of(seq)?)))
+            .await?;
+        if !members.iter().any(|m| m.id == device) {
+            return Ok(());
+        }
+        let why = match refusal {
+            Some(e) => format!("the relay refused its commit: {e}"),
+            None => "its commit was not applied".to_owned(),
+        };
+        Err(ClientError::NotRemoved { device, why })
     }
 }

@@ -107,6 +107,18 @@ pub enum ClientError {
         "the new device did not confirm that it joined (it failed, or the relay interfered), so it was removed again; make a new code and pair again"
     )]
     NotConfirmed,
+    /// A removal did not take effect: the relay refused its commit for good
+    /// (the device was revoked at the relay, but MLS still counts it a
+    /// member). The relay's fault.
+    #[error(
+        "the removal of device {device} did not take effect ({why}): it is still a member of the channel's group and could read what is sent if the relay let it; run the removal again"
+    )]
+    NotRemoved {
+        /// The device that is still a member.
+        device: crate::ids::DeviceId,
+        /// What the relay said.
+        why: String,
+    },
     /// The pairing was cancelled on this device (through a
     /// `CancelInvitation`); whatever it had done is undone. The caller's doing.
     #[error("cancelled: the code no longer works, and the other device was told")]
@@ -165,7 +177,8 @@ impl ClientError {
             Self::Unreachable { .. }
             | Self::Timeout(_)
             | Self::Unauthorized
-            | Self::Protocol(_) => Fault::Relay,
+            | Self::Protocol(_)
+            | Self::NotRemoved { .. } => Fault::Relay,
             Self::Relay { code, .. } => match code {
                 ErrorCode::TooLarge => Fault::Caller,
                 ErrorCode::Forbidden => Fault::Operator,

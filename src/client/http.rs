@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -174,16 +174,21 @@ impl RelayAddr {
                 .await
                 .map_err(|e| self.unreachable(e))?;
             let status = response.status().as_u16();
-            // A conforming relay's longest answer is far shorter: stop
-            // reading instead of holding whatever comes.
-            let bytes = Limited::new(response.into_body(), MAX_ANSWER_LEN)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<LengthLimitError>() {
-                    Ok(_) => self.answer_too_long(),
-                    Err(e) => self.unreachable(e),
-                })?
-                .to_bytes();
+            // Into one buffer as it comes (kept as received, a body in
+            // one-byte chunks would cost far more than its bytes), and no
+            // more than a conforming relay's longest answer.
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| self.unreachable(e))?;
+                if let Ok(data) = frame.into_data() {
+                    if bytes.len() + data.len() > MAX_ANSWER_LEN {
+                        return Err(self.answer_too_long());
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            let bytes = Bytes::from(bytes);
             Ok::<_, ClientError>((status, bytes))
         };
         let (status, bytes) = tokio::time::timeout(timeout, request)

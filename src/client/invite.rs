@@ -29,6 +29,8 @@ use crate::protocol::{
 
 /// Longest single long-poll.
 const POLL: Duration = Duration::from_secs(25);
+/// The shortest time between two polls that brought nothing.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the inviter waits, after its last pairing message, for the new
 /// device's first word in the channel.
 const CONFIRM_WAIT: Duration = Duration::from_secs(30);
@@ -76,6 +78,7 @@ impl Mailbox<'_> {
             if left.is_zero() {
                 return Err(ClientError::PairingTimeout(waited));
             }
+            let asked = Instant::now();
             let got = self.poll(index, left.min(POLL)).await?;
             if let Some(B64(message)) = got.messages.into_iter().next() {
                 return Ok(message);
@@ -85,6 +88,9 @@ impl Mailbox<'_> {
                     AbortReason::Cancelled,
                 )));
             }
+            // A relay answers an empty poll after waiting; one that answers
+            // at once is not asked again at once.
+            tokio::time::sleep_until(asked + MIN_POLL_INTERVAL).await;
         }
     }
 

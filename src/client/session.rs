@@ -29,6 +29,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relay's ping interval when its `ready` does not say.
 const DEFAULT_PING_SECS: u64 = 30;
+/// The longest ping interval a device takes from `ready`.
+const MAX_PING_SECS: u64 = 600;
 /// Pings missed before a session counts its connection as dead.
 const LIVENESS_PINGS: u64 = 3;
 /// Most frames taken off the connection before they are acted on together.
@@ -152,7 +154,7 @@ impl Session {
             }
             tokio::select! {
                 _ = notified => {}
-                _ = status.changed() => {}
+                changed = status.changed() => changed.map_err(|_| task_ended())?,
                 _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Sent::Queued),
             }
@@ -176,7 +178,7 @@ impl Session {
             }
             tokio::select! {
                 _ = notified => {}
-                _ = status.changed() => {}
+                changed = status.changed() => changed.map_err(|_| task_ended())?,
             }
         }
     }
@@ -197,7 +199,7 @@ impl Session {
                 }
                 tokio::select! {
                     _ = notified => {}
-                    _ = status.changed() => {}
+                    changed = status.changed() => changed.map_err(|_| task_ended())?,
                 }
             }
         };
@@ -310,6 +312,11 @@ fn frame_len(incoming: &Option<Result<WsMessage, tungstenite::Error>>) -> usize 
     }
 }
 
+/// A session whose task ended without saying why: it panicked.
+fn task_ended() -> ClientError {
+    ClientError::Bug("the session's task ended unexpectedly; connect again".into())
+}
+
 fn unreachable(
     device: &Device,
     source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -369,12 +376,14 @@ async fn connection(
                 ..
             }) => {
                 if let Some(secs) = retention_secs {
-                    device
-                        .inner
-                        .retention_secs
-                        .store(secs, std::sync::atomic::Ordering::Relaxed);
+                    device.heard_retention(secs);
                 }
-                (head, ping_secs.unwrap_or(DEFAULT_PING_SECS).max(1))
+                // Any number is taken, within bounds that keep the
+                // liveness deadline meaningful (and from overflowing).
+                let ping_secs = ping_secs
+                    .unwrap_or(DEFAULT_PING_SECS)
+                    .clamp(1, MAX_PING_SECS);
+                (head, ping_secs)
             }
             Ok(ServerFrame::Error { code, message, .. }) => {
                 return Err(refusal(code, message, closing_code(&mut ws).await));

@@ -11,8 +11,34 @@ use serde::{Deserialize, Serialize};
 pub struct Refusal {
     /// Stable code, for programs.
     pub code: ErrorCode,
-    /// What happened and what to do, for people.
+    /// What happened and what to do, for people. Read as [`for_people`]
+    /// makes it: the other side wrote it.
+    #[serde(deserialize_with = "for_people")]
     pub message: String,
+}
+
+/// The most characters of a message from the other side that are kept.
+pub const MAX_MESSAGE_CHARS: usize = 500;
+
+/// A message the other side wrote, made safe to store, log and print: at
+/// most [`MAX_MESSAGE_CHARS`] characters (an ellipsis marks a cut), each
+/// control character (an escape sequence for a terminal, a line break
+/// that would forge a log line) shown as `\u{…}`.
+pub fn for_people<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = std::borrow::Cow::<str>::deserialize(d)?;
+    let mut kept = String::with_capacity(text.len().min(MAX_MESSAGE_CHARS * 4));
+    for (n, c) in text.chars().enumerate() {
+        if n == MAX_MESSAGE_CHARS {
+            kept.push('…');
+            break;
+        }
+        if c.is_control() {
+            kept.extend(c.escape_unicode());
+        } else {
+            kept.push(c);
+        }
+    }
+    Ok(kept)
 }
 
 impl Refusal {
@@ -240,5 +266,27 @@ impl CloseCode {
             Self::Idle => "idle timeout",
             Self::Slow => "reader too slow",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(message: &str) -> String {
+        let json = serde_json::json!({"code": "conflict", "message": message});
+        serde_json::from_value::<Refusal>(json).unwrap().message
+    }
+
+    #[test]
+    fn a_message_from_the_other_side_is_cut_and_its_control_characters_shown() {
+        assert_eq!(read("stored before"), "stored before");
+        assert_eq!(
+            read("red\u{1b}[31m\nWARN forged line"),
+            "red\\u{1b}[31m\\u{a}WARN forged line"
+        );
+        let long = read(&"é".repeat(10_000));
+        assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(long.ends_with("é…"));
     }
 }

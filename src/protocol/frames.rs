@@ -96,7 +96,8 @@ pub enum ServerFrame {
     Error {
         /// What went wrong.
         code: ErrorCode,
-        /// For people.
+        /// For people (read as [`super::errors::for_people`] makes it).
+        #[serde(deserialize_with = "super::errors::for_people")]
         message: String,
         /// Whether the session ends (a close frame follows).
         fatal: bool,

@@ -27,6 +27,25 @@ pub const SYNC_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// answers at its address can make it hold more.
 pub const MAX_ANSWER_LEN: usize = 16 * 1024 * 1024;
 
+/// The most envelopes one `/sync` request publishes, and so the most acks
+/// its answer holds. khub's SDK publishes at most 768 KiB of envelopes per
+/// request, under 7,300 of the smallest.
+pub const MAX_PUBLISH_PER_SYNC: usize = 10_000;
+
+/// The most messages one `GET /pair/{nameplate}/messages` answer holds (a
+/// side posts at most 4).
+pub const MAX_PAIR_MESSAGES: usize = 16;
+
+fn publishes<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    super::bounded::at_most(d, MAX_PUBLISH_PER_SYNC)
+}
+
+fn pair_messages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<B64>, D::Error> {
+    super::bounded::at_most(d, MAX_PAIR_MESSAGES)
+}
+
 /// Bytes that travel as one base64url string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -123,8 +142,9 @@ pub struct DeviceList {
 pub struct SyncRequest {
     /// Last relay sequence number the device has.
     pub cursor: u64,
-    /// Envelopes to publish first, in order.
-    #[serde(default)]
+    /// Envelopes to publish first, in order: at most
+    /// [`MAX_PUBLISH_PER_SYNC`].
+    #[serde(default, deserialize_with = "publishes")]
     pub publish: Vec<B64>,
     /// Most envelopes to return (the relay caps it).
     #[serde(default)]
@@ -135,6 +155,7 @@ pub struct SyncRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncResponse {
     /// One per published envelope, in order.
+    #[serde(deserialize_with = "publishes")]
     pub acks: Vec<SyncAck>,
     /// Envelopes after the cursor, in order.
     pub envelopes: Vec<Delivered>,
@@ -214,7 +235,9 @@ pub struct PairMessage {
 /// `GET /pair/{nameplate}/messages?after=N` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairMessages {
-    /// Messages from the other side with index ≥ `after`, in order.
+    /// Messages from the other side with index ≥ `after`, in order: at
+    /// most [`MAX_PAIR_MESSAGES`].
+    #[serde(deserialize_with = "pair_messages")]
     pub messages: Vec<B64>,
     /// The index to ask `after` next time.
     pub next: usize,

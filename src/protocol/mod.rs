@@ -239,6 +239,7 @@
 //! to count completed and failed pairings.
 
 pub mod b64;
+pub mod bounded;
 pub mod errors;
 pub mod frames;
 pub mod http;

@@ -82,6 +82,15 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| {
+        if e.to_string().starts_with(crate::protocol::bounded::TOO_LONG) {
+            return error(
+                ErrorCode::TooLarge,
+                format!(
+                    "a list in the body is longer than the protocol allows (publish: at most {} envelopes per request; send the rest in another)",
+                    crate::protocol::MAX_PUBLISH_PER_SYNC
+                ),
+            );
+        }
         // serde can quote values; say only where the problem is.
         let what = if e.is_syntax() || e.is_eof() {
             "the body is not valid JSON"

@@ -19,7 +19,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::protocol::{B64, OpenSlot, PairMessages, SyncRequest, SyncResponse};
+use crate::protocol::{
+    B64, OpenSlot, PairMessages, Refusal, ServerFrame, SyncAck, SyncRequest, SyncResponse,
+};
 use crate::relay::pairing::Side;
 
 /// An envelope as the real relay returned it.
@@ -34,12 +36,18 @@ pub struct Delivery {
 type SyncHook = Box<dyn FnMut(Vec<Delivery>) -> Vec<Vec<u8>> + Send>;
 type DeliverHook = Box<dyn FnMut(Delivery) -> Vec<Vec<u8>> + Send>;
 type PairingHook = Box<dyn FnMut(Side, [u8; 16], Vec<u8>) -> Vec<u8> + Send>;
+type PublishHook = Box<dyn FnMut(&[u8]) -> Option<Refusal> + Send>;
+type AnswerHook = Box<dyn FnMut(SyncResponse) -> SyncResponse + Send>;
+type ReadyHook = Box<dyn FnMut(ServerFrame) -> ServerFrame + Send>;
 
 #[derive(Default)]
 struct Hooks {
     sync: Option<SyncHook>,
     deliver: Option<DeliverHook>,
     pairing: Option<PairingHook>,
+    publish: Option<PublishHook>,
+    answer: Option<AnswerHook>,
+    ready: Option<ReadyHook>,
     /// The session id of the last slot opened through this front.
     sid: [u8; 16],
 }
@@ -109,12 +117,32 @@ impl HostileRelay {
         self.lock().pairing = Some(Box::new(hook));
     }
 
+    /// Refuses envelopes a device publishes over `/sync`: `hook` gets each
+    /// one, and for a refusal it returns, the envelope is not passed on and
+    /// its ack is that refusal.
+    pub fn on_publish(&self, hook: impl FnMut(&[u8]) -> Option<Refusal> + Send + 'static) {
+        self.lock().publish = Some(Box::new(hook));
+    }
+
+    /// Rewrites each whole `/sync` answer, last, as it is: its head, its
+    /// `more`, its numbering, anything a relay could send.
+    pub fn on_sync_answer(&self, hook: impl FnMut(SyncResponse) -> SyncResponse + Send + 'static) {
+        self.lock().answer = Some(Box::new(hook));
+    }
+
+    /// Rewrites the `ready` frame that opens each live session.
+    pub fn on_ready(&self, hook: impl FnMut(ServerFrame) -> ServerFrame + Send + 'static) {
+        self.lock().ready = Some(Box::new(hook));
+    }
+
     /// Back to forwarding faithfully.
     pub fn honest(&self) {
         let mut hooks = self.lock();
-        hooks.sync = None;
-        hooks.deliver = None;
-        hooks.pairing = None;
+        let sid = hooks.sid;
+        *hooks = Hooks {
+            sid,
+            ..Hooks::default()
+        };
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Hooks> {
@@ -148,7 +176,7 @@ async fn websocket(
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    use crate::protocol::{ClientFrame, ServerFrame};
+    use crate::protocol::ClientFrame;
 
     let mut device = tokio_tungstenite::accept_async(stream).await?;
     let (mut relay, _) = tokio::time::timeout(
@@ -180,6 +208,19 @@ async fn websocket(
                     _ => None,
                 };
                 let Some(delivery) = delivery else {
+                    let message = match &message {
+                        Message::Text(text) => match serde_json::from_str::<ServerFrame>(text) {
+                            Ok(ready @ ServerFrame::Ready { .. }) => {
+                                let mut hooks = hooks.lock().unwrap_or_else(|e| e.into_inner());
+                                match hooks.ready.as_mut() {
+                                    Some(hook) => Message::Text(hook(ready).to_text().into()),
+                                    None => message,
+                                }
+                            }
+                            _ => message,
+                        },
+                        _ => message,
+                    };
                     device.send(message).await?;
                     continue;
                 };
@@ -228,10 +269,22 @@ async fn forward(
     {
         lock().sid = open.sid;
     }
-    let cursor = (path == "/sync")
+    let sync = (path == "/sync")
         .then(|| serde_json::from_slice::<SyncRequest>(&body).ok())
-        .flatten()
-        .map(|r| r.cursor);
+        .flatten();
+    let cursor = sync.as_ref().map(|r| r.cursor);
+    // The refusals the publish hook makes, by place in the request; the rest
+    // goes on to the relay.
+    let mut refusals: Vec<Option<Refusal>> = Vec::new();
+    let mut body = body;
+    if let (Some(mut request), Some(hook)) = (sync, lock().publish.as_mut()) {
+        refusals = request.publish.iter().map(|B64(e)| hook(e)).collect();
+        let mut place = refusals.iter();
+        request
+            .publish
+            .retain(|_| place.next().is_some_and(Option::is_none));
+        body = Bytes::from(serde_json::to_vec(&request).expect("serialises"));
+    }
     let receiver =
         if path.starts_with("/pair/") && path.ends_with("/messages") && parts.method == "GET" {
             Some(if parts.headers.contains_key("authorization") {
@@ -245,7 +298,10 @@ async fn forward(
 
     let mut builder = Request::builder().method(parts.method).uri(parts.uri);
     for (name, value) in &parts.headers {
-        builder = builder.header(name, value);
+        // The body may have changed; hyper writes its length.
+        if name != "content-length" {
+            builder = builder.header(name, value);
+        }
     }
     let outgoing = builder
         .body(Full::new(body))
@@ -271,6 +327,25 @@ async fn forward(
     if parts.status.is_success() {
         let mut hooks = lock();
         let sid = hooks.sid;
+        if refusals.iter().any(Option::is_some)
+            && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
+        {
+            let mut passed_on = answer.acks.into_iter();
+            answer.acks = refusals
+                .into_iter()
+                .map(|refusal| match refusal {
+                    Some(error) => SyncAck {
+                        seq: None,
+                        duplicate: false,
+                        error: Some(error),
+                    },
+                    None => passed_on
+                        .next()
+                        .expect("an ack for each envelope passed on"),
+                })
+                .collect();
+            body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
+        }
         if let (Some(cursor), Some(hook)) = (cursor, hooks.sync.as_mut())
             && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
         {
@@ -290,6 +365,11 @@ async fn forward(
             answer.head = cursor + answer.envelopes.len() as u64;
             answer.more = false;
             body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
+        }
+        if let (Some(_), Some(hook)) = (cursor, hooks.answer.as_mut())
+            && let Ok(answer) = serde_json::from_slice::<SyncResponse>(&body)
+        {
+            body = Bytes::from(serde_json::to_vec(&hook(answer)).expect("serialises"));
         }
         if let (Some(side), Some(hook)) = (receiver, hooks.pairing.as_mut())
             && let Ok(mut answer) = serde_json::from_slice::<PairMessages>(&body)
