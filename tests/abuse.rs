@@ -324,7 +324,7 @@ async fn a_sync_answer_pages_a_large_backlog_by_bytes() {
     .json();
     let got = page["envelopes"].as_array().unwrap().len();
     assert!((1..12).contains(&got), "{got} envelopes in one page");
-    assert!(got * (1 << 20) <= khub::relay::routes::MAX_SYNC_RESPONSE_BYTES);
+    assert!(got * (1 << 20) <= khub::protocol::SYNC_PAGE_BYTES);
     assert_eq!(page["more"], true);
 }
 

@@ -34,7 +34,7 @@ use crate::crypto::token::AccessToken;
 use crate::protocol::{
     AdmitDevice, B64, CLAIM_HEADER, ChannelCreated, CreateChannel, Credentials, Delivered,
     DeviceList, ErrorCode, ErrorResponse, OPERATOR_HEADER, OpenSlot, PairMessage, PairMessages,
-    Refusal, SlotClaimed, SlotOpened, SyncAck, SyncRequest, SyncResponse,
+    Refusal, SYNC_PAGE_BYTES, SlotClaimed, SlotOpened, SyncAck, SyncRequest, SyncResponse,
 };
 
 /// Longest a pairing long-poll waits.
@@ -42,12 +42,9 @@ pub const MAX_POLL: Duration = Duration::from_secs(25);
 /// Largest pairing mailbox request body: the largest pairing message in
 /// base64 inside its JSON object.
 const MAX_PAIR_BODY: u64 = (crate::pairing::message::MAX_MESSAGE_LEN as u64).div_ceil(3) * 4 + 1024;
-/// Most envelope bytes in one `/sync` answer (besides its count limit).
-pub const MAX_SYNC_RESPONSE_BYTES: usize = crate::protocol::SYNC_PAGE_BYTES;
 // Devices read answers of up to MAX_ANSWER_LEN: a page as base64url, with
 // the JSON of each envelope and the acks, stays well within it.
-const _: () =
-    assert!(MAX_SYNC_RESPONSE_BYTES.div_ceil(3) * 4 * 2 <= crate::protocol::MAX_ANSWER_LEN);
+const _: () = assert!(SYNC_PAGE_BYTES.div_ceil(3) * 4 * 2 <= crate::protocol::MAX_ANSWER_LEN);
 /// Largest body of the small JSON requests.
 const MAX_SMALL_BODY: u64 = 4 * 1024;
 
@@ -634,18 +631,13 @@ async fn sync(credentials: Credentials, body: Bytes, relay: Arc<Relay>) -> Respo
         .limit
         .map_or(usize::MAX, |l| l as usize)
         .min(relay.config.limits.max_batch);
-    // A page holds at most MAX_SYNC_RESPONSE_BYTES of envelopes (at least
+    // A page holds at most SYNC_PAGE_BYTES of envelopes (at least
     // one), whatever the count: large backlogs come in bounded pieces, and
     // the store reads no more than that.
     let stored = match relay
         .hub
         .store
-        .read_page(
-            credentials.channel,
-            request.cursor,
-            limit,
-            MAX_SYNC_RESPONSE_BYTES,
-        )
+        .read_page(credentials.channel, request.cursor, limit, SYNC_PAGE_BYTES)
         .await
     {
         Ok(stored) => stored,

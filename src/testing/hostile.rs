@@ -200,29 +200,26 @@ async fn websocket(
             }
             from_relay = relay.next() => {
                 let Some(message) = from_relay.transpose()? else { return Ok(()) };
-                let delivery = match &message {
-                    Message::Text(text) => match serde_json::from_str::<ServerFrame>(text) {
-                        Ok(ServerFrame::Deliver { seq, envelope }) => Some(Delivery { seq, envelope }),
-                        _ => None,
-                    },
+                let frame = match &message {
+                    Message::Text(text) => serde_json::from_str::<ServerFrame>(text).ok(),
                     _ => None,
                 };
-                let Some(delivery) = delivery else {
-                    let message = match &message {
-                        Message::Text(text) => match serde_json::from_str::<ServerFrame>(text) {
-                            Ok(ready @ ServerFrame::Ready { .. }) => {
-                                let mut hooks = hooks.lock().unwrap_or_else(|e| e.into_inner());
-                                match hooks.ready.as_mut() {
-                                    Some(hook) => Message::Text(hook(ready).to_text().into()),
-                                    None => message,
-                                }
-                            }
-                            _ => message,
-                        },
-                        _ => message,
-                    };
-                    device.send(message).await?;
-                    continue;
+                let delivery = match frame {
+                    Some(ServerFrame::Deliver { seq, envelope }) => Delivery { seq, envelope },
+                    Some(ready @ ServerFrame::Ready { .. }) => {
+                        let rewritten = hooks
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ready
+                            .as_mut()
+                            .map(|hook| Message::Text(hook(ready).to_text().into()));
+                        device.send(rewritten.unwrap_or(message)).await?;
+                        continue;
+                    }
+                    _ => {
+                        device.send(message).await?;
+                        continue;
+                    }
                 };
                 let rewritten = hooks
                     .lock()
@@ -327,49 +324,51 @@ async fn forward(
     if parts.status.is_success() {
         let mut hooks = lock();
         let sid = hooks.sid;
-        if refusals.iter().any(Option::is_some)
+        // A `/sync` answer is read once, rewritten by each hook set, in
+        // order (refusals, envelopes, the whole answer), and written once.
+        let rewrites =
+            refusals.iter().any(Option::is_some) || hooks.sync.is_some() || hooks.answer.is_some();
+        if let Some(cursor) = cursor
+            && rewrites
             && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
         {
-            let mut passed_on = answer.acks.into_iter();
-            answer.acks = refusals
-                .into_iter()
-                .map(|refusal| match refusal {
-                    Some(error) => SyncAck {
-                        seq: None,
-                        duplicate: false,
-                        error: Some(error),
-                    },
-                    None => passed_on
-                        .next()
-                        .expect("an ack for each envelope passed on"),
-                })
-                .collect();
+            if refusals.iter().any(Option::is_some) {
+                let mut passed_on = answer.acks.into_iter();
+                answer.acks = refusals
+                    .into_iter()
+                    .map(|refusal| match refusal {
+                        Some(error) => SyncAck {
+                            seq: None,
+                            duplicate: false,
+                            error: Some(error),
+                        },
+                        None => passed_on
+                            .next()
+                            .expect("an ack for each envelope passed on"),
+                    })
+                    .collect();
+            }
+            if let Some(hook) = hooks.sync.as_mut() {
+                let real = answer
+                    .envelopes
+                    .drain(..)
+                    .map(|d| Delivery {
+                        seq: d.seq,
+                        envelope: d.envelope,
+                    })
+                    .collect();
+                answer.envelopes = hook(real)
+                    .into_iter()
+                    .zip(cursor + 1..)
+                    .map(|(envelope, seq)| crate::protocol::Delivered { seq, envelope })
+                    .collect();
+                answer.head = cursor + answer.envelopes.len() as u64;
+                answer.more = false;
+            }
+            if let Some(hook) = hooks.answer.as_mut() {
+                answer = hook(answer);
+            }
             body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
-        }
-        if let (Some(cursor), Some(hook)) = (cursor, hooks.sync.as_mut())
-            && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
-        {
-            let real = answer
-                .envelopes
-                .drain(..)
-                .map(|d| Delivery {
-                    seq: d.seq,
-                    envelope: d.envelope,
-                })
-                .collect();
-            answer.envelopes = hook(real)
-                .into_iter()
-                .zip(cursor + 1..)
-                .map(|(envelope, seq)| crate::protocol::Delivered { seq, envelope })
-                .collect();
-            answer.head = cursor + answer.envelopes.len() as u64;
-            answer.more = false;
-            body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
-        }
-        if let (Some(_), Some(hook)) = (cursor, hooks.answer.as_mut())
-            && let Ok(answer) = serde_json::from_slice::<SyncResponse>(&body)
-        {
-            body = Bytes::from(serde_json::to_vec(&hook(answer)).expect("serialises"));
         }
         if let (Some(side), Some(hook)) = (receiver, hooks.pairing.as_mut())
             && let Ok(mut answer) = serde_json::from_slice::<PairMessages>(&body)
