@@ -200,6 +200,17 @@ async fn every_store_keeps_the_contract() {
             [3],
             "{name}"
         );
+        // A retry of a pruned envelope is not stored again, even of the
+        // sender's highest number: devices would take the copy as a replay.
+        assert_eq!(
+            store.append(append(channel, c, 1, b"two", 400)).await,
+            Err(StoreError::OutOfOrder {
+                sender_seq: 1,
+                highest: 1
+            }),
+            "{name}"
+        );
+        assert_eq!(store.head(channel).await, Ok(3), "{name}");
         // Pruning freed quota: the retried envelopes go in, in their order.
         for (sender_seq, body, seq) in [(4, &big[..600], 4), (5, &b"four"[..], 5)] {
             assert_eq!(

@@ -83,8 +83,9 @@ pub enum ErrorCode {
     InvalidEnvelope,
     /// The (sender, sender_seq) was already stored with different bytes.
     Conflict,
-    /// A sender sequence number below one of the same sender already stored:
-    /// storing it would reorder the sender's messages.
+    /// A sender sequence number at or below the highest of the same sender
+    /// already stored, and not stored itself (never, or pruned since):
+    /// storing it would reorder or replay the sender's messages.
     OutOfOrder,
     /// The channel's byte quota is used up.
     OverQuota,

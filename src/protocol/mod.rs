@@ -78,9 +78,11 @@
 //! arrives. A message sealed before commits the device has not taken in yet
 //! (queued offline, or written into a connection that dropped) would be
 //! stored behind them, where members may no longer hold its epoch's secrets:
-//! publish once you have taken in up to `ready`'s `head`, and seal what was
-//! sealed in an epoch that ended again, under the same sender number
-//! (SECURITY.md, "Sending").
+//! publish once you have taken in up to `ready`'s `head` (or once 10 s
+//! pass without a delivery: the envelopes up to that head were pruned; over
+//! `POST /sync`, once an answer has no `more` or no envelopes), and seal what
+//! was sealed in an epoch that ended again, under the same sender number
+//! (SECURITY.md, "Sending", steps 2 and 3).
 //!
 //! **Frame limits.** No frame either side sends is longer than
 //! [`MAX_FRAME_LEN`] (1,489,640 bytes: the largest envelope, 1,114,157 bytes,

@@ -69,8 +69,11 @@ impl MemoryStore {
                         })
                     };
                 }
+                // At or below the sender's highest and not in the log: pruned,
+                // or never stored. Either way it is not stored now: a pruned
+                // copy stored again would reach devices as a replay.
                 let highest = c.highest.get(&a.sender).copied().unwrap_or(0);
-                if highest > a.sender_seq {
+                if a.sender_seq <= highest {
                     return Err(StoreError::OutOfOrder {
                         sender_seq: a.sender_seq,
                         highest,

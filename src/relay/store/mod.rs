@@ -15,9 +15,10 @@
 //!   bytes returns the original sequence number with `duplicate: true`, with
 //!   other bytes [`StoreError::Conflict`];
 //! - each sender's envelopes are stored in the order of their sender sequence
-//!   numbers: a new one below the highest stored for its sender is refused with
-//!   [`StoreError::OutOfOrder`] (devices refuse reordered envelopes, so storing
-//!   it would only lose it silently);
+//!   numbers: one at or below the highest stored for its sender that is not
+//!   in the log (never stored, or pruned since) is refused with
+//!   [`StoreError::OutOfOrder`] (devices refuse reordered and replayed
+//!   envelopes, so storing it would only lose it silently);
 //! - an envelope refused with [`StoreError::OverQuota`] holds back its sender's
 //!   later ones: they are refused with `OverQuota` too until it is stored, so a
 //!   smaller later envelope cannot slip in ahead of it (and make it out of order
@@ -145,9 +146,10 @@ pub enum StoreError {
         /// The conflicting sender sequence number.
         sender_seq: u64,
     },
-    /// A sender sequence number below the highest stored for that sender.
+    /// A sender sequence number at or below the highest stored for that
+    /// sender, and not in the log (never stored, or pruned since).
     #[error(
-        "sequence number {sender_seq} of this sender is older than {highest}, which is already stored"
+        "sequence number {sender_seq} of this sender is not stored, and {highest} is stored (or was, before retention): it cannot go in now"
     )]
     OutOfOrder {
         /// The refused sender sequence number.
