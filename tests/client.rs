@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::net::{STEP, TestRelay};
-use khub::client::{ClientError, Device, Sent, Session, Status, join};
+use khub::client::{ClientError, Device, IncidentKind, Sent, Session, Status, join};
 use khub::pairing::Code;
 use khub::relay::config::RelayConfig;
 use khub::relay::store::sqlite::SqliteStore;
@@ -152,6 +152,184 @@ async fn a_message_queued_before_a_crash_is_delivered_once_after_restart() {
     );
     let nothing_more = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await;
     assert!(nothing_more.is_err(), "delivered exactly once");
+    relay.stop().await;
+}
+
+/// A relay restored from an older backup numbers new envelopes again from
+/// its older head. A device whose cursor is past that head takes them in,
+/// live or over `/sync`, whether it comes back while the relay's head is
+/// behind its cursor or once it is past it (it tells by the envelope at its
+/// cursor), even those numbered before it came back, and even with messages
+/// from before the restore still unread; an incident says the relay went
+/// back, and what it had taken in before raises no false `replayed`.
+/// (Before, they skipped them without a word: a device resumed after its
+/// cursor, and the relay delivers only what comes after the cursor a device
+/// resumes from; and an unread message kept its relay number in the inbox, so
+/// a new one under the same number was dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restored_from_an_older_backup_loses_nothing_new_and_says_so() {
+    let (dir, db, relay) = sqlite_relay().await;
+    let addr = relay.addr;
+    let d = devices(addr, &dir, &["laptop", "phone", "tablet", "desktop"]).await;
+    let (laptop, phone, tablet, desktop) = (&d[0], &d[1], &d[2], &d[3]);
+    relay.stop().await;
+    let backup = dir.join("backup");
+    copy_database(&db, &backup);
+
+    // After the backup: two messages every device takes in (the tablet and
+    // the desktop, which sync, leave them unread).
+    let relay = start_on(addr, &db).await;
+    let (sa, sb) = (laptop.connect(), phone.connect());
+    sa.caught_up(STEP).await.unwrap();
+    for text in ["after the backup 1", "after the backup 2"] {
+        assert!(matches!(
+            sa.send(text.as_bytes(), STEP).await.unwrap(),
+            Sent::Acked { .. }
+        ));
+        assert_eq!(recv(&sb, phone).await, ("laptop".into(), text.into()));
+    }
+    for device in [tablet, desktop] {
+        tokio::time::timeout(STEP, device.sync())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let before = phone.cursor();
+    sa.close().await;
+    sb.close().await;
+    relay.stop().await;
+
+    // The relay runs on the backup and numbers new messages where the two
+    // were. The laptop (live) and the tablet (`/sync`) come back while its
+    // head is behind their cursors, the phone (live) and the desktop
+    // (`/sync`) once it is past.
+    let restored = dir.join("restored.sqlite3");
+    copy_database(&backup, &restored);
+    let relay = start_on(addr, &restored).await;
+    let sa = laptop.connect();
+    sa.caught_up(STEP).await.unwrap();
+    let send = |text: &'static str| {
+        let sa = &sa;
+        async move {
+            match sa.send(text.as_bytes(), STEP).await.unwrap() {
+                Sent::Acked { seq } => seq,
+                Sent::Queued => panic!("{text} was not acked"),
+            }
+        }
+    };
+    assert!(send("after the restore 1").await < before);
+    tokio::time::timeout(STEP, tablet.sync())
+        .await
+        .unwrap()
+        .unwrap();
+    send("after the restore 2").await;
+    assert!(send("after the restore 3").await > before);
+    let sb = phone.connect();
+    for text in [
+        "after the restore 1",
+        "after the restore 2",
+        "after the restore 3",
+    ] {
+        assert_eq!(recv(&sb, phone).await, ("laptop".into(), text.into()));
+    }
+    for device in [tablet, desktop] {
+        tokio::time::timeout(STEP, device.sync())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            unread(device),
+            [
+                "after the backup 1",
+                "after the backup 2",
+                "after the restore 1",
+                "after the restore 2",
+                "after the restore 3"
+            ],
+            "{}",
+            device.name()
+        );
+    }
+    for device in [laptop, phone, tablet, desktop] {
+        let incidents = device.incidents().unwrap();
+        let count = |kind| incidents.iter().filter(|i| i.kind == kind).count();
+        assert_eq!(
+            (
+                count(IncidentKind::RelayRewound),
+                count(IncidentKind::Replayed)
+            ),
+            (1, 0),
+            "{}: {incidents:?}",
+            device.name()
+        );
+    }
+    let nothing_more = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await;
+    assert!(nothing_more.is_err(), "delivered exactly once");
+    relay.stop().await;
+}
+
+/// The texts of a device's unread messages, marked read.
+fn unread(device: &Device) -> Vec<String> {
+    let mut texts = Vec::new();
+    while let Some(message) = device.next_unread().unwrap() {
+        device.mark_read(message.seq).unwrap();
+        texts.push(String::from_utf8(message.body).unwrap());
+    }
+    texts
+}
+
+/// Copies a stopped relay's SQLite file, with its WAL if it has one, to `to`.
+fn copy_database(from: &Path, to: &Path) {
+    for suffix in ["", "-wal"] {
+        let (from, to) = (
+            PathBuf::from(format!("{}{suffix}", from.display())),
+            PathBuf::from(format!("{}{suffix}", to.display())),
+        );
+        if from.exists() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+}
+
+/// Marking read past the newest message (`u64::MAX`: "all of it") marks
+/// what the inbox holds, not the messages still to come: the next one is
+/// delivered, not hidden, and taking it in does not fail on the number it
+/// gets after `read` — also on a home where an older khub stored such a
+/// `read`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_everything_read_does_not_hide_the_next_message() {
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    d[1].mark_read(u64::MAX).unwrap();
+    d[0].queue(b"after everything was read").unwrap();
+    tokio::time::timeout(STEP, d[0].sync())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, d[1].sync())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(unread(&d[1]), ["after everything was read"]);
+
+    // A home where an older khub stored that `read` as it was given.
+    let state = rusqlite::Connection::open(d[1].home().join("device.sqlite3")).unwrap();
+    state
+        .execute("UPDATE identity SET read = ?1", [i64::MAX])
+        .unwrap();
+    drop(state);
+    let phone = Device::open(d[1].home()).unwrap();
+    d[0].queue(b"after the upgrade").unwrap();
+    tokio::time::timeout(STEP, d[0].sync())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, phone.sync())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(unread(&phone), ["after the upgrade"]);
     relay.stop().await;
 }
 

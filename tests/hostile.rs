@@ -746,3 +746,58 @@ async fn sync_answers_that_would_never_end_or_swell_in_memory_are_refused() {
     setup.hostile.honest();
     step(receiver.sync()).await.unwrap();
 }
+
+/// A relay that pretends to have gone back (its `ready` says its head is 0,
+/// once) makes the device read the channel again, and gains nothing by it:
+/// nothing reaches the app twice, nothing it took in before is reported as a
+/// replay, the pretence is an incident, and what comes next arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_pretends_to_have_gone_back_delivers_nothing_twice() {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    let receiver = &setup.paired.devices[1];
+    step(receiver.sync()).await.unwrap();
+    let mut read = 0;
+    while let Some(message) = receiver.next_unread().unwrap() {
+        receiver.mark_read(message.seq).unwrap();
+        read += 1;
+    }
+    assert_eq!(read, 10);
+    let mut pretended = false;
+    setup.hostile.on_ready(move |frame| match frame {
+        ServerFrame::Ready {
+            v,
+            ping_secs,
+            retention_secs,
+            ..
+        } if !pretended => {
+            pretended = true;
+            ServerFrame::Ready {
+                v,
+                head: 0,
+                ping_secs,
+                retention_secs,
+            }
+        }
+        other => other,
+    });
+    let session = receiver.connect();
+    step(session.caught_up(STEP)).await.unwrap();
+    let sender = &setup.paired.devices[0];
+    sender.queue(b"after the pretence").unwrap();
+    step(sender.sync()).await.unwrap();
+    let message = step(session.recv()).await.unwrap();
+    assert_eq!(message.body, b"after the pretence");
+    receiver.mark_read(message.seq).unwrap();
+    let nothing_more = tokio::time::timeout(Duration::from_millis(500), session.recv()).await;
+    assert!(nothing_more.is_err(), "nothing twice");
+    assert_eq!(receiver.next_unread().unwrap(), None);
+    let kinds: Vec<IncidentKind> = receiver
+        .incidents()
+        .unwrap()
+        .iter()
+        .map(|i| i.kind)
+        .collect();
+    assert_eq!(kinds, [IncidentKind::RelayRewound]);
+    session.close().await;
+}

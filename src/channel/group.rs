@@ -135,6 +135,11 @@ pub enum RefusalKind {
     /// it never had, with no snapshot covering it): kept aside until a
     /// snapshot or the missing changes arrive.
     MissingHistory,
+    /// The relay's newest sequence number is behind this device's cursor (it
+    /// was restored from an older backup, or numbered envelopes it did not
+    /// keep): the cursor went back to it, so that what the relay numbers
+    /// again is taken in rather than skipped.
+    RelayRewound,
 }
 
 impl RefusalKind {
@@ -156,6 +161,7 @@ impl RefusalKind {
             Self::StaleCommit => "stale_commit",
             Self::Blocked => "blocked",
             Self::MissingHistory => "missing_history",
+            Self::RelayRewound => "relay_rewound",
         }
     }
 
@@ -176,6 +182,7 @@ impl RefusalKind {
             Self::StaleCommit,
             Self::Blocked,
             Self::MissingHistory,
+            Self::RelayRewound,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)

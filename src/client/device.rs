@@ -28,6 +28,78 @@ use crate::protocol::{
 /// A message for the application: who sent it and what it says.
 pub type Message = InboxMessage;
 
+/// What [`Device::ingest`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ingested {
+    /// Taken in.
+    Taken {
+        /// The outbox was sealed again: what waits to be written must be
+        /// read again.
+        resealed: bool,
+    },
+    /// Nothing: the cursor on disk went back behind where the batch follows
+    /// on. Resume from [`Device::cursor`], now the one on disk.
+    Behind,
+}
+
+/// Where a connection or a sync resumes, and how it tells that the relay
+/// went back: a relay's sequence numbers never go back, so a head behind the
+/// cursor, or another envelope than the one taken in at the cursor, means it
+/// lost envelopes it had numbered (restored from an older backup) and numbers
+/// new ones again where they were.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resume {
+    /// The cursor resumed from.
+    pub cursor: u64,
+    /// SHA-256 of the envelope taken in at the cursor, when it is known.
+    check: Option<[u8; 32]>,
+}
+
+impl Resume {
+    /// Resuming from `cursor` without checking the envelope there.
+    pub fn at(cursor: u64) -> Self {
+        Self {
+            cursor,
+            check: None,
+        }
+    }
+
+    /// Whether the envelope at the cursor is to be checked (it comes first).
+    pub fn checks(&self) -> bool {
+        self.check.is_some()
+    }
+
+    /// What to ask the relay for envelopes after: one before the cursor when
+    /// the envelope at the cursor can be checked, so that it comes again.
+    pub fn from(&self) -> u64 {
+        self.cursor - u64::from(self.check.is_some())
+    }
+
+    /// Why the relay went back, if `head` (its newest sequence number) says so.
+    pub fn behind(&self, head: u64) -> Option<String> {
+        (head < self.cursor).then(|| {
+            format!(
+                "the relay's newest envelope is #{head}, behind #{} which this device had taken in",
+                self.cursor
+            )
+        })
+    }
+
+    /// Why the relay went back, if `first`, the first envelope it returned
+    /// after [`from`](Self::from), says so: it is at the cursor and is not the
+    /// one taken in there. (One after the cursor says nothing: the one at the
+    /// cursor was pruned.)
+    pub fn replaced(&self, first: (u64, &[u8])) -> Option<String> {
+        let check = self.check?;
+        let (seq, envelope) = first;
+        (seq == self.cursor && crate::client::state::envelope_hash(envelope) != check).then(|| {
+            format!(
+                "the relay's envelope #{seq} is not the one this device took in under that number"
+            )
+        })
+    }
+}
+
 /// How long [`Device::remove`] waits for its commit to be ordered by the relay.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// Envelope bytes one `POST /sync` publishes at most (one envelope at
@@ -403,6 +475,70 @@ impl Device {
         self.db().outbox_len()
     }
 
+    /// Where a connection or a sync resumes, with what tells whether the
+    /// relay went back (see [`Resume`]).
+    ///
+    /// The cursor is the one on disk: if another process on this home went
+    /// back (see [`relay_went_back`](Self::relay_went_back)), this one's is
+    /// ahead of it, and resuming from there would skip what that one reads
+    /// again.
+    pub(crate) fn resume(&self) -> Result<Resume, ClientError> {
+        let (cursor, check) = self.db().cursor_and_hash()?;
+        self.inner
+            .cursor
+            .store(cursor, std::sync::atomic::Ordering::Relaxed);
+        Ok(Resume {
+            cursor,
+            check: check.filter(|_| cursor > 0),
+        })
+    }
+
+    /// The relay went back (`why`, from `resumed`): it lost envelopes it had
+    /// numbered, up to the cursor `asked` this process resumed from, and
+    /// numbers new ones again from where it went back to — where exactly is
+    /// unknown. So the cursor goes back to 0 and the channel is read again
+    /// (an incident says so): what this device took in before comes back as
+    /// replays, refused without incidents up to `asked`, and the rest is new.
+    /// Unless the cursor on disk is no longer where this process resumed
+    /// from (the same number, and the same envelope there when that was
+    /// known): another process on this home moved it (it went back already,
+    /// or is ahead of this one), and this process resumes from where that one
+    /// is instead. Either way the caller asks the relay again from
+    /// [`cursor`](Self::cursor).
+    pub(crate) fn relay_went_back(&self, resumed: Resume, why: &str) -> Result<(), ClientError> {
+        use std::sync::atomic::Ordering;
+        let asked = resumed.cursor;
+        let mut rewound = false;
+        let mut cursor = asked;
+        self.db().change(|change| {
+            let (on_disk, hash) = change.cursor_and_hash()?;
+            if on_disk == asked && (resumed.check.is_none() || hash == resumed.check) {
+                change.reread(asked)?;
+                change.record(&Incident::other(
+                    asked,
+                    IncidentKind::RelayRewound,
+                    format!(
+                        "{why}: the relay went back (restored from an older backup?); this device reads the channel again from its start so that nothing it numbered again is missed, and what it lost shows as gaps"
+                    ),
+                ))?;
+                rewound = true;
+            }
+            cursor = change.cursor;
+            Ok(())
+        })?;
+        // Not `change`'s fetch_max: the cursor goes down.
+        self.inner.cursor.store(cursor, Ordering::Relaxed);
+        self.inner.changed.notify_waiters();
+        if rewound {
+            warn!(
+                cursor = asked,
+                why,
+                "the relay went back behind this device's cursor; reading the channel again from its start"
+            );
+        }
+        Ok(())
+    }
+
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
     /// outbox and are recorded as acked, in one transaction.
     pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
@@ -508,16 +644,35 @@ impl Device {
     /// order (what the live connection wrote already goes on as written, and
     /// its new sealing is used if it has to go again). Returns whether it did:
     /// envelopes waiting to be written must then be read again.
-    pub(crate) fn ingest(&self, batch: &[(u64, &[u8])]) -> Result<bool, ClientError> {
+    ///
+    /// `batch` follows on from relay sequence number `after` (where the
+    /// connection or request resumed, or the last batch it took in). A
+    /// cursor on disk behind it went back since: another process on this
+    /// home found the relay went back and reads the channel again. Then
+    /// nothing is taken in (it would move the cursor past what that process
+    /// has still to read), the cursor is set to the one on disk, and the
+    /// caller resumes from it.
+    pub(crate) fn ingest(
+        &self,
+        after: u64,
+        batch: &[(u64, &[u8])],
+    ) -> Result<Ingested, ClientError> {
         let now = now_secs();
         let me = self.inner.me;
         let retention = self
             .inner
             .retention_secs
             .load(std::sync::atomic::Ordering::Relaxed);
+        let mut behind = None;
         let (incidents, resealed) = self.change(|change| {
             let mut incidents = Vec::new();
+            if change.cursor < after {
+                behind = Some(change.cursor);
+                return Ok((incidents, 0));
+            }
             let epoch = change.channel.epoch();
+            let reread_until = change.reread_until()?;
+            let mut last = None;
             // Own messages the relay stored too late for members to read.
             let mut too_late = Vec::new();
             for &(seq, envelope) in batch {
@@ -544,6 +699,10 @@ impl Device {
                 }
                 let taken = change.channel.take_in(envelope, now);
                 for refusal in taken.refusals {
+                    // Read again after the relay went back: taken in before.
+                    if refusal.kind == IncidentKind::Replayed && seq <= reread_until {
+                        continue;
+                    }
                     incidents.push(Incident::refused(seq, refusal));
                 }
                 for outgoing in &taken.outgoing {
@@ -584,6 +743,10 @@ impl Device {
                     None => {}
                 }
                 change.cursor = seq;
+                last = Some((seq, envelope));
+            }
+            if let Some((seq, envelope)) = last {
+                change.took_in(seq, envelope)?;
             }
             // Before anything new is sealed in the new epoch: the outbox keeps
             // its order in the epoch's key generations too.
@@ -639,7 +802,20 @@ impl Device {
         for incident in &incidents {
             warn!(seq = incident.seq, kind = incident.kind.as_str(), detail = %incident.detail, "envelope refused or missing");
         }
-        Ok(resealed > 0)
+        if let Some(cursor) = behind {
+            self.inner
+                .cursor
+                .store(cursor, std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                cursor,
+                after,
+                "another process on this home went back behind this one's cursor; resuming from its"
+            );
+            return Ok(Ingested::Behind);
+        }
+        Ok(Ingested::Taken {
+            resealed: resealed > 0,
+        })
     }
 
     /// Keeps the relay's retention, as `ready` or a `/sync` answer said it,
@@ -678,9 +854,14 @@ impl Device {
         let mut outbox: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut caught_up = false;
         let mut kept_back = false;
+        let mut went_back = false;
+        // The first request also checks that the relay still holds, at the
+        // cursor, the envelope this device took in there.
+        let mut first = Some(self.blocking(|device| device.resume()).await?);
         loop {
+            let resume = first.take().unwrap_or_else(|| Resume::at(self.cursor()));
             let request = SyncRequest {
-                cursor: self.cursor(),
+                cursor: resume.from(),
                 publish: outbox.iter().map(|(_, e)| B64(e.clone())).collect(),
                 limit: None,
             };
@@ -708,6 +889,25 @@ impl Device {
                     .await?;
             }
             published_up_to = outbox.last().map_or(published_up_to, |(s, _)| *s);
+            let back = resume.behind(response.head).or_else(|| {
+                let first = response.envelopes.first()?;
+                resume.replaced((first.seq, &first.envelope))
+            });
+            if let Some(why) = back {
+                // The relay went back (an older backup): read the channel
+                // again before publishing more.
+                if went_back {
+                    return Err(ClientError::Protocol(format!(
+                        "the relay went back twice in one sync ({why}); the sync stopped instead of following it"
+                    )));
+                }
+                went_back = true;
+                self.blocking(move |device| device.relay_went_back(resume, &why))
+                    .await?;
+                caught_up = false;
+                outbox = Vec::new();
+                continue;
+            }
             let more = response.more;
             let head = response.head;
             let batch: Vec<(u64, Vec<u8>)> = response
@@ -716,6 +916,7 @@ impl Device {
                 .map(|d| (d.seq, d.envelope))
                 .collect();
             let count = batch.len();
+            let fresh = batch.iter().filter(|(seq, _)| *seq > resume.cursor).count();
             // Asked again, a relay that returns nothing after the cursor
             // while it says more follows would be asked forever.
             if more && count > 0 && batch.iter().all(|(seq, _)| *seq <= request.cursor) {
@@ -724,13 +925,21 @@ impl Device {
                     request.cursor
                 )));
             }
-            self.blocking(move |device| {
-                let batch: Vec<(u64, &[u8])> =
-                    batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
-                device.ingest(&batch)
-            })
-            .await?;
-            taken += count;
+            let after = request.cursor;
+            let ingested = self
+                .blocking(move |device| {
+                    let batch: Vec<(u64, &[u8])> =
+                        batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
+                    device.ingest(after, &batch)
+                })
+                .await?;
+            if ingested == Ingested::Behind {
+                // Another process on this home went back: from its cursor.
+                caught_up = false;
+                outbox = Vec::new();
+                continue;
+            }
+            taken += fresh;
             progress(SyncProgress {
                 taken,
                 remaining: head.saturating_sub(self.cursor()),
@@ -912,5 +1121,94 @@ impl Device {
             None => "its commit was not applied".to_owned(),
         };
         Err(ClientError::NotRemoved { device, why })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Resume;
+    use crate::client::state::envelope_hash;
+
+    #[test]
+    fn a_resume_checks_the_head_and_the_envelope_at_its_cursor_only() {
+        let taken = b"taken in at 7";
+        let resume = Resume {
+            cursor: 7,
+            check: Some(envelope_hash(taken)),
+        };
+        assert_eq!(resume.from(), 6, "the envelope at the cursor comes again");
+        assert!(resume.behind(7).is_none() && resume.behind(9).is_none());
+        assert!(resume.behind(6).is_some());
+        assert!(resume.replaced((7, taken)).is_none());
+        assert!(resume.replaced((7, b"another")).is_some());
+        // The one at the cursor was pruned: nothing to tell by.
+        assert!(resume.replaced((8, b"another")).is_none());
+
+        let unknown = Resume::at(7);
+        assert_eq!(unknown.from(), 7);
+        assert!(unknown.replaced((7, b"another")).is_none());
+        assert!(unknown.behind(6).is_some());
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod home_tests {
+    use std::time::Duration;
+
+    use super::{Device, IncidentKind, Ingested};
+    use crate::relay::config::Limits;
+    use crate::testing::{TempDir, TestRelay, paired_devices};
+
+    async fn in_time<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), future)
+            .await
+            .expect("in time")
+    }
+
+    /// Another process on the same home (a second handle, with its cursor in
+    /// memory) that goes on while the first reads the channel again after the
+    /// relay went back follows the cursor on disk: it does not resume from
+    /// its own, nor take in a batch that follows on from it (either would
+    /// move the cursor past what the first has still to read, for good).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_process_follows_a_cursor_that_went_back() {
+        let relay = TestRelay::start(Limits::default()).await.unwrap();
+        let home = TempDir::new("went-back");
+        let paired = in_time(paired_devices(home.path(), &[relay.url(), relay.url()]))
+            .await
+            .unwrap();
+        let (sender, first) = (&paired.devices[0], &paired.devices[1]);
+        for n in 0..3 {
+            sender.queue(format!("message {n}").as_bytes()).unwrap();
+        }
+        in_time(sender.sync()).await.unwrap();
+        in_time(first.sync()).await.unwrap();
+        let second = Device::open(first.home()).unwrap();
+        let cursor = first.cursor();
+        assert_eq!(second.cursor(), cursor);
+
+        first
+            .relay_went_back(first.resume().unwrap(), "as if")
+            .unwrap();
+        assert_eq!(first.cursor(), 0);
+        assert_eq!(second.resume().unwrap().cursor, 0);
+        assert_eq!(second.cursor(), 0);
+        // A session of the second's that resumed before the first went back.
+        let batch: Vec<(u64, &[u8])> = vec![(cursor + 1, b"a delivery after the old cursor")];
+        assert_eq!(second.ingest(cursor, &batch).unwrap(), Ingested::Behind);
+        assert_eq!(second.cursor(), 0);
+
+        // Read again from the start: everything taken in before is a
+        // replay, reported nowhere; nothing reaches the inbox twice.
+        in_time(second.sync()).await.unwrap();
+        assert_eq!(second.cursor(), cursor);
+        let kinds: Vec<IncidentKind> = second.incidents().unwrap().iter().map(|i| i.kind).collect();
+        assert_eq!(kinds, [IncidentKind::RelayRewound]);
+        let mut unread = 0;
+        while let Some(message) = second.next_unread().unwrap() {
+            second.mark_read(message.seq).unwrap();
+            unread += 1;
+        }
+        assert_eq!(unread, 3);
     }
 }

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
-use super::device::{Device, Message};
+use super::device::{Device, Ingested, Message, Resume};
 use super::error::ClientError;
 use crate::crypto::os_rng;
 use crate::protocol::{
@@ -292,6 +292,23 @@ async fn run(
     }
 }
 
+/// The relay went back (an older backup; `why`, from `resume`): it delivers
+/// only after the cursor a session resumes from, so this session would skip
+/// what it numbers again. The device goes back and the session reconnects
+/// from where it now stands; the error says why.
+async fn went_back(device: &Device, resume: Resume, why: String) -> ClientError {
+    let recorded = {
+        let why = why.clone();
+        device
+            .blocking(move |device| device.relay_went_back(resume, &why))
+            .await
+    };
+    match recorded {
+        Ok(()) => unreachable(device, format!("{why}; resuming from #{}", device.cursor())),
+        Err(e) => e,
+    }
+}
+
 /// Why reading the connection failed: a frame longer than any relay sends
 /// is the relay's fault, and ends the session; anything else is a broken
 /// connection.
@@ -354,12 +371,13 @@ async fn connection(
         .await
         .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?
         .map_err(|e| unreachable(device, e))?;
+    let resume = device.blocking(|device| device.resume()).await?;
     let hello = ClientFrame::Hello {
         v: PROTOCOL_VERSION,
         channel: device.channel(),
         device: device.id(),
         token: device.inner.token.duplicate(),
-        cursor: device.cursor(),
+        cursor: resume.from(),
     };
     ws.send(WsMessage::Text(hello.to_text().into()))
         .await
@@ -396,6 +414,14 @@ async fn connection(
         Some(Err(e)) => return Err(read_failed(device, e)),
         _ => return Err(unreachable(device, "connection closed during hello")),
     };
+    if let Some(why) = resume.behind(head) {
+        return Err(went_back(device, resume, why).await);
+    }
+    // Checked against the first delivery, which is the envelope at the cursor
+    // (or a later one, if that one was pruned).
+    // Where the next deliveries follow on.
+    let mut after = resume.from();
+    let mut resume = resume.checks().then_some(resume);
     *attempt = 0;
     status.send_replace(Status::Live { head });
     info!(head, cursor = device.cursor(), "session live");
@@ -405,8 +431,10 @@ async fn connection(
     // this device has not seen yet, a message would be stored behind them,
     // where members may no longer hold its epoch's secrets. Taking them in
     // seals it again in the new epoch.
+    // Nor before the envelope at the cursor is checked: if the relay went
+    // back, what it numbered up to there is not taken in yet.
     let mut outbound = Outbound::default();
-    if device.cursor() >= head {
+    if device.cursor() >= head && resume.is_none() {
         outbound.open(device).await?;
     }
     // Messages refused for the channel's quota are sent again later, on this
@@ -506,14 +534,28 @@ async fn connection(
                 if !acks.is_empty() {
                     device.blocking(move |device| device.acked_all(&acks)).await?;
                 }
-                if !deliveries.is_empty() {
-                    let resealed = device
+                if let (Some(check), Some((seq, envelope))) = (resume, deliveries.first()) {
+                    resume = None;
+                    if let Some(why) = check.replaced((*seq, envelope)) {
+                        return Err(went_back(device, check, why).await);
+                    }
+                }
+                if let Some((last, _)) = deliveries.last() {
+                    let from = after;
+                    after = *last;
+                    let ingested = device
                         .blocking(move |device| {
                             let batch: Vec<(u64, &[u8])> =
                                 deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
-                            device.ingest(&batch)
+                            device.ingest(from, &batch)
                         })
                         .await?;
+                    let Ingested::Taken { resealed } = ingested else {
+                        return Err(unreachable(
+                            device,
+                            format!("another process on this home went back to #{}; resuming from there", device.cursor()),
+                        ));
+                    };
                     last_taken_in = tokio::time::Instant::now();
                     if device.removed_seen() {
                         return Err(ClientError::Revoked);

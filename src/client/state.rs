@@ -90,6 +90,15 @@ CREATE TABLE IF NOT EXISTS refused (  -- the newest envelopes the relay refused 
     sender_seq INTEGER PRIMARY KEY,    -- so that a `send` in another process on
     refusal    TEXT NOT NULL           -- this home learns why (the refusal as JSON)
 );
+CREATE TABLE IF NOT EXISTS at_cursor (  -- the envelope taken in at the cursor: resuming,
+    id   INTEGER PRIMARY KEY CHECK (id = 1),  -- a device checks that the relay still holds
+    seq  INTEGER NOT NULL,              -- it there (one restored from an older backup
+    hash BLOB NOT NULL                  -- numbers other envelopes so); its SHA-256
+);
+CREATE TABLE IF NOT EXISTS reread (  -- the relay went back behind the cursor: the
+    id    INTEGER PRIMARY KEY CHECK (id = 1),  -- channel is read again from its start,
+    until INTEGER NOT NULL           -- and replays up to here are what was taken in before
+);
 ";
 
 /// What the identity row holds that never changes.
@@ -109,7 +118,10 @@ pub(crate) struct Identity {
 /// A message in the inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxMessage {
-    /// Relay sequence number.
+    /// Its number in the inbox, for [`Device::mark_read`](super::Device::mark_read):
+    /// the relay sequence number it arrived under — unless the relay went
+    /// back behind this device's cursor (a `relay_rewound` incident), after
+    /// which messages are numbered on after the last one this device had.
     pub seq: u64,
     /// Sending device.
     pub from: DeviceId,
@@ -159,8 +171,25 @@ fn ack_in_outbox(conn: &Connection, sender_seq: u64, seq: u64) -> Result<bool, C
     Ok(true)
 }
 
-/// The SHA-256 of one sealing of a message, as `unsealed.sealings` lists them.
-fn sealing_hash(envelope: &[u8]) -> [u8; 32] {
+/// The cursor in `conn`'s state, and the SHA-256 of the envelope taken in
+/// there when it is known.
+fn cursor_and_hash(conn: &Connection) -> Result<(u64, Option<[u8; 32]>), ClientError> {
+    conn.query_row(
+        "SELECT i.cursor, a.hash FROM identity i LEFT JOIN at_cursor a ON a.seq = i.cursor
+         WHERE i.id = 1",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)),
+    )
+    .map_err(err)
+    .map(|(cursor, hash)| {
+        let hash = hash.and_then(|hash| <[u8; 32]>::try_from(hash).ok());
+        (u64_of(cursor), hash)
+    })
+}
+
+/// The SHA-256 of an envelope: one sealing of a message, as
+/// `unsealed.sealings` lists them, or the one taken in at the cursor.
+pub(crate) fn envelope_hash(envelope: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     sha2::Sha256::digest(envelope).into()
 }
@@ -224,7 +253,7 @@ impl Change<'_> {
                 params![
                     i64_of(outgoing.seq),
                     plaintext,
-                    &sealing_hash(&outgoing.envelope)[..]
+                    &envelope_hash(&outgoing.envelope)[..]
                 ],
             )
             .map_err(err)
@@ -298,7 +327,7 @@ impl Change<'_> {
                     params![i64_of(*sender_seq), outgoing.envelope],
                 )
                 .map_err(err)?;
-            let sealings = [&sealings[..], &sealing_hash(&outgoing.envelope)[..]].concat();
+            let sealings = [&sealings[..], &envelope_hash(&outgoing.envelope)[..]].concat();
             self.tx
                 .execute(
                     "UPDATE unsealed SET sealings = ?2 WHERE sender_seq = ?1",
@@ -322,7 +351,7 @@ impl Change<'_> {
             )
             .optional()
             .map_err(err)?;
-        let hash = sealing_hash(envelope);
+        let hash = envelope_hash(envelope);
         Ok(sealings.is_some_and(|s| s.chunks(32).any(|h| h == hash)))
     }
 
@@ -368,11 +397,16 @@ impl Change<'_> {
             .map(|len| len.is_some_and(|len| len > 32))
     }
 
-    /// Adds a message to the inbox.
+    /// Adds a message to the inbox, numbered after every message it has
+    /// had: `m.seq` (its relay sequence number), unless the relay went back
+    /// behind that number (`Device::relay_went_back`), where numbering goes on
+    /// after the last one so that no message takes an unread one's number.
     pub fn deliver(&self, m: &InboxMessage) -> Result<(), ClientError> {
         self.tx
             .execute(
-                "INSERT OR IGNORE INTO inbox (seq, sender, name, body) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO inbox (seq, sender, name, body)
+                 SELECT MAX(?1, read + 1, COALESCE((SELECT MAX(seq) FROM inbox), 0) + 1), ?2, ?3, ?4
+                 FROM identity WHERE id = 1",
                 params![i64_of(m.seq), m.from.as_bytes(), m.from_name, m.body],
             )
             .map_err(err)
@@ -410,6 +444,54 @@ impl Change<'_> {
             )
             .map_err(err)
             .map(drop)
+    }
+
+    /// The envelope taken in last, at relay sequence number `seq` (the
+    /// cursor once this change is written).
+    pub fn took_in(&self, seq: u64, envelope: &[u8]) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT INTO at_cursor (id, seq, hash) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET seq = ?1, hash = ?2",
+                params![i64_of(seq), envelope_hash(envelope).as_slice()],
+            )
+            .map_err(err)
+            .map(drop)
+    }
+
+    /// The cursor (as on disk when this change began, not as this change
+    /// moved it) and the SHA-256 of the envelope taken in there, if known.
+    pub fn cursor_and_hash(&self) -> Result<(u64, Option<[u8; 32]>), ClientError> {
+        cursor_and_hash(&self.tx)
+    }
+
+    /// The relay went back behind cursor `cursor`: the channel is read again
+    /// from its start, and replays up to `cursor` are what this device took
+    /// in before (see [`reread_until`](Self::reread_until)).
+    pub fn reread(&mut self, cursor: u64) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT INTO reread (id, until) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET until = MAX(until, ?1)",
+                params![i64_of(cursor)],
+            )
+            .map_err(err)?;
+        self.cursor = 0;
+        Ok(())
+    }
+
+    /// Up to which relay sequence number the channel is being read again
+    /// after the relay went back (0 if it never did): a replay numbered at or
+    /// below it is most likely an envelope this device took in before, and
+    /// is refused without an incident.
+    pub fn reread_until(&self) -> Result<u64, ClientError> {
+        self.tx
+            .query_row("SELECT until FROM reread WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map_err(err)
+            .map(|until| until.map_or(0, u64_of))
     }
 
     /// Records that this device's commit `sender_seq` won its epoch as relay
@@ -628,6 +710,18 @@ impl StateDb {
         db.conn
             .execute_batch(crate::notes::store::SCHEMA)
             .map_err(err)?;
+        // A `read` past every number the inbox gives (an older khub let
+        // `mark_read` set it anywhere, `u64::MAX` for "all") would leave the
+        // next message no number after it.
+        db.conn
+            .execute(
+                "UPDATE identity SET read = MIN(read, MAX(cursor,
+                     COALESCE((SELECT until FROM reread WHERE id = 1), 0),
+                     COALESCE((SELECT MAX(seq) FROM inbox), 0)))
+                 WHERE id = 1",
+                [],
+            )
+            .map_err(err)?;
         let row = db
             .conn
             .query_row(
@@ -706,6 +800,13 @@ impl StateDb {
     /// The channel and cursor as they are on disk, to read.
     pub fn channel(&self) -> Result<(Channel, u64), ClientError> {
         load_channel(&self.conn)
+    }
+
+    /// The relay sequence number and SHA-256 of the envelope taken in last.
+    /// The cursor on disk, and the SHA-256 of the envelope taken in there
+    /// when it is known (read at once: another process may move them).
+    pub fn cursor_and_hash(&self) -> Result<(u64, Option<[u8; 32]>), ClientError> {
+        cursor_and_hash(&self.conn)
     }
 
     /// How many envelopes wait for an ack.
@@ -866,8 +967,12 @@ impl StateDb {
     /// The app has read everything up to `seq`: read messages are deleted.
     pub fn mark_read(&mut self, seq: u64) -> Result<(), ClientError> {
         let tx = self.conn.transaction().map_err(err)?;
+        // Never past the newest message the inbox holds: the next one is
+        // numbered after `read`, so a `read` at the end of the numbers would
+        // leave it none (and a later message would be hidden).
         tx.execute(
-            "UPDATE identity SET read = MAX(read, ?1) WHERE id = 1",
+            "UPDATE identity SET read = MAX(read, MIN(?1, COALESCE((SELECT MAX(seq) FROM inbox), read)))
+             WHERE id = 1",
             params![i64_of(seq)],
         )
         .map_err(err)?;

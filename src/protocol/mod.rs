@@ -31,7 +31,11 @@
 //! refused with `unsupported_version`; to version 1 the relay says "this device
 //! speaks protocol 1; update khub and pair it again".
 //!
-//! `cursor` is the last relay sequence number the device has (0 for none). The
+//! `cursor`: the relay delivers every envelope with a sequence number above
+//! it (0 for all). A device asks from the last one it has, or one below that
+//! so that the one at its cursor comes again: khub's SDK does, to tell a
+//! relay restored from an older backup (SECURITY.md, "The relay went back";
+//! the same for `/sync`'s `cursor`). The
 //! relay answers `{"type":"ready","v":2,"head":17,"ping_secs":30,"retention_secs":7776000}`
 //! (`head`: the channel's newest sequence number; `ping_secs`: how often the
 //! relay pings a quiet session, so that a device hearing nothing for three
@@ -80,9 +84,11 @@
 //! stored behind them, where members may no longer hold its epoch's secrets:
 //! publish once you have taken in up to `ready`'s `head` (or once 10 s
 //! pass without a delivery: the envelopes up to that head were pruned; over
-//! `POST /sync`, once an answer has no `more` or no envelopes), and seal what
-//! was sealed in an epoch that ended again, under the same sender number
-//! (SECURITY.md, "Sending", steps 2 and 3).
+//! `POST /sync`, once an answer has no `more` or no envelopes), and not before
+//! the envelope at your cursor, asked for again, is checked, nor while the
+//! relay's `head` is below your cursor (SECURITY.md, "The relay went back");
+//! and seal what was sealed in an epoch that ended again, under the same
+//! sender number (SECURITY.md, "Sending", steps 2 and 3).
 //!
 //! **Frame limits.** No frame either side sends is longer than
 //! [`MAX_FRAME_LEN`] (1,489,640 bytes: the largest envelope, 1,114,157 bytes,

@@ -7,6 +7,7 @@
 //! Devices reach it as they would the relay: `Device::sync` and the pairing
 //! mailbox over HTTP, live sessions over WebSocket (`/ws`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +20,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::ids::DeviceId;
 use crate::protocol::{
-    B64, OpenSlot, PairMessages, Refusal, ServerFrame, SyncAck, SyncRequest, SyncResponse,
+    B64, Credentials, Delivered, OpenSlot, PairMessages, Refusal, ServerFrame, SyncAck,
+    SyncRequest, SyncResponse,
 };
 use crate::relay::pairing::Side;
 
@@ -50,6 +53,12 @@ struct Hooks {
     ready: Option<ReadyHook>,
     /// The session id of the last slot opened through this front.
     sid: [u8; 16],
+    /// The last envelope this front gave each device, with the number it
+    /// gave it under: a device that resumes asks again for the one at its
+    /// cursor (to tell whether the relay went back), and gets it from here,
+    /// as this front numbered it, while the relay is asked from the cursor.
+    /// The hooks see only what follows, as they did before devices asked.
+    given: HashMap<DeviceId, (u64, Vec<u8>)>,
 }
 
 /// An HTTP front for the relay at `upstream`; honest until given hooks.
@@ -139,8 +148,10 @@ impl HostileRelay {
     pub fn honest(&self) {
         let mut hooks = self.lock();
         let sid = hooks.sid;
+        let given = std::mem::take(&mut hooks.given);
         *hooks = Hooks {
             sid,
+            given,
             ..Hooks::default()
         };
     }
@@ -187,14 +198,26 @@ async fn websocket(
     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     // The sequence number the device has last been given.
     let mut numbered = 0u64;
+    // The device, once it said hello, and what it asked for again.
+    let mut who: Option<DeviceId> = None;
+    let mut again: Option<(u64, Vec<u8>)> = None;
     loop {
         tokio::select! {
             from_device = device.next() => {
-                let Some(message) = from_device.transpose()? else { return Ok(()) };
+                let Some(mut message) = from_device.transpose()? else { return Ok(()) };
                 if let Message::Text(text) = &message
-                    && let Ok(ClientFrame::Hello { cursor, .. }) = ClientFrame::decode(text, usize::MAX)
+                    && let Ok(ClientFrame::Hello { v, channel, device: id, token, cursor }) =
+                        ClientFrame::decode(text, usize::MAX)
                 {
+                    who = Some(id);
                     numbered = cursor;
+                    let given = hooks.lock().unwrap_or_else(|e| e.into_inner()).given.get(&id).cloned();
+                    if let Some((seq, envelope)) = given.filter(|(seq, _)| *seq == cursor + 1) {
+                        let hello = ClientFrame::Hello { v, channel, device: id, token, cursor: seq };
+                        message = Message::Text(hello.to_text().into());
+                        numbered = seq;
+                        again = Some((seq, envelope));
+                    }
                 }
                 relay.send(message).await?;
             }
@@ -214,6 +237,10 @@ async fn websocket(
                             .as_mut()
                             .map(|hook| Message::Text(hook(ready).to_text().into()));
                         device.send(rewritten.unwrap_or(message)).await?;
+                        if let Some((seq, envelope)) = again.take() {
+                            let frame = ServerFrame::Deliver { seq, envelope };
+                            device.send(Message::Text(frame.to_text().into())).await?;
+                        }
                         continue;
                     }
                     _ => {
@@ -227,18 +254,24 @@ async fn websocket(
                     .deliver
                     .as_mut()
                     .map(|hook| hook(delivery.clone()));
+                let mut last = None;
                 match rewritten {
                     None => {
                         numbered = delivery.seq;
                         device.send(message).await?;
+                        last = Some(delivery.envelope);
                     }
                     Some(envelopes) => {
                         for envelope in envelopes {
                             numbered += 1;
-                            let frame = ServerFrame::Deliver { seq: numbered, envelope };
+                            let frame = ServerFrame::Deliver { seq: numbered, envelope: envelope.clone() };
                             device.send(Message::Text(frame.to_text().into())).await?;
+                            last = Some(envelope);
                         }
                     }
+                }
+                if let (Some(id), Some(envelope)) = (who, last) {
+                    hooks.lock().unwrap_or_else(|e| e.into_inner()).given.insert(id, (numbered, envelope));
                 }
             }
         }
@@ -266,14 +299,30 @@ async fn forward(
     {
         lock().sid = open.sid;
     }
-    let sync = (path == "/sync")
+    let mut sync = (path == "/sync")
         .then(|| serde_json::from_slice::<SyncRequest>(&body).ok())
         .flatten();
+    let who = parts
+        .headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| Credentials::from_header(value).ok())
+        .map(|credentials| credentials.device);
+    // The envelope at the device's cursor, asked for again: from this front.
+    let mut again = None;
+    let mut body = body;
+    if let (Some(request), Some(who)) = (sync.as_mut(), who) {
+        let given = lock().given.get(&who).cloned();
+        if let Some((seq, envelope)) = given.filter(|(seq, _)| *seq == request.cursor + 1) {
+            request.cursor = seq;
+            body = Bytes::from(serde_json::to_vec(&*request).expect("serialises"));
+            again = Some((seq, envelope));
+        }
+    }
     let cursor = sync.as_ref().map(|r| r.cursor);
     // The refusals the publish hook makes, by place in the request; the rest
     // goes on to the relay.
     let mut refusals: Vec<Option<Refusal>> = Vec::new();
-    let mut body = body;
     if let (Some(mut request), Some(hook)) = (sync, lock().publish.as_mut()) {
         refusals = request.publish.iter().map(|B64(e)| hook(e)).collect();
         let mut place = refusals.iter();
@@ -326,10 +375,7 @@ async fn forward(
         let sid = hooks.sid;
         // A `/sync` answer is read once, rewritten by each hook set, in
         // order (refusals, envelopes, the whole answer), and written once.
-        let rewrites =
-            refusals.iter().any(Option::is_some) || hooks.sync.is_some() || hooks.answer.is_some();
         if let Some(cursor) = cursor
-            && rewrites
             && let Ok(mut answer) = serde_json::from_slice::<SyncResponse>(&body)
         {
             if refusals.iter().any(Option::is_some) {
@@ -360,13 +406,19 @@ async fn forward(
                 answer.envelopes = hook(real)
                     .into_iter()
                     .zip(cursor + 1..)
-                    .map(|(envelope, seq)| crate::protocol::Delivered { seq, envelope })
+                    .map(|(envelope, seq)| Delivered { seq, envelope })
                     .collect();
                 answer.head = cursor + answer.envelopes.len() as u64;
                 answer.more = false;
             }
+            if let Some((seq, envelope)) = again {
+                answer.envelopes.insert(0, Delivered { seq, envelope });
+            }
             if let Some(hook) = hooks.answer.as_mut() {
                 answer = hook(answer);
+            }
+            if let (Some(who), Some(last)) = (who, answer.envelopes.last()) {
+                hooks.given.insert(who, (last.seq, last.envelope.clone()));
             }
             body = Bytes::from(serde_json::to_vec(&answer).expect("serialises"));
         }
