@@ -47,6 +47,11 @@ const ACK_POLL: Duration = Duration::from_millis(100);
 /// (members accept 1,000 ahead) and how much can land behind commits made
 /// while it is on its way.
 const PUBLISH_WINDOW: usize = 256;
+
+/// Bytes of the outbox a connection holds in memory at once (and always one
+/// envelope): a larger outbox is read a page at a time, the next once the
+/// socket has taken the last.
+const OUTBOUND_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// A session publishes once it has taken in the channel up to the relay's
 /// head at `ready`, or once the relay has delivered nothing for this long
 /// after the last delivery was taken in (the envelopes up to that head were
@@ -452,6 +457,9 @@ async fn connection(
             // Frames go out as the socket takes them, between reads: see `Outbound`.
             written = std::future::poll_fn(|cx| outbound.poll_write(&mut sink, cx)), if outbound.busy() => {
                 written.map_err(|e| unreachable(device, e))?;
+                if outbound.page_gone() {
+                    outbound.publish_outbox(device).await?;
+                }
             }
             _ = tokio::time::sleep_until(last_taken_in + CATCH_UP_QUIET), if !outbound.is_open() => {
                 outbound.open(device).await?;
@@ -608,6 +616,9 @@ struct Outbound {
     in_flight: usize,
     /// Written to the socket since its last flush.
     unflushed: bool,
+    /// The last read of the outbox found something: more may follow it,
+    /// read when what it found has gone.
+    more: bool,
 }
 
 impl Outbound {
@@ -626,14 +637,16 @@ impl Outbound {
 
     /// Queues the outbox entries not yet queued on this connection, oldest
     /// first (none before [`open`](Self::open)).
+    /// A page at a time: while one waits, the next is not read.
     async fn publish_outbox(&mut self, device: &Device) -> Result<(), ClientError> {
-        if !self.open {
+        if !self.open || (self.more && !self.envelopes.is_empty()) {
             return Ok(());
         }
         let from = self.queued_up_to;
         let outbox = device
-            .blocking(move |device| device.db().outbox_after(from, usize::MAX))
+            .blocking(move |device| device.db().outbox_after(from, OUTBOUND_PAGE_BYTES))
             .await?;
+        self.more = !outbox.is_empty();
         for (sender_seq, envelope) in outbox {
             self.envelopes.push_back((sender_seq, envelope));
             self.queued_up_to = sender_seq;
@@ -641,11 +654,17 @@ impl Outbound {
         Ok(())
     }
 
+    /// The page read last has gone to the socket, and more may follow.
+    fn page_gone(&self) -> bool {
+        self.open && self.more && self.envelopes.is_empty()
+    }
+
     /// The outbox was sealed again: what waits is read anew. What was written
     /// already goes on as written (the relay stores one sealing of each).
     async fn reread(&mut self, device: &Device) -> Result<(), ClientError> {
         self.envelopes.clear();
         self.queued_up_to = self.written_up_to;
+        self.more = false;
         self.publish_outbox(device).await
     }
 
@@ -654,6 +673,7 @@ impl Outbound {
         self.envelopes.clear();
         self.queued_up_to = 0;
         self.written_up_to = 0;
+        self.more = false;
     }
 
     /// The relay answered one publish.
@@ -729,5 +749,55 @@ fn closed(device: &Device, code: Option<u16>) -> ClientError {
                 other.map_or("no code".into(), |c| c.to_string())
             ),
         ),
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::time::Duration;
+
+    use super::{OUTBOUND_PAGE_BYTES, Outbound};
+    use crate::relay::config::Limits;
+    use crate::testing::{TempDir, TestRelay, paired_devices};
+
+    /// A connection holds about a page of a large outbox in memory, not all
+    /// of it, and still queues every envelope once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_outbox_is_read_a_page_at_a_time() {
+        let relay = TestRelay::start(Limits::default()).await.unwrap();
+        let home = TempDir::new("outbound");
+        let paired = tokio::time::timeout(
+            Duration::from_secs(30),
+            paired_devices(home.path(), &[relay.url(), relay.url()]),
+        )
+        .await
+        .expect("in time")
+        .unwrap();
+        let device = &paired.devices[0];
+        let body = vec![7u8; 512 * 1024];
+        let mut queued = Vec::new();
+        for _ in 0..24 {
+            queued.push(device.queue(&body).unwrap());
+        }
+        let largest = 600 * 1024;
+
+        let mut outbound = Outbound::default();
+        outbound.open(device).await.unwrap();
+        let mut written = Vec::new();
+        let mut pages = 0;
+        while !outbound.envelopes.is_empty() {
+            pages += 1;
+            let held: usize = outbound.envelopes.iter().map(|(_, e)| e.len()).sum();
+            assert!(held <= OUTBOUND_PAGE_BYTES + largest, "{held} bytes held");
+            // The socket takes the page.
+            while let Some((sender_seq, _)) = outbound.envelopes.pop_front() {
+                written.push(sender_seq);
+            }
+            assert!(outbound.page_gone());
+            outbound.publish_outbox(device).await.unwrap();
+        }
+        assert_eq!(written, queued);
+        assert!(pages > 2, "{pages} pages");
+        assert!(!outbound.page_gone());
     }
 }
