@@ -52,6 +52,7 @@ const PUBLISH_WINDOW: usize = 256;
 /// envelope): a larger outbox is read a page at a time, the next once the
 /// socket has taken the last.
 const OUTBOUND_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// A session publishes once it has taken in the channel up to the relay's
 /// head at `ready`, or once the relay has delivered nothing for this long
 /// after the last delivery was taken in (the envelopes up to that head were
@@ -422,10 +423,10 @@ async fn connection(
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
     }
-    // Checked against the first delivery, which is the envelope at the cursor
-    // (or a later one, if that one was pruned).
     // Where the next deliveries follow on.
     let mut after = resume.from();
+    // Checked against the first delivery, which is the envelope at the cursor
+    // (or a later one, if that one was pruned).
     let mut resume = resume.checks().then_some(resume);
     *attempt = 0;
     status.send_replace(Status::Live { head });
@@ -636,8 +637,8 @@ impl Outbound {
     }
 
     /// Queues the outbox entries not yet queued on this connection, oldest
-    /// first (none before [`open`](Self::open)).
-    /// A page at a time: while one waits, the next is not read.
+    /// first (none before [`open`](Self::open)), a page at a time: while one
+    /// waits, the next is not read.
     async fn publish_outbox(&mut self, device: &Device) -> Result<(), ClientError> {
         if !self.open || (self.more && !self.envelopes.is_empty()) {
             return Ok(());
