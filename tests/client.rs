@@ -182,17 +182,11 @@ async fn a_relay_restored_from_an_older_backup_loses_nothing_new_and_says_so() {
     let (sa, sb) = (laptop.connect(), phone.connect());
     sa.caught_up(STEP).await.unwrap();
     for text in ["after the backup 1", "after the backup 2"] {
-        assert!(matches!(
-            sa.send(text.as_bytes(), STEP).await.unwrap(),
-            Sent::Acked { .. }
-        ));
+        acked(&sa, text).await;
         assert_eq!(recv(&sb, phone).await, ("laptop".into(), text.into()));
     }
     for device in [tablet, desktop] {
-        tokio::time::timeout(STEP, device.sync())
-            .await
-            .unwrap()
-            .unwrap();
+        synced(device).await;
     }
     let before = phone.cursor();
     sa.close().await;
@@ -208,22 +202,10 @@ async fn a_relay_restored_from_an_older_backup_loses_nothing_new_and_says_so() {
     let relay = start_on(addr, &restored).await;
     let sa = laptop.connect();
     sa.caught_up(STEP).await.unwrap();
-    let send = |text: &'static str| {
-        let sa = &sa;
-        async move {
-            match sa.send(text.as_bytes(), STEP).await.unwrap() {
-                Sent::Acked { seq } => seq,
-                Sent::Queued => panic!("{text} was not acked"),
-            }
-        }
-    };
-    assert!(send("after the restore 1").await < before);
-    tokio::time::timeout(STEP, tablet.sync())
-        .await
-        .unwrap()
-        .unwrap();
-    send("after the restore 2").await;
-    assert!(send("after the restore 3").await > before);
+    assert!(acked(&sa, "after the restore 1").await < before);
+    synced(tablet).await;
+    acked(&sa, "after the restore 2").await;
+    assert!(acked(&sa, "after the restore 3").await > before);
     let sb = phone.connect();
     for text in [
         "after the restore 1",
@@ -233,10 +215,7 @@ async fn a_relay_restored_from_an_older_backup_loses_nothing_new_and_says_so() {
         assert_eq!(recv(&sb, phone).await, ("laptop".into(), text.into()));
     }
     for device in [tablet, desktop] {
-        tokio::time::timeout(STEP, device.sync())
-            .await
-            .unwrap()
-            .unwrap();
+        synced(device).await;
         assert_eq!(
             unread(device),
             [
@@ -266,6 +245,22 @@ async fn a_relay_restored_from_an_older_backup_loses_nothing_new_and_says_so() {
     let nothing_more = tokio::time::timeout(Duration::from_millis(500), sb.recv()).await;
     assert!(nothing_more.is_err(), "delivered exactly once");
     relay.stop().await;
+}
+
+/// Sends `text` and returns the relay sequence number it was acked with.
+async fn acked(session: &Session, text: &str) -> u64 {
+    match session.send(text.as_bytes(), STEP).await.unwrap() {
+        Sent::Acked { seq } => seq,
+        Sent::Queued => panic!("{text} was not acked"),
+    }
+}
+
+/// A sync of `device` that succeeds in time.
+async fn synced(device: &Device) {
+    tokio::time::timeout(STEP, device.sync())
+        .await
+        .expect("sync in time")
+        .unwrap();
 }
 
 /// The texts of a device's unread messages, marked read.
@@ -303,14 +298,8 @@ async fn marking_everything_read_does_not_hide_the_next_message() {
     let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
     d[1].mark_read(u64::MAX).unwrap();
     d[0].queue(b"after everything was read").unwrap();
-    tokio::time::timeout(STEP, d[0].sync())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(STEP, d[1].sync())
-        .await
-        .unwrap()
-        .unwrap();
+    synced(&d[0]).await;
+    synced(&d[1]).await;
     assert_eq!(unread(&d[1]), ["after everything was read"]);
 
     // A home where an older khub stored that `read` as it was given.
@@ -321,14 +310,8 @@ async fn marking_everything_read_does_not_hide_the_next_message() {
     drop(state);
     let phone = Device::open(d[1].home()).unwrap();
     d[0].queue(b"after the upgrade").unwrap();
-    tokio::time::timeout(STEP, d[0].sync())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(STEP, phone.sync())
-        .await
-        .unwrap()
-        .unwrap();
+    synced(&d[0]).await;
+    synced(&phone).await;
     assert_eq!(unread(&phone), ["after the upgrade"]);
     relay.stop().await;
 }

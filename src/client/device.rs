@@ -631,6 +631,21 @@ impl Device {
             .map_err(ClientError::task_failed)?
     }
 
+    /// [`ingest`](Self::ingest) off the async threads, for a batch as it was
+    /// read from the relay.
+    pub(crate) async fn take_in(
+        &self,
+        after: u64,
+        batch: Vec<(u64, Vec<u8>)>,
+    ) -> Result<Ingested, ClientError> {
+        self.blocking(move |device| {
+            let batch: Vec<(u64, &[u8])> =
+                batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
+            device.ingest(after, &batch)
+        })
+        .await
+    }
+
     /// Takes in envelopes from the relay, in relay order: each goes through the
     /// channel (commits applied, messages opened, refusals recorded), app
     /// messages go to the inbox, and the cursor moves — all in one transaction
@@ -925,15 +940,7 @@ impl Device {
                     request.cursor
                 )));
             }
-            let after = request.cursor;
-            let ingested = self
-                .blocking(move |device| {
-                    let batch: Vec<(u64, &[u8])> =
-                        batch.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
-                    device.ingest(after, &batch)
-                })
-                .await?;
-            if ingested == Ingested::Behind {
+            if self.take_in(request.cursor, batch).await? == Ingested::Behind {
                 // Another process on this home went back: from its cursor.
                 caught_up = false;
                 outbox = Vec::new();

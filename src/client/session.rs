@@ -552,14 +552,7 @@ async fn connection(
                 if let Some((last, _)) = deliveries.last() {
                     let from = after;
                     after = *last;
-                    let ingested = device
-                        .blocking(move |device| {
-                            let batch: Vec<(u64, &[u8])> =
-                                deliveries.iter().map(|(seq, e)| (*seq, e.as_slice())).collect();
-                            device.ingest(from, &batch)
-                        })
-                        .await?;
-                    let Ingested::Taken { resealed } = ingested else {
+                    let Ingested::Taken { resealed } = device.take_in(from, deliveries).await? else {
                         return Err(unreachable(
                             device,
                             format!("another process on this home went back to #{}; resuming from there", device.cursor()),

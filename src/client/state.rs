@@ -802,7 +802,6 @@ impl StateDb {
         load_channel(&self.conn)
     }
 
-    /// The relay sequence number and SHA-256 of the envelope taken in last.
     /// The cursor on disk, and the SHA-256 of the envelope taken in there
     /// when it is known (read at once: another process may move them).
     pub fn cursor_and_hash(&self) -> Result<(u64, Option<[u8; 32]>), ClientError> {

@@ -61,6 +61,17 @@ struct Hooks {
     given: HashMap<DeviceId, (u64, Vec<u8>)>,
 }
 
+impl Hooks {
+    /// The envelope this front gave `device` right after `cursor`, if any:
+    /// what a device resuming from `cursor` asks for again.
+    fn given_after(&self, device: DeviceId, cursor: u64) -> Option<(u64, Vec<u8>)> {
+        self.given
+            .get(&device)
+            .filter(|(seq, _)| *seq == cursor + 1)
+            .cloned()
+    }
+}
+
 /// An HTTP front for the relay at `upstream`; honest until given hooks.
 pub struct HostileRelay {
     addr: SocketAddr,
@@ -211,8 +222,8 @@ async fn websocket(
                 {
                     who = Some(id);
                     numbered = cursor;
-                    let given = hooks.lock().unwrap_or_else(|e| e.into_inner()).given.get(&id).cloned();
-                    if let Some((seq, envelope)) = given.filter(|(seq, _)| *seq == cursor + 1) {
+                    let given = hooks.lock().unwrap_or_else(|e| e.into_inner()).given_after(id, cursor);
+                    if let Some((seq, envelope)) = given {
                         let hello = ClientFrame::Hello { v, channel, device: id, token, cursor: seq };
                         message = Message::Text(hello.to_text().into());
                         numbered = seq;
@@ -312,8 +323,8 @@ async fn forward(
     let mut again = None;
     let mut body = body;
     if let (Some(request), Some(who)) = (sync.as_mut(), who) {
-        let given = lock().given.get(&who).cloned();
-        if let Some((seq, envelope)) = given.filter(|(seq, _)| *seq == request.cursor + 1) {
+        let given = lock().given_after(who, request.cursor);
+        if let Some((seq, envelope)) = given {
             request.cursor = seq;
             body = Bytes::from(serde_json::to_vec(&*request).expect("serialises"));
             again = Some((seq, envelope));
