@@ -801,3 +801,42 @@ async fn a_relay_that_pretends_to_have_gone_back_delivers_nothing_twice() {
     assert_eq!(kinds, [IncidentKind::RelayRewound]);
     session.close().await;
 }
+
+/// Frames of a type this khub does not know (a later relay's) are passed
+/// over with one warning: the live session goes on and messages arrive. A
+/// frame of a known type that does not decode still ends the session as the
+/// relay's fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not() {
+    let setup = Setup::new().await;
+    setup.hostile.after_ready(vec![
+        r#"{"type":"notice","text":"maintenance at 03:00"}"#.to_owned(),
+        r#"{"type":"deliv\u0065r_many","frames":[{"seq":1}]}"#.to_owned(),
+    ]);
+    let receiver = &setup.paired.devices[1];
+    let session = receiver.connect();
+    step(session.caught_up(STEP)).await.unwrap();
+    setup.send_ten().await;
+    for n in 1..=10 {
+        let message = step(session.recv()).await.unwrap();
+        assert_eq!(message.body, setup.body(n));
+        receiver.mark_read(message.seq).unwrap();
+    }
+    assert!(matches!(session.status(), Status::Live { .. }));
+    session.close().await;
+    let warned = captured_logs()
+        .matches("a frame of a type this khub does not know")
+        .count();
+    assert_eq!(warned, 1, "one warning for the session");
+
+    setup
+        .hostile
+        .after_ready(vec![r#"{"type":"deliver","seq":"eleven"}"#.to_owned()]);
+    let session = receiver.connect();
+    let error = step(session.recv()).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains("unexpected frame")),
+        "{error}"
+    );
+    session.close().await;
+}

@@ -392,13 +392,13 @@ async fn connection(
         .await
         .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
     let (head, ping_secs) = match first {
-        Some(Ok(WsMessage::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
-            Ok(ServerFrame::Ready {
+        Some(Ok(WsMessage::Text(text))) => match ServerFrame::decode(&text) {
+            Ok(Some(ServerFrame::Ready {
                 head,
                 ping_secs,
                 retention_secs,
                 ..
-            }) => {
+            })) => {
                 if let Some(secs) = retention_secs {
                     device.heard_retention(secs);
                 }
@@ -409,7 +409,7 @@ async fn connection(
                     .clamp(1, MAX_PING_SECS);
                 (head, ping_secs)
             }
-            Ok(ServerFrame::Error { code, message, .. }) => {
+            Ok(Some(ServerFrame::Error { code, message, .. })) => {
                 return Err(refusal(code, message, closing_code(&mut ws).await));
             }
             _ => return Err(ClientError::Protocol("expected ready".into())),
@@ -447,6 +447,8 @@ async fn connection(
     // connection, backing off while the quota stays full.
     let mut quota_retry: Option<tokio::time::Instant> = None;
     let mut quota_refusals = 0u32;
+    // Whether the relay sent a frame of an unknown type yet (said once).
+    let mut unknown_seen = false;
     // The relay pings every `ping_secs`: hearing nothing for several of them
     // means a half-open connection (a proxy that blackholes, a dead link), so
     // the session reconnects instead of waiting forever.
@@ -497,16 +499,16 @@ async fn connection(
                         Some(Err(e)) => return Err(read_failed(device, e)),
                         None => return Err(unreachable(device, "connection closed")),
                     };
-                    match serde_json::from_str::<ServerFrame>(&text) {
-                        Ok(ServerFrame::Deliver { seq, envelope }) => deliveries.push((seq, envelope)),
-                        Ok(ServerFrame::Ack { sender_seq, seq, .. }) => {
+                    match ServerFrame::decode(&text) {
+                        Ok(Some(ServerFrame::Deliver { seq, envelope })) => deliveries.push((seq, envelope)),
+                        Ok(Some(ServerFrame::Ack { sender_seq, seq, .. })) => {
                             acks.push((sender_seq, seq));
                             outbound.answered();
                             quota_refusals = 0;
                         }
                         // Not final: the quota, the storage budget, a relay that could
                         // not store it right now, or a code this device does not know.
-                        Ok(ServerFrame::Error { code, message, fatal: false, .. }) if code.keeps_envelope() => {
+                        Ok(Some(ServerFrame::Error { code, message, fatal: false, .. })) if code.keeps_envelope() => {
                             outbound.answered();
                             if quota_retry.is_none() {
                                 quota_refusals = quota_refusals.saturating_add(1);
@@ -515,7 +517,7 @@ async fn connection(
                                 quota_retry = Some(tokio::time::Instant::now() + wait);
                             }
                         }
-                        Ok(ServerFrame::Error { code, message, fatal: false, sender_seq }) => {
+                        Ok(Some(ServerFrame::Error { code, message, fatal: false, sender_seq })) => {
                             outbound.answered();
                             // Anything but the quota will never be accepted: an
                             // incident, and an error for a `send` waiting on it.
@@ -528,7 +530,7 @@ async fn connection(
                                 None => warn!(code = code.as_str(), %message, "the relay refused a frame"),
                             }
                         }
-                        Ok(ServerFrame::Error { code, message, fatal: true, .. }) => {
+                        Ok(Some(ServerFrame::Error { code, message, fatal: true, .. })) => {
                             // The close that tells why may already be in this batch.
                             let close = match frames.next() {
                                 Some(Some(Ok(WsMessage::Close(frame)))) => frame.map(|f| u16::from(f.code)),
@@ -537,7 +539,14 @@ async fn connection(
                             };
                             return Err(refusal(code, message, close));
                         }
-                        Ok(ServerFrame::Ready { .. }) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
+                        Ok(None) => {
+                            // A later relay's frame that needs no answer.
+                            if !unknown_seen {
+                                unknown_seen = true;
+                                warn!("the relay sent a frame of a type this khub does not know; ignoring frames of unknown types");
+                            }
+                        }
+                        Ok(Some(ServerFrame::Ready { .. })) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),
                     }
                 }
                 if !acks.is_empty() {

@@ -114,6 +114,30 @@ impl ServerFrame {
         serde_json::to_string(self).expect("server frames always serialise")
     }
 
+    /// Decodes a frame from the relay. `Ok(None)` is a frame whose `type`
+    /// this build does not know: a device ignores it (a relay of this
+    /// protocol version may add kinds of frames that need no answer; what a
+    /// device must understand comes with a new version). A frame of a known
+    /// type that does not decode is an error.
+    pub fn decode(text: &str) -> Result<Option<Self>, serde_json::Error> {
+        /// Just the `type` of a frame.
+        #[derive(Deserialize)]
+        struct Kind<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+        }
+        match serde_json::from_str(text) {
+            Ok(frame) => Ok(Some(frame)),
+            Err(error) => match serde_json::from_str::<Kind>(text) {
+                Ok(Kind { kind }) if !Self::TYPES.contains(&kind.as_ref()) => Ok(None),
+                _ => Err(error),
+            },
+        }
+    }
+
+    /// The `type`s of the frames a relay of this version sends.
+    pub const TYPES: [&'static str; 4] = ["ready", "deliver", "ack", "error"];
+
     /// An error frame for `code`; fatal if the code ends sessions.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Error {
@@ -193,4 +217,34 @@ fn classify(text: &str, error: &serde_json::Error) -> FrameError {
         ErrorCode::Malformed,
         format!("invalid {kind} frame: {detail}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_passes_over_unknown_types_only() {
+        let ack = r#"{"type":"ack","sender_seq":5,"seq":19,"duplicate":false}"#;
+        assert!(matches!(
+            ServerFrame::decode(ack),
+            Ok(Some(ServerFrame::Ack { seq: 19, .. }))
+        ));
+        // A known frame with a field a later relay added.
+        let more = r#"{"type":"ack","sender_seq":5,"seq":19,"duplicate":false,"at":1}"#;
+        assert!(matches!(ServerFrame::decode(more), Ok(Some(_))));
+        assert!(matches!(
+            ServerFrame::decode(r#"{"type":"notice"}"#),
+            Ok(None)
+        ));
+        for broken in [
+            r#"{"type":"ack","seq":"19"}"#,
+            r#"{"type":"deliv\u0065r"}"#,
+            r#"{"type":7}"#,
+            r#"{"seq":1}"#,
+            "not json",
+        ] {
+            assert!(ServerFrame::decode(broken).is_err(), "{broken}");
+        }
+    }
 }

@@ -104,6 +104,14 @@
 //! non-fatal error refuses one request and the session goes on; a fatal one is
 //! followed by a close frame with one of the codes below.
 //!
+//! **Frames a device does not know.** A device ignores a relay's frame whose
+//! `type` is none of `ready`, `deliver`, `ack` and `error` (a later relay of
+//! this version may send kinds of frames that need no answer; anything a
+//! device must understand comes with a new version), and fields it does not
+//! know in the frames it does, and reads an error `code` it does not know
+//! as `unknown`. A frame of a known type that does not decode is the relay's
+//! fault: khub's SDK ends the session (4002's row below, from the other side).
+//!
 //! # Close codes
 //!
 //! | code | name | meaning | client should |

@@ -51,6 +51,8 @@ struct Hooks {
     publish: Option<PublishHook>,
     answer: Option<AnswerHook>,
     ready: Option<ReadyHook>,
+    /// Text frames sent to the device after each `ready`, as they are.
+    after_ready: Vec<String>,
     /// The session id of the last slot opened through this front.
     sid: [u8; 16],
     /// The last envelope this front gave each device, with the number it
@@ -155,6 +157,12 @@ impl HostileRelay {
         self.lock().ready = Some(Box::new(hook));
     }
 
+    /// Sends each live session these text frames, as they are, right after
+    /// its `ready`: frames a relay could send that no device asked for.
+    pub fn after_ready(&self, frames: Vec<String>) {
+        self.lock().after_ready = frames;
+    }
+
     /// Back to forwarding faithfully.
     pub fn honest(&self) {
         let mut hooks = self.lock();
@@ -241,13 +249,18 @@ async fn websocket(
                 let delivery = match frame {
                     Some(ServerFrame::Deliver { seq, envelope }) => Delivery { seq, envelope },
                     Some(ready @ ServerFrame::Ready { .. }) => {
-                        let rewritten = hooks
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .ready
-                            .as_mut()
-                            .map(|hook| Message::Text(hook(ready).to_text().into()));
+                        let (rewritten, extra) = {
+                            let mut hooks = hooks.lock().unwrap_or_else(|e| e.into_inner());
+                            let rewritten = hooks
+                                .ready
+                                .as_mut()
+                                .map(|hook| Message::Text(hook(ready).to_text().into()));
+                            (rewritten, hooks.after_ready.clone())
+                        };
                         device.send(rewritten.unwrap_or(message)).await?;
+                        for text in extra {
+                            device.send(Message::Text(text.into())).await?;
+                        }
                         if let Some((seq, envelope)) = again.take() {
                             let frame = ServerFrame::Deliver { seq, envelope };
                             device.send(Message::Text(frame.to_text().into())).await?;
