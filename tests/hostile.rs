@@ -840,3 +840,33 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
     );
     session.close().await;
 }
+
+/// A device resuming with messages queued publishes none of them before it
+/// has checked the envelope at its cursor, asked for again (had the relay
+/// gone back, what it numbered since would be taken in first), however long
+/// that envelope takes; once it is checked, they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resuming_device_publishes_nothing_before_the_envelope_at_its_cursor_is_checked() {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    let [sender, receiver] = [&setup.paired.devices[0], &setup.paired.devices[1]];
+    step(receiver.sync()).await.unwrap();
+    receiver.queue(b"written offline").unwrap();
+    setup.hostile.hold_again(Duration::from_millis(1500));
+    let session = receiver.connect();
+    step(async {
+        while receiver.pending().unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(setup.hostile.published_while_held(), 0);
+    session.close().await;
+    step(sender.sync()).await.unwrap();
+    let mut last = None;
+    while let Some(message) = sender.next_unread().unwrap() {
+        sender.mark_read(message.seq).unwrap();
+        last = Some(message.body);
+    }
+    assert_eq!(last.as_deref(), Some(&b"written offline"[..]));
+}

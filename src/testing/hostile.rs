@@ -53,6 +53,10 @@ struct Hooks {
     ready: Option<ReadyHook>,
     /// Text frames sent to the device after each `ready`, as they are.
     after_ready: Vec<String>,
+    /// How long the envelope a resuming device asked for again waits after
+    /// `ready`, and how many publishes devices sent while one waited.
+    hold_again: Duration,
+    published_while_held: usize,
     /// The session id of the last slot opened through this front.
     sid: [u8; 16],
     /// The last envelope this front gave each device, with the number it
@@ -163,6 +167,20 @@ impl HostileRelay {
         self.lock().after_ready = frames;
     }
 
+    /// Holds back, for `hold` after `ready`, the envelope a resuming device
+    /// asked for again (the one at its cursor, which it checks before it
+    /// publishes; deliveries the relay sends meanwhile pass it), and counts
+    /// what the device publishes meanwhile:
+    /// [`published_while_held`](Self::published_while_held).
+    pub fn hold_again(&self, hold: Duration) {
+        self.lock().hold_again = hold;
+    }
+
+    /// Publishes devices sent while the envelope they asked for again was held back.
+    pub fn published_while_held(&self) -> usize {
+        self.lock().published_while_held
+    }
+
     /// Back to forwarding faithfully.
     pub fn honest(&self) {
         let mut hooks = self.lock();
@@ -220,10 +238,23 @@ async fn websocket(
     // The device, once it said hello, and what it asked for again.
     let mut who: Option<DeviceId> = None;
     let mut again: Option<(u64, Vec<u8>)> = None;
+    // That envelope, held back until then (`HostileRelay::hold_again`).
+    let mut held: Option<(tokio::time::Instant, Message)> = None;
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(held.as_ref().map_or_else(tokio::time::Instant::now, |h| h.0)), if held.is_some() => {
+                if let Some((_, frame)) = held.take() {
+                    device.send(frame).await?;
+                }
+            }
             from_device = device.next() => {
                 let Some(mut message) = from_device.transpose()? else { return Ok(()) };
+                if held.is_some()
+                    && let Message::Text(text) = &message
+                    && let Ok(ClientFrame::Publish { .. }) = ClientFrame::decode(text, usize::MAX)
+                {
+                    hooks.lock().unwrap_or_else(|e| e.into_inner()).published_while_held += 1;
+                }
                 if let Message::Text(text) = &message
                     && let Ok(ClientFrame::Hello { v, channel, device: id, token, cursor }) =
                         ClientFrame::decode(text, usize::MAX)
@@ -249,21 +280,25 @@ async fn websocket(
                 let delivery = match frame {
                     Some(ServerFrame::Deliver { seq, envelope }) => Delivery { seq, envelope },
                     Some(ready @ ServerFrame::Ready { .. }) => {
-                        let (rewritten, extra) = {
+                        let (rewritten, extra, hold) = {
                             let mut hooks = hooks.lock().unwrap_or_else(|e| e.into_inner());
                             let rewritten = hooks
                                 .ready
                                 .as_mut()
                                 .map(|hook| Message::Text(hook(ready).to_text().into()));
-                            (rewritten, hooks.after_ready.clone())
+                            (rewritten, hooks.after_ready.clone(), hooks.hold_again)
                         };
                         device.send(rewritten.unwrap_or(message)).await?;
                         for text in extra {
                             device.send(Message::Text(text.into())).await?;
                         }
                         if let Some((seq, envelope)) = again.take() {
-                            let frame = ServerFrame::Deliver { seq, envelope };
-                            device.send(Message::Text(frame.to_text().into())).await?;
+                            let frame = Message::Text(ServerFrame::Deliver { seq, envelope }.to_text().into());
+                            if hold.is_zero() {
+                                device.send(frame).await?;
+                            } else {
+                                held = Some((tokio::time::Instant::now() + hold, frame));
+                            }
                         }
                         continue;
                     }
