@@ -870,3 +870,43 @@ async fn a_resuming_device_publishes_nothing_before_the_envelope_at_its_cursor_i
     }
     assert_eq!(last.as_deref(), Some(&b"written offline"[..]));
 }
+
+/// A relay that numbers an envelope past the highest sequence number a relay
+/// reaches (here i64::MAX, where a device's inbox numbers would have nowhere
+/// to go) is refused as the relay's fault, and nothing of that answer is
+/// taken in: once the relay is honest again, every message arrives, once
+/// and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
+    let setup = Setup::new().await;
+    let [sender, receiver] = [&setup.paired.devices[0], &setup.paired.devices[1]];
+    step(receiver.sync()).await.unwrap();
+    let cursor = receiver.cursor();
+    sender.queue(b"one").unwrap();
+    step(sender.sync()).await.unwrap();
+    setup.hostile.on_sync_answer(|mut answer: SyncResponse| {
+        for envelope in &mut answer.envelopes {
+            envelope.seq = i64::MAX as u64;
+        }
+        answer
+    });
+    let error = step(receiver.sync()).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains("past the highest relay sequence number")),
+        "{error}"
+    );
+    assert_eq!(receiver.cursor(), cursor);
+    assert_eq!(receiver.next_unread().unwrap(), None);
+
+    setup.hostile.honest();
+    sender.queue(b"two").unwrap();
+    step(sender.sync()).await.unwrap();
+    step(receiver.sync()).await.unwrap();
+    let mut bodies = Vec::new();
+    while let Some(message) = receiver.next_unread().unwrap() {
+        receiver.mark_read(message.seq).unwrap();
+        bodies.push(message.body);
+    }
+    assert_eq!(bodies, [b"one".to_vec(), b"two".to_vec()]);
+    assert!(receiver.incidents().unwrap().is_empty());
+}

@@ -21,8 +21,8 @@ use crate::crypto::os_rng;
 use crate::crypto::token::AccessToken;
 use crate::ids::{ChannelId, DeviceId};
 use crate::protocol::{
-    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, ErrorCode, Refusal, SyncRequest,
-    SyncResponse,
+    B64, ChannelCreated, CreateChannel, Credentials, DeviceList, ErrorCode, MAX_SEQ, Refusal,
+    SyncRequest, SyncResponse,
 };
 
 /// A message for the application: who sent it and what it says.
@@ -542,6 +542,9 @@ impl Device {
     /// The relay stored each envelope `sender_seq` as `seq`: they leave the
     /// outbox and are recorded as acked, in one transaction.
     pub(crate) fn acked_all(&self, acks: &[(u64, u64)]) -> Result<(), ClientError> {
+        for &(_, seq) in acks {
+            relay_seq(seq, "an ack")?;
+        }
         self.db().acked(acks)?;
         self.inner.changed.notify_waiters();
         Ok(())
@@ -672,6 +675,9 @@ impl Device {
         after: u64,
         batch: &[(u64, &[u8])],
     ) -> Result<Ingested, ClientError> {
+        for &(seq, _) in batch {
+            relay_seq(seq, "an envelope")?;
+        }
         let now = now_secs();
         let me = self.inner.me;
         let retention = self
@@ -881,6 +887,10 @@ impl Device {
                 limit: None,
             };
             let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
+            relay_seq(response.head, "its newest envelope")?;
+            for envelope in &response.envelopes {
+                relay_seq(envelope.seq, "an envelope")?;
+            }
             if let Some(secs) = response.retention_secs {
                 self.heard_retention(secs);
             }
@@ -1129,6 +1139,18 @@ impl Device {
         };
         Err(ClientError::NotRemoved { device, why })
     }
+}
+
+/// `seq` as the relay gave it for `what`, unless it is past [`MAX_SEQ`]:
+/// then the relay's fault, and nothing of that answer is taken in (a device
+/// that took it in would have no inbox numbers left after it).
+pub(crate) fn relay_seq(seq: u64, what: &str) -> Result<u64, ClientError> {
+    if seq > MAX_SEQ {
+        return Err(ClientError::Protocol(format!(
+            "the relay numbered {what} #{seq}, past the highest relay sequence number ({MAX_SEQ}); it was not taken in"
+        )));
+    }
+    Ok(seq)
 }
 
 #[cfg(test)]

@@ -420,6 +420,7 @@ async fn connection(
         Some(Err(e)) => return Err(read_failed(device, e)),
         _ => return Err(unreachable(device, "connection closed during hello")),
     };
+    super::device::relay_seq(head, "its newest envelope")?;
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
     }

@@ -19,6 +19,14 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// a relay make it hold any amount of memory.
 pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN.div_ceil(3) * 4 + 4096;
 
+/// The highest relay sequence number (2^53 - 1, exact as a JSON number in
+/// every language): a device refuses a delivery, ack or `head` past it as
+/// the relay's fault. A relay numbering one envelope at a time would have to
+/// store 2^53 envelopes in a channel to get there; one that jumps there is
+/// lying, and taking it in would leave a device's inbox numbers nowhere to
+/// go.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
 /// What the relay says to a client of another protocol version.
 pub fn unsupported_version(v: u64) -> String {
     if v == 1 {

@@ -104,6 +104,10 @@
 //! non-fatal error refuses one request and the session goes on; a fatal one is
 //! followed by a close frame with one of the codes below.
 //!
+//! **Sequence numbers** (`head`, `seq`, `cursor`) are at most [`MAX_SEQ`],
+//! 2^53 − 1: a device refuses a frame or `/sync` answer with a larger one as
+//! the relay's fault, taking none of it in.
+//!
 //! **Frames a device does not know.** A device ignores a relay's frame whose
 //! `type` is none of `ready`, `deliver`, `ack` and `error` (a later relay of
 //! this version may send kinds of frames that need no answer; anything a
@@ -261,5 +265,5 @@ pub mod frames;
 pub mod http;
 
 pub use errors::{CloseCode, ErrorCode, Refusal};
-pub use frames::{ClientFrame, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION, ServerFrame};
+pub use frames::{ClientFrame, FrameError, MAX_FRAME_LEN, MAX_SEQ, PROTOCOL_VERSION, ServerFrame};
 pub use http::*;
