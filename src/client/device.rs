@@ -36,6 +36,9 @@ pub(crate) enum Ingested {
         /// The outbox was sealed again: what waits to be written must be
         /// read again.
         resealed: bool,
+        /// Envelopes of the batch past the cursor; of those read again after
+        /// the relay went back, only the ones that were news.
+        fresh: usize,
     },
     /// Nothing: the cursor on disk went back behind where the batch follows
     /// on. Resume from [`Device::cursor`], now the one on disk.
@@ -685,8 +688,10 @@ impl Device {
             .retention_secs
             .load(std::sync::atomic::Ordering::Relaxed);
         let mut behind = None;
+        let mut fresh = 0;
         let (incidents, resealed) = self.change(|change| {
             let mut incidents = Vec::new();
+            fresh = 0;
             if change.cursor < after {
                 behind = Some(change.cursor);
                 return Ok((incidents, 0));
@@ -719,6 +724,12 @@ impl Device {
                     }
                 }
                 let taken = change.channel.take_in(envelope, now);
+                // Read again after the relay went back, an envelope counts
+                // if it was news (taken in before, it is refused as a
+                // replay, or passed over as a commit of an epoch gone by).
+                if seq > reread_until || taken.event.as_ref().is_some_and(|e| *e != Event::Nothing) {
+                    fresh += 1;
+                }
                 for refusal in taken.refusals {
                     // Read again after the relay went back: taken in before.
                     if refusal.kind == IncidentKind::Replayed && seq <= reread_until {
@@ -836,6 +847,7 @@ impl Device {
         }
         Ok(Ingested::Taken {
             resealed: resealed > 0,
+            fresh,
         })
     }
 
@@ -941,7 +953,6 @@ impl Device {
                 .map(|d| (d.seq, d.envelope))
                 .collect();
             let count = batch.len();
-            let fresh = batch.iter().filter(|(seq, _)| *seq > resume.cursor).count();
             // Asked again, a relay that returns nothing after the cursor
             // while it says more follows would be asked forever.
             if more && count > 0 && batch.iter().all(|(seq, _)| *seq <= request.cursor) {
@@ -950,12 +961,12 @@ impl Device {
                     request.cursor
                 )));
             }
-            if self.take_in(request.cursor, batch).await? == Ingested::Behind {
+            let Ingested::Taken { fresh, .. } = self.take_in(request.cursor, batch).await? else {
                 // Another process on this home went back: from its cursor.
                 caught_up = false;
                 outbox = Vec::new();
                 continue;
-            }
+            };
             taken += fresh;
             progress(SyncProgress {
                 taken,

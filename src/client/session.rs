@@ -562,7 +562,7 @@ async fn connection(
                 if let Some((last, _)) = deliveries.last() {
                     let from = after;
                     after = *last;
-                    let Ingested::Taken { resealed } = device.take_in(from, deliveries).await? else {
+                    let Ingested::Taken { resealed, .. } = device.take_in(from, deliveries).await? else {
                         return Err(unreachable(
                             device,
                             format!("another process on this home went back to #{}; resuming from there", device.cursor()),
