@@ -502,6 +502,8 @@ impl Device {
     /// unknown. So the cursor goes back to 0 and the channel is read again
     /// (an incident says so): what this device took in before comes back as
     /// replays, refused without incidents up to `asked`, and the rest is new.
+    /// A snapshot of the notes is queued, to go out once the channel is read
+    /// again: note changes the relay lost reach the members that missed them.
     /// Unless the cursor on disk is no longer where this process resumed
     /// from (the same number, and the same envelope there when that was
     /// known): another process on this home moved it (it went back already,
@@ -512,8 +514,10 @@ impl Device {
         use std::sync::atomic::Ordering;
         let asked = resumed.cursor;
         let mut rewound = false;
+        let mut snapshot = 0;
         let mut cursor = asked;
         self.db().change(|change| {
+            snapshot = 0;
             let (on_disk, hash) = change.cursor_and_hash()?;
             if on_disk == asked && (resumed.check.is_none() || hash == resumed.check) {
                 change.reread(asked)?;
@@ -524,6 +528,12 @@ impl Device {
                         "{why}: the relay went back (restored from an older backup?); this device reads the channel again from its start so that nothing it numbered again is missed, and what it lost shows as gaps"
                     ),
                 ))?;
+                // Note changes the relay lost, this device's and others' it
+                // had, reach the members that missed them: a snapshot of the
+                // vault, published once the channel is read again.
+                if !change.channel.is_removed() {
+                    snapshot = crate::notes::vault::queue_snapshot(change)?;
+                }
                 rewound = true;
             }
             cursor = change.cursor;
@@ -536,7 +546,8 @@ impl Device {
             warn!(
                 cursor = asked,
                 why,
-                "the relay went back behind this device's cursor; reading the channel again from its start"
+                snapshot_parts = snapshot,
+                "the relay went back behind this device's cursor; reading the channel again from its start, then publishing a snapshot of the notes"
             );
         }
         Ok(())
