@@ -802,13 +802,18 @@ async fn a_relay_that_pretends_to_have_gone_back_delivers_nothing_twice() {
     session.close().await;
 }
 
-/// Frames of a type this khub does not know (a later relay's) are passed
-/// over with one warning: the live session goes on and messages arrive. A
+/// Frames of a type this khub does not know (a later relay's), before and
+/// after `ready`, are passed over with a warning: the live session goes on
+/// and messages arrive. A
 /// frame of a known type that does not decode still ends the session as the
 /// relay's fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not() {
     let setup = Setup::new().await;
+    setup.hostile.before_ready(vec![
+        r#"{"type":"welcome","motd":"hello"}"#.to_owned(),
+        r#"{"type":"notice"}"#.to_owned(),
+    ]);
     setup.hostile.after_ready(vec![
         r#"{"type":"notice","text":"maintenance at 03:00"}"#.to_owned(),
         r#"{"type":"deliv\u0065r_many","frames":[{"seq":1}]}"#.to_owned(),
@@ -827,8 +832,13 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
     let warned = captured_logs()
         .matches("a frame of a type this khub does not know")
         .count();
-    assert_eq!(warned, 1, "one warning for the session");
+    assert_eq!(warned, 1, "one warning for the connection");
+    let before = captured_logs()
+        .matches("frames of a type this khub does not know before ready")
+        .count();
+    assert_eq!(before, 1);
 
+    setup.hostile.before_ready(Vec::new());
     setup
         .hostile
         .after_ready(vec![r#"{"type":"deliver","seq":"eleven"}"#.to_owned()]);
@@ -843,8 +853,9 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
 
 /// A device resuming with messages queued publishes none of them before it
 /// has checked the envelope at its cursor, asked for again (had the relay
-/// gone back, what it numbered since would be taken in first), however long
-/// that envelope takes; once it is checked, they go.
+/// gone back, what it numbered since would be taken in first), while that
+/// envelope is held back (up to the 10 s after which a session publishes
+/// anyway, for a tail the relay pruned); once it is checked, they go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resuming_device_publishes_nothing_before_the_envelope_at_its_cursor_is_checked() {
     let setup = Setup::new().await;
@@ -872,10 +883,12 @@ async fn a_resuming_device_publishes_nothing_before_the_envelope_at_its_cursor_i
 }
 
 /// A relay that numbers an envelope past the highest sequence number a relay
-/// reaches (here i64::MAX, where a device's inbox numbers would have nowhere
-/// to go) is refused as the relay's fault, and nothing of that answer is
-/// taken in: once the relay is honest again, every message arrives, once
-/// and in order.
+/// reaches (here a new message at i64::MAX, where a device's inbox numbers
+/// would have nowhere to go: taking in the next one failed for good) is
+/// refused as the relay's fault, and nothing of that answer is taken in:
+/// once the relay is honest again, every message arrives, once and in
+/// order. Over a live session, a `ready` whose head is past it ends the
+/// session the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     let setup = Setup::new().await;
@@ -885,7 +898,7 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     sender.queue(b"one").unwrap();
     step(sender.sync()).await.unwrap();
     setup.hostile.on_sync_answer(|mut answer: SyncResponse| {
-        for envelope in &mut answer.envelopes {
+        if let Some(envelope) = answer.envelopes.last_mut() {
             envelope.seq = i64::MAX as u64;
         }
         answer
@@ -909,4 +922,71 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     }
     assert_eq!(bodies, [b"one".to_vec(), b"two".to_vec()]);
     assert!(receiver.incidents().unwrap().is_empty());
+
+    setup.hostile.on_ready(|frame| match frame {
+        ServerFrame::Ready {
+            v,
+            ping_secs,
+            retention_secs,
+            ..
+        } => ServerFrame::Ready {
+            v,
+            head: khub::protocol::MAX_SEQ + 1,
+            ping_secs,
+            retention_secs,
+        },
+        other => other,
+    });
+    let session = receiver.connect();
+    let error = step(session.recv()).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Protocol(m) if m.contains("past the highest relay sequence number")),
+        "{error}"
+    );
+    session.close().await;
+    assert!(receiver.incidents().unwrap().is_empty());
+}
+
+/// A relay that pretends to have gone back on every sync, and refuses for
+/// quota whatever the device publishes (so its outbox never empties), makes
+/// the device read the channel again each time, but queue one snapshot of
+/// its notes for all the pretences, not one each: its outbox stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_going_back_again_and_again_does_not_pile_up_snapshots() {
+    let setup = Setup::new().await;
+    let receiver = &setup.paired.devices[1];
+    receiver
+        .vault()
+        .create(khub::notes::NoteEdit {
+            title: Some("groceries".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    step(receiver.sync()).await.unwrap();
+    assert_eq!(receiver.pending().unwrap(), 0);
+    setup
+        .hostile
+        .on_publish(|_| Some(Refusal::new(ErrorCode::OverQuota, "the channel is full")));
+    // Each sync's first answer (the re-read from 1 and the answers to
+    // publishes say the truth, or the sync would stop at the second).
+    setup.hostile.on_sync_answer(|mut answer: SyncResponse| {
+        if answer.acks.is_empty() && answer.envelopes.first().is_none_or(|e| e.seq > 1) {
+            answer.head = 0;
+        }
+        answer
+    });
+    step(receiver.sync()).await.unwrap();
+    let pending = receiver.pending().unwrap();
+    assert!(pending > 0, "the snapshot waits in the outbox");
+    for _ in 0..3 {
+        step(receiver.sync()).await.unwrap();
+    }
+    assert_eq!(receiver.pending().unwrap(), pending);
+    let rewound = receiver
+        .incidents()
+        .unwrap()
+        .iter()
+        .filter(|i| i.kind == IncidentKind::RelayRewound)
+        .count();
+    assert_eq!(rewound, 4, "each pretence is noticed");
 }

@@ -530,9 +530,14 @@ impl Device {
                 ))?;
                 // Note changes the relay lost, this device's and others' it
                 // had, reach the members that missed them: a snapshot of the
-                // vault, published once the channel is read again.
-                if !change.channel.is_removed() {
+                // vault, published once the channel is read again. One at a
+                // time: a relay going back again and again before the outbox
+                // goes out does not pile them up.
+                if !change.channel.is_removed() && !change.rewind_snapshot_unsent()? {
                     snapshot = crate::notes::vault::queue_snapshot(change)?;
+                    if snapshot > 0 {
+                        change.rewind_snapshot_queued()?;
+                    }
                 }
                 rewound = true;
             }
@@ -913,6 +918,9 @@ impl Device {
             relay_seq(response.head, "its newest envelope")?;
             for envelope in &response.envelopes {
                 relay_seq(envelope.seq, "an envelope")?;
+            }
+            for seq in response.acks.iter().filter_map(|ack| ack.seq) {
+                relay_seq(seq, "an ack")?;
             }
             if let Some(secs) = response.retention_secs {
                 self.heard_retention(secs);

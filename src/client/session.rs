@@ -27,6 +27,9 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Time allowed to connect and get `ready`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames of unknown types a connection passes over before `ready` (a relay
+/// that sends more is not one this khub can talk to).
+const MAX_UNKNOWN_BEFORE_READY: usize = 16;
 /// The relay's ping interval when its `ready` does not say.
 const DEFAULT_PING_SECS: u64 = 30;
 /// The longest ping interval a device takes from `ready`.
@@ -388,38 +391,54 @@ async fn connection(
     ws.send(WsMessage::Text(hello.to_text().into()))
         .await
         .map_err(|e| unreachable(device, e))?;
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, ws.next())
-        .await
-        .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
-    let (head, ping_secs) = match first {
-        Some(Ok(WsMessage::Text(text))) => match ServerFrame::decode(&text) {
-            Ok(Some(ServerFrame::Ready {
-                head,
-                ping_secs,
-                retention_secs,
-                ..
-            })) => {
-                if let Some(secs) = retention_secs {
-                    device.heard_retention(secs);
+    // Frames of types this khub does not know are passed over here too, a
+    // few of them, within the same deadline.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut passed_over = 0;
+    let (head, ping_secs) = loop {
+        let first = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
+        break match first {
+            Some(Ok(WsMessage::Text(text))) => match ServerFrame::decode(&text) {
+                Ok(Some(ServerFrame::Ready {
+                    head,
+                    ping_secs,
+                    retention_secs,
+                    ..
+                })) => {
+                    if let Some(secs) = retention_secs {
+                        device.heard_retention(secs);
+                    }
+                    // Any number is taken, within bounds that keep the
+                    // liveness deadline meaningful (and from overflowing).
+                    let ping_secs = ping_secs
+                        .unwrap_or(DEFAULT_PING_SECS)
+                        .clamp(1, MAX_PING_SECS);
+                    (head, ping_secs)
                 }
-                // Any number is taken, within bounds that keep the
-                // liveness deadline meaningful (and from overflowing).
-                let ping_secs = ping_secs
-                    .unwrap_or(DEFAULT_PING_SECS)
-                    .clamp(1, MAX_PING_SECS);
-                (head, ping_secs)
+                Ok(Some(ServerFrame::Error { code, message, .. })) => {
+                    return Err(refusal(code, message, closing_code(&mut ws).await));
+                }
+                Ok(None) if passed_over < MAX_UNKNOWN_BEFORE_READY => {
+                    passed_over += 1;
+                    continue;
+                }
+                _ => return Err(ClientError::Protocol("expected ready".into())),
+            },
+            Some(Ok(WsMessage::Close(frame))) => {
+                return Err(closed(device, frame.map(|f| u16::from(f.code))));
             }
-            Ok(Some(ServerFrame::Error { code, message, .. })) => {
-                return Err(refusal(code, message, closing_code(&mut ws).await));
-            }
-            _ => return Err(ClientError::Protocol("expected ready".into())),
-        },
-        Some(Ok(WsMessage::Close(frame))) => {
-            return Err(closed(device, frame.map(|f| u16::from(f.code))));
-        }
-        Some(Err(e)) => return Err(read_failed(device, e)),
-        _ => return Err(unreachable(device, "connection closed during hello")),
+            Some(Err(e)) => return Err(read_failed(device, e)),
+            _ => return Err(unreachable(device, "connection closed during hello")),
+        };
     };
+    if passed_over > 0 {
+        warn!(
+            passed_over,
+            "the relay sent frames of a type this khub does not know before ready; ignored"
+        );
+    }
     super::device::relay_seq(head, "its newest envelope")?;
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
@@ -448,7 +467,8 @@ async fn connection(
     // connection, backing off while the quota stays full.
     let mut quota_retry: Option<tokio::time::Instant> = None;
     let mut quota_refusals = 0u32;
-    // Whether the relay sent a frame of an unknown type yet (said once).
+    // Whether the relay sent a frame of an unknown type yet (said once a
+    // connection).
     let mut unknown_seen = false;
     // The relay pings every `ping_secs`: hearing nothing for several of them
     // means a half-open connection (a proxy that blackholes, a dead link), so
@@ -544,7 +564,7 @@ async fn connection(
                             // A later relay's frame that needs no answer.
                             if !unknown_seen {
                                 unknown_seen = true;
-                                warn!("the relay sent a frame of a type this khub does not know; ignoring frames of unknown types");
+                                warn!("the relay sent a frame of a type this khub does not know; ignoring frames of unknown types on this connection");
                             }
                         }
                         Ok(Some(ServerFrame::Ready { .. })) | Err(_) => return Err(ClientError::Protocol("unexpected frame".into())),

@@ -99,6 +99,10 @@ CREATE TABLE IF NOT EXISTS reread (  -- the relay went back behind the cursor: t
     id    INTEGER PRIMARY KEY CHECK (id = 1),  -- channel is read again from its start,
     until INTEGER NOT NULL           -- and replays up to here are what was taken in before
 );
+CREATE TABLE IF NOT EXISTS rewind_snapshot (  -- the notes snapshot queued when the relay
+    id   INTEGER PRIMARY KEY CHECK (id = 1),  -- last went back: while its last part is
+    last INTEGER NOT NULL                     -- queued, another going back queues none
+);
 ";
 
 /// What the identity row holds that never changes.
@@ -478,6 +482,32 @@ impl Change<'_> {
             .map_err(err)?;
         self.cursor = 0;
         Ok(())
+    }
+
+    /// Whether the notes snapshot queued when the relay last went back is
+    /// still in the outbox (its last part is).
+    pub fn rewind_snapshot_unsent(&self) -> Result<bool, ClientError> {
+        self.tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM outbox
+                 WHERE sender_seq = (SELECT last FROM rewind_snapshot WHERE id = 1))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)
+    }
+
+    /// Records that the newest outbox entry is the last part of the notes
+    /// snapshot queued because the relay went back.
+    pub fn rewind_snapshot_queued(&self) -> Result<(), ClientError> {
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO rewind_snapshot (id, last)
+                 SELECT 1, MAX(sender_seq) FROM outbox HAVING COUNT(*) > 0",
+                [],
+            )
+            .map_err(err)
+            .map(drop)
     }
 
     /// Up to which relay sequence number the channel is being read again

@@ -113,7 +113,8 @@
 //! this version may send kinds of frames that need no answer; anything a
 //! device must understand comes with a new version), and fields it does not
 //! know in the frames it does, and reads an error `code` it does not know
-//! as `unknown`. A frame of a known type that does not decode is the relay's
+//! as `unknown`. Before `ready`, khub's SDK passes over at most 16 such
+//! frames (within the 10 s it waits for `ready`). A frame of a known type that does not decode is the relay's
 //! fault: khub's SDK ends the session (4002's row below, from the other side).
 //!
 //! # Close codes

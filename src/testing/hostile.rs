@@ -51,7 +51,8 @@ struct Hooks {
     publish: Option<PublishHook>,
     answer: Option<AnswerHook>,
     ready: Option<ReadyHook>,
-    /// Text frames sent to the device after each `ready`, as they are.
+    /// Text frames sent to the device before and after each `ready`, as they are.
+    before_ready: Vec<String>,
     after_ready: Vec<String>,
     /// How long the envelope a resuming device asked for again waits after
     /// `ready`, and how many publishes devices sent while one waited.
@@ -167,6 +168,11 @@ impl HostileRelay {
         self.lock().after_ready = frames;
     }
 
+    /// The same, right before its `ready`.
+    pub fn before_ready(&self, frames: Vec<String>) {
+        self.lock().before_ready = frames;
+    }
+
     /// Holds back, for `hold` after `ready`, the envelope a resuming device
     /// asked for again (the one at its cursor, which it checks before it
     /// publishes; deliveries the relay sends meanwhile pass it), and counts
@@ -280,14 +286,17 @@ async fn websocket(
                 let delivery = match frame {
                     Some(ServerFrame::Deliver { seq, envelope }) => Delivery { seq, envelope },
                     Some(ready @ ServerFrame::Ready { .. }) => {
-                        let (rewritten, extra, hold) = {
+                        let (rewritten, before, extra, hold) = {
                             let mut hooks = hooks.lock().unwrap_or_else(|e| e.into_inner());
                             let rewritten = hooks
                                 .ready
                                 .as_mut()
                                 .map(|hook| Message::Text(hook(ready).to_text().into()));
-                            (rewritten, hooks.after_ready.clone(), hooks.hold_again)
+                            (rewritten, hooks.before_ready.clone(), hooks.after_ready.clone(), hooks.hold_again)
                         };
+                        for text in before {
+                            device.send(Message::Text(text.into())).await?;
+                        }
                         device.send(rewritten.unwrap_or(message)).await?;
                         for text in extra {
                             device.send(Message::Text(text.into())).await?;
