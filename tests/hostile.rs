@@ -139,6 +139,21 @@ impl Setup {
         step(sender.sync()).await.unwrap();
     }
 
+    /// The receiver's live session, caught up, then the ten messages sent
+    /// and read on it, in order.
+    async fn ten_live(&self) -> khub::client::Session {
+        let receiver = &self.paired.devices[1];
+        let session = receiver.connect();
+        step(session.caught_up(STEP)).await.unwrap();
+        self.send_ten().await;
+        for n in 1..=10 {
+            let message = step(session.recv()).await.unwrap();
+            assert_eq!(message.body, self.body(n));
+            receiver.mark_read(message.seq).unwrap();
+        }
+        session
+    }
+
     /// The app saw exactly the authentic messages, and every refusal and gap
     /// is an incident; nothing leaked into what the relay keeps.
     fn check(&self, inbox: Vec<Vec<u8>>) {
@@ -687,16 +702,7 @@ async fn a_ping_interval_past_any_deadline_leaves_the_session_working() {
         },
         other => other,
     });
-    let receiver = &setup.paired.devices[1];
-    let session = receiver.connect();
-    step(session.caught_up(STEP)).await.unwrap();
-    setup.send_ten().await;
-    for n in 1..=10 {
-        let message = step(session.recv()).await.unwrap();
-        assert_eq!(message.body, setup.body(n));
-        receiver.mark_read(message.seq).unwrap();
-    }
-    session.close().await;
+    setup.ten_live().await.close().await;
 }
 
 /// `/sync` answers that would keep a device asking forever or make it hold
@@ -818,15 +824,7 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
         r#"{"type":"notice","text":"maintenance at 03:00"}"#.to_owned(),
         r#"{"type":"deliv\u0065r_many","frames":[{"seq":1}]}"#.to_owned(),
     ]);
-    let receiver = &setup.paired.devices[1];
-    let session = receiver.connect();
-    step(session.caught_up(STEP)).await.unwrap();
-    setup.send_ten().await;
-    for n in 1..=10 {
-        let message = step(session.recv()).await.unwrap();
-        assert_eq!(message.body, setup.body(n));
-        receiver.mark_read(message.seq).unwrap();
-    }
+    let session = setup.ten_live().await;
     assert!(matches!(session.status(), Status::Live { .. }));
     session.close().await;
     let warned = captured_logs()
@@ -842,7 +840,7 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
     setup
         .hostile
         .after_ready(vec![r#"{"type":"deliver","seq":"eleven"}"#.to_owned()]);
-    let session = receiver.connect();
+    let session = setup.paired.devices[1].connect();
     let error = step(session.recv()).await.unwrap_err();
     assert!(
         matches!(&error, ClientError::Protocol(m) if m.contains("unexpected frame")),
