@@ -517,7 +517,6 @@ impl Device {
         let mut snapshot = 0;
         let mut cursor = asked;
         self.db().change(|change| {
-            snapshot = 0;
             let (on_disk, hash) = change.cursor_and_hash()?;
             if on_disk == asked && (resumed.check.is_none() || hash == resumed.check) {
                 change.reread(asked)?;
@@ -552,7 +551,7 @@ impl Device {
                 cursor = asked,
                 why,
                 snapshot_parts = snapshot,
-                "the relay went back behind this device's cursor; reading the channel again from its start, then publishing a snapshot of the notes"
+                "the relay went back behind this device's cursor; reading the channel again from its start (and publishing the notes snapshot queued, if any parts)"
             );
         }
         Ok(())
@@ -707,7 +706,6 @@ impl Device {
         let mut fresh = 0;
         let (incidents, resealed) = self.change(|change| {
             let mut incidents = Vec::new();
-            fresh = 0;
             if change.cursor < after {
                 behind = Some(change.cursor);
                 return Ok((incidents, 0));
@@ -1171,16 +1169,16 @@ impl Device {
     }
 }
 
-/// `seq` as the relay gave it for `what`, unless it is past [`MAX_SEQ`]:
-/// then the relay's fault, and nothing of that answer is taken in (a device
-/// that took it in would have no inbox numbers left after it).
-pub(crate) fn relay_seq(seq: u64, what: &str) -> Result<u64, ClientError> {
+/// Refuses a relay sequence number `seq` (of `what`) past [`MAX_SEQ`] as
+/// the relay's fault: nothing of that answer is taken in (a device that
+/// took it in would have no inbox numbers left after it).
+pub(crate) fn relay_seq(seq: u64, what: &str) -> Result<(), ClientError> {
     if seq > MAX_SEQ {
         return Err(ClientError::Protocol(format!(
             "the relay numbered {what} #{seq}, past the highest relay sequence number ({MAX_SEQ}); it was not taken in"
         )));
     }
-    Ok(seq)
+    Ok(())
 }
 
 #[cfg(test)]
