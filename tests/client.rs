@@ -1292,6 +1292,50 @@ async fn a_large_outbox_goes_out_over_sync_in_pieces() {
     relay.stop().await;
 }
 
+/// A relay whose frame limit is below the default takes less in one
+/// `POST /sync` (16 frames: here 768 KiB) than the SDK's page of the outbox
+/// (about 1 MiB as base64). The device halves its page until the relay takes
+/// it, instead of being refused on every sync, and the outbox still comes in
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_goes_out_over_sync_to_a_relay_that_takes_smaller_requests() {
+    const MESSAGES: usize = 40;
+    let mut config = RelayConfig::default();
+    config.limits.max_frame_bytes = 48 * 1024;
+    let relay = TestRelay::start(config).await;
+    let dir = common::tempdir("client");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let (laptop, phone) = (&d[0], &d[1]);
+    let body = |i: usize| {
+        let mut body = format!("phone {i} ").into_bytes();
+        body.resize(16 * 1024, b'.');
+        body
+    };
+    for i in 0..MESSAGES {
+        phone.queue(&body(i)).unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), phone.sync())
+        .await
+        .expect("the sync ends in time")
+        .expect("the relay takes the outbox in smaller pages");
+    assert_eq!(phone.pending().unwrap(), 0, "all of it in one sync");
+    tokio::time::timeout(Duration::from_secs(60), laptop.sync())
+        .await
+        .expect("the sync ends in time")
+        .unwrap();
+    for i in 0..MESSAGES {
+        let message = laptop.next_unread().unwrap().expect("every message came");
+        laptop.mark_read(message.seq).unwrap();
+        assert_eq!(
+            (message.from_name.as_str(), message.body),
+            ("phone", body(i)),
+            "in order, once"
+        );
+    }
+    assert!(laptop.next_unread().unwrap().is_none(), "nothing twice");
+    relay.stop().await;
+}
+
 /// A device back after a long time offline: its outbox and the backlog waiting
 /// for it are each larger than both ends' socket buffers. It reads while it
 /// publishes, so neither end blocks on a full socket: the relay never takes it

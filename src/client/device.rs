@@ -141,6 +141,10 @@ pub(crate) struct Inner {
     pub(crate) cursor: std::sync::atomic::AtomicU64,
     /// Whether a change saw this device removed from its channel.
     pub(crate) removed: std::sync::atomic::AtomicBool,
+    /// Envelope bytes a `POST /sync` publishes at most: [`PUBLISH_PAGE_BYTES`],
+    /// halved for this process each time the relay refuses a page as too
+    /// large (its frame limit, and so its request limit, is below the default).
+    pub(crate) publish_page: std::sync::atomic::AtomicUsize,
 }
 
 /// Seconds since the Unix epoch (the channel's update schedule).
@@ -326,6 +330,7 @@ impl Device {
                 changed: Notify::new(),
                 queued: Notify::new(),
                 retention_secs: std::sync::atomic::AtomicU64::new(0),
+                publish_page: std::sync::atomic::AtomicUsize::new(PUBLISH_PAGE_BYTES),
                 cursor: std::sync::atomic::AtomicU64::new(cursor),
                 removed: std::sync::atomic::AtomicBool::new(removed),
             }),
@@ -892,8 +897,10 @@ impl Device {
         let mut taken = 0;
         let mut published_up_to = 0;
         // The outbox goes out a page per request.
+        let page = &self.inner.publish_page;
         let unsent = |after: u64| {
-            self.blocking(move |device| device.db().outbox_after(after, PUBLISH_PAGE_BYTES))
+            let budget = page.load(std::sync::atomic::Ordering::Relaxed);
+            self.blocking(move |device| device.db().outbox_after(after, budget))
         };
         // Nothing goes out before the channel is taken in: a message sealed
         // before commits this device has not seen would be stored behind
@@ -912,7 +919,23 @@ impl Device {
                 publish: outbox.iter().map(|(_, e)| B64(e.clone())).collect(),
                 limit: None,
             };
-            let response: SyncResponse = self.call(Method::POST, "/sync", Some(&request)).await?;
+            let response: SyncResponse =
+                match self.call(Method::POST, "/sync", Some(&request)).await {
+                    Err(ClientError::Relay {
+                        code: ErrorCode::TooLarge,
+                        ..
+                    }) if outbox.len() > 1 => {
+                        // The relay takes less in one request than this page (a
+                        // frame limit below the default, or a proxy's): it stored
+                        // none of it. The same envelopes go out in halves, and
+                        // later syncs start from the smaller page.
+                        let sent: usize = outbox.iter().map(|(_, e)| e.len()).sum();
+                        page.store(sent / 2, std::sync::atomic::Ordering::Relaxed);
+                        outbox = unsent(published_up_to).await?;
+                        continue;
+                    }
+                    answer => answer?,
+                };
             relay_seq(response.head, "its newest envelope")?;
             for envelope in &response.envelopes {
                 relay_seq(envelope.seq, "an envelope")?;
