@@ -142,8 +142,11 @@ pub(crate) struct Inner {
     /// Whether a change saw this device removed from its channel.
     pub(crate) removed: std::sync::atomic::AtomicBool,
     /// Envelope bytes a `POST /sync` publishes at most: [`PUBLISH_PAGE_BYTES`],
-    /// halved for this process each time the relay refuses a page as too
-    /// large (its frame limit, and so its request limit, is below the default).
+    /// halved each time the relay refuses a page as too large (its frame
+    /// limit, and so its request limit, is below the default). It only
+    /// shrinks, for the life of this process: syncs that overlap cannot undo
+    /// each other's halving, and a relay refusing every page costs one sync
+    /// at most about 14 requests.
     pub(crate) publish_page: std::sync::atomic::AtomicUsize,
 }
 
@@ -930,7 +933,7 @@ impl Device {
                         // none of it. The same envelopes go out in halves, and
                         // later syncs start from the smaller page.
                         let sent: usize = outbox.iter().map(|(_, e)| e.len()).sum();
-                        page.store(sent / 2, std::sync::atomic::Ordering::Relaxed);
+                        page.fetch_min(sent / 2, std::sync::atomic::Ordering::Relaxed);
                         outbox = unsent(published_up_to).await?;
                         continue;
                     }
