@@ -1267,29 +1267,40 @@ async fn a_large_outbox_goes_out_over_sync_in_pieces() {
     let dir = common::tempdir("client");
     let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
     let (laptop, phone) = (&d[0], &d[1]);
-    for i in 0..MESSAGES {
-        phone.queue(&large_message("phone", i)).unwrap();
+    outbox_in_one_sync_each(laptop, phone, MESSAGES, |i| large_message("phone", i)).await;
+    relay.stop().await;
+}
+
+/// The phone queues `count` messages (`body(i)`) and its next sync publishes
+/// them all; the laptop's next sync takes each in, once, in order.
+async fn outbox_in_one_sync_each(
+    laptop: &Device,
+    phone: &Device,
+    count: usize,
+    body: impl Fn(usize) -> Vec<u8>,
+) {
+    for i in 0..count {
+        phone.queue(&body(i)).unwrap();
     }
     tokio::time::timeout(Duration::from_secs(60), phone.sync())
         .await
         .expect("the sync ends in time")
         .expect("the relay takes the whole outbox");
-    assert_eq!(phone.pending().unwrap(), 0);
+    assert_eq!(phone.pending().unwrap(), 0, "all of it in one sync");
     tokio::time::timeout(Duration::from_secs(60), laptop.sync())
         .await
         .expect("the sync ends in time")
         .unwrap();
-    for i in 0..MESSAGES {
+    for i in 0..count {
         let message = laptop.next_unread().unwrap().expect("every message came");
         laptop.mark_read(message.seq).unwrap();
         assert_eq!(
             (message.from_name.as_str(), message.body),
-            ("phone", large_message("phone", i)),
+            ("phone", body(i)),
             "in order, once"
         );
     }
     assert!(laptop.next_unread().unwrap().is_none(), "nothing twice");
-    relay.stop().await;
 }
 
 /// A relay whose frame limit is below the default takes less in one
@@ -1311,28 +1322,7 @@ async fn an_outbox_goes_out_over_sync_to_a_relay_that_takes_smaller_requests() {
         body.resize(16 * 1024, b'.');
         body
     };
-    for i in 0..MESSAGES {
-        phone.queue(&body(i)).unwrap();
-    }
-    tokio::time::timeout(Duration::from_secs(60), phone.sync())
-        .await
-        .expect("the sync ends in time")
-        .expect("the relay takes the outbox in smaller pages");
-    assert_eq!(phone.pending().unwrap(), 0, "all of it in one sync");
-    tokio::time::timeout(Duration::from_secs(60), laptop.sync())
-        .await
-        .expect("the sync ends in time")
-        .unwrap();
-    for i in 0..MESSAGES {
-        let message = laptop.next_unread().unwrap().expect("every message came");
-        laptop.mark_read(message.seq).unwrap();
-        assert_eq!(
-            (message.from_name.as_str(), message.body),
-            ("phone", body(i)),
-            "in order, once"
-        );
-    }
-    assert!(laptop.next_unread().unwrap().is_none(), "nothing twice");
+    outbox_in_one_sync_each(laptop, phone, MESSAGES, body).await;
     relay.stop().await;
 }
 
