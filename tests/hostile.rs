@@ -688,19 +688,17 @@ async fn a_relay_that_refuses_a_removal_commit_cannot_pass_the_removal_off_as_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_interval_past_any_deadline_leaves_the_session_working() {
     let setup = Setup::new().await;
-    setup.hostile.on_ready(|frame| match frame {
-        ServerFrame::Ready {
-            v,
-            head,
+    setup.hostile.on_ready(|mut frame| {
+        if let ServerFrame::Ready {
+            ping_secs,
             retention_secs,
             ..
-        } => ServerFrame::Ready {
-            v,
-            head,
-            ping_secs: Some(u64::MAX),
-            retention_secs: retention_secs.map(|_| u64::MAX),
-        },
-        other => other,
+        } = &mut frame
+        {
+            *ping_secs = Some(u64::MAX);
+            *retention_secs = retention_secs.map(|_| u64::MAX);
+        }
+        frame
     });
     setup.ten_live().await.close().await;
 }
@@ -770,22 +768,14 @@ async fn a_relay_that_pretends_to_have_gone_back_delivers_nothing_twice() {
     }
     assert_eq!(read, 10);
     let mut pretended = false;
-    setup.hostile.on_ready(move |frame| match frame {
-        ServerFrame::Ready {
-            v,
-            ping_secs,
-            retention_secs,
-            ..
-        } if !pretended => {
+    setup.hostile.on_ready(move |mut frame| {
+        if let ServerFrame::Ready { head, .. } = &mut frame
+            && !pretended
+        {
             pretended = true;
-            ServerFrame::Ready {
-                v,
-                head: 0,
-                ping_secs,
-                retention_secs,
-            }
+            *head = 0;
         }
-        other => other,
+        frame
     });
     let session = receiver.connect();
     step(session.caught_up(STEP)).await.unwrap();
@@ -921,19 +911,11 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     assert_eq!(bodies, [b"one".to_vec(), b"two".to_vec()]);
     assert!(receiver.incidents().unwrap().is_empty());
 
-    setup.hostile.on_ready(|frame| match frame {
-        ServerFrame::Ready {
-            v,
-            ping_secs,
-            retention_secs,
-            ..
-        } => ServerFrame::Ready {
-            v,
-            head: khub::protocol::MAX_SEQ + 1,
-            ping_secs,
-            retention_secs,
-        },
-        other => other,
+    setup.hostile.on_ready(|mut frame| {
+        if let ServerFrame::Ready { head, .. } = &mut frame {
+            *head = khub::protocol::MAX_SEQ + 1;
+        }
+        frame
     });
     let session = receiver.connect();
     let error = step(session.recv()).await.unwrap_err();

@@ -51,8 +51,9 @@ struct Hooks {
     publish: Option<PublishHook>,
     answer: Option<AnswerHook>,
     ready: Option<ReadyHook>,
-    /// Text frames sent to the device before and after each `ready`, as they are.
+    /// Text frames sent to the device right before each `ready`, as they are.
     before_ready: Vec<String>,
+    /// Text frames sent to the device after each `ready`, as they are.
     after_ready: Vec<String>,
     /// How long the envelope a resuming device asked for again waits after
     /// `ready`, and how many publishes devices sent while one waited.
