@@ -31,6 +31,15 @@ async fn step<T>(future: impl std::future::Future<Output = T>) -> T {
         .expect("step in time")
 }
 
+/// `error` is the device refusing what the relay sent as the relay's fault
+/// (a protocol error), for the reason `what` names.
+fn assert_protocol_error(error: &ClientError, what: &str) {
+    assert!(
+        matches!(error, ClientError::Protocol(m) if m.contains(what)),
+        "{error}"
+    );
+}
+
 /// An MLS group of one device that is not in the channel, with `channel`'s id.
 /// It is one commit in, like a channel whose second device just joined.
 fn outsider(channel: ChannelId) -> Channel {
@@ -615,10 +624,7 @@ async fn a_frame_longer_than_any_relay_sends_stops_the_session_unread() {
     })
     .await;
     let expected = format!("the relay sent a frame longer than {MAX_FRAME_LEN} bytes");
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains(&expected)),
-        "{error}"
-    );
+    assert_protocol_error(&error, &expected);
     session.close().await;
     assert_eq!(receiver.cursor(), cursor);
     let incidents = receiver.incidents().unwrap();
@@ -640,10 +646,7 @@ async fn an_answer_longer_than_any_relay_sends_fails_the_sync_unread() {
     let cursor = receiver.cursor();
     let error = step(receiver.sync()).await.unwrap_err();
     let expected = format!("sent more than {MAX_ANSWER_LEN} bytes");
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains(&expected)),
-        "{error}"
-    );
+    assert_protocol_error(&error, &expected);
     assert_eq!(receiver.cursor(), cursor);
     let incidents = receiver.incidents().unwrap();
     assert!(incidents.is_empty(), "{incidents:?}");
@@ -725,10 +728,7 @@ async fn sync_answers_that_would_never_end_or_swell_in_memory_are_refused() {
             answer
         });
     let error = step(receiver.sync()).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains("sent none after the cursor")),
-        "{error}"
-    );
+    assert_protocol_error(&error, "sent none after the cursor");
 
     setup.hostile.on_sync_answer(|mut answer: SyncResponse| {
         answer.acks = vec![
@@ -742,10 +742,7 @@ async fn sync_answers_that_would_never_end_or_swell_in_memory_are_refused() {
         answer
     });
     let error = step(receiver.sync()).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains("list longer than 10000 items")),
-        "{error}"
-    );
+    assert_protocol_error(&error, "list longer than 10000 items");
     assert_eq!(receiver.cursor(), cursor);
     setup.hostile.honest();
     step(receiver.sync()).await.unwrap();
@@ -832,10 +829,7 @@ async fn frames_of_unknown_types_are_passed_over_and_broken_known_ones_are_not()
         .after_ready(vec![r#"{"type":"deliver","seq":"eleven"}"#.to_owned()]);
     let session = setup.paired.devices[1].connect();
     let error = step(session.recv()).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains("unexpected frame")),
-        "{error}"
-    );
+    assert_protocol_error(&error, "unexpected frame");
     session.close().await;
 }
 
@@ -892,10 +886,7 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
         answer
     });
     let error = step(receiver.sync()).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains("past the highest relay sequence number")),
-        "{error}"
-    );
+    assert_protocol_error(&error, "past the highest relay sequence number");
     assert_eq!(receiver.cursor(), cursor);
     assert_eq!(receiver.next_unread().unwrap(), None);
 
@@ -919,10 +910,7 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     });
     let session = receiver.connect();
     let error = step(session.recv()).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::Protocol(m) if m.contains("past the highest relay sequence number")),
-        "{error}"
-    );
+    assert_protocol_error(&error, "past the highest relay sequence number");
     session.close().await;
     assert!(receiver.incidents().unwrap().is_empty());
 }
