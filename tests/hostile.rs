@@ -915,6 +915,44 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     assert!(receiver.incidents().unwrap().is_empty());
 }
 
+/// A relay whose `ready` says that nothing is stored up to a number past its
+/// head, or up to one not after the device's cursor, ends the session as a
+/// protocol error before the device publishes anything; once the relay is
+/// honest, the queued message goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_that_says_nothing_is_stored_where_it_cannot_be_is_refused() {
+    let setup = Setup::new().await;
+    let receiver = &setup.paired.devices[1];
+    step(receiver.sync()).await.unwrap();
+    receiver.queue(b"written offline").unwrap();
+    for past_head in [true, false] {
+        setup.hostile.on_ready(move |mut frame| {
+            if let ServerFrame::Ready {
+                head, pruned_to, ..
+            } = &mut frame
+            {
+                *pruned_to = Some(if past_head { *head + 1 } else { 0 });
+            }
+            frame
+        });
+        let session = receiver.connect();
+        let error = step(session.recv()).await.unwrap_err();
+        assert_protocol_error(&error, "not after this device's cursor");
+        session.close().await;
+        assert_eq!(receiver.pending().unwrap(), 1);
+    }
+    setup.hostile.honest();
+    let session = receiver.connect();
+    step(async {
+        while receiver.pending().unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    session.close().await;
+    assert!(receiver.incidents().unwrap().is_empty());
+}
+
 /// A relay that pretends to have gone back on every sync, and refuses for
 /// quota whatever the device publishes (so its outbox never empties), makes
 /// the device read the channel again each time, but queue one snapshot of

@@ -396,6 +396,72 @@ async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Opens a session from `cursor` and returns its `ready`'s head and
+/// `pruned_to`.
+async fn ready_from(
+    addr: std::net::SocketAddr,
+    member: &Member,
+    cursor: u64,
+) -> (Ws, u64, Option<u64>) {
+    let mut ws = connect(addr).await;
+    send_text(&mut ws, member.hello(cursor)).await;
+    match next_frame(&mut ws).await {
+        ServerFrame::Ready {
+            head, pruned_to, ..
+        } => (ws, head, pruned_to),
+        other => panic!("expected ready, got {other:?}"),
+    }
+}
+
+/// A device whose cursor is behind a head with nothing stored after it
+/// (retention deleted it) is told so in `ready`, and only then: not when it
+/// is at the head, nor when something after its cursor is still stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_says_when_nothing_after_the_cursor_is_stored_any_more() {
+    let dir = common::tempdir("relay");
+    let store = Arc::new(SqliteStore::open(&dir.join("relay.sqlite3")).unwrap());
+    let relay = TestRelay::start_with(store.clone(), RelayConfig::default()).await;
+    let (_, ma, _, mb) = two_devices(relay.addr).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Stored behind the relay's back (so that its cache holds none), the
+    // first four long ago, the fifth now.
+    for (sender_seq, stamp) in [(1, 1_000), (2, 1_000), (3, 1_000), (4, 1_000), (5, now)] {
+        let appended = store
+            .append(Append {
+                channel: ma.channel,
+                sender: ma.device,
+                sender_seq,
+                envelope: ma.stand_in(sender_seq, 64).into(),
+                now: stamp,
+                quota: u64::MAX,
+            })
+            .await
+            .unwrap();
+        assert_eq!(appended.seq, sender_seq);
+        if sender_seq == 3 {
+            // Retention takes the first three while they are all there is.
+            assert_eq!(store.prune(2_000).await.unwrap(), 3);
+            let (_, head, pruned_to) = ready_from(relay.addr, &mb, 0).await;
+            assert_eq!((head, pruned_to), (3, Some(3)));
+            let (_, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
+            assert_eq!((head, pruned_to), (3, None), "at the head");
+        }
+    }
+    assert_eq!(store.prune(2_000).await.unwrap(), 1);
+    // #4 is gone, #5 is not: the relay delivers it and says nothing.
+    let (mut ws, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
+    assert_eq!((head, pruned_to), (5, None));
+    let ServerFrame::Deliver { seq, .. } = next_frame(&mut ws).await else {
+        panic!("deliver")
+    };
+    assert_eq!(seq, 5);
+    relay.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_over_http_publishes_and_pages_from_a_cursor() {
     let limits = Limits {

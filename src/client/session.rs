@@ -57,9 +57,11 @@ const PUBLISH_WINDOW: usize = 256;
 const OUTBOUND_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// A session publishes once it has taken in the channel up to the relay's
-/// head at `ready`, or once the relay has delivered nothing for this long
-/// after the last delivery was taken in (the envelopes up to that head were
-/// pruned); pings do not count.
+/// head at `ready`, or at once if `ready` said nothing after the cursor up to
+/// that head is stored any more (`pruned_to`), or once the relay has
+/// delivered nothing for this long after the last delivery was taken in (the
+/// envelopes up to that head were pruned, and the relay, an older one, did
+/// not say so); pings do not count.
 const CATCH_UP_QUIET: Duration = Duration::from_secs(10);
 
 /// Where a session stands.
@@ -395,7 +397,7 @@ async fn connection(
     // few of them, within the same deadline.
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut passed_over = 0;
-    let (head, ping_secs) = loop {
+    let (head, ping_secs, pruned_to) = loop {
         let first = tokio::time::timeout_at(deadline, ws.next())
             .await
             .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT.as_secs()))?;
@@ -405,6 +407,7 @@ async fn connection(
                     head,
                     ping_secs,
                     retention_secs,
+                    pruned_to,
                     ..
                 })) => {
                     if let Some(secs) = retention_secs {
@@ -415,7 +418,7 @@ async fn connection(
                     let ping_secs = ping_secs
                         .unwrap_or(DEFAULT_PING_SECS)
                         .clamp(1, MAX_PING_SECS);
-                    (head, ping_secs)
+                    (head, ping_secs, pruned_to)
                 }
                 Ok(Some(ServerFrame::Error { code, message, .. })) => {
                     return Err(refusal(code, message, closing_code(&mut ws).await));
@@ -443,6 +446,18 @@ async fn connection(
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
     }
+    // Whether the relay said that nothing after the cursor up to its head is
+    // stored any more: then no delivery will come up to there.
+    let pruned_to_head = match pruned_to {
+        Some(to) if to <= resume.from() || to > head => {
+            return Err(ClientError::Protocol(format!(
+                "the relay's ready said nothing is stored up to #{to}, which is not after this device's cursor #{} and at most its head #{head}",
+                resume.from()
+            )));
+        }
+        Some(to) => to == head,
+        None => false,
+    };
     // Where the next deliveries follow on.
     let mut after = resume.from();
     // Checked against the first delivery, which is the envelope at the cursor
@@ -458,9 +473,11 @@ async fn connection(
     // where members may no longer hold its epoch's secrets. Taking them in
     // seals it again in the new epoch.
     // Nor before the envelope at the cursor is checked: if the relay went
-    // back, what it numbered up to there is not taken in yet.
+    // back, what it numbered up to there is not taken in yet. Unless the
+    // relay said there is nothing left to take in up to its head (retention
+    // deleted it), nor so the envelope at the cursor.
     let mut outbound = Outbound::default();
-    if device.cursor() >= head && resume.is_none() {
+    if (device.cursor() >= head && resume.is_none()) || pruned_to_head {
         outbound.open(device).await?;
     }
     // Messages refused for the channel's quota are sent again later, on this

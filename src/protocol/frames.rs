@@ -82,6 +82,13 @@ pub enum ServerFrame {
         /// How long the relay keeps an envelope, in seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retention_secs: Option<u64>,
+        /// Present when retention deleted what followed the device's
+        /// cursor: nothing after the cursor up to this number will be
+        /// delivered. khub's relay sends it as the `head`, when nothing
+        /// after the cursor up to the head is stored any more, so that the
+        /// device need not wait for deliveries that will not come.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pruned_to: Option<u64>,
     },
     /// An envelope, in channel order.
     Deliver {

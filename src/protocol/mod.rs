@@ -45,8 +45,13 @@
 //! relay stored the envelope). `ping_secs` and `retention_secs` may be absent
 //! (older relays): a device then assumes 30 s pings and does not know the
 //! retention (its retention-driven notes snapshots stay off until it hears
-//! one; `0` means the same). The relay then delivers every envelope
-//! after the cursor, in order,
+//! one; `0` means the same). When the cursor is behind the head and nothing
+//! after it up to the head is stored any more (retention deleted it),
+//! `ready` also carries `"pruned_to"`, equal to the head: no delivery will
+//! come up to there, so the device need not wait for one before it publishes
+//! (absent from older relays; a device refuses a `pruned_to` not above the
+//! cursor it sent or above the head, as a protocol error). The relay then
+//! delivers every envelope still stored after the cursor, in order,
 //! followed by new ones as they are stored:
 //!
 //! ```json

@@ -276,12 +276,32 @@ where
         Err(e) => return store_failed(e),
     };
     let mut known_head = head.max(seen.head);
+    // The read of the next deliveries, kept from one turn of the loop to the
+    // next until it completes: dropped, it would still run (a blocking task,
+    // a query on the server) and then be asked for again, so that every
+    // frame the device sent could cost the store a whole read.
+    let mut fetching: Option<Fetch<'_>> = None;
+    // The first one is made before `ready`, which says when it found nothing
+    // though the head is past the cursor: retention deleted what followed the
+    // cursor, and a device told so need not wait for deliveries.
+    let mut pruned_to = None;
+    if cursor < head {
+        match hub.fetch(channel, cursor, DELIVERY_BATCH).await {
+            Ok(first) if first.is_empty() => {
+                pruned_to = Some(head);
+                cursor = head;
+            }
+            Ok(first) => fetching = Some(Box::pin(std::future::ready(Ok(first)))),
+            Err(e) => return store_failed(e),
+        }
+    }
     if ws
         .send(text(&ServerFrame::Ready {
             v: PROTOCOL_VERSION,
             head,
             ping_secs: Some(relay.config.limits.ping_interval.as_secs().max(1)),
             retention_secs: Some(relay.config.limits.retention.as_secs()),
+            pruned_to,
         }))
         .await
         .is_err()
@@ -297,11 +317,6 @@ where
     // Frames read while deliveries wait: after a batch's worth (64), reading
     // waits for the next delivery.
     let mut reads_behind = 0;
-    // The read of the next deliveries, kept from one turn of the loop to the
-    // next until it completes: dropped, it would still run (a blocking task,
-    // a query on the server) and then be asked for again, so that every
-    // frame the device sent could cost the store a whole read.
-    let mut fetching: Option<Fetch<'_>> = None;
     loop {
         let behind = known_head > cursor;
         // The device's frames are read (and its silence counted) unless
