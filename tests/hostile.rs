@@ -953,6 +953,42 @@ async fn a_ready_that_says_nothing_is_stored_where_it_cannot_be_is_refused() {
     assert!(receiver.incidents().unwrap().is_empty());
 }
 
+/// A relay whose `ready` says nothing after the device's cursor is stored up
+/// to its head, and then delivers what it said was gone, ends the session as
+/// a protocol error before the device takes any of it in; from an honest
+/// relay, every message arrives, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_delivers_what_its_ready_said_was_pruned_is_refused() {
+    let setup = Setup::new().await;
+    setup.send_ten().await;
+    let receiver = &setup.paired.devices[1];
+    let cursor = receiver.cursor();
+    setup.hostile.on_ready(|mut frame| {
+        if let ServerFrame::Ready {
+            head, pruned_to, ..
+        } = &mut frame
+        {
+            *pruned_to = Some(*head);
+        }
+        frame
+    });
+    let session = receiver.connect();
+    let error = step(session.recv()).await.unwrap_err();
+    assert_protocol_error(&error, "after its ready said nothing up to");
+    session.close().await;
+    assert_eq!(receiver.cursor(), cursor);
+    assert_eq!(receiver.next_unread().unwrap(), None);
+    setup.hostile.honest();
+    step(receiver.sync()).await.unwrap();
+    let mut bodies = Vec::new();
+    while let Some(message) = receiver.next_unread().unwrap() {
+        receiver.mark_read(message.seq).unwrap();
+        bodies.push(message.body);
+    }
+    assert_eq!(bodies, (1..=10).map(|n| setup.body(n)).collect::<Vec<_>>());
+    assert!(receiver.incidents().unwrap().is_empty());
+}
+
 /// A relay that pretends to have gone back on every sync, and refuses for
 /// quota whatever the device publishes (so its outbox never empties), makes
 /// the device read the channel again each time, but queue one snapshot of

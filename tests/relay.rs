@@ -427,8 +427,10 @@ async fn ready_says_when_nothing_after_the_cursor_is_stored_any_more() {
         .unwrap()
         .as_secs();
     // Stored behind the relay's back (so that its cache holds none), the
-    // first four long ago, the fifth now.
-    for (sender_seq, stamp) in [(1, 1_000), (2, 1_000), (3, 1_000), (4, 1_000), (5, now)] {
+    // first four a minute and more ago, the fifth now; pruned here, up to
+    // a minute ago (the relay's own retention keeps them all).
+    let (old, cut) = (now - 100, now - 60);
+    for (sender_seq, stamp) in [(1, old), (2, old), (3, old), (4, old), (5, now)] {
         let appended = store
             .append(Append {
                 channel: ma.channel,
@@ -443,14 +445,14 @@ async fn ready_says_when_nothing_after_the_cursor_is_stored_any_more() {
         assert_eq!(appended.seq, sender_seq);
         if sender_seq == 3 {
             // Retention takes the first three while they are all there is.
-            assert_eq!(store.prune(2_000).await.unwrap(), 3);
+            assert_eq!(store.prune(cut).await.unwrap(), 3);
             let (_, head, pruned_to) = ready_from(relay.addr, &mb, 0).await;
             assert_eq!((head, pruned_to), (3, Some(3)));
             let (_, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
             assert_eq!((head, pruned_to), (3, None), "at the head");
         }
     }
-    assert_eq!(store.prune(2_000).await.unwrap(), 1);
+    assert_eq!(store.prune(cut).await.unwrap(), 1);
     // #4 is gone, #5 is not: the relay delivers it and says nothing.
     let (mut ws, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
     assert_eq!((head, pruned_to), (5, None));
@@ -978,13 +980,14 @@ async fn a_device_whose_frames_wait_for_a_slow_read_is_not_taken_for_idle() {
     // The session reads at most 64 of a device's frames while a read of its
     // deliveries is under way, then waits for the read. A device that has
     // sent more is not silent, however long the read takes: the idle check
-    // must not close it (4004).
+    // must not close it (4004). (The first read starts before `ready`, which
+    // waits a second for it at most: 1.5 s of it are left for the session.)
     let limits = Limits {
         idle_timeout: Duration::from_millis(600),
         ping_interval: Duration::from_millis(100),
         ..Limits::default()
     };
-    let store = SlowReads::new(Duration::from_millis(1500));
+    let store = SlowReads::new(Duration::from_millis(2500));
     let relay = TestRelay::start_with(store.clone(), config(limits)).await;
     let member = Member::new(ChannelId::random(&mut os_rng()));
     assert_eq!(create_channel(relay.addr, &member).await.status, 201);

@@ -446,18 +446,9 @@ async fn connection(
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
     }
-    // Whether the relay said that nothing after the cursor up to its head is
-    // stored any more: then no delivery will come up to there.
-    let pruned_to_head = match pruned_to {
-        Some(to) if to <= resume.from() || to > head => {
-            return Err(ClientError::Protocol(format!(
-                "the relay's ready said nothing is stored up to #{to}, which is not after this device's cursor #{} and at most its head #{head}",
-                resume.from()
-            )));
-        }
-        Some(to) => to == head,
-        None => false,
-    };
+    let pruned_to_head = pruned_to_head(pruned_to, resume.from(), head)?;
+    // Held to it: a delivery up to the head after that is the relay's lie.
+    let mut pruned_up_to = pruned_to_head.then_some(head);
     // Where the next deliveries follow on.
     let mut after = resume.from();
     // Checked against the first delivery, which is the envelope at the cursor
@@ -590,6 +581,14 @@ async fn connection(
                 if !acks.is_empty() {
                     device.blocking(move |device| device.acked_all(&acks)).await?;
                 }
+                if let (Some(to), Some((seq, _))) = (pruned_up_to, deliveries.first()) {
+                    if *seq <= to {
+                        return Err(ClientError::Protocol(format!(
+                            "the relay delivered #{seq} after its ready said nothing up to #{to} is stored; it was not taken in"
+                        )));
+                    }
+                    pruned_up_to = None;
+                }
                 if let (Some(check), Some((seq, envelope))) = (resume, deliveries.first()) {
                     resume = None;
                     if let Some(why) = check.replaced((*seq, envelope)) {
@@ -630,6 +629,20 @@ async fn connection(
                 outbound.publish_outbox(device).await?;
             }
         }
+    }
+}
+
+/// Whether `ready`'s `pruned_to` says that nothing after the cursor the
+/// device sent in `hello` (`from`) up to the `head` is stored any more. One
+/// not above `from`, or above the head, is the relay's error; one between
+/// says only that less was deleted, which changes nothing here.
+fn pruned_to_head(pruned_to: Option<u64>, from: u64, head: u64) -> Result<bool, ClientError> {
+    match pruned_to {
+        Some(to) if to <= from || to > head => Err(ClientError::Protocol(format!(
+            "the relay's ready said nothing is stored up to #{to}, which is not after this device's cursor #{from} and at most its head #{head}"
+        ))),
+        Some(to) => Ok(to == head),
+        None => Ok(false),
     }
 }
 
@@ -797,9 +810,29 @@ fn closed(device: &Device, code: Option<u16>) -> ClientError {
 mod tests {
     use std::time::Duration;
 
-    use super::{OUTBOUND_PAGE_BYTES, Outbound};
+    use super::{OUTBOUND_PAGE_BYTES, Outbound, pruned_to_head};
+    use crate::client::ClientError;
     use crate::relay::config::Limits;
     use crate::testing::{TempDir, TestRelay, paired_devices};
+
+    /// `pruned_to` counts only above the cursor sent (`from`: 7 here, with a
+    /// resume check 6) and up to the head, and opens the outbox only at the
+    /// head.
+    #[test]
+    fn pruned_to_is_taken_only_between_the_cursor_and_the_head() {
+        let refused = |r: Result<bool, ClientError>| matches!(r, Err(ClientError::Protocol(_)));
+        assert!(!pruned_to_head(None, 7, 12).unwrap());
+        assert!(refused(pruned_to_head(Some(7), 7, 12)));
+        assert!(refused(pruned_to_head(Some(0), 7, 12)));
+        assert!(!pruned_to_head(Some(8), 7, 12).unwrap());
+        assert!(pruned_to_head(Some(12), 7, 12).unwrap());
+        assert!(refused(pruned_to_head(Some(13), 7, 12)));
+        // Asking again for the envelope at cursor 7 (from 6): 7 is above.
+        assert!(pruned_to_head(Some(7), 6, 7).unwrap());
+        assert!(refused(pruned_to_head(Some(6), 6, 7)));
+        // At the head, any value is refused.
+        assert!(refused(pruned_to_head(Some(12), 12, 12)));
+    }
 
     /// A connection holds about a page of a large outbox in memory, not all
     /// of it, and still queues every envelope once, in order.

@@ -49,8 +49,12 @@
 //! after it up to the head is stored any more (retention deleted it),
 //! `ready` also carries `"pruned_to"`, equal to the head: no delivery will
 //! come up to there, so the device need not wait for one before it publishes
-//! (absent from older relays; a device refuses a `pruned_to` not above the
-//! cursor it sent or above the head, as a protocol error). The relay then
+//! (SECURITY.md, "Sending", step 2). It is absent from older relays. A device
+//! refuses a `pruned_to` not above the cursor it sent, or above the head, and
+//! a delivery at or below it on that connection, as protocol errors; one
+//! between the cursor and the head (which khub's relay does not send) says
+//! only that less was deleted, and a device may ignore it. A device does not
+//! move its cursor on it. The relay then
 //! delivers every envelope still stored after the cursor, in order,
 //! followed by new ones as they are stored:
 //!

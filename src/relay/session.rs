@@ -46,6 +46,10 @@ const DELIVERY_BATCH: usize = 64;
 /// reading the device's frames until one is acked (backpressure).
 const MAX_IN_FLIGHT: usize = 64;
 
+/// How long `ready` waits for the session's first read, to say whether
+/// anything after the device's cursor is still stored.
+const READY_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A publish waiting for its commit, with the sender_seq to report on refusal.
 type Pending<'a> = std::pin::Pin<
     Box<
@@ -281,18 +285,23 @@ where
     // a query on the server) and then be asked for again, so that every
     // frame the device sent could cost the store a whole read.
     let mut fetching: Option<Fetch<'_>> = None;
-    // The first one is made before `ready`, which says when it found nothing
+    // The first one starts before `ready`, which says when it found nothing
     // though the head is past the cursor: retention deleted what followed the
-    // cursor, and a device told so need not wait for deliveries.
+    // cursor, and a device told so need not wait for deliveries. `ready`
+    // waits for it [`READY_READ_WAIT`] at most (a crowd of devices catching
+    // up at once queues for the store); past that it goes without, and the
+    // loop takes the read over.
     let mut pruned_to = None;
     if cursor < head {
-        match hub.fetch(channel, cursor, DELIVERY_BATCH).await {
-            Ok(first) if first.is_empty() => {
+        let mut first: Fetch<'_> = Box::pin(hub.fetch(channel, cursor, DELIVERY_BATCH));
+        match tokio::time::timeout(READY_READ_WAIT, &mut first).await {
+            Ok(Ok(batch)) if batch.is_empty() => {
                 pruned_to = Some(head);
                 cursor = head;
             }
-            Ok(first) => fetching = Some(Box::pin(std::future::ready(Ok(first)))),
-            Err(e) => return store_failed(e),
+            Ok(Ok(batch)) => fetching = Some(Box::pin(std::future::ready(Ok(batch)))),
+            Ok(Err(e)) => return store_failed(e),
+            Err(_) => fetching = Some(first),
         }
     }
     if ws
