@@ -915,6 +915,28 @@ async fn a_relay_that_numbers_past_the_highest_sequence_number_is_refused() {
     assert!(receiver.incidents().unwrap().is_empty());
 }
 
+/// Has the hostile relay's `ready` say `pruned_to` = `claim(head)`, and checks
+/// that the receiver's next session ends as a protocol error about `what`.
+async fn refused_with_pruned_to(
+    setup: &Setup,
+    claim: impl Fn(u64) -> u64 + Send + 'static,
+    what: &str,
+) {
+    setup.hostile.on_ready(move |mut frame| {
+        if let ServerFrame::Ready {
+            head, pruned_to, ..
+        } = &mut frame
+        {
+            *pruned_to = Some(claim(*head));
+        }
+        frame
+    });
+    let session = setup.paired.devices[1].connect();
+    let error = step(session.recv()).await.unwrap_err();
+    assert_protocol_error(&error, what);
+    session.close().await;
+}
+
 /// A relay whose `ready` says that nothing is stored up to a number past its
 /// head, or up to one not after the device's cursor, ends the session as a
 /// protocol error before the device publishes anything; once the relay is
@@ -926,19 +948,8 @@ async fn a_ready_that_says_nothing_is_stored_where_it_cannot_be_is_refused() {
     step(receiver.sync()).await.unwrap();
     receiver.queue(b"written offline").unwrap();
     for past_head in [true, false] {
-        setup.hostile.on_ready(move |mut frame| {
-            if let ServerFrame::Ready {
-                head, pruned_to, ..
-            } = &mut frame
-            {
-                *pruned_to = Some(if past_head { *head + 1 } else { 0 });
-            }
-            frame
-        });
-        let session = receiver.connect();
-        let error = step(session.recv()).await.unwrap_err();
-        assert_protocol_error(&error, "not after this device's cursor");
-        session.close().await;
+        let claim = move |head| if past_head { head + 1 } else { 0 };
+        refused_with_pruned_to(&setup, claim, "not after this device's cursor").await;
         assert_eq!(receiver.pending().unwrap(), 1);
     }
     setup.hostile.honest();
@@ -963,19 +974,7 @@ async fn a_relay_that_delivers_what_its_ready_said_was_pruned_is_refused() {
     setup.send_ten().await;
     let receiver = &setup.paired.devices[1];
     let cursor = receiver.cursor();
-    setup.hostile.on_ready(|mut frame| {
-        if let ServerFrame::Ready {
-            head, pruned_to, ..
-        } = &mut frame
-        {
-            *pruned_to = Some(*head);
-        }
-        frame
-    });
-    let session = receiver.connect();
-    let error = step(session.recv()).await.unwrap_err();
-    assert_protocol_error(&error, "after its ready said nothing up to");
-    session.close().await;
+    refused_with_pruned_to(&setup, |head| head, "after its ready said nothing up to").await;
     assert_eq!(receiver.cursor(), cursor);
     assert_eq!(receiver.next_unread().unwrap(), None);
     setup.hostile.honest();
