@@ -396,23 +396,6 @@ async fn every_acked_envelope_survives_a_restart_on_the_same_file() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Opens a session from `cursor` and returns its `ready`'s head and
-/// `pruned_to`.
-async fn ready_from(
-    addr: std::net::SocketAddr,
-    member: &Member,
-    cursor: u64,
-) -> (Ws, u64, Option<u64>) {
-    let mut ws = connect(addr).await;
-    send_text(&mut ws, member.hello(cursor)).await;
-    match next_frame(&mut ws).await {
-        ServerFrame::Ready {
-            head, pruned_to, ..
-        } => (ws, head, pruned_to),
-        other => panic!("expected ready, got {other:?}"),
-    }
-}
-
 /// A device whose cursor is behind a head with nothing stored after it
 /// (retention deleted it) is told so in `ready`, and only then: not when it
 /// is at the head, nor when something after its cursor is still stored.
@@ -446,15 +429,15 @@ async fn ready_says_when_nothing_after_the_cursor_is_stored_any_more() {
         if sender_seq == 3 {
             // Retention takes the first three while they are all there is.
             assert_eq!(store.prune(cut).await.unwrap(), 3);
-            let (_, head, pruned_to) = ready_from(relay.addr, &mb, 0).await;
+            let (_, head, pruned_to) = session_pruned(relay.addr, &mb, 0).await;
             assert_eq!((head, pruned_to), (3, Some(3)));
-            let (_, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
+            let (_, head, pruned_to) = session_pruned(relay.addr, &mb, 3).await;
             assert_eq!((head, pruned_to), (3, None), "at the head");
         }
     }
     assert_eq!(store.prune(cut).await.unwrap(), 1);
     // #4 is gone, #5 is not: the relay delivers it and says nothing.
-    let (mut ws, head, pruned_to) = ready_from(relay.addr, &mb, 3).await;
+    let (mut ws, head, pruned_to) = session_pruned(relay.addr, &mb, 3).await;
     assert_eq!((head, pruned_to), (5, None));
     let ServerFrame::Deliver { seq, .. } = next_frame(&mut ws).await else {
         panic!("deliver")

@@ -446,9 +446,10 @@ async fn connection(
     if let Some(why) = resume.behind(head) {
         return Err(went_back(device, resume, why).await);
     }
-    let pruned_to_head = pruned_to_head(pruned_to, resume.from(), head)?;
-    // Held to it: a delivery up to the head after that is the relay's lie.
-    let mut pruned_up_to = pruned_to_head.then_some(head);
+    // Whether nothing after the cursor up to the head is stored any more, as
+    // `ready` says; the relay is held to it: a delivery up to the head after
+    // that is its lie.
+    let mut pruned_up_to = pruned_to_head(pruned_to, resume.from(), head)?.then_some(head);
     // Where the next deliveries follow on.
     let mut after = resume.from();
     // Checked against the first delivery, which is the envelope at the cursor
@@ -468,7 +469,7 @@ async fn connection(
     // relay said there is nothing left to take in up to its head (retention
     // deleted it), nor so the envelope at the cursor.
     let mut outbound = Outbound::default();
-    if (device.cursor() >= head && resume.is_none()) || pruned_to_head {
+    if (device.cursor() >= head && resume.is_none()) || pruned_up_to.is_some() {
         outbound.open(device).await?;
     }
     // Messages refused for the channel's quota are sent again later, on this

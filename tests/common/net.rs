@@ -306,12 +306,24 @@ pub async fn expect_close(ws: &mut Ws, code: u16) -> Vec<ServerFrame> {
     }
 }
 
-/// Opens an authenticated session and reads its `ready`.
+/// Opens an authenticated session and reads its `ready`: the head.
 pub async fn session(addr: SocketAddr, member: &Member, cursor: u64) -> (Ws, u64) {
+    let (ws, head, _) = session_pruned(addr, member, cursor).await;
+    (ws, head)
+}
+
+/// The same, with the `pruned_to` that `ready` carried.
+pub async fn session_pruned(
+    addr: SocketAddr,
+    member: &Member,
+    cursor: u64,
+) -> (Ws, u64, Option<u64>) {
     let mut ws = connect(addr).await;
     send_text(&mut ws, member.hello(cursor)).await;
     match next_frame(&mut ws).await {
-        ServerFrame::Ready { head, .. } => (ws, head),
+        ServerFrame::Ready {
+            head, pruned_to, ..
+        } => (ws, head, pruned_to),
         other => panic!("expected ready, got {other:?}"),
     }
 }
