@@ -546,56 +546,52 @@ impl PgStore {
 /// `khub_append`.
 async fn append_now(pool: &Pool, a: Append) -> Result<Appended, StoreError> {
     let client = pool.get().await.map_err(pool_error)?;
-    {
-        {
-            {
-                let statement = client
-                    .prepare_cached("SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)")
-                    .await
-                    .map_err(db)?;
-                let row = client
-                    .query_one(
-                        &statement,
-                        &[
-                            &a.channel.as_bytes().as_slice(),
-                            &a.sender.as_bytes().as_slice(),
-                            &int(a.sender_seq),
-                            &a.envelope.as_ref(),
-                            &int(a.now),
-                            &int(a.quota),
-                        ],
-                    )
-                    .await
-                    .map_err(db)?;
-                let outcome: &str = row.get(0);
-                let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
-                match outcome {
-                    "stored" => Ok(Appended {
-                        seq: seq(),
-                        duplicate: false,
-                    }),
-                    "duplicate" => Ok(Appended {
-                        seq: seq(),
-                        duplicate: true,
-                    }),
-                    "conflict" => Err(StoreError::Conflict {
-                        sender_seq: a.sender_seq,
-                    }),
-                    "out_of_order" => Err(StoreError::OutOfOrder {
-                        sender_seq: a.sender_seq,
-                        highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
-                    }),
-                    "over_quota" => Err(StoreError::OverQuota {
-                        used: row.get::<_, Option<i64>>(2).map_or(0, |u| u as u64),
-                        quota: a.quota,
-                    }),
-                    "not_found" => Err(StoreError::NotFound),
-                    other => Err(StoreError::Backend(format!(
-                        "khub_append answered {other:?}"
-                    ))),
-                }
-            }
-        }
+    let statement = client
+        .prepare_cached(
+            "SELECT outcome, seq, used, highest FROM khub_append($1, $2, $3, $4, $5, $6)",
+        )
+        .await
+        .map_err(db)?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &a.channel.as_bytes().as_slice(),
+                &a.sender.as_bytes().as_slice(),
+                &int(a.sender_seq),
+                &a.envelope.as_ref(),
+                &int(a.now),
+                &int(a.quota),
+            ],
+        )
+        .await
+        .map_err(db)?;
+    let outcome: &str = row.get(0);
+    let seq = || row.get::<_, Option<i64>>(1).map_or(0, |s| s as u64);
+    match outcome {
+        "stored" => Ok(Appended {
+            seq: seq(),
+            duplicate: false,
+        }),
+        "duplicate" => Ok(Appended {
+            seq: seq(),
+            duplicate: true,
+        }),
+        "conflict" => Err(StoreError::Conflict {
+            sender_seq: a.sender_seq,
+        }),
+        "out_of_order" => Err(StoreError::OutOfOrder {
+            sender_seq: a.sender_seq,
+            highest: row.get::<_, Option<i64>>(3).map_or(0, |h| h as u64),
+        }),
+        "over_quota" => Err(StoreError::OverQuota {
+            used: row.get::<_, Option<i64>>(2).map_or(0, |u| u as u64),
+            quota: a.quota,
+        }),
+        "not_found" => Err(StoreError::NotFound),
+        other => Err(StoreError::Backend(format!(
+            "khub_append answered {other:?}"
+        ))),
     }
 }
 
