@@ -170,7 +170,15 @@ mod device_commands {
         }
 
         fn init(&self, home: &str, name: &str) {
-            self.ok(home, &["init", "--relay", &self.url, "--name", name]);
+            let out = self.ok(home, &["init", "--relay", &self.url, "--name", name]);
+            // The next command, as printed, finds this home.
+            assert!(
+                out.ends_with(&format!(
+                    "next: run `khub invite --home {}` here and `khub join` on the other device\n",
+                    self.home(home).display()
+                )),
+                "{out}"
+            );
         }
 
         /// Starts `khub invite` on `inviter`, waiting `timeout` seconds; returns
@@ -320,6 +328,23 @@ mod device_commands {
         assert!(
             !stderr.contains("backtrace") && !stderr.contains('\x1b') && lines.len() <= 3,
             "{stderr}"
+        );
+        // `send` says at once that the relay does not answer, and keeps the
+        // message.
+        let sent = world.run("a", &["send", "--wait", "2", "kept"], "");
+        assert!(sent.status.success());
+        let stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(
+            stderr.starts_with(&format!("cannot reach the relay at {}: ", world.url))
+                && stderr.ends_with(
+                    "; the message is kept on this device, waiting up to 2 s for the relay\n"
+                )
+                && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&sent.stdout),
+            "queued offline: it goes out with the next `khub send` or `khub listen`\n"
         );
         let devices = world.run("a", &["devices"], "");
         assert!(devices.status.success());
@@ -646,7 +671,7 @@ mod device_commands {
         assert_eq!(
             String::from_utf8_lossy(&held.stderr),
             format!(
-                "Error: {} already holds a device; use another --home\n  next: use another --home, `khub leave` to forget the device kept there, or `khub join --force`\n",
+                "Error: {} already holds a device\n  next: use another --home, or `khub leave` to forget the device kept there (`khub join --force` pairs this home again in one step)\n",
                 world.home("c").display()
             )
         );
@@ -729,7 +754,7 @@ mod device_commands {
         );
         assert_eq!(
             String::from_utf8_lossy(&join.stderr),
-            "Error: the other device stopped the pairing: it stopped waiting (cancelled, or out of time); make a new code\n"
+            "Error: this code no longer works: the device that showed it stopped waiting (cancelled, or out of time), or the code was already used; make a new code on it\n  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`\n"
         );
     }
 
@@ -745,6 +770,11 @@ mod device_commands {
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert!(
                 stderr.contains("the code was wrong, or someone interfered"),
+                "{stderr}"
+            );
+            // Both screens say which device makes the next code.
+            assert!(
+                stderr.ends_with("\n  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`\n"),
                 "{stderr}"
             );
         }
@@ -786,8 +816,10 @@ mod device_commands {
         assert_eq!(next(), "live: waiting for messages");
         world.stop_relay();
         let reconnecting = next();
+        // With the reason.
         assert!(
-            reconnecting.starts_with("reconnecting to the relay (attempt "),
+            reconnecting.starts_with("reconnecting to the relay (attempt ")
+                && reconnecting.contains(&format!("): cannot reach the relay at {}: ", world.url)),
             "{reconnecting}"
         );
         world.restart_relay();
@@ -838,9 +870,98 @@ mod device_commands {
             [
                 "type this code on the other device with `khub join` (valid 1 s)",
                 "Error: nobody entered the code within 1 seconds; make a new code",
+                "  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`",
             ],
             "{stderr}"
         );
+    }
+
+    #[test]
+    fn init_on_a_relay_with_an_operator_secret_says_whether_it_was_missing_or_wrong() {
+        let dir = crate::common::tempdir("cli-operator");
+        let file = dir.join("operator-secret");
+        std::fs::write(&file, "correct horse battery staple\n").unwrap();
+        let (relay, addr) = World::serve(&[
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--operator-secret-file",
+            file.to_str().unwrap(),
+        ]);
+        let world = World {
+            relay,
+            url: format!("http://{addr}"),
+            dir,
+        };
+        let init = |secret: Option<&str>| {
+            let mut command = Command::new(KHUB);
+            command
+                .args(["init", "--relay", &world.url, "--name", "laptop", "--home"])
+                .arg(world.home("a"))
+                .env_remove("KHUB_OPERATOR_SECRET");
+            if let Some(secret) = secret {
+                command.env("KHUB_OPERATOR_SECRET", secret);
+            }
+            let output = command.output().unwrap();
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        };
+        let next = "  next: set KHUB_OPERATOR_SECRET to this relay's operator secret (its operator has it; it is never an argument)\n";
+        assert_eq!(
+            init(None),
+            (
+                false,
+                format!(
+                    "Error: the relay refused: creating channels on this relay needs its operator secret in X-Khub-Operator, and none was given (forbidden)\n{next}"
+                )
+            )
+        );
+        assert_eq!(
+            init(Some("a guess of sixteen characters")),
+            (
+                false,
+                format!(
+                    "Error: the relay refused: the operator secret given in X-Khub-Operator is not this relay's (forbidden)\n{next}"
+                )
+            )
+        );
+        assert!(!world.home("a").join("device.sqlite3").exists());
+        assert_eq!(
+            init(Some("correct horse battery staple")),
+            (true, String::new())
+        );
+    }
+
+    #[test]
+    fn a_join_whose_inviter_vanished_says_so_when_its_time_is_up() {
+        let world = World::new();
+        world.init("a", "laptop");
+        let (mut invite, _, first) = world.start_invite("a", 60);
+        let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
+        // Killed at once: it neither answers nor says goodbye.
+        invite.kill().unwrap();
+        invite.wait().unwrap();
+        let join = world.run(
+            "b",
+            &[
+                "join",
+                "--relay",
+                &world.url,
+                "--name",
+                "phone",
+                "--timeout",
+                "2",
+            ],
+            &format!("{code}\n"),
+        );
+        assert!(!join.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&join.stderr),
+            "Error: the device that showed the code did not answer within 2 seconds (it may have stopped, or lost its connection); make a new code on it\n  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`\n"
+        );
+        assert!(!world.home("b").join("device.sqlite3").exists());
     }
 
     /// A `khub peer` process: its stdin, and its JSON events as they come.
@@ -993,7 +1114,7 @@ mod device_commands {
             err.starts_with("offline: the relay did not answer"),
             "{err}"
         );
-        assert!(err.ends_with("saved on this device; it goes out with the next `khub note` command, `khub listen` or sync\n"), "{err}");
+        assert!(err.ends_with("saved on this device; it goes out with the next `khub note`, `khub send` or `khub listen` that reaches the relay\n"), "{err}");
         let (ok, _, err) = note(
             &world,
             "b",
@@ -1031,13 +1152,17 @@ mod device_commands {
             "{on_a}"
         );
 
-        // Deleting hides it from the list; restoring brings it back.
+        // Deleting hides it from the list, which says so; restoring brings
+        // it back.
         let (ok, out, _) = note(&world, "b", &["rm", short], "");
         assert!(ok && out.starts_with("deleted "), "{out}");
         let (_, list, err) = note(&world, "a", &["list"], "");
         assert_eq!(
             (list.as_str(), err.as_str()),
-            ("", "no notes yet: `khub note new --title …` writes one\n")
+            (
+                "",
+                "no notes but 1 deleted: `khub note list --deleted` shows them, `khub note restore ID` brings one back\n"
+            )
         );
         let (_, list, _) = note(&world, "a", &["list", "--deleted"], "");
         assert!(list.trim_end().ends_with("(deleted)"), "{list}");
@@ -1055,6 +1180,11 @@ mod device_commands {
     fn note_commands_refuse_unknown_ids_and_bad_tags_plainly() {
         let world = World::new();
         world.init("a", "laptop");
+        let (_, list, err) = note(&world, "a", &["list"], "");
+        assert_eq!(
+            (list.as_str(), err.as_str()),
+            ("", "no notes yet: `khub note new --title …` writes one\n")
+        );
         let (ok, _, err) = note(&world, "a", &["show", "abcd"], "");
         assert!(!ok);
         assert_eq!(

@@ -776,6 +776,41 @@ async fn a_message_the_relay_refuses_is_an_error_and_an_incident_never_queued() 
     relay.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_the_largest_size_arrives_and_one_byte_more_is_refused_before_queuing() {
+    use khub::client::control::MAX_MESSAGE_LEN;
+    let relay = TestRelay::start(RelayConfig::default()).await;
+    let dir = common::tempdir("client-largest");
+    let d = devices(relay.addr, &dir, &["laptop", "phone"]).await;
+    let session = d[0].connect();
+    let too_long = session
+        .send(&vec![b'y'; MAX_MESSAGE_LEN + 1], STEP)
+        .await
+        .expect_err("one byte over the limit");
+    assert!(matches!(&too_long, ClientError::Invalid(_)), "{too_long:?}");
+    assert_eq!(
+        too_long.to_string(),
+        format!(
+            "this message has {} bytes, and a message may have at most {MAX_MESSAGE_LEN} (1 MiB less one byte, which says it is a message): split it",
+            MAX_MESSAGE_LEN + 1
+        )
+    );
+    assert_eq!(d[0].pending().unwrap(), 0, "nothing queued");
+    let largest: Vec<u8> = (0..MAX_MESSAGE_LEN).map(|i| (i % 251) as u8).collect();
+    assert!(matches!(
+        session.send(&largest, STEP).await.unwrap(),
+        Sent::Acked { .. }
+    ));
+    let phone = d[1].connect();
+    let message = tokio::time::timeout(STEP, phone.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(message.body == largest, "the 1 MiB message arrives intact");
+    assert!(d[1].incidents().unwrap().is_empty());
+    relay.stop().await;
+}
+
 /// A reverse proxy that serves the relay under `/khub`: it strips the prefix
 /// from each connection's request line and passes the bytes on. A request
 /// outside the prefix gets 404, as a real proxy would answer it.

@@ -265,13 +265,22 @@ async fn http_routes_refuse_bad_input_with_codes() {
         "channel": ma.channel.to_string(), "device": ma.device.to_string(),
         "token_hash": khub::protocol::b64::encode(ma.token.hash().0),
     });
+    // Refused either way, and told which: none given, or not this relay's.
     let no_secret = post_json(addr, "/channels", &[], &body).await;
     assert_eq!(
         (no_secret.status, no_secret.code()),
         (403, "forbidden".into())
     );
+    assert_eq!(
+        no_secret.json()["error"]["message"],
+        "creating channels on this relay needs its operator secret in X-Khub-Operator, and none was given"
+    );
     let wrong = post_json(addr, "/channels", &[("x-khub-operator", "guess")], &body).await;
-    assert_eq!(wrong.status, 403);
+    assert_eq!((wrong.status, wrong.code()), (403, "forbidden".into()));
+    assert_eq!(
+        wrong.json()["error"]["message"],
+        "the operator secret given in X-Khub-Operator is not this relay's"
+    );
     let ok = post_json(addr, "/channels", &[("x-khub-operator", operator)], &body).await;
     assert_eq!(ok.status, 201);
     let again = post_json(addr, "/channels", &[("x-khub-operator", operator)], &body).await;

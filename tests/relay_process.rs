@@ -311,6 +311,67 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `khub serve` with `args`, which must fail within 30 s: its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_khub"))
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("khub serve starts");
+    let Some(status) = exit_within(&mut serve, Duration::from_secs(30)) else {
+        let _ = serve.kill();
+        panic!("khub serve {args:?} neither failed nor exited");
+    };
+    let output = serve.wait_with_output().unwrap();
+    assert!(!status.success());
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening"),
+        "it listened"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_nothing_behind() {
+    let dir = common::tempdir("serve-refusals");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db = dir.join("relay.sqlite3");
+    let stderr = serve_fails(&["--listen", &addr, "--db", db.to_str().unwrap()]);
+    assert!(
+        stderr.starts_with(&format!("Error: cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with("  next: another program (another `khub serve`?) listens there: stop it, or give another address with --listen HOST:PORT\n"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "no database files left: {left:?}");
+
+    let missing = dir.join("no-such-dir").join("relay.sqlite3");
+    let stderr = serve_fails(&["--listen", "127.0.0.1:0", "--db", missing.to_str().unwrap()]);
+    assert_eq!(
+        stderr,
+        format!(
+            "Error: cannot open the database {}: the directory {} does not exist (create it, or give --db another path)\n",
+            missing.display(),
+            dir.join("no-such-dir").display()
+        )
+    );
+
+    let stderr = serve_fails(&["--listen", "3000"]);
+    assert!(
+        stderr
+            .contains("\"3000\" is not an address and a port: give HOST:PORT, like 127.0.0.1:3000"),
+        "{stderr}"
+    );
+    drop(taken);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn a_second_relay_on_the_same_database_file_refuses_to_start_and_names_the_first() {
     let first = RelayProcess::start(&[]);

@@ -20,6 +20,11 @@ const APP: u8 = 0x00;
 const JOINED: u8 = 0x03;
 const NOTES: u8 = 0x04;
 
+/// The longest application message a device sends: the most a device seals
+/// ([`MAX_PLAINTEXT_LEN`](crate::crypto::envelope::MAX_PLAINTEXT_LEN), 1 MiB)
+/// less the byte that says it is one.
+pub const MAX_MESSAGE_LEN: usize = crate::crypto::envelope::MAX_PLAINTEXT_LEN - 1;
+
 /// The plaintext of an application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {

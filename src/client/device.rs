@@ -447,8 +447,17 @@ impl Device {
 
     /// Seals `body` as the next message and stores it in the outbox, durably.
     /// It is sent by the next [`sync`](Self::sync) or live session; returns its
-    /// sender sequence number.
+    /// sender sequence number. A body longer than
+    /// [`MAX_MESSAGE_LEN`](super::control::MAX_MESSAGE_LEN) is refused
+    /// (`Invalid`) and nothing is queued.
     pub fn queue(&self, body: &[u8]) -> Result<u64, ClientError> {
+        if body.len() > super::control::MAX_MESSAGE_LEN {
+            return Err(ClientError::Invalid(format!(
+                "this message has {} bytes, and a message may have at most {} (1 MiB less one byte, which says it is a message): split it",
+                body.len(),
+                super::control::MAX_MESSAGE_LEN
+            )));
+        }
         self.queue_control(&Control::App(body.to_vec()))
     }
 

@@ -123,14 +123,29 @@ pub enum ClientError {
     /// `CancelInvitation`); whatever it had done is undone. The caller's doing.
     #[error("cancelled: the code no longer works, and the other device was told")]
     Cancelled,
-    /// Nobody paired within the time allowed. The peer's fault.
+    /// Nobody paired within the time allowed (the inviting side). The
+    /// peer's fault.
     #[error("nobody entered the code within {0} seconds; make a new code")]
     PairingTimeout(u64),
+    /// The joining side: the device that showed the code did not answer
+    /// within the time allowed (it stopped, or lost its connection). The
+    /// peer's fault.
+    #[error(
+        "the device that showed the code did not answer within {0} seconds (it may have stopped, or lost its connection); make a new code on it"
+    )]
+    NoAnswer(u64),
+    /// The joining side: the code's pairing had already ended when it was
+    /// typed (the device that showed it stopped waiting, or the code was
+    /// used). The peer's doing, or an old code.
+    #[error(
+        "this code no longer works: the device that showed it stopped waiting (cancelled, or out of time), or the code was already used; make a new code on it"
+    )]
+    CodeEnded,
     /// No device state in the home directory. The caller's fault.
     #[error("no device in {0}: run `khub init` or `khub join` first")]
     NotInitialized(String),
     /// The home directory already holds a device. The caller's fault.
-    #[error("{0} already holds a device; use another --home")]
+    #[error("{0} already holds a device")]
     AlreadyInitialized(String),
     /// The device's state on disk could not be read or written, or holds
     /// something this build cannot read. The disk's fault.
@@ -188,6 +203,8 @@ impl ClientError {
             | Self::Pairing(_)
             | Self::NotConfirmed
             | Self::PairingTimeout(_)
+            | Self::NoAnswer(_)
+            | Self::CodeEnded
             | Self::Peer(_) => Fault::Peer,
             Self::Code(_)
             | Self::NotInitialized(_)

@@ -66,17 +66,18 @@ impl Mailbox<'_> {
             .map(drop)
     }
 
-    /// The message at index `index` from the other side, waiting until `deadline`.
+    /// The message at index `index` from the other side, waiting until
+    /// `deadline`; past it, the error `late` makes.
     async fn receive(
         &self,
         index: usize,
         deadline: Instant,
-        waited: u64,
+        late: impl Fn() -> ClientError,
     ) -> Result<Vec<u8>, ClientError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::PairingTimeout(waited));
+                return Err(late());
             }
             let asked = Instant::now();
             let got = self.poll(index, left.min(POLL)).await?;
@@ -288,7 +289,7 @@ impl Invitation {
         let received = tokio::select! {
             biased;
             _ = changes.wait_for(|s| *s == Stage::Cancelled) => Err(ClientError::Cancelled),
-            received = mailbox.receive(0, deadline, timeout.as_secs()) => received,
+            received = mailbox.receive(0, deadline, || ClientError::PairingTimeout(timeout.as_secs())) => received,
         };
         let response = match received {
             Ok(_) | Err(_) if cancelled() => return Err(ClientError::Cancelled),
@@ -538,7 +539,7 @@ pub async fn join(
             ClientError::Relay {
                 code: ErrorCode::Gone,
                 ..
-            } => ClientError::Pairing(PairingError::PeerAborted(AbortReason::Cancelled)),
+            } => ClientError::CodeEnded,
             e => e,
         })?;
     let mailbox = Mailbox {
@@ -553,14 +554,14 @@ pub async fn join(
     let cancelled = |e: ClientError| (AbortReason::Cancelled, e);
     let exchange = async {
         let start = mailbox
-            .receive(0, deadline, timeout.as_secs())
+            .receive(0, deadline, || ClientError::NoAnswer(timeout.as_secs()))
             .await
             .map_err(cancelled)?;
         let (awaiting, response) = Joiner::respond(code, claimed.sid, &start, &info, &mut rng)
             .map_err(|e| (e.abort_reason(), e.into()))?;
         mailbox.post(&response).await.map_err(cancelled)?;
         let finish = mailbox
-            .receive(1, deadline, timeout.as_secs())
+            .receive(1, deadline, || ClientError::NoAnswer(timeout.as_secs()))
             .await
             .map_err(cancelled)?;
         awaiting

@@ -18,7 +18,7 @@ use super::device::{Device, Ingested, Message, Resume};
 use super::error::ClientError;
 use crate::crypto::os_rng;
 use crate::protocol::{
-    ClientFrame, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, Refusal, ServerFrame,
+    ClientFrame, CloseCode, ErrorCode, MAX_FRAME_LEN, PROTOCOL_VERSION, Refusal, ServerFrame,
 };
 
 /// First retry delay; doubles per failed attempt.
@@ -71,6 +71,9 @@ pub enum Status {
     Connecting {
         /// Failed attempts so far.
         attempt: u32,
+        /// Why the last connection failed or ended (`None` before the
+        /// first, or after one that ended without an error).
+        error: Option<ClientError>,
     },
     /// Connected; the relay's head when the session started.
     Live {
@@ -109,7 +112,10 @@ impl Device {
     /// Starts a live session in the background.
     pub fn connect(&self) -> Session {
         let (wake, wake_rx) = mpsc::unbounded_channel();
-        let (status_tx, status) = watch::channel(Status::Connecting { attempt: 0 });
+        let (status_tx, status) = watch::channel(Status::Connecting {
+            attempt: 0,
+            error: None,
+        });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(self.clone(), wake_rx, status_tx, stop_rx));
         Session {
@@ -126,6 +132,12 @@ impl Session {
     /// The session's state now.
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// The session's state as it changes: `changed().await` on the receiver
+    /// wakes on each change (a quick run of them shows as the last).
+    pub fn status_watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
     }
 
     /// Seals and queues `body` durably, then waits up to `wait` for the relay's ack.
@@ -261,17 +273,17 @@ async fn run(
     let mut attempt = 0u32;
     loop {
         let before = attempt;
-        let result = tokio::select! {
+        let result: Result<(), ClientError> = tokio::select! {
             result = connection(&device, &mut wake, &status, &mut attempt) => result,
             _ = &mut stop => {
                 status.send_replace(Status::Closed);
                 return;
             }
         };
-        match result {
+        match &result {
             Err(e) if !e.is_transient() => {
                 warn!(error = %e, "session stopped");
-                status.send_replace(Status::Failed(e));
+                status.send_replace(Status::Failed(e.clone()));
                 return;
             }
             Err(e) => {
@@ -292,7 +304,10 @@ async fn run(
             Ok(()) => {}
         }
         attempt = attempt.saturating_add(1);
-        status.send_replace(Status::Connecting { attempt });
+        status.send_replace(Status::Connecting {
+            attempt,
+            error: result.err(),
+        });
         tokio::select! {
             _ = tokio::time::sleep(backoff(attempt)) => {}
             _ = &mut stop => {
@@ -797,13 +812,27 @@ fn closed(device: &Device, code: Option<u16>) -> ClientError {
     match code {
         Some(4003) => ClientError::Revoked,
         Some(4001) => ClientError::Unauthorized,
-        other => unreachable(
-            device,
-            format!(
-                "the relay closed the session ({})",
-                other.map_or("no code".into(), |c| c.to_string())
-            ),
-        ),
+        Some(code) => {
+            let known = [
+                CloseCode::Normal,
+                CloseCode::GoingAway,
+                CloseCode::TooLarge,
+                CloseCode::Internal,
+                CloseCode::Protocol,
+                CloseCode::Idle,
+                CloseCode::Slow,
+            ]
+            .into_iter()
+            .find(|c| c.code() == code);
+            unreachable(
+                device,
+                match known {
+                    Some(c) => format!("the relay closed the session: {} ({code})", c.reason()),
+                    None => format!("the relay closed the session ({code})"),
+                },
+            )
+        }
+        None => unreachable(device, "the relay closed the session (no code)"),
     }
 }
 

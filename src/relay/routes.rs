@@ -418,12 +418,19 @@ async fn create_channel(
     relay: Arc<Relay>,
 ) -> Response {
     if let Some(secret) = &relay.config.operator_secret {
-        let given =
-            super::config::RelayConfig::operator_secret_from(operator.as_deref().unwrap_or(""));
+        // Whether a secret came at all is the caller's to know; which bytes
+        // would have been right is not (compared in constant time).
+        let Some(operator) = operator.filter(|o| !o.is_empty()) else {
+            return error(
+                ErrorCode::Forbidden,
+                "creating channels on this relay needs its operator secret in X-Khub-Operator, and none was given",
+            );
+        };
+        let given = super::config::RelayConfig::operator_secret_from(&operator);
         if !bool::from(given.expose().ct_eq(secret.expose())) {
             return error(
                 ErrorCode::Forbidden,
-                "creating channels on this relay needs the operator secret (X-Khub-Operator)",
+                "the operator secret given in X-Khub-Operator is not this relay's",
             );
         }
     }

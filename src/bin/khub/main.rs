@@ -205,8 +205,18 @@ struct BenchArgs {
     serve_baseline: bool,
 }
 
+/// `--listen` and `--metrics-listen`: an address and a port, said so when
+/// only one of them is given.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an address and a port: give HOST:PORT, like 127.0.0.1:3000 (this machine only), 0.0.0.0:3000 (every interface) or [::1]:3000"
+        )
+    })
+}
+
 /// Where a device keeps its state.
-#[derive(Args)]
+#[derive(Args, Default)]
 struct HomeArg {
     /// The device's state directory [default: $XDG_DATA_HOME/khub or ~/.local/share/khub].
     #[arg(long, env = "KHUB_HOME")]
@@ -253,11 +263,11 @@ enum LogFormat {
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "KHUB_LISTEN", default_value = "127.0.0.1:3000")]
+    #[arg(long, env = "KHUB_LISTEN", default_value = "127.0.0.1:3000", value_parser = listen_address)]
     listen: SocketAddr,
     /// Address to serve `/metrics` (and `/healthz`) on for the operator. Without
     /// it, `/metrics` is served on --listen only if that is a loopback address.
-    #[arg(long, env = "KHUB_METRICS_LISTEN")]
+    #[arg(long, env = "KHUB_METRICS_LISTEN", value_parser = listen_address)]
     metrics_listen: Option<SocketAddr>,
     /// Where the relay keeps its state: `sqlite:PATH` (the default is
     /// `sqlite:khub.sqlite3`), `memory` (lost on exit), or `postgres://…` for
@@ -405,6 +415,19 @@ fn report(error: &anyhow::Error) {
 /// What a person can do about `error`, when there is something to say.
 fn hint(error: &anyhow::Error) -> Option<String> {
     use khub::client::{ClientError, Reach};
+    let io = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    match io {
+        Some(std::io::ErrorKind::AddrInUse) => {
+            return Some("another program (another `khub serve`?) listens there: stop it, or give another address with --listen HOST:PORT".into());
+        }
+        Some(std::io::ErrorKind::AddrNotAvailable) => {
+            return Some("that address is not one of this machine's: --listen 127.0.0.1:PORT serves this machine only, 0.0.0.0:PORT every interface".into());
+        }
+        _ => {}
+    }
     let client = error
         .chain()
         .find_map(|e| e.downcast_ref::<ClientError>())?;
@@ -437,8 +460,19 @@ fn hint(error: &anyhow::Error) -> Option<String> {
             "the relay does not know this device: check --relay, or `khub leave` and pair again".into()
         }
         ClientError::AlreadyInitialized(_) => {
-            "use another --home, `khub leave` to forget the device kept there, or `khub join --force`".into()
+            "use another --home, or `khub leave` to forget the device kept there (`khub join --force` pairs this home again in one step)".into()
         }
+        ClientError::Pairing(_)
+        | ClientError::PairingTimeout(_)
+        | ClientError::NoAnswer(_)
+        | ClientError::CodeEnded
+        | ClientError::NotConfirmed => {
+            "`khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`".into()
+        }
+        ClientError::Relay {
+            code: khub::protocol::ErrorCode::Forbidden,
+            ..
+        } => "set KHUB_OPERATOR_SECRET to this relay's operator secret (its operator has it; it is never an argument)".into(),
         _ => return None,
     })
 }
@@ -547,7 +581,10 @@ mod device {
                     device.relay_url()
                 );
                 println!("this device: {} ({})", device.id(), device.name());
-                println!("next: run `khub invite` here and `khub join` on the other device");
+                println!(
+                    "next: run `khub invite{}` here and `khub join` on the other device",
+                    home_flag(&home)
+                );
             }
             Command::Invite { home, timeout } => {
                 let device = Device::open(&home.path()?)?;
@@ -636,7 +673,30 @@ mod device {
                     bail!("nothing to send: give the message as an argument, or on stdin");
                 }
                 let session = device.connect();
-                match session.send(&body, Duration::from_secs(wait)).await? {
+                let mut status = session.status_watch();
+                // Said once, if the relay does not answer, rather than
+                // waiting in silence for the whole --wait.
+                let mut waiting = true;
+                let sent = {
+                    let sending = session.send(&body, Duration::from_secs(wait));
+                    tokio::pin!(sending);
+                    loop {
+                        tokio::select! {
+                            sent = &mut sending => break sent?,
+                            changed = status.changed(), if waiting => {
+                                waiting = changed.is_ok();
+                                if let khub::client::Status::Connecting { error: Some(e), .. } = &*status.borrow_and_update() {
+                                    eprintln!(
+                                        "{}; the message is kept on this device, waiting up to {wait} s for the relay",
+                                        describe(e)
+                                    );
+                                    waiting = false;
+                                }
+                            }
+                        }
+                    }
+                };
+                match sent {
                     Sent::Acked { seq } => println!("sent (relay seq {seq})"),
                     Sent::Queued => println!(
                         "queued offline: it goes out with the next `khub send` or `khub listen`"
@@ -662,6 +722,9 @@ mod device {
                     }
                 } else {
                     let session = device.connect();
+                    let mut status = session.status_watch();
+                    // Until the session's task ends (`recv` then says why).
+                    let mut watching = true;
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     let mut told = None;
                     loop {
@@ -671,10 +734,11 @@ mod device {
                                 print_message(&message, json)?;
                                 device.mark_read(message.seq)?;
                             }
+                            changed = status.changed(), if watching => watching = changed.is_ok(),
                             _ = tick.tick() => {}
                         }
                         report_incidents(&device, &mut reported)?;
-                        report_status(&session.status(), &mut told);
+                        report_status(&status.borrow_and_update(), &mut told);
                     }
                 }
             }
@@ -812,6 +876,27 @@ mod device {
     }
 
     /// The code, from a prompt on a terminal or a line on stdin — never argv.
+    /// ` --home DIR` when the home is not the one a command finds without
+    /// it, so that a printed command can be run as it stands.
+    fn home_flag(home: &std::path::Path) -> String {
+        let found = match std::env::var_os("KHUB_HOME").filter(|v| !v.is_empty()) {
+            Some(set) => Some(std::path::PathBuf::from(set)),
+            None => super::HomeArg::default().path().ok(),
+        };
+        if found.as_deref() == Some(home) {
+            return String::new();
+        }
+        let shown = home.display().to_string();
+        if shown
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-~+".contains(c))
+        {
+            format!(" --home {shown}")
+        } else {
+            format!(" --home '{}'", shown.replace('\'', "'\\''"))
+        }
+    }
+
     fn read_code() -> anyhow::Result<Code> {
         let stdin = std::io::stdin();
         if stdin.is_terminal() {
@@ -847,24 +932,47 @@ mod device {
         }
     }
 
-    /// Tells stderr when the session's connection changes.
-    fn report_status(status: &khub::client::Status, told: &mut Option<bool>) {
+    /// Tells stderr when the session's connection changes: live, or
+    /// reconnecting and why — again only when the reason changes, not at
+    /// every attempt.
+    fn report_status(status: &khub::client::Status, told: &mut Option<String>) {
         use khub::client::Status;
-        let live = match status {
-            Status::Live { .. } => true,
-            Status::Connecting { .. } => false,
+        let (now, line) = match status {
+            Status::Live { .. } => ("live".to_owned(), "live: waiting for messages".to_owned()),
+            Status::Connecting { attempt, error } => {
+                let why = error.as_ref().map(describe).unwrap_or_default();
+                let line = if why.is_empty() {
+                    format!("reconnecting to the relay (attempt {})", attempt + 1)
+                } else {
+                    format!("reconnecting to the relay (attempt {}): {why}", attempt + 1)
+                };
+                (why, line)
+            }
             Status::Failed(_) | Status::Closed => return,
         };
-        if *told != Some(live) {
-            match status {
-                Status::Connecting { attempt } if told.is_some() || *attempt > 0 => {
-                    eprintln!("reconnecting to the relay (attempt {})", attempt + 1)
-                }
-                Status::Live { .. } => eprintln!("live: waiting for messages"),
-                _ => {}
-            }
-            *told = Some(live);
+        if told.as_ref() == Some(&now) {
+            return;
         }
+        // The first attempt goes unsaid.
+        if told.is_some() || !matches!(status, Status::Connecting { attempt: 0, .. }) {
+            eprintln!("{line}");
+        }
+        *told = Some(now);
+    }
+
+    /// An error and each cause that adds something, on one line.
+    fn describe(error: &ClientError) -> String {
+        let mut said = error.to_string();
+        let mut cause = std::error::Error::source(error);
+        while let Some(next) = cause {
+            let text = next.to_string();
+            if !said.contains(&text) {
+                said.push_str(": ");
+                said.push_str(&text);
+            }
+            cause = next.source();
+        }
+        said
     }
 
     /// Tells stderr about incidents recorded since the first `reported`.
@@ -1008,12 +1116,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // The address first: a relay that cannot listen leaves no database
+        // file behind.
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
         let (relay, where_) = match kind {
             StoreKind::Memory => (
                 Relay::new(Arc::new(MemoryStore::new()), config),
                 "memory (nothing is kept)".to_owned(),
             ),
             StoreKind::Sqlite(path) => {
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => std::path::Path::new("."),
+                };
+                if !dir.is_dir() {
+                    bail!(
+                        "cannot open the database {}: the directory {} does not exist (create it, or give --db another path)",
+                        path.display(),
+                        dir.display()
+                    );
+                }
                 let store = SqliteStore::open_with(&path, durability)
                     .with_context(|| format!("cannot open the database {}", path.display()))?;
                 (
@@ -1025,9 +1149,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 postgres_relay(&url, args.store_pool, args.store_ca_file, config).await?
             }
         };
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("khub relay listening on {addr}, storing in {where_}");
         let metrics = match args.metrics_listen {

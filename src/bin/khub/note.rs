@@ -190,14 +190,17 @@ pub async fn run(command: NoteCommand) -> anyhow::Result<()> {
         } => {
             let device = Device::open(&home.path()?)?;
             catch_up(&device).await;
-            let notes: Vec<Note> = device
-                .vault()
-                .list()?
-                .into_iter()
-                .filter(|n| deleted || !n.deleted)
-                .collect();
+            let all = device.vault().list()?;
+            let hidden = all.iter().filter(|n| !deleted && n.deleted).count();
+            let notes: Vec<Note> = all.into_iter().filter(|n| deleted || !n.deleted).collect();
             if notes.is_empty() && !json {
-                eprintln!("no notes yet: `khub note new --title …` writes one");
+                if hidden > 0 {
+                    eprintln!(
+                        "no notes but {hidden} deleted: `khub note list --deleted` shows them, `khub note restore ID` brings one back"
+                    );
+                } else {
+                    eprintln!("no notes yet: `khub note new --title …` writes one");
+                }
             }
             for note in notes {
                 if json {
@@ -322,7 +325,7 @@ async fn publish(device: &Device, vault: &Vault, id: khub::notes::NoteId, online
     match vault.delivery(id) {
         Ok(Delivery::Acked) => eprintln!("saved and sent to the relay"),
         _ => eprintln!(
-            "saved on this device; it goes out with the next `khub note` command, `khub listen` or sync"
+            "saved on this device; it goes out with the next `khub note`, `khub send` or `khub listen` that reaches the relay"
         ),
     }
 }
