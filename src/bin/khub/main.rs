@@ -635,8 +635,18 @@ mod device {
                         home.display()
                     );
                 }
-                let (device, joined) =
-                    join(&home, &relay, &name, &code, Duration::from_secs(timeout)).await?;
+                let joining = join(&home, &relay, &name, &code, Duration::from_secs(timeout));
+                tokio::pin!(joining);
+                // A pairing takes a second or two; past that, the wait is said.
+                let (device, joined) = tokio::select! {
+                    joined = &mut joining => joined?,
+                    () = tokio::time::sleep(JOIN_QUIET) => {
+                        eprintln!(
+                            "waiting for the device that showed the code to answer (up to {timeout} s in all)"
+                        );
+                        joining.await?
+                    }
+                };
                 println!(
                     "joined channel {} as {} ({})",
                     device.channel(),
@@ -896,6 +906,9 @@ mod device {
             format!(" --home '{}'", shown.replace('\'', "'\\''"))
         }
     }
+
+    /// How long `join` waits before it says that it waits.
+    const JOIN_QUIET: Duration = Duration::from_secs(5);
 
     fn read_code() -> anyhow::Result<Code> {
         let stdin = std::io::stdin();
