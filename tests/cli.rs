@@ -171,11 +171,20 @@ mod device_commands {
 
         fn init(&self, home: &str, name: &str) {
             let out = self.ok(home, &["init", "--relay", &self.url, "--name", name]);
-            // The next command, as printed, finds this home.
+            // The next command, as printed, finds this home (quoted for a
+            // shell where it has to be).
+            let path = self.home(home).display().to_string();
+            let shown = if path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+            {
+                path
+            } else {
+                format!("'{}'", path.replace('\'', "'\\''"))
+            };
             assert!(
                 out.ends_with(&format!(
-                    "next: run `khub invite --home {}` here and `khub join` on the other device\n",
-                    self.home(home).display()
+                    "next: run `khub invite --home {shown}` here and `khub join` on the other device\n"
                 )),
                 "{out}"
             );
@@ -822,14 +831,21 @@ mod device_commands {
                 && reconnecting.contains(&format!("): cannot reach the relay at {}: ", world.url)),
             "{reconnecting}"
         );
+        // Several more attempts (backoff from 0.2 s, doubling) fail the
+        // same way meanwhile.
+        std::thread::sleep(Duration::from_secs(3));
         world.restart_relay();
-        // Later attempts are not repeated line by line; live again once back.
+        // They are not repeated line by line (a line when the reason
+        // changes: the relay gone, then refusing); live again once back.
+        let mut said = 1;
         let live = loop {
             let line = next();
             if !line.starts_with("reconnecting") {
                 break line;
             }
+            said += 1;
         };
+        assert!(said <= 2, "{said} reconnecting lines");
         assert_eq!(live, "live: waiting for messages");
         let _ = listener.kill();
         let _ = listener.wait();
@@ -963,6 +979,57 @@ mod device_commands {
             "waiting for the device that showed the code to answer (up to 7 s in all)\nError: the device that showed the code did not answer within 7 seconds (it may have stopped, or lost its connection); make a new code on it\n  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`\n"
         );
         assert!(!world.home("b").join("device.sqlite3").exists());
+    }
+
+    #[test]
+    fn a_join_waits_no_longer_than_the_relay_keeps_the_code() {
+        let dir = crate::common::tempdir("cli-ttl");
+        let (relay, addr) = World::serve(&[
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--pairing-ttl-secs",
+            "3",
+        ]);
+        let world = World {
+            relay,
+            url: format!("http://{addr}"),
+            dir,
+        };
+        world.init("a", "laptop");
+        let (mut invite, _, first) = world.start_invite("a", 60);
+        let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
+        invite.kill().unwrap();
+        invite.wait().unwrap();
+        let started = Instant::now();
+        let join = world.run(
+            "b",
+            &[
+                "join",
+                "--relay",
+                &world.url,
+                "--name",
+                "phone",
+                "--timeout",
+                "60",
+            ],
+            &format!("{code}\n"),
+        );
+        assert!(!join.status.success());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "waited past the code's life at the relay"
+        );
+        let stderr = String::from_utf8_lossy(&join.stderr);
+        assert!(
+            stderr.starts_with("Error: the device that showed the code did not answer within ")
+                || stderr.starts_with("Error: this code no longer works"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.ends_with("  next: `khub invite` on a device already in the channel shows a new code; type it on the new device with `khub join`\n"),
+            "{stderr}"
+        );
     }
 
     /// A `khub peer` process: its stdin, and its JSON events as they come.

@@ -341,11 +341,32 @@ fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_n
     let db = dir.join("relay.sqlite3");
     let stderr = serve_fails(&["--listen", &addr, "--db", db.to_str().unwrap()]);
     assert!(
-        stderr.starts_with(&format!("Error: cannot listen on {addr}")),
+        stderr.starts_with(&format!("Error: cannot listen on {addr} (--listen)")),
         "{stderr}"
     );
     assert!(
         stderr.ends_with("  next: another program (another `khub serve`?) listens there: stop it, or give another address with --listen HOST:PORT\n"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "no database files left: {left:?}");
+    // The same for the metrics' address, named by its own flag.
+    let stderr = serve_fails(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &addr,
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.starts_with(&format!(
+            "Error: cannot listen on {addr} (--metrics-listen)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with("give another address with --metrics-listen HOST:PORT\n"),
         "{stderr}"
     );
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();

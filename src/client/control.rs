@@ -25,6 +25,21 @@ const NOTES: u8 = 0x04;
 /// less the byte that says it is one.
 pub const MAX_MESSAGE_LEN: usize = crate::crypto::envelope::MAX_PLAINTEXT_LEN - 1;
 
+/// Whether an application message of `body` can be sent: refused (`Invalid`)
+/// when it is longer than [`MAX_MESSAGE_LEN`]. [`Device::queue`] checks it
+/// too; an app can ask before it sets anything else in motion.
+///
+/// [`Device::queue`]: super::Device::queue
+pub fn check_message(body: &[u8]) -> Result<(), super::ClientError> {
+    if body.len() > MAX_MESSAGE_LEN {
+        return Err(super::ClientError::Invalid(format!(
+            "this message has {} bytes, and a message may have at most {MAX_MESSAGE_LEN} (1 MiB less one byte, which says it is a message): split it",
+            body.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The plaintext of an application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {

@@ -451,13 +451,7 @@ impl Device {
     /// [`MAX_MESSAGE_LEN`](super::control::MAX_MESSAGE_LEN) is refused
     /// (`Invalid`) and nothing is queued.
     pub fn queue(&self, body: &[u8]) -> Result<u64, ClientError> {
-        if body.len() > super::control::MAX_MESSAGE_LEN {
-            return Err(ClientError::Invalid(format!(
-                "this message has {} bytes, and a message may have at most {} (1 MiB less one byte, which says it is a message): split it",
-                body.len(),
-                super::control::MAX_MESSAGE_LEN
-            )));
-        }
+        super::control::check_message(body)?;
         self.queue_control(&Control::App(body.to_vec()))
     }
 

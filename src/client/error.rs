@@ -134,9 +134,10 @@ pub enum ClientError {
         "the device that showed the code did not answer within {0} seconds (it may have stopped, or lost its connection); make a new code on it"
     )]
     NoAnswer(u64),
-    /// The joining side: the code's pairing had already ended when it was
-    /// typed (the device that showed it stopped waiting, or the code was
-    /// used). The peer's doing, or an old code.
+    /// The joining side: the code's pairing had ended when it was typed, or
+    /// ended at the relay while this device waited (the device that showed
+    /// it stopped waiting, or the code was used). The peer's doing, or an
+    /// old code.
     #[error(
         "this code no longer works: the device that showed it stopped waiting (cancelled, or out of time), or the code was already used; make a new code on it"
     )]

@@ -551,17 +551,37 @@ pub async fn join(
         ),
     };
     let info = DeviceInfo::new(id, token.expose(), key_package);
-    let cancelled = |e: ClientError| (AbortReason::Cancelled, e);
+    // No longer than the slot lives at the relay: past that, the inviter is
+    // not coming.
+    let slot_ends = Instant::now() + Duration::from_secs(claimed.expires_in);
+    let (deadline, waits) = if slot_ends < deadline {
+        (slot_ends, claimed.expires_in)
+    } else {
+        (deadline, timeout.as_secs())
+    };
+    let late = || ClientError::NoAnswer(waits);
+    // The slot ended under this device (the inviter stopped, or its time
+    // ran out at the relay): said as such, not as a relay's refusal.
+    let cancelled = |e: ClientError| {
+        let e = match e {
+            ClientError::Relay {
+                code: ErrorCode::Gone,
+                ..
+            } => ClientError::CodeEnded,
+            e => e,
+        };
+        (AbortReason::Cancelled, e)
+    };
     let exchange = async {
         let start = mailbox
-            .receive(0, deadline, || ClientError::NoAnswer(timeout.as_secs()))
+            .receive(0, deadline, late)
             .await
             .map_err(cancelled)?;
         let (awaiting, response) = Joiner::respond(code, claimed.sid, &start, &info, &mut rng)
             .map_err(|e| (e.abort_reason(), e.into()))?;
         mailbox.post(&response).await.map_err(cancelled)?;
         let finish = mailbox
-            .receive(1, deadline, || ClientError::NoAnswer(timeout.as_secs()))
+            .receive(1, deadline, late)
             .await
             .map_err(cancelled)?;
         awaiting

@@ -68,6 +68,7 @@ const CATCH_UP_QUIET: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub enum Status {
     /// Connecting, or waiting to retry (attempt 0 is the first).
+    #[non_exhaustive]
     Connecting {
         /// Failed attempts so far.
         attempt: u32,

@@ -415,18 +415,17 @@ fn report(error: &anyhow::Error) {
 /// What a person can do about `error`, when there is something to say.
 fn hint(error: &anyhow::Error) -> Option<String> {
     use khub::client::{ClientError, Reach};
-    let io = error
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind);
-    match io {
-        Some(std::io::ErrorKind::AddrInUse) => {
-            return Some("another program (another `khub serve`?) listens there: stop it, or give another address with --listen HOST:PORT".into());
-        }
-        Some(std::io::ErrorKind::AddrNotAvailable) => {
-            return Some("that address is not one of this machine's: --listen 127.0.0.1:PORT serves this machine only, 0.0.0.0:PORT every interface".into());
-        }
-        _ => {}
+    if let Some(listen) = error.chain().find_map(|e| e.downcast_ref::<ListenError>()) {
+        let flag = listen.flag;
+        return match listen.source.kind() {
+            std::io::ErrorKind::AddrInUse => Some(format!(
+                "another program (another `khub serve`?) listens there: stop it, or give another address with {flag} HOST:PORT"
+            )),
+            std::io::ErrorKind::AddrNotAvailable => Some(format!(
+                "that address is not one of this machine's: {flag} 127.0.0.1:PORT serves this machine only, 0.0.0.0:PORT every interface"
+            )),
+            _ => None,
+        };
     }
     let client = error
         .chain()
@@ -462,6 +461,10 @@ fn hint(error: &anyhow::Error) -> Option<String> {
         ClientError::AlreadyInitialized(_) => {
             "use another --home, or `khub leave` to forget the device kept there (`khub join --force` pairs this home again in one step)".into()
         }
+        // A new code would be refused the same way (a full channel, say).
+        ClientError::Pairing(khub::pairing::PairingError::PeerAborted(
+            khub::pairing::AbortReason::Refused,
+        )) => return None,
         ClientError::Pairing(_)
         | ClientError::PairingTimeout(_)
         | ClientError::NoAnswer(_)
@@ -682,6 +685,9 @@ mod device {
                 if body.is_empty() {
                     bail!("nothing to send: give the message as an argument, or on stdin");
                 }
+                // Refused before a connection starts, which could say first
+                // that the relay does not answer.
+                khub::client::control::check_message(&body)?;
                 let session = device.connect();
                 let mut status = session.status_watch();
                 // Said once, if the relay does not answer, rather than
@@ -692,13 +698,15 @@ mod device {
                     tokio::pin!(sending);
                     loop {
                         tokio::select! {
+                            biased;
                             sent = &mut sending => break sent?,
                             changed = status.changed(), if waiting => {
                                 waiting = changed.is_ok();
-                                if let khub::client::Status::Connecting { error: Some(e), .. } = &*status.borrow_and_update() {
+                                let now = status.borrow_and_update().clone();
+                                if let khub::client::Status::Connecting { error: Some(e), .. } = now {
                                     eprintln!(
                                         "{}; the message is kept on this device, waiting up to {wait} s for the relay",
-                                        describe(e)
+                                        describe(&e)
                                     );
                                     waiting = false;
                                 }
@@ -748,7 +756,8 @@ mod device {
                             _ = tick.tick() => {}
                         }
                         report_incidents(&device, &mut reported)?;
-                        report_status(&status.borrow_and_update(), &mut told);
+                        let now = status.borrow_and_update().clone();
+                        report_status(&now, &mut told);
                     }
                 }
             }
@@ -885,7 +894,6 @@ mod device {
         Ok(())
     }
 
-    /// The code, from a prompt on a terminal or a line on stdin — never argv.
     /// ` --home DIR` when the home is not the one a command finds without
     /// it, so that a printed command can be run as it stands.
     fn home_flag(home: &std::path::Path) -> String {
@@ -899,7 +907,7 @@ mod device {
         let shown = home.display().to_string();
         if shown
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-~+".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
         {
             format!(" --home {shown}")
         } else {
@@ -910,6 +918,7 @@ mod device {
     /// How long `join` waits before it says that it waits.
     const JOIN_QUIET: Duration = Duration::from_secs(5);
 
+    /// The code, from a prompt on a terminal or a line on stdin — never argv.
     fn read_code() -> anyhow::Result<Code> {
         let stdin = std::io::stdin();
         if stdin.is_terminal() {
@@ -952,7 +961,7 @@ mod device {
         use khub::client::Status;
         let (now, line) = match status {
             Status::Live { .. } => ("live".to_owned(), "live: waiting for messages".to_owned()),
-            Status::Connecting { attempt, error } => {
+            Status::Connecting { attempt, error, .. } => {
                 let why = error.as_ref().map(describe).unwrap_or_default();
                 let line = if why.is_empty() {
                     format!("reconnecting to the relay (attempt {})", attempt + 1)
@@ -1129,11 +1138,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        // The address first: a relay that cannot listen leaves no database
-        // file behind.
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        // The addresses first: a relay that cannot listen leaves no
+        // database file behind.
+        let listener = bind(args.listen, "--listen").await?;
+        let metrics_listener = match args.metrics_listen {
+            Some(at) => Some(bind(at, "--metrics-listen").await?),
+            None => None,
+        };
         let (relay, where_) = match kind {
             StoreKind::Memory => (
                 Relay::new(Arc::new(MemoryStore::new()), config),
@@ -1164,11 +1175,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let addr = listener.local_addr()?;
         println!("khub relay listening on {addr}, storing in {where_}");
-        let metrics = match args.metrics_listen {
-            Some(at) => {
-                let listener = tokio::net::TcpListener::bind(at)
-                    .await
-                    .with_context(|| format!("cannot listen on {at} for metrics"))?;
+        let metrics = match metrics_listener {
+            Some(listener) => {
                 println!("metrics on {}", listener.local_addr()?);
                 Some(tokio::spawn(khub::relay::server::serve_metrics(
                     Arc::clone(&relay),
@@ -1183,6 +1191,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// An address `khub serve` could not listen on, and the flag that named it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({flag})")]
+struct ListenError {
+    addr: SocketAddr,
+    flag: &'static str,
+    #[source]
+    source: std::io::Error,
+}
+
+async fn bind(
+    addr: SocketAddr,
+    flag: &'static str,
+) -> Result<tokio::net::TcpListener, ListenError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError { addr, flag, source })
 }
 
 /// Where `khub serve` keeps its state.
