@@ -1134,10 +1134,13 @@ mod device_commands {
         }
         assert_eq!(echo.expect("done")["received"], 3);
         assert_eq!(other.expect("done")["received"], 3);
+        // Each exits once done, though its stdin stays open (as a harness
+        // that drives it may keep it).
         for peer in [echo, other] {
-            drop(peer.stdin);
-            let output = wait(peer.child);
+            let Peer { child, stdin, .. } = peer;
+            let output = wait(child);
             assert!(output.status.success());
+            drop(stdin);
         }
     }
 

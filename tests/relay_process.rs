@@ -377,12 +377,34 @@ fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_n
     assert_eq!(
         stderr,
         format!(
-            "Error: cannot open the database {}: the directory {} does not exist (create it, or give --db another path)\n",
+            "Error: cannot open the database {}: the directory {} does not exist (create it, or give another path)\n",
             missing.display(),
             dir.join("no-such-dir").display()
         )
     );
 
+    let stderr = serve_fails(&["--listen", "127.0.0.1:0", "--retention-days", "0"]);
+    assert!(
+        stderr.contains("0 would delete every envelope at the next retention pass"),
+        "{stderr}"
+    );
+    let short = dir.join("short-secret");
+    std::fs::write(&short, "  fifteen bytes!!  \n").unwrap();
+    let stderr = serve_fails(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--memory",
+        "--operator-secret-file",
+        short.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stderr,
+        format!(
+            "Error: the operator secret in the file {} has 15 bytes (spaces around it do not count); it must have at least 16\n",
+            short.display()
+        )
+    );
+    std::fs::remove_file(&short).unwrap();
     let stderr = serve_fails(&["--listen", "3000"]);
     assert!(
         stderr

@@ -205,6 +205,15 @@ struct BenchArgs {
     serve_baseline: bool,
 }
 
+/// `--retention-days`: 0 would delete every envelope as soon as it is stored.
+fn retention_days(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("0 would delete every envelope at the next retention pass (hourly), so a device offline for a moment would miss it: give 1 or more".into()),
+        Ok(days) => Ok(days),
+        Err(_) => Err(format!("{text:?} is not a number of days")),
+    }
+}
+
 /// `--listen` and `--metrics-listen`: an address and a port, said so when
 /// only one of them is given.
 fn listen_address(text: &str) -> Result<SocketAddr, String> {
@@ -291,11 +300,12 @@ struct ServeArgs {
     /// not an OS crash or power cut, and is several times faster on slow disks.
     #[arg(long, env = "KHUB_DURABILITY", value_enum, default_value = "full")]
     durability: DurabilityArg,
-    /// Keep everything in memory instead (lost on exit).
-    #[arg(long, env = "KHUB_MEMORY", conflicts_with = "db")]
+    /// Keep everything in memory instead (lost on exit). KHUB_MEMORY takes
+    /// true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "KHUB_MEMORY", conflicts_with = "db", value_parser = clap::builder::BoolishValueParser::new())]
     memory: bool,
-    /// Delete envelopes older than this many days.
-    #[arg(long, env = "KHUB_RETENTION_DAYS", default_value_t = 90)]
+    /// Delete envelopes older than this many days (at least 1).
+    #[arg(long, env = "KHUB_RETENTION_DAYS", default_value_t = 90, value_parser = retention_days)]
     retention_days: u64,
     /// Bytes of envelopes each channel may store, in MiB.
     #[arg(long, env = "KHUB_CHANNEL_QUOTA_MIB", default_value_t = 256)]
@@ -303,7 +313,7 @@ struct ServeArgs {
     /// Largest envelope, in bytes (at most the default, the largest a device opens).
     #[arg(long, env = "KHUB_MAX_ENVELOPE_BYTES", default_value_t = Limits::default().max_envelope_bytes)]
     max_envelope_bytes: usize,
-    /// Largest WebSocket frame or request body, in bytes.
+    /// Largest WebSocket frame, in bytes; a `POST /sync` body may be 16 times this.
     #[arg(long, env = "KHUB_MAX_FRAME_BYTES", default_value_t = Limits::default().max_frame_bytes)]
     max_frame_bytes: usize,
     /// Open connections per client address; one more is closed at accept.
@@ -312,19 +322,22 @@ struct ServeArgs {
     /// Open connections in all; at this many the relay stops accepting until one closes.
     #[arg(long, env = "KHUB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
-    /// Seconds a connection has to send a request's headers (new, or idle between requests).
+    /// Seconds a connection has to send a request's headers (new, or idle
+    /// between requests); at least 1.
     #[arg(long, env = "KHUB_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_timeout.as_secs())]
     header_timeout_secs: u64,
-    /// Pairing slots one device may hold open at once.
+    /// Pairing slots one device may hold open at once (at least 1).
     #[arg(long, env = "KHUB_MAX_SLOTS_PER_DEVICE", default_value_t = Limits::default().max_slots_per_device)]
     max_slots_per_device: usize,
-    /// Pairing slots one channel's devices may hold open at once.
+    /// Pairing slots one channel's devices may hold open at once (at least 1).
     #[arg(long, env = "KHUB_MAX_SLOTS_PER_CHANNEL", default_value_t = Limits::default().max_slots_per_channel)]
     max_slots_per_channel: usize,
-    /// Messages one side may post into a pairing slot.
+    /// Messages one side may post into a pairing slot (at least 3, what a
+    /// pairing needs).
     #[arg(long, env = "KHUB_MAX_PAIRING_MESSAGES", default_value_t = Limits::default().max_pairing_messages)]
     max_pairing_messages: usize,
-    /// Seconds a request has from its headers to the answer, body included.
+    /// Seconds a request has from its headers to the answer, body included
+    /// (at least 1).
     #[arg(long, env = "KHUB_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout.as_secs())]
     request_timeout_secs: u64,
     /// Pairing claims per client address per minute.
@@ -363,8 +376,9 @@ struct ServeArgs {
         default_value = "x-forwarded-for"
     )]
     forwarded_header: ForwardedHeaderArg,
-    /// Megabytes the store may hold in all (0: no limit); past it publishes
-    /// and new channels are refused with `storage_full` until retention frees room.
+    /// MiB of envelopes the store may hold in all (0: no limit; the file
+    /// takes more, for its indexes); past it publishes and new channels are
+    /// refused with `storage_full` until retention frees room.
     #[arg(long, env = "KHUB_MAX_DB_MIB", default_value_t = 10240)]
     max_db_mib: u64,
     /// Browser origin allowed to use the relay, /ws and the HTTP routes with
@@ -504,7 +518,11 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(device::run(command))
+    let result = runtime.block_on(device::run(command));
+    // A read of stdin cannot be cancelled (`khub peer` reads lines until it
+    // is done): it must not keep the process alive once the command is.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -1054,18 +1072,25 @@ fn init_logging(format: LogFormat) {
 fn operator_secret(
     file: Option<&PathBuf>,
 ) -> anyhow::Result<Option<khub::crypto::secret::SecretBytes<32>>> {
-    let text = match (file, std::env::var("KHUB_OPERATOR_SECRET")) {
-        (Some(path), _) => {
+    let (text, from) = match (file, std::env::var("KHUB_OPERATOR_SECRET")) {
+        (Some(path), _) => (
             zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
                 format!("cannot read the operator secret file {}", path.display())
-            })?)
-        }
-        (None, Ok(value)) => zeroize::Zeroizing::new(value),
+            })?),
+            format!("the file {}", path.display()),
+        ),
+        (None, Ok(value)) => (
+            zeroize::Zeroizing::new(value),
+            "KHUB_OPERATOR_SECRET".to_owned(),
+        ),
         (None, Err(_)) => return Ok(None),
     };
     let secret = text.trim();
     if secret.len() < 16 {
-        bail!("the operator secret must be at least 16 characters");
+        bail!(
+            "the operator secret in {from} has {} bytes (spaces around it do not count); it must have at least 16",
+            secret.len()
+        );
     }
     Ok(Some(RelayConfig::operator_secret_from(secret)))
 }
@@ -1157,7 +1182,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 };
                 if !dir.is_dir() {
                     bail!(
-                        "cannot open the database {}: the directory {} does not exist (create it, or give --db another path)",
+                        "cannot open the database {}: the directory {} does not exist (create it, or give another path)",
                         path.display(),
                         dir.display()
                     );
