@@ -951,6 +951,75 @@ mod device_commands {
     }
 
     #[test]
+    fn send_says_why_the_relay_holds_a_message_back() {
+        let dir = crate::common::tempdir("cli-quota");
+        let (relay, addr) = World::serve(&[
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--channel-quota-mib",
+            "1",
+        ]);
+        let world = World {
+            relay,
+            url: format!("http://{addr}"),
+            dir,
+        };
+        world.init("a", "laptop");
+        // Sealed, a message of 1 MiB is more than the channel's 1 MiB quota.
+        let big = "q".repeat(1024 * 1024 - 1);
+        let sent = world.run("a", &["send", "--wait", "3"], &big);
+        assert!(sent.status.success());
+        let stderr = String::from_utf8_lossy(&sent.stderr);
+        assert!(
+            stderr.starts_with("the relay does not store it for now: the relay refused: ")
+                && stderr.ends_with(
+                    "(over_quota); the message is kept on this device, waiting up to 3 s for the relay\n"
+                ),
+            "{stderr}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&sent.stdout),
+            "queued: the relay has not stored it yet; it goes out with the next `khub send` or `khub listen`\n"
+        );
+        // `listen` sends it again, and says why it waits.
+        let mut listener = Command::new(KHUB)
+            .args(["listen", "--home"])
+            .arg(world.home("a"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = listener.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // (After "live: waiting for messages", unless the refusal came
+        // before that was said.)
+        let held = loop {
+            let line = lines
+                .recv_timeout(LIMIT)
+                .expect("listen said nothing in time");
+            if line != "live: waiting for messages" {
+                break line;
+            }
+        };
+        let _ = listener.kill();
+        let _ = listener.wait();
+        assert!(
+            held.starts_with(
+                "the relay stores none of this device's messages for now (the relay refused: "
+            ) && held.ends_with("(over_quota)); they wait on this device and go again"),
+            "{held}"
+        );
+    }
+
+    #[test]
     fn a_join_whose_inviter_vanished_says_so_when_its_time_is_up() {
         let world = World::new();
         world.init("a", "laptop");

@@ -688,6 +688,21 @@ async fn messages_refused_for_the_quota_go_out_in_order_once_it_frees() {
         10,
         "the quota refused the big note and held back those after it"
     );
+    // The session says why, while it waits.
+    assert!(
+        matches!(
+            sa.status(),
+            Status::Live {
+                held_back: Some(ClientError::Relay {
+                    code: khub::protocol::ErrorCode::OverQuota,
+                    ..
+                }),
+                ..
+            }
+        ),
+        "{:?}",
+        sa.status()
+    );
     // Retention frees the channel's bytes; the session sends the rest again on its own.
     khub::relay::store::Store::prune(&*store, u64::MAX)
         .await
@@ -720,6 +735,17 @@ async fn messages_refused_for_the_quota_go_out_in_order_once_it_frees() {
     })
     .await
     .expect("the outbox empties");
+    assert!(
+        matches!(
+            sa.status(),
+            Status::Live {
+                held_back: None,
+                ..
+            }
+        ),
+        "acked again: {:?}",
+        sa.status()
+    );
     relay.stop().await;
 }
 

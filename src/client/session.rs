@@ -77,9 +77,15 @@ pub enum Status {
         error: Option<ClientError>,
     },
     /// Connected; the relay's head when the session started.
+    #[non_exhaustive]
     Live {
         /// The channel's newest sequence number at `ready`.
         head: u64,
+        /// Why the relay stores none of this device's messages for now
+        /// (the channel's quota, its storage full, a passing failure): the
+        /// outbox keeps them and goes again, backing off. `None` once the
+        /// relay acks again.
+        held_back: Option<ClientError>,
     },
     /// Stopped for good: the error needs a person (removed, unauthorized).
     Failed(ClientError),
@@ -217,7 +223,7 @@ impl Session {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 match &*status.borrow() {
-                    Status::Live { head } if self.device.cursor() >= *head => return Ok(()),
+                    Status::Live { head, .. } if self.device.cursor() >= *head => return Ok(()),
                     Status::Failed(e) => return Err(e.clone()),
                     _ => {}
                 }
@@ -472,7 +478,10 @@ async fn connection(
     // (or a later one, if that one was pruned).
     let mut resume = resume.checks().then_some(resume);
     *attempt = 0;
-    status.send_replace(Status::Live { head });
+    status.send_replace(Status::Live {
+        head,
+        held_back: None,
+    });
     info!(head, cursor = device.cursor(), "session live");
 
     let (mut sink, mut ws) = ws.split();
@@ -551,6 +560,10 @@ async fn connection(
                             acks.push((sender_seq, seq));
                             outbound.answered();
                             quota_refusals = 0;
+                            status.send_if_modified(|status| match status {
+                                Status::Live { held_back, .. } => held_back.take().is_some(),
+                                _ => false,
+                            });
                         }
                         // Not final: the quota, the storage budget, a relay that could
                         // not store it right now, or a code this device does not know.
@@ -562,6 +575,12 @@ async fn connection(
                                 warn!(%message, retry_in_ms = wait.as_millis() as u64, "the relay did not store an envelope for now (quota, storage or a passing failure); will send again");
                                 quota_retry = Some(tokio::time::Instant::now() + wait);
                             }
+                            let why = ClientError::refused(Refusal::new(code, message), 0);
+                            status.send_modify(|status| {
+                                if let Status::Live { held_back, .. } = status {
+                                    *held_back = Some(why);
+                                }
+                            });
                         }
                         Ok(Some(ServerFrame::Error { code, message, fatal: false, sender_seq })) => {
                             outbound.answered();

@@ -711,6 +711,8 @@ mod device {
                 // Said once, if the relay does not answer, rather than
                 // waiting in silence for the whole --wait.
                 let mut waiting = true;
+                // Whether the relay answered, and held it back.
+                let mut held = false;
                 let sent = {
                     let sending = session.send(&body, Duration::from_secs(wait));
                     tokio::pin!(sending);
@@ -721,19 +723,27 @@ mod device {
                             changed = status.changed(), if waiting => {
                                 waiting = changed.is_ok();
                                 let now = status.borrow_and_update().clone();
-                                if let khub::client::Status::Connecting { error: Some(e), .. } = now {
-                                    eprintln!(
-                                        "{}; the message is kept on this device, waiting up to {wait} s for the relay",
-                                        describe(&e)
-                                    );
-                                    waiting = false;
-                                }
+                                let why = match now {
+                                    khub::client::Status::Connecting { error: Some(e), .. } => describe(&e),
+                                    khub::client::Status::Live { held_back: Some(e), .. } => {
+                                        held = true;
+                                        format!("the relay does not store it for now: {}", describe(&e))
+                                    }
+                                    _ => continue,
+                                };
+                                eprintln!(
+                                    "{why}; the message is kept on this device, waiting up to {wait} s for the relay"
+                                );
+                                waiting = false;
                             }
                         }
                     }
                 };
                 match sent {
                     Sent::Acked { seq } => println!("sent (relay seq {seq})"),
+                    Sent::Queued if held => println!(
+                        "queued: the relay has not stored it yet; it goes out with the next `khub send` or `khub listen`"
+                    ),
                     Sent::Queued => println!(
                         "queued offline: it goes out with the next `khub send` or `khub listen`"
                     ),
@@ -978,6 +988,17 @@ mod device {
     fn report_status(status: &khub::client::Status, told: &mut Option<String>) {
         use khub::client::Status;
         let (now, line) = match status {
+            Status::Live {
+                held_back: Some(e), ..
+            } => {
+                let why = describe(e);
+                (
+                    format!("held back: {why}"),
+                    format!(
+                        "the relay stores none of this device's messages for now ({why}); they wait on this device and go again"
+                    ),
+                )
+            }
             Status::Live { .. } => ("live".to_owned(), "live: waiting for messages".to_owned()),
             Status::Connecting { attempt, error, .. } => {
                 let why = error.as_ref().map(describe).unwrap_or_default();
