@@ -217,11 +217,17 @@ fn retention_days(text: &str) -> Result<u64, String> {
 /// `--listen` and `--metrics-listen`: an address and a port, said so when
 /// only one of them is given.
 fn listen_address(text: &str) -> Result<SocketAddr, String> {
-    text.parse().map_err(|_| {
-        format!(
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    // A name (`localhost:3000`): its first address.
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        _ => Err(format!(
             "{text:?} is not an address and a port: give HOST:PORT, like 127.0.0.1:3000 (this machine only), 0.0.0.0:3000 (every interface) or [::1]:3000"
-        )
-    })
+        )),
+    }
 }
 
 /// Where a device keeps its state.
