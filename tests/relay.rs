@@ -563,12 +563,30 @@ async fn quotas_and_device_limits_are_explicit_errors() {
     assert_eq!((full.status, full.code()), (409, "channel_full".into()));
 
     let (mut ws, _) = session(relay.addr, &ma, 0).await;
+    // An envelope larger than the channel may ever hold is refused for good
+    // (`too_large`), not kept as `over_quota` for the device to send forever,
+    // and it holds nothing back behind it.
+    send_text(&mut ws, publish(&ra.seal(&[9; 1200]).unwrap().envelope)).await;
+    loop {
+        match next_frame(&mut ws).await {
+            ServerFrame::Error { code, fatal, .. } => {
+                assert_eq!((code, fatal), (ErrorCode::TooLarge, false));
+                break;
+            }
+            ServerFrame::Ack { .. } => panic!("stored beyond the quota"),
+            _ => {}
+        }
+    }
     let mut over_quota = false;
+    let mut acked = 0;
     for _ in 0..20 {
         send_text(&mut ws, publish(&ra.seal(&[7; 100]).unwrap().envelope)).await;
         loop {
             match next_frame(&mut ws).await {
-                ServerFrame::Ack { .. } => break,
+                ServerFrame::Ack { .. } => {
+                    acked += 1;
+                    break;
+                }
                 ServerFrame::Error {
                     code: ErrorCode::OverQuota,
                     fatal: false,
@@ -585,6 +603,7 @@ async fn quotas_and_device_limits_are_explicit_errors() {
         }
     }
     assert!(over_quota, "the quota was enforced");
+    assert!(acked > 0, "what fits after the refused one was stored");
     assert!(relay.relay.metrics().breaches("channel_quota") >= 1);
     assert!(relay.relay.metrics().breaches("devices_per_channel") >= 1);
     relay.stop().await;

@@ -225,7 +225,7 @@
 //! | `timeout` | 408 | no | send the whole request faster |
 //! | `conflict`, `out_of_order`, `exists`, `already_claimed`, `channel_full` | 409 | no | final for that request |
 //! | `gone` | 410 | no | the pairing ended: make a new code |
-//! | `too_large` | 413 | yes (1009) for frames | make it smaller |
+//! | `too_large` | 413 | yes (1009) for frames | make it smaller (an envelope above the relay's envelope limit, or above the channel's whole quota, is never stored) |
 //! | `rate_limited` | 429 | no | wait and retry |
 //! | `internal` | 500 | yes (1011) | retry with backoff |
 //! | any other | — | as `fatal` says | a newer relay's code: treat as a refusal of that request; retry later |

@@ -402,6 +402,20 @@ impl Hub {
                 ),
             ));
         }
+        // More than the channel may ever hold: final, where `over_quota`
+        // would keep the device sending it again, and holding back its
+        // later envelopes behind it, for good.
+        if envelope.len() as u64 > self.quota {
+            self.metrics.breach("channel_quota");
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "envelope of {} bytes is more than a channel may store in all ({} bytes, the relay's --channel-quota-mib)",
+                    envelope.len(),
+                    self.quota
+                ),
+            ));
+        }
         let header = EnvelopeHeader::decode(envelope).map_err(|e| {
             Refusal::new(
                 ErrorCode::InvalidEnvelope,
