@@ -966,15 +966,23 @@ mod device_commands {
             dir,
         };
         world.init("a", "laptop");
-        // Sealed, a message of 1 MiB is more than the channel's 1 MiB quota.
-        let big = "q".repeat(1024 * 1024 - 1);
-        let sent = world.run("a", &["send", "--wait", "3"], &big);
+        // Two messages of 600 KB: the first fits the channel's 1 MiB quota,
+        // the second no longer does.
+        let big = "q".repeat(600_000);
+        let first = world.run("a", &["send", "--wait", "20"], &big);
+        assert!(
+            first.status.success()
+                && String::from_utf8_lossy(&first.stdout).starts_with("sent (relay seq "),
+            "{}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let sent = world.run("a", &["send", "--wait", "10"], &big);
         assert!(sent.status.success());
         let stderr = String::from_utf8_lossy(&sent.stderr);
         assert!(
             stderr.starts_with("the relay does not store it for now: the relay refused: ")
                 && stderr.ends_with(
-                    "(over_quota); the message is kept on this device, waiting up to 3 s for the relay\n"
+                    "(over_quota); the message is kept on this device, waiting up to 10 s for the relay\n"
                 ),
             "{stderr}"
         );

@@ -405,6 +405,37 @@ fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_n
         )
     );
     std::fs::remove_file(&short).unwrap();
+    // Two stores named at once are refused by name; KHUB_MEMORY=off names none.
+    let stderr = serve_fails(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--memory",
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stderr,
+        "Error: --db (KHUB_DB) and --memory (KHUB_MEMORY) each name a store: give one of them\n"
+    );
+    let mut off = Command::new(env!("CARGO_BIN_EXE_khub"))
+        .args(["serve", "--listen", "localhost:0", "--db"])
+        .arg(&db)
+        .env("KHUB_MEMORY", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("khub serve starts");
+    let line = common::first_line(off.stdout.take().unwrap());
+    assert!(
+        line.starts_with("khub relay listening on 127.0.0.1:")
+            && line.trim_end().ends_with(&format!("storing in {}", db.display())),
+        "{line}"
+    );
+    let _ = off.kill();
+    let _ = off.wait();
+    for file in std::fs::read_dir(&dir).unwrap().flatten() {
+        std::fs::remove_file(file.path()).unwrap();
+    }
     let stderr = serve_fails(&["--listen", "3000"]);
     assert!(
         stderr

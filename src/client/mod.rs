@@ -33,7 +33,7 @@
 //! // Send and receive.
 //! let session = laptop.connect();
 //! if let Sent::Queued = session.send(b"hello from the laptop", Duration::from_secs(10)).await? {
-//!     println!("offline: it goes out with the next connection");
+//!     println!("not stored yet (offline, or held back): it stays in the outbox");
 //! }
 //! let message = session.recv().await?;
 //! println!("{}: {}", message.from_name, String::from_utf8_lossy(&message.body));

@@ -83,8 +83,10 @@ pub enum Status {
         head: u64,
         /// Why the relay stores none of this device's messages for now
         /// (the channel's quota, its storage full, a passing failure): the
-        /// outbox keeps them and goes again, backing off. `None` once the
-        /// relay acks again.
+        /// outbox keeps them and goes again, backing off. The first such
+        /// refusal of a run (a later one of another code replaces it);
+        /// `None` on a new connection until the relay refuses again, once it
+        /// acks again, refuses one for good, or the outbox is found empty.
         held_back: Option<ClientError>,
     },
     /// Stopped for good: the error needs a person (removed, unauthorized).
@@ -101,8 +103,9 @@ pub enum Sent {
         /// Relay sequence number.
         seq: u64,
     },
-    /// Not acked in time (offline); it stays in the outbox and goes out with
-    /// the next connection.
+    /// Not acked in time (offline, or held back: see `Status::Live`'s
+    /// `held_back`); it stays in the outbox and goes out with the next
+    /// connection, or the next try of this one.
     Queued,
 }
 
@@ -560,10 +563,7 @@ async fn connection(
                             acks.push((sender_seq, seq));
                             outbound.answered();
                             quota_refusals = 0;
-                            status.send_if_modified(|status| match status {
-                                Status::Live { held_back, .. } => held_back.take().is_some(),
-                                _ => false,
-                            });
+                            clear_held_back(status);
                         }
                         // Not final: the quota, the storage budget, a relay that could
                         // not store it right now, or a code this device does not know.
@@ -575,15 +575,22 @@ async fn connection(
                                 warn!(%message, retry_in_ms = wait.as_millis() as u64, "the relay did not store an envelope for now (quota, storage or a passing failure); will send again");
                                 quota_retry = Some(tokio::time::Instant::now() + wait);
                             }
-                            let why = ClientError::refused(Refusal::new(code, message), 0);
-                            status.send_modify(|status| {
-                                if let Status::Live { held_back, .. } = status {
-                                    *held_back = Some(why);
+                            // The first refusal says it (a later one, about the
+                            // envelopes behind it, says "held back behind #N").
+                            status.send_if_modified(|status| {
+                                let Status::Live { held_back, .. } = status else {
+                                    return false;
+                                };
+                                let same = matches!(held_back, Some(ClientError::Relay { code: held, .. }) if *held == code);
+                                if !same {
+                                    *held_back = Some(ClientError::refused(Refusal::new(code, message.clone()), 0));
                                 }
+                                !same
                             });
                         }
                         Ok(Some(ServerFrame::Error { code, message, fatal: false, sender_seq })) => {
                             outbound.answered();
+                            clear_held_back(status);
                             // Anything but the quota will never be accepted: an
                             // incident, and an error for a `send` waiting on it.
                             match sender_seq {
@@ -663,9 +670,21 @@ async fn connection(
                 // The whole outbox again, oldest first (the relay stores each once).
                 outbound.restart();
                 outbound.publish_outbox(device).await?;
+                if !outbound.busy() {
+                    // Nothing left to hold back (another process sent it).
+                    clear_held_back(status);
+                }
             }
         }
     }
+}
+
+/// The relay holds nothing back any more: a live status says so.
+fn clear_held_back(status: &watch::Sender<Status>) {
+    status.send_if_modified(|status| match status {
+        Status::Live { held_back, .. } => held_back.take().is_some(),
+        _ => false,
+    });
 }
 
 /// Whether `ready`'s `pruned_to` says that nothing after the cursor the

@@ -220,12 +220,25 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
-    // A name (`localhost:3000`): its first address.
+    let usage = "give HOST:PORT, like 127.0.0.1:3000 (this machine only), 0.0.0.0:3000 (every interface) or [::1]:3000";
+    if !text.contains(':') {
+        return Err(format!("{text:?} is not an address and a port: {usage}"));
+    }
+    // A name (`localhost:3000`): its first IPv4 address, as devices told
+    // `http://127.0.0.1:…` expect, else its first.
     use std::net::ToSocketAddrs;
-    match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
-        Ok(Some(addr)) => Ok(addr),
-        _ => Err(format!(
-            "{text:?} is not an address and a port: give HOST:PORT, like 127.0.0.1:3000 (this machine only), 0.0.0.0:3000 (every interface) or [::1]:3000"
+    match text.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or_else(|| format!("{text:?} names no address: {usage}"))
+        }
+        Err(e) => Err(format!(
+            "{text:?} is not an address and a port ({e}): {usage}"
         )),
     }
 }
@@ -289,7 +302,7 @@ struct ServeArgs {
     /// several relay nodes on one database (a khub built with `--features
     /// postgres`). A URL with a password belongs in KHUB_STORE, not on the
     /// command line, where every local user can read it.
-    #[arg(long, env = "KHUB_STORE", hide_env_values = true, conflicts_with_all = ["db", "memory"])]
+    #[arg(long, env = "KHUB_STORE", hide_env_values = true)]
     store: Option<String>,
     /// PostgreSQL connections this node may open (`--store postgres://…`).
     #[arg(long, env = "KHUB_STORE_POOL", default_value_t = 16)]
@@ -298,9 +311,10 @@ struct ServeArgs {
     /// public roots (with `sslmode=require` in the URL).
     #[arg(long, env = "KHUB_STORE_CA_FILE")]
     store_ca_file: Option<PathBuf>,
-    /// SQLite database file (created if missing); same as `--store sqlite:PATH`.
-    #[arg(long, env = "KHUB_DB", default_value = "khub.sqlite3")]
-    db: PathBuf,
+    /// SQLite database file (created if missing); same as `--store
+    /// sqlite:PATH` [default: khub.sqlite3].
+    #[arg(long, env = "KHUB_DB")]
+    db: Option<PathBuf>,
     /// When an envelope counts as stored (and is acked): `full` fsyncs every
     /// commit (survives power loss); `normal` survives a relay crash or kill but
     /// not an OS crash or power cut, and is several times faster on slow disks.
@@ -308,7 +322,7 @@ struct ServeArgs {
     durability: DurabilityArg,
     /// Keep everything in memory instead (lost on exit). KHUB_MEMORY takes
     /// true/false, 1/0, yes/no or on/off.
-    #[arg(long, env = "KHUB_MEMORY", conflicts_with = "db", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "KHUB_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
     memory: bool,
     /// Delete envelopes older than this many days (at least 1).
     #[arg(long, env = "KHUB_RETENTION_DAYS", default_value_t = 90, value_parser = retention_days)]
@@ -329,21 +343,21 @@ struct ServeArgs {
     #[arg(long, env = "KHUB_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
     /// Seconds a connection has to send a request's headers (new, or idle
-    /// between requests); at least 1.
+    /// between requests); 0 counts as 1.
     #[arg(long, env = "KHUB_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_timeout.as_secs())]
     header_timeout_secs: u64,
-    /// Pairing slots one device may hold open at once (at least 1).
+    /// Pairing slots one device may hold open at once (0 counts as 1).
     #[arg(long, env = "KHUB_MAX_SLOTS_PER_DEVICE", default_value_t = Limits::default().max_slots_per_device)]
     max_slots_per_device: usize,
-    /// Pairing slots one channel's devices may hold open at once (at least 1).
+    /// Pairing slots one channel's devices may hold open at once (0 counts as 1).
     #[arg(long, env = "KHUB_MAX_SLOTS_PER_CHANNEL", default_value_t = Limits::default().max_slots_per_channel)]
     max_slots_per_channel: usize,
-    /// Messages one side may post into a pairing slot (at least 3, what a
-    /// pairing needs).
+    /// Messages one side may post into a pairing slot (below 3, what a
+    /// pairing needs, counts as 3).
     #[arg(long, env = "KHUB_MAX_PAIRING_MESSAGES", default_value_t = Limits::default().max_pairing_messages)]
     max_pairing_messages: usize,
     /// Seconds a request has from its headers to the answer, body included
-    /// (at least 1).
+    /// (0 counts as 1).
     #[arg(long, env = "KHUB_REQUEST_TIMEOUT_SECS", default_value_t = Limits::default().request_timeout.as_secs())]
     request_timeout_secs: u64,
     /// Pairing claims per client address per minute.
@@ -524,11 +538,7 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(device::run(command));
-    // A read of stdin cannot be cancelled (`khub peer` reads lines until it
-    // is done): it must not keep the process alive once the command is.
-    runtime.shutdown_timeout(Duration::from_millis(200));
-    result
+    runtime.block_on(device::run(command))
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -714,11 +724,10 @@ mod device {
                 khub::client::control::check_message(&body)?;
                 let session = device.connect();
                 let mut status = session.status_watch();
-                // Said once, if the relay does not answer, rather than
-                // waiting in silence for the whole --wait.
-                let mut waiting = true;
-                // Whether the relay answered, and held it back.
-                let mut held = false;
+                // Said once each, rather than waiting in silence for the
+                // whole --wait: that the relay does not answer, and that it
+                // answered but holds the message back.
+                let (mut watching, mut unreachable_said, mut held) = (true, false, false);
                 let sent = {
                     let sending = session.send(&body, Duration::from_secs(wait));
                     tokio::pin!(sending);
@@ -726,11 +735,14 @@ mod device {
                         tokio::select! {
                             biased;
                             sent = &mut sending => break sent?,
-                            changed = status.changed(), if waiting => {
-                                waiting = changed.is_ok();
+                            changed = status.changed(), if watching && !held => {
+                                watching = changed.is_ok();
                                 let now = status.borrow_and_update().clone();
                                 let why = match now {
-                                    khub::client::Status::Connecting { error: Some(e), .. } => describe(&e),
+                                    khub::client::Status::Connecting { error: Some(e), .. } if !unreachable_said => {
+                                        unreachable_said = true;
+                                        describe(&e)
+                                    }
                                     khub::client::Status::Live { held_back: Some(e), .. } => {
                                         held = true;
                                         format!("the relay does not store it for now: {}", describe(&e))
@@ -740,7 +752,6 @@ mod device {
                                 eprintln!(
                                     "{why}; the message is kept on this device, waiting up to {wait} s for the relay"
                                 );
-                                waiting = false;
                             }
                         }
                     }
@@ -998,8 +1009,13 @@ mod device {
                 held_back: Some(e), ..
             } => {
                 let why = describe(e);
+                // Said again only for another reason, not for new numbers.
+                let code = match e {
+                    ClientError::Relay { code, .. } => code.as_str().to_owned(),
+                    other => other.to_string(),
+                };
                 (
-                    format!("held back: {why}"),
+                    format!("held back: {code}"),
                     format!(
                         "the relay stores none of this device's messages for now ({why}); they wait on this device and go again"
                     ),
@@ -1272,12 +1288,26 @@ enum StoreKind {
 }
 
 impl StoreKind {
+    /// One store from --store, --db and --memory (or their KHUB_… variables;
+    /// KHUB_MEMORY=0 names none).
     fn parse(args: &ServeArgs) -> anyhow::Result<Self> {
+        let named = [
+            args.store.as_ref().map(|_| "--store (KHUB_STORE)"),
+            args.db.as_ref().map(|_| "--db (KHUB_DB)"),
+            args.memory.then_some("--memory (KHUB_MEMORY)"),
+        ];
+        let named: Vec<&str> = named.into_iter().flatten().collect();
+        if named.len() > 1 {
+            bail!(
+                "{} each name a store: give one of them",
+                named.join(" and ")
+            );
+        }
         let Some(store) = &args.store else {
-            return Ok(if args.memory {
-                Self::Memory
-            } else {
-                Self::Sqlite(args.db.clone())
+            return Ok(match (&args.db, args.memory) {
+                (_, true) => Self::Memory,
+                (Some(db), false) => Self::Sqlite(db.clone()),
+                (None, false) => Self::Sqlite(PathBuf::from("khub.sqlite3")),
             });
         };
         if store == "memory" {

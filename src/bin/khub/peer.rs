@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use khub::client::{Device, Sent, Session, join};
 use khub::pairing::Code;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
 
 /// How the peer enters a channel when its home holds no device yet.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,8 +79,32 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Stdin's lines, read on a thread of their own: a read of stdin cannot be
+/// cancelled, and on Tokio's blocking pool it would keep the process alive
+/// after the peer is done while whoever drives it keeps stdin open.
+struct StdinLines(mpsc::Receiver<std::io::Result<String>>);
+
+impl StdinLines {
+    fn spawn() -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::stdin().lock()) {
+                if tx.blocking_send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// The next line, or `None` once stdin is closed.
+    async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        self.0.recv().await.transpose()
+    }
+}
+
 async fn peer(args: PeerArgs) -> anyhow::Result<()> {
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = StdinLines::spawn();
     let pairing_wait = Duration::from_secs(args.timeout);
     let state = args.home.join(khub::client::STATE_FILE);
     let device = if state.exists() {
@@ -141,7 +165,7 @@ async fn peer(args: PeerArgs) -> anyhow::Result<()> {
 async fn exchange(
     device: &Device,
     session: &Session,
-    stdin: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+    stdin: &mut StdinLines,
     echo: bool,
     count: Option<usize>,
 ) -> anyhow::Result<()> {
