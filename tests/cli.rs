@@ -85,8 +85,15 @@ mod device_commands {
 
     impl World {
         fn new() -> Self {
+            Self::with(&[])
+        }
+
+        /// A world whose in-memory relay runs with `extra` settings.
+        fn with(extra: &[&str]) -> Self {
             let dir = crate::common::tempdir("cli");
-            let (relay, addr) = Self::serve(&["--memory", "--listen", "127.0.0.1:0"]);
+            let mut args = vec!["--memory", "--listen", "127.0.0.1:0"];
+            args.extend_from_slice(extra);
+            let (relay, addr) = Self::serve(&args);
             Self {
                 relay,
                 url: format!("http://{addr}"),
@@ -208,6 +215,16 @@ mod device_commands {
             let mut first = String::new();
             stdout.read_line(&mut first).unwrap();
             (invite, stdout, first)
+        }
+
+        /// A code from `khub invite` on `inviter`, which is then killed: it
+        /// neither answers nor says goodbye.
+        fn vanished_invite(&self, inviter: &str) -> String {
+            let (mut invite, _, first) = self.start_invite(inviter, 60);
+            let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
+            invite.kill().unwrap();
+            invite.wait().unwrap();
+            code
         }
 
         /// `khub invite` on `inviter`, `khub join` on `joiner` with the code piped in.
@@ -894,21 +911,11 @@ mod device_commands {
 
     #[test]
     fn init_on_a_relay_with_an_operator_secret_says_whether_it_was_missing_or_wrong() {
-        let dir = crate::common::tempdir("cli-operator");
-        let file = dir.join("operator-secret");
+        let secret = crate::common::tempdir("cli-operator");
+        let file = secret.join("operator-secret");
         std::fs::write(&file, "correct horse battery staple\n").unwrap();
-        let (relay, addr) = World::serve(&[
-            "--memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--operator-secret-file",
-            file.to_str().unwrap(),
-        ]);
-        let world = World {
-            relay,
-            url: format!("http://{addr}"),
-            dir,
-        };
+        let world = World::with(&["--operator-secret-file", file.to_str().unwrap()]);
+        std::fs::remove_dir_all(&secret).unwrap();
         let init = |secret: Option<&str>| {
             let mut command = Command::new(KHUB);
             command
@@ -952,19 +959,7 @@ mod device_commands {
 
     #[test]
     fn send_says_why_the_relay_holds_a_message_back() {
-        let dir = crate::common::tempdir("cli-quota");
-        let (relay, addr) = World::serve(&[
-            "--memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--channel-quota-mib",
-            "1",
-        ]);
-        let world = World {
-            relay,
-            url: format!("http://{addr}"),
-            dir,
-        };
+        let world = World::with(&["--channel-quota-mib", "1"]);
         world.init("a", "laptop");
         // Two messages of 600 KB: the first fits the channel's 1 MiB quota,
         // the second no longer does.
@@ -1031,11 +1026,7 @@ mod device_commands {
     fn a_join_whose_inviter_vanished_says_so_when_its_time_is_up() {
         let world = World::new();
         world.init("a", "laptop");
-        let (mut invite, _, first) = world.start_invite("a", 60);
-        let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
-        // Killed at once: it neither answers nor says goodbye.
-        invite.kill().unwrap();
-        invite.wait().unwrap();
+        let code = world.vanished_invite("a");
         let join = world.run(
             "b",
             &[
@@ -1060,24 +1051,9 @@ mod device_commands {
 
     #[test]
     fn a_join_waits_no_longer_than_the_relay_keeps_the_code() {
-        let dir = crate::common::tempdir("cli-ttl");
-        let (relay, addr) = World::serve(&[
-            "--memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--pairing-ttl-secs",
-            "3",
-        ]);
-        let world = World {
-            relay,
-            url: format!("http://{addr}"),
-            dir,
-        };
+        let world = World::with(&["--pairing-ttl-secs", "3"]);
         world.init("a", "laptop");
-        let (mut invite, _, first) = world.start_invite("a", 60);
-        let code = first.strip_prefix("code: ").unwrap().trim().to_owned();
-        invite.kill().unwrap();
-        invite.wait().unwrap();
+        let code = world.vanished_invite("a");
         let started = Instant::now();
         let join = world.run(
             "b",

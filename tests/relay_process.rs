@@ -428,7 +428,9 @@ fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_n
     let line = common::first_line(off.stdout.take().unwrap());
     assert!(
         line.starts_with("khub relay listening on 127.0.0.1:")
-            && line.trim_end().ends_with(&format!("storing in {}", db.display())),
+            && line
+                .trim_end()
+                .ends_with(&format!("storing in {}", db.display())),
         "{line}"
     );
     let _ = off.kill();
@@ -450,24 +452,7 @@ fn serve_says_what_to_change_when_it_cannot_listen_or_open_its_file_and_leaves_n
 fn a_second_relay_on_the_same_database_file_refuses_to_start_and_names_the_first() {
     let first = RelayProcess::start(&[]);
     let db = first.dir.join("relay.sqlite3");
-    let mut second = Command::new(env!("CARGO_BIN_EXE_khub"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("khub serve starts");
-    let Some(status) = exit_within(&mut second, Duration::from_secs(30)) else {
-        let _ = second.kill();
-        panic!("the second relay neither started nor exited");
-    };
-    let output = second.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!status.success());
-    assert!(
-        !String::from_utf8_lossy(&output.stdout).contains("listening"),
-        "the second relay listened"
-    );
+    let stderr = serve_fails(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
     assert!(stderr.contains("another khub serve"), "{stderr}");
     assert!(
         stderr.contains(&format!("process {}", first.pid())),
