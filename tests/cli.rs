@@ -217,6 +217,27 @@ mod device_commands {
             (invite, stdout, first)
         }
 
+        /// `khub listen` on `home`, and its stderr's lines as they come.
+        fn listen_stderr(&self, home: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+            let mut listener = Command::new(KHUB)
+                .args(["listen", "--home"])
+                .arg(self.home(home))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (tx, lines) = std::sync::mpsc::channel();
+            let stderr = listener.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            (listener, lines)
+        }
+
         /// A code from `khub invite` on `inviter`, which is then killed: it
         /// neither answers nor says goodbye.
         fn vanished_invite(&self, inviter: &str) -> String {
@@ -817,23 +838,7 @@ mod device_commands {
     #[test]
     fn listen_says_on_stderr_when_it_is_live_and_when_it_reconnects() {
         let mut world = pair_in(World::persistent());
-        let mut listener = Command::new(KHUB)
-            .args(["listen", "--home"])
-            .arg(world.home("b"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = listener.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut listener, lines) = world.listen_stderr("b");
         let next = || {
             lines
                 .recv_timeout(LIMIT)
@@ -986,22 +991,7 @@ mod device_commands {
             "queued: the relay has not stored it yet; it goes out with the next `khub send` or `khub listen`\n"
         );
         // `listen` sends it again, and says why it waits.
-        let mut listener = Command::new(KHUB)
-            .args(["listen", "--home"])
-            .arg(world.home("a"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = listener.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut listener, lines) = world.listen_stderr("a");
         // (After "live: waiting for messages", unless the refusal came
         // before that was said.)
         let held = loop {
