@@ -515,6 +515,18 @@ pub struct JoinedChannel {
     pub sas: Sas,
 }
 
+/// The relay's `gone` for the joiner's pairing slot: the code's pairing has
+/// ended, said as such rather than as a refusal.
+fn code_ended_if_gone(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Relay {
+            code: ErrorCode::Gone,
+            ..
+        } => ClientError::CodeEnded,
+        e => e,
+    }
+}
+
 /// Pairs a new device named `name` using `code` (typed by a person), through the
 /// relay at `relay_url`, and stores it in `home`.
 pub async fn join(
@@ -533,15 +545,9 @@ pub async fn join(
     let claimed: SlotClaimed = relay
         .json(Method::POST, &path, &[], None::<&()>, REQUEST_TIMEOUT)
         .await
-        .map_err(|e| match e {
-            // The slot ended before this device came: its inviter stopped
-            // waiting (Ctrl-C, its timeout) or the pairing already ran.
-            ClientError::Relay {
-                code: ErrorCode::Gone,
-                ..
-            } => ClientError::CodeEnded,
-            e => e,
-        })?;
+        // The slot ended before this device came: its inviter stopped
+        // waiting (Ctrl-C, its timeout) or the pairing already ran.
+        .map_err(code_ended_if_gone)?;
     let mailbox = Mailbox {
         relay: &relay,
         nameplate: code.nameplate().get(),
@@ -562,16 +568,7 @@ pub async fn join(
     let late = || ClientError::NoAnswer(waits);
     // The slot ended under this device (the inviter stopped, or its time
     // ran out at the relay): said as such, not as a relay's refusal.
-    let cancelled = |e: ClientError| {
-        let e = match e {
-            ClientError::Relay {
-                code: ErrorCode::Gone,
-                ..
-            } => ClientError::CodeEnded,
-            e => e,
-        };
-        (AbortReason::Cancelled, e)
-    };
+    let cancelled = |e: ClientError| (AbortReason::Cancelled, code_ended_if_gone(e));
     let exchange = async {
         let start = mailbox
             .receive(0, deadline, late)

@@ -851,26 +851,13 @@ fn closed(device: &Device, code: Option<u16>) -> ClientError {
     match code {
         Some(4003) => ClientError::Revoked,
         Some(4001) => ClientError::Unauthorized,
-        Some(code) => {
-            let known = [
-                CloseCode::Normal,
-                CloseCode::GoingAway,
-                CloseCode::TooLarge,
-                CloseCode::Internal,
-                CloseCode::Protocol,
-                CloseCode::Idle,
-                CloseCode::Slow,
-            ]
-            .into_iter()
-            .find(|c| c.code() == code);
-            unreachable(
-                device,
-                match known {
-                    Some(c) => format!("the relay closed the session: {} ({code})", c.reason()),
-                    None => format!("the relay closed the session ({code})"),
-                },
-            )
-        }
+        Some(code) => unreachable(
+            device,
+            match CloseCode::from_code(code) {
+                Some(c) => format!("the relay closed the session: {} ({code})", c.reason()),
+                None => format!("the relay closed the session ({code})"),
+            },
+        ),
         None => unreachable(device, "the relay closed the session (no code)"),
     }
 }

@@ -239,6 +239,24 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every close code khub's relay sends.
+    pub const ALL: [Self; 9] = [
+        Self::Normal,
+        Self::GoingAway,
+        Self::TooLarge,
+        Self::Internal,
+        Self::Unauthorized,
+        Self::Protocol,
+        Self::Revoked,
+        Self::Idle,
+        Self::Slow,
+    ];
+
+    /// The close code numbered `code`, if khub knows it.
+    pub fn from_code(code: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.code() == code)
+    }
+
     /// The numeric code.
     pub fn code(self) -> u16 {
         match self {
@@ -277,6 +295,15 @@ mod tests {
     fn read(message: &str) -> String {
         let json = serde_json::json!({"code": "conflict", "message": message});
         serde_json::from_value::<Refusal>(json).unwrap().message
+    }
+
+    #[test]
+    fn every_close_code_is_found_by_its_number_and_no_other() {
+        for code in CloseCode::ALL {
+            assert_eq!(CloseCode::from_code(code.code()), Some(code));
+        }
+        assert_eq!(CloseCode::from_code(1002), None);
+        assert_eq!(CloseCode::from_code(4999), None);
     }
 
     #[test]

@@ -432,18 +432,29 @@ fn main() -> std::process::ExitCode {
 /// Prints an error as people read it: `Error: …`, each cause that adds
 /// something on its own line, and what to do next — never a backtrace.
 fn report(error: &anyhow::Error) {
-    let mut said = error.to_string();
-    eprintln!("Error: {said}");
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !said.contains(&cause) {
-            eprintln!("  because: {cause}");
-            said.push_str(&cause);
-        }
+    let mut said = distinct_causes(error.chain()).into_iter();
+    eprintln!("Error: {}", said.next().unwrap_or_default());
+    for cause in said {
+        eprintln!("  because: {cause}");
     }
     if let Some(hint) = hint(error) {
         eprintln!("  next: {hint}");
     }
+}
+
+/// An error's text, then each cause's that adds something to what was said.
+fn distinct_causes<'a>(
+    chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> Vec<String> {
+    let (mut said, mut all) = (String::new(), Vec::new());
+    for cause in chain {
+        let text = cause.to_string();
+        if all.is_empty() || !said.contains(&text) {
+            said.push_str(&text);
+            all.push(text);
+        }
+    }
+    all
 }
 
 /// What a person can do about `error`, when there is something to say.
@@ -1045,17 +1056,9 @@ mod device {
 
     /// An error and each cause that adds something, on one line.
     fn describe(error: &ClientError) -> String {
-        let mut said = error.to_string();
-        let mut cause = std::error::Error::source(error);
-        while let Some(next) = cause {
-            let text = next.to_string();
-            if !said.contains(&text) {
-                said.push_str(": ");
-                said.push_str(&text);
-            }
-            cause = next.source();
-        }
-        said
+        let first: &(dyn std::error::Error + 'static) = error;
+        let chain = std::iter::successors(Some(first), |e| e.source());
+        super::distinct_causes(chain).join(": ")
     }
 
     /// Tells stderr about incidents recorded since the first `reported`.
