@@ -311,6 +311,45 @@ async fn a_stalled_reader_costs_bounded_memory_and_then_gets_everything_once() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stopped_leaves_its_whole_database_in_one_file() {
+    let relay = RelayProcess::start(&[]);
+    let member = Member::new(khub::ids::ChannelId::random(&mut os_rng()));
+    assert_eq!(create_channel(relay.addr, &member).await.status, 201);
+    let (mut ws, _) = session(relay.addr, &member, 0).await;
+    for seq in 1..=3 {
+        send_text(&mut ws, publish(&member.stand_in(seq, 100))).await;
+        loop {
+            match next_frame(&mut ws).await {
+                ServerFrame::Ack { .. } => break,
+                ServerFrame::Deliver { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    drop(ws);
+    // Stopped within a second of starting: before, its connections were
+    // still open when the process ended, and the WAL stayed beside the file.
+    let (status, dir) = relay.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    for leftover in ["relay.sqlite3-wal", "relay.sqlite3-shm"] {
+        assert!(
+            !dir.join(leftover).exists(),
+            "{leftover} is left after a clean stop: copying relay.sqlite3 alone would lose what it holds"
+        );
+    }
+    // The file alone, copied as an operator would, holds the three envelopes.
+    let copy = dir.join("copy").join("relay.sqlite3");
+    std::fs::create_dir(copy.parent().unwrap()).unwrap();
+    std::fs::copy(dir.join("relay.sqlite3"), &copy).unwrap();
+    let stored: i64 = rusqlite::Connection::open(&copy)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM envelopes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 3);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `khub serve` with `args`, which must fail within 30 s: its stderr.
 fn serve_fails(args: &[&str]) -> String {
     let mut serve = Command::new(env!("CARGO_BIN_EXE_khub"))

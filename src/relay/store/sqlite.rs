@@ -114,8 +114,13 @@ impl Durability {
 }
 
 /// SQLite-backed store. Cheap to share behind an `Arc`.
+///
+/// Dropping it waits for the writer thread to finish its batch and close its
+/// connection; the last connection to close folds the WAL back into the file
+/// and deletes it, so a relay that stopped leaves one self-contained file.
 pub struct SqliteStore {
     writer: Mutex<mpsc::Sender<WriteJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
 }
 
@@ -405,7 +410,7 @@ impl SqliteStore {
             },
             _lock: lock,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("khub-sqlite-writer".into())
             .spawn(move || {
                 let mut owner = owner;
@@ -414,6 +419,7 @@ impl SqliteStore {
             .map_err(backend)?;
         Ok(Self {
             writer: Mutex::new(tx),
+            thread: Some(thread),
             reader: Arc::new(Mutex::new(reader)),
         })
     }
@@ -462,6 +468,20 @@ impl SqliteStore {
             .await
             .map_err(backend)?
         })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop once its batch is answered.
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = mpsc::channel().0;
+        if let Some(thread) = self.thread.take() {
+            // A commit hook holding the last reference drops the store on the
+            // writer thread itself, which then ends on its own.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
