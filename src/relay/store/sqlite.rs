@@ -147,6 +147,9 @@ struct Owner {
 struct Memo {
     channels: HashMap<ChannelId, Tally>,
     senders: HashMap<(ChannelId, DeviceId), SenderState>,
+    /// The channels this batch looked at, for the write-back: a commit costs
+    /// what its batch touched, not every channel remembered.
+    touched: Vec<ChannelId>,
 }
 
 /// A channel's row as the current batch leaves it.
@@ -158,6 +161,8 @@ struct Tally {
     indexed: u64,
     /// The head, bytes and indexed mark the row holds (as loaded or last written).
     row: (u64, u64, u64),
+    /// Listed in `Memo::touched`.
+    touched: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -178,9 +183,17 @@ impl Memo {
     /// reloads) instead of numbering two envelopes alike.
     fn write_back(&mut self, conn: &Connection) -> Result<(), StoreError> {
         let changed = |t: &Tally| t.head != t.row.0 || t.indexed != t.row.2;
-        for (channel, tally) in self.channels.iter_mut().filter(|(_, t)| changed(t)) {
+        // Left listed if a write fails: the rollback's `forget` clears it.
+        for &channel in &self.touched {
+            let Some(tally) = self.channels.get_mut(&channel) else {
+                continue;
+            };
+            tally.touched = false;
+            if !changed(tally) {
+                continue;
+            }
             if tally.head - tally.indexed >= INDEX_AFTER {
-                tally.index_rest(conn, *channel)?;
+                tally.index_rest(conn, channel)?;
             }
             let changed = conn
                 .prepare_cached(
@@ -203,6 +216,7 @@ impl Memo {
             }
             tally.row = (tally.head, tally.bytes, tally.indexed);
         }
+        self.touched.clear();
         Ok(())
     }
 
@@ -220,6 +234,7 @@ impl Memo {
     fn forget(&mut self) {
         self.channels.clear();
         self.senders.clear();
+        self.touched.clear();
     }
 }
 
@@ -233,9 +248,11 @@ impl Tally {
     }
 }
 
-/// `channel`'s tally, loaded if needed; `NotFound` if there is no such channel.
+/// `channel`'s tally, loaded if needed and listed in `touched` for the
+/// write-back; `NotFound` if there is no such channel.
 fn tally<'m>(
     channels: &'m mut HashMap<ChannelId, Tally>,
+    touched: &mut Vec<ChannelId>,
     conn: &Connection,
     channel: ChannelId,
 ) -> Result<&'m mut Tally, StoreError> {
@@ -255,9 +272,15 @@ fn tally<'m>(
             bytes: row.1,
             indexed: row.2.min(row.0),
             row,
+            touched: false,
         });
     }
-    Ok(channels.get_mut(&channel).expect("just inserted"))
+    let tally = channels.get_mut(&channel).expect("just inserted");
+    if !tally.touched {
+        tally.touched = true;
+        touched.push(channel);
+    }
+    Ok(tally)
 }
 
 /// `sender`'s state in `channel` (whose envelopes up to `indexed` are in
@@ -575,7 +598,7 @@ fn writer_loop(writer: &mut Writer, rx: &mpsc::Receiver<WriteJob>) {
 /// one insert. Only a number at or below it (a retry) is looked up.
 fn append_op(writer: &mut Writer, a: Append) -> Result<Appended, StoreError> {
     let Writer { conn, memo } = writer;
-    let channel = tally(&mut memo.channels, conn, a.channel)?;
+    let channel = tally(&mut memo.channels, &mut memo.touched, conn, a.channel)?;
     let used = channel.bytes;
     let state = sender_state(
         &mut memo.senders,
