@@ -443,6 +443,35 @@ async fn claim_with(relay: SocketAddr, headers: &[(&str, &str)]) -> u16 {
         .status
 }
 
+/// The attack: find the open nameplates for free by asking each for its
+/// messages with a made-up claim token (a gone slot and a wrong token were
+/// told apart, and neither was counted), then claim each as it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_nameplates_with_made_up_claim_tokens_costs_claims() {
+    let relay = Serve::start_with(&["--claims-per-minute", "5"]);
+    // One open slot among the nameplates probed.
+    let inviter = channel(relay.addr).await;
+    let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
+    let made_up = khub::protocol::b64::encode([7u8; 32]);
+    let mut answers = Vec::new();
+    for probed in (1..=12u32).chain([nameplate]) {
+        let path = format!("/pair/{probed}/messages?wait=0");
+        let answer = http(relay.addr, "GET", &path, &[("x-khub-claim", &made_up)], b"").await;
+        answers.push((probed, answer.status));
+    }
+    let answered = answers.iter().filter(|(_, status)| *status != 429).count();
+    assert_eq!(
+        answered, 5,
+        "a probe past the address's claims is refused as rate limited: {answers:?}"
+    );
+    assert_eq!(
+        answers.last().map(|(_, status)| *status),
+        Some(429),
+        "the open slot is not told apart once the claims are spent: {answers:?}"
+    );
+    assert!(relay.breaches("claims_per_ip").await >= 8);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_through_a_trusted_proxy_are_limited_per_real_client() {
     let behind_proxy =
@@ -597,6 +626,112 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
         "closed {closed_after:?} after the flood began"
     );
     // Others are still served.
+    a_pairing_still_opens(relay.addr).await;
+}
+
+/// The attack: a `/sync` answer of megabytes asked for by a client that
+/// never reads it. Nothing but a stall limit on the connection's writes frees
+/// it (before, it was held for as long as the client kept its window shut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_answer_its_client_never_reads_is_dropped_with_the_connection() {
+    let relay = Serve::start_with(&["--slow-reader-timeout-secs", "1"]);
+    let device = channel(relay.addr).await;
+    // Four that fill a page of 4 MiB between them.
+    let batch: Vec<String> = (1..=4u64)
+        .map(|seq| device.stand_in_envelope(seq, (1 << 20) - 256))
+        .collect();
+    let published = post_json(
+        relay.addr,
+        "/sync",
+        &[("authorization", &device.auth())],
+        &serde_json::json!({"cursor": 1000, "publish": batch}),
+    )
+    .await;
+    assert_eq!(published.status, 200);
+    // A page of 4 MiB, 5.6 MB as base64 and JSON: more than the relay's
+    // socket buffer (4 MiB at most) and this client's tiny window hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = tokio::time::timeout(STEP, socket.connect(relay.addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = serde_json::json!({"cursor": 0}).to_string();
+    let request = format!(
+        "POST /sync HTTP/1.1\r\nhost: relay\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        device.auth(),
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(30);
+    while relay.breaches("slow_reader").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay still holds the answer nobody reads"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let dropped_after = started.elapsed();
+    println!("abuse: a sync answer nobody reads: dropped after {dropped_after:?}");
+    // The slow-reader limit (1 s) and the 5 s a session gets to close first.
+    assert!(
+        dropped_after >= std::time::Duration::from_secs(5),
+        "dropped after {dropped_after:?}, before its limit"
+    );
+    // What the kernel had taken, then the end: the relay let go of it.
+    assert!(closed_within(&mut stream, STEP).await);
+    a_pairing_still_opens(relay.addr).await;
+}
+
+/// The attack: a WebSocket client that never says who it is announces a
+/// frame of a megabyte and sends most of it. Before, the relay buffered up to
+/// the frame limit (1.4 MB) on each such connection until the hello timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_cannot_send_more_than_a_hello_before_its_hello() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let relay = Serve::start();
+    let stream = tokio::time::timeout(STEP, tokio::net::TcpStream::connect(relay.addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async(format!("ws://{}/ws", relay.addr), stream),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // A masked text frame announcing 1,000,000 bytes, then 64 KiB of it.
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&1_000_000u64.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[b'a' ^ 1; 64 * 1024]);
+    let started = std::time::Instant::now();
+    tokio::io::AsyncWriteExt::write_all(ws.get_mut(), &frame)
+        .await
+        .unwrap();
+    // The relay stops reading at 16 KiB and says why, well before its 10 s
+    // hello timeout.
+    let refusal = tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("the relay answers")
+        .expect("a frame")
+        .expect("a readable frame");
+    let Message::Text(refusal) = refusal else {
+        panic!("expected the error frame, got {refusal:?}")
+    };
+    assert!(refusal.contains("too_large"), "{refusal}");
+    assert!(refusal.contains("before the hello frame"), "{refusal}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(relay.breaches("frame_size").await, 1);
     a_pairing_still_opens(relay.addr).await;
 }
 

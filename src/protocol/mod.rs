@@ -20,7 +20,9 @@
 //! # WebSocket session: `GET /ws`
 //!
 //! Text frames, one JSON object each, with a `type` field. The first frame must
-//! be `hello`, within the handshake timeout:
+//! be `hello`, within the handshake timeout; until the relay has accepted it,
+//! it reads at most 16 KiB from the connection (a `hello` takes a few hundred
+//! bytes), and a client that sends more is refused with `too_large`:
 //!
 //! ```json
 //! {"type":"hello","v":2,"channel":"AAECAwQFBgcICQoLDA0ODw","device":"EBESExQVFhcYGRobHB0eHw",

@@ -16,6 +16,7 @@
 //! The wire protocol is documented in [`crate::protocol`].
 
 pub mod config;
+pub mod conn_io;
 pub mod edge;
 pub mod hub;
 pub mod limits;

@@ -25,6 +25,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
 
 use super::Relay;
+use super::conn_io::BeforeHello;
 use super::hub::store_error;
 use super::limits::ConnectionGuard;
 use super::pairing::SlotAuth;
@@ -262,6 +263,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
         .then(claim_slot);
     let post = warp::path!("pair" / u32 / "messages")
         .and(warp::post())
+        .and(conn)
         .and(auth_header())
         .and(warp::header::optional::<String>(CLAIM_HEADER))
         .and(body(MAX_PAIR_BODY))
@@ -269,6 +271,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
         .then(post_message);
     let poll = warp::path!("pair" / u32 / "messages")
         .and(warp::get())
+        .and(conn)
         .and(auth_header())
         .and(warp::header::optional::<String>(CLAIM_HEADER))
         .and(warp::query::<PollQuery>())
@@ -276,6 +279,7 @@ pub fn routes(relay: Arc<Relay>) -> impl Filter<Extract = (Response,), Error = I
         .then(poll_messages);
     let end = warp::path!("pair" / u32)
         .and(warp::delete())
+        .and(conn)
         .and(auth_header())
         .and(warp::header::optional::<String>(CLAIM_HEADER))
         .and(with_relay(Arc::clone(&relay)))
@@ -387,7 +391,7 @@ fn upgrade(headers: HeaderMap, conn: ConnInfo, relay: Arc<Relay>) -> Response {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let io = BeforeHello::new(hyper_util::rt::TokioIo::new(upgraded));
         let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             io,
             Role::Server,
@@ -774,8 +778,37 @@ async fn slot_auth(
     })
 }
 
+/// The side `who` speaks for in slot `nameplate`. A claim token the slot does
+/// not know, or a slot that is gone, counts against the address's claims:
+/// probing nameplates with made-up claim tokens (to find the open ones, and
+/// claim each as it opens) costs what claiming them does.
+async fn side_of(
+    relay: &Relay,
+    client: std::net::IpAddr,
+    nameplate: u32,
+    who: &SlotAuth,
+) -> Result<super::pairing::Side, Response> {
+    match relay.slots.side(nameplate, who).await {
+        Ok(side) => Ok(side),
+        Err(refusal) => {
+            if matches!(who, SlotAuth::Claim(_)) {
+                within_rate(
+                    &*relay.claims,
+                    relay,
+                    client,
+                    "claims_per_ip",
+                    "too many pairing attempts from this address; wait a minute",
+                )
+                .await?;
+            }
+            Err(refused(refusal))
+        }
+    }
+}
+
 async fn post_message(
     nameplate: u32,
+    conn: ConnInfo,
     auth: Option<String>,
     claim: Option<String>,
     body: Bytes,
@@ -789,11 +822,11 @@ async fn post_message(
         Ok(r) => r,
         Err(response) => return response,
     };
-    let result = match relay.slots.side(nameplate, &who).await {
-        Ok(side) => relay.slots.send(nameplate, side, request.message.0).await,
-        Err(e) => Err(e),
+    let side = match side_of(&relay, conn.client, nameplate, &who).await {
+        Ok(side) => side,
+        Err(response) => return response,
     };
-    match result {
+    match relay.slots.send(nameplate, side, request.message.0).await {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response(),
         Err(e) => refused(e),
     }
@@ -812,6 +845,7 @@ pub struct PollQuery {
 
 async fn poll_messages(
     nameplate: u32,
+    conn: ConnInfo,
     auth: Option<String>,
     claim: Option<String>,
     query: PollQuery,
@@ -821,9 +855,9 @@ async fn poll_messages(
         Ok(who) => who,
         Err(response) => return response,
     };
-    let side = match relay.slots.side(nameplate, &who).await {
+    let side = match side_of(&relay, conn.client, nameplate, &who).await {
         Ok(side) => side,
-        Err(e) => return refused(e),
+        Err(response) => return response,
     };
     let wait = query
         .wait
@@ -848,6 +882,7 @@ async fn poll_messages(
 
 async fn end_slot(
     nameplate: u32,
+    conn: ConnInfo,
     auth: Option<String>,
     claim: Option<String>,
     relay: Arc<Relay>,
@@ -856,11 +891,11 @@ async fn end_slot(
         Ok(who) => who,
         Err(response) => return response,
     };
-    let result = match relay.slots.side(nameplate, &who).await {
-        Ok(side) => relay.slots.end(nameplate, side).await,
-        Err(e) => Err(e),
+    let side = match side_of(&relay, conn.client, nameplate, &who).await {
+        Ok(side) => side,
+        Err(response) => return response,
     };
-    match result {
+    match relay.slots.end(nameplate, side).await {
         Ok(()) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
         Err(e) => refused(e),
     }

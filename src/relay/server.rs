@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use super::Relay;
+use super::conn_io::StallLimit;
 use super::metrics::Metrics;
 use super::routes::{ConnInfo, routes};
 
@@ -89,6 +90,14 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
     ));
     let header_timeout = relay.config.limits.header_timeout;
     let request_timeout = relay.config.limits.request_timeout;
+    // Past a WebSocket session's own slow-reader limit, so that a session
+    // gets to close with 4008 first; an HTTP answer has no other.
+    let stall = relay
+        .config
+        .limits
+        .slow_reader_timeout
+        .max(Duration::from_secs(1))
+        + Duration::from_secs(5);
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -150,7 +159,14 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, shutdown: impl Futu
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(StallLimit::new(
+                        stream,
+                        stall,
+                        Arc::clone(&relay.hub.metrics),
+                    )),
+                    service,
+                )
                 .with_upgrades();
             tokio::pin!(connection);
             tokio::select! {

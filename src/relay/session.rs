@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Relay;
+use super::conn_io::{BeforeHello, HELLO_BYTES};
 use super::hub::{Hub, Ready, store_error};
 use super::metrics::Metrics;
 use super::store::StoreError;
@@ -131,7 +132,7 @@ impl Drop for Counted {
 
 /// Runs a session on an upgraded connection until it ends.
 pub async fn run<S>(
-    mut ws: WebSocketStream<S>,
+    mut ws: WebSocketStream<BeforeHello<S>>,
     relay: Arc<Relay>,
     peer: IpAddr,
     shutdown: watch::Receiver<bool>,
@@ -140,6 +141,7 @@ pub async fn run<S>(
 {
     let end = match hello(&mut ws, &relay).await {
         Ok((channel, device, cursor)) => {
+            ws.get_mut().lift();
             Metrics::inc(&relay.hub.metrics.sessions);
             let _counted = Counted(Arc::clone(&relay.hub.metrics));
             let span = tracing::info_span!("session", %channel, %device);
@@ -174,7 +176,7 @@ pub async fn run<S>(
 
 /// Waits for and checks the `hello` frame. Returns the session's identity and cursor.
 async fn hello<S>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut WebSocketStream<BeforeHello<S>>,
     relay: &Relay,
 ) -> Result<(ChannelId, DeviceId, u64), End>
 where
@@ -189,6 +191,15 @@ where
             ));
         }
         Ok(None) => return Err(End::Gone),
+        Ok(Some(Err(_))) if ws.get_ref().exhausted() => {
+            relay.hub.metrics.breach("frame_size");
+            return Err(fatal(
+                ErrorCode::TooLarge,
+                format!(
+                    "more than {HELLO_BYTES} bytes before the hello frame: hello comes first and takes a few hundred"
+                ),
+            ));
+        }
         Ok(Some(Err(e))) => return Err(read_error(e, relay)),
         Ok(Some(Ok(message))) => message,
     };
