@@ -444,15 +444,24 @@ async fn claim_with(relay: SocketAddr, headers: &[(&str, &str)]) -> u16 {
 }
 
 /// The attack: find the open nameplates for free by asking each for its
-/// messages with a made-up claim token (a gone slot and a wrong token were
-/// told apart, and neither was counted), then claim each as it opens.
+/// messages, with a made-up claim token or as a device of a channel of one's
+/// own (a gone slot and someone else's were told apart, and neither was
+/// counted), then claim each as it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probing_nameplates_with_made_up_claim_tokens_costs_claims() {
+async fn probing_nameplates_costs_claims_with_a_made_up_claim_token_or_a_device() {
     let relay = Serve::start_with(&["--claims-per-minute", "5"]);
     // One open slot among the nameplates probed.
     let inviter = channel(relay.addr).await;
     let nameplate = open_slot(relay.addr, &inviter, common::sid()).await;
     let made_up = khub::protocol::b64::encode([7u8; 32]);
+    let prober = channel(relay.addr).await.auth();
+    // As a device of another channel: every nameplate looks gone.
+    for probed in (1..=12u32).chain([nameplate]) {
+        let path = format!("/pair/{probed}/messages?wait=0");
+        let answer = http(relay.addr, "GET", &path, &[("authorization", &prober)], b"").await;
+        assert_eq!(answer.status, 410, "nameplate {probed} told apart");
+    }
+    // With a made-up claim token: each probe costs a claim.
     let mut answers = Vec::new();
     for probed in (1..=12u32).chain([nameplate]) {
         let path = format!("/pair/{probed}/messages?wait=0");
@@ -564,6 +573,32 @@ async fn a_full_storage_budget_refuses_publishes_and_channels_with_storage_full(
     assert!(read["head"].as_u64().unwrap() >= 1, "reading still works");
 }
 
+/// A connection to `relay` with a tiny receive window: what the relay writes
+/// to it stalls once a few KiB are in flight and unread.
+async fn tiny_window(relay: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    tokio::time::timeout(STEP, socket.connect(relay))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The WebSocket handshake with `relay` over `stream`.
+async fn ws_over(
+    relay: SocketAddr,
+    stream: tokio::net::TcpStream,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let (ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async(format!("ws://{relay}/ws"), stream),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() {
     use futures_util::{SinkExt, StreamExt};
@@ -572,19 +607,7 @@ async fn a_session_that_stops_reading_its_pongs_is_closed_within_its_deadline() 
     let device = channel(relay.addr).await;
     // A client with a tiny receive window that says hello, then only writes:
     // pings, whose pongs it never reads.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = tokio::time::timeout(STEP, socket.connect(relay.addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async(format!("ws://{}/ws", relay.addr), stream),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let mut ws = ws_over(relay.addr, tiny_window(relay.addr).await).await;
     ws.send(Message::Text(device.hello(0).into()))
         .await
         .unwrap();
@@ -650,12 +673,7 @@ async fn a_sync_answer_its_client_never_reads_is_dropped_with_the_connection() {
     assert_eq!(published.status, 200);
     // A page of 4 MiB, 5.6 MB as base64 and JSON: more than the relay's
     // socket buffer (4 MiB at most) and this client's tiny window hold.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = tokio::time::timeout(STEP, socket.connect(relay.addr))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut stream = tiny_window(relay.addr).await;
     let body = serde_json::json!({"cursor": 0}).to_string();
     let request = format!(
         "POST /sync HTTP/1.1\r\nhost: relay\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -698,13 +716,7 @@ async fn a_websocket_client_cannot_send_more_than_a_hello_before_its_hello() {
         .await
         .unwrap()
         .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async(format!("ws://{}/ws", relay.addr), stream),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let mut ws = ws_over(relay.addr, stream).await;
     // A masked text frame announcing 1,000,000 bytes, then 64 KiB of it.
     let mut frame = vec![0x81, 0x80 | 127];
     frame.extend_from_slice(&1_000_000u64.to_be_bytes());

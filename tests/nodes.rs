@@ -1,8 +1,8 @@
 //! Two relay nodes on one PostgreSQL database, in this process: a code shown
 //! through one node is claimed through the other, a message stored through
 //! one wakes a session on the other, a removal through one closes the removed
-//! device's session on the other, and claims per address are counted across
-//! both. Skipped (with a note) without PostgreSQL unless KHUB_REQUIRE_POSTGRES.
+//! device's session on the other, claims per address are counted across
+//! both, and no other device can tell an open slot from a missing one. Skipped (with a note) without PostgreSQL unless KHUB_REQUIRE_POSTGRES.
 
 mod common;
 
@@ -155,6 +155,48 @@ async fn claims_per_address_are_counted_across_nodes() {
     // ...and the fourth, through B, is one too many for this address.
     assert_eq!(claim(&b, 14).await, 429);
     assert_eq!(claim(&a, 15).await, 429);
+}
+
+/// A device of another channel, asking through either node for the
+/// messages of every nameplate, gets `gone` for each, the open one included:
+/// it cannot find the open slots to claim them as they open. The inviter
+/// still reads its own through the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_probing_nameplates_cannot_tell_the_open_one() {
+    use common::net::{Member, create_channel, http, open_slot};
+    let Some(db) = common::pg::fresh_database("probe").await else {
+        return;
+    };
+    let a = Node::start(&db, Limits::default()).await;
+    let b = Node::start(&db, Limits::default()).await;
+    let new_member = || Member::new(khub::ids::ChannelId::random(&mut khub::crypto::os_rng()));
+    let (inviter, prober) = (new_member(), new_member());
+    assert_eq!(create_channel(a.addr, &inviter).await.status, 201);
+    assert_eq!(create_channel(b.addr, &prober).await.status, 201);
+    let nameplate = open_slot(a.addr, &inviter, common::sid()).await;
+    let messages = |probed: u32| format!("/pair/{probed}/messages?wait=0");
+    for node in [&a, &b] {
+        for probed in [nameplate, nameplate + 1] {
+            let answer = http(
+                node.addr,
+                "GET",
+                &messages(probed),
+                &[("authorization", &prober.auth())],
+                b"",
+            )
+            .await;
+            assert_eq!(answer.status, 410, "nameplate {probed} told apart");
+        }
+    }
+    let own = http(
+        b.addr,
+        "GET",
+        &messages(nameplate),
+        &[("authorization", &inviter.auth())],
+        b"",
+    )
+    .await;
+    assert_eq!(own.status, 200);
 }
 
 /// A node whose notification connections drop (a PostgreSQL restart, a

@@ -407,7 +407,9 @@ impl Slots {
         })
     }
 
-    /// Which side `auth` speaks for, if any: the inviter by device, the joiner by claim token.
+    /// Which side `auth` speaks for, if any: the inviter by device, the joiner
+    /// by claim token. A device other than the inviter hears `gone`, as for a
+    /// slot that does not exist: no device can tell which nameplates are open.
     pub fn side(&self, nameplate: u32, auth: &SlotAuth) -> Result<Side, Refusal> {
         let inner = self.lock();
         let slot = inner.slots.get(&nameplate).ok_or_else(gone)?;
@@ -417,10 +419,11 @@ impl Slots {
             {
                 Ok(Side::Inviter)
             }
+            SlotAuth::Device { .. } => Err(gone()),
             SlotAuth::Claim(token) if slot.claim.is_some_and(|h| h.verify(token)) => {
                 Ok(Side::Joiner)
             }
-            _ => Err(not_a_side()),
+            SlotAuth::Claim(_) => Err(not_a_side()),
         }
     }
 

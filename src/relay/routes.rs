@@ -781,7 +781,10 @@ async fn slot_auth(
 /// The side `who` speaks for in slot `nameplate`. A claim token the slot does
 /// not know, or a slot that is gone, counts against the address's claims:
 /// probing nameplates with made-up claim tokens (to find the open ones, and
-/// claim each as it opens) costs what claiming them does.
+/// claim each as it opens) costs what claiming them does. A device learns
+/// nothing to probe with (`Slots::side` answers `gone` to all but the
+/// inviter), and an inviter's last request after its joiner ended the slot
+/// costs nothing.
 async fn side_of(
     relay: &Relay,
     client: std::net::IpAddr,

@@ -318,6 +318,8 @@ impl PgMailbox {
             {
                 Ok(Side::Inviter)
             }
+            // As in `Slots::side`: no device can tell which nameplates are open.
+            SlotAuth::Device { .. } => Err(pairing::gone()),
             SlotAuth::Claim(token)
                 if claim_hash
                     .and_then(|h| <[u8; 32]>::try_from(h).ok())
@@ -325,7 +327,7 @@ impl PgMailbox {
             {
                 Ok(Side::Joiner)
             }
-            _ => Err(pairing::not_a_side()),
+            SlotAuth::Claim(_) => Err(pairing::not_a_side()),
         }
     }
 
