@@ -2,7 +2,8 @@
 //! through one node is claimed through the other, a message stored through
 //! one wakes a session on the other, a removal through one closes the removed
 //! device's session on the other, claims per address are counted across
-//! both, and no other device can tell an open slot from a missing one. Skipped (with a note) without PostgreSQL unless KHUB_REQUIRE_POSTGRES.
+//! both, and no other device can tell an open slot from a missing one.
+//! Skipped (with a note) without PostgreSQL unless KHUB_REQUIRE_POSTGRES.
 
 mod common;
 
